@@ -1,0 +1,27 @@
+"""persia: hybrid training of recommender models with huge embedding tables.
+
+The embedding layer lives on sharded parameter servers and is trained asynchronously with a
+bounded staleness; the dense network is trained synchronously. One process by default, Ray for
+clusters. See README.md.
+"""
+
+from persia.errors import (
+    BackendError,
+    BatchError,
+    CheckpointError,
+    ConfigError,
+    PersiaError,
+    StoreError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "PersiaError",
+    "ConfigError",
+    "BatchError",
+    "StoreError",
+    "CheckpointError",
+    "BackendError",
+]
