@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
+LINT_DIRS := $(wildcard persia tests benchmarks examples)
 
 .PHONY: install demo test lint typecheck unit bench-quick clean
 
@@ -19,8 +20,8 @@ demo: $(STAMP)
 	$(BIN)/persia train examples/adult_income/job.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check persia tests benchmarks examples
-	$(BIN)/ruff check persia tests benchmarks examples
+	$(BIN)/ruff format --check $(LINT_DIRS)
+	$(BIN)/ruff check $(LINT_DIRS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy persia
