@@ -5,7 +5,11 @@ bounded staleness; the dense network is trained synchronously. One process by de
 clusters. See README.md.
 """
 
-from persia.errors import (
+from persia._settings import ensure_numba_cache_dir
+
+ensure_numba_cache_dir()
+
+from persia.errors import (  # noqa: E402
     BackendError,
     BatchError,
     CheckpointError,
