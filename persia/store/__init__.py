@@ -1,0 +1,1 @@
+"""The parameter-server core: table, eviction, sharding, checkpoint files."""
