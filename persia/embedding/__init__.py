@@ -1,0 +1,1 @@
+"""Embedding configuration and optimizers (PERSIA-compatible API)."""

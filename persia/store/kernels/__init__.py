@@ -1,0 +1,1 @@
+"""numba kernels of the parameter-server core (@njit functions only)."""
