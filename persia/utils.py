@@ -1,0 +1,70 @@
+"""Small helpers kept from PERSIA's ``persia.utils``: ``setup_seed`` and ``load_yaml``."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from persia.errors import ConfigError
+
+__all__ = ["setup_seed", "load_yaml"]
+
+_MAX_SEED = 2**32 - 1  # numpy's legacy seeding accepts [0, 2**32)
+
+
+def setup_seed(seed: int) -> None:
+    """Seeds Python's ``random``, NumPy and PyTorch, and asks for deterministic algorithms.
+
+    As PERSIA did: ``torch.use_deterministic_algorithms(True)`` plus cuDNN's deterministic mode
+    (and benchmark mode off). Unlike PERSIA, ``warn_only=True``: an op without a deterministic
+    implementation warns instead of raising, so a CPU-only or GPU job never crashes here.
+
+    Args:
+        seed: an integer in ``[0, 2**32)``.
+
+    Raises:
+        ConfigError: ``seed`` is not an integer in that range.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ConfigError(f"seed: expected an int in [0, 2**32), got {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed <= _MAX_SEED:
+        raise ConfigError(f"seed: expected an int in [0, 2**32), got {seed}")
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def load_yaml(filepath: str | Path) -> Any:
+    """Loads a YAML file (safe loader).
+
+    Args:
+        filepath: path of the file.
+
+    Returns:
+        The parsed document (``None`` for an empty file).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or is not valid YAML; names the file.
+    """
+    import yaml
+
+    path = Path(filepath)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", source=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc}", source=str(path)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", source=str(path)) from None
