@@ -1,0 +1,12 @@
+"""The embedding worker (DESIGN.md, "Roles" items 2 and 5): stateless per-batch work between the
+data loader, the parameter-server shards and the NN worker.
+
+Forward, per batch: prefix each slot's IDs into keys, de-duplicate the keys of the whole batch in
+one hash pass, route the unique keys to their shards, gather the rows and pool them per sample
+(sum, mean, 1/sqrt(n) scaling, or PERSIA's raw padded layout with a mask). Backward: turn the
+per-sample gradients into one gradient per unique key (a segment sum that undoes the pooling's
+scaling), count and drop non-finite rows, and send them to the shards.
+
+Modules: ``kernels`` (numba kernels, no validation), ``pooling`` (validated wrappers: prefixing,
+:class:`~persia.worker.pooling.Deduper`, pooling forward and backward).
+"""

@@ -1,0 +1,257 @@
+"""numba kernels of the embedding worker: key prefixing, de-duplication, pooling and its backward.
+
+Every function here is ``@njit(nogil=True, cache=True)``: arrays in and out, little allocation, no
+validation, a count or status as the result. The validated entry points are in
+:mod:`persia.worker.pooling`; the plain NumPy twins the tests compare against are in
+``tests/naive_worker.py``.
+
+The batch layout (columnar, one slot). For a batch of 4 samples whose IDs are
+``[[7, 3], [], [3], [9, 7, 7]]``::
+
+    values   = [7, 3, 3, 9, 7, 7]         # every ID, sample after sample
+    lengths  = [2, 0, 1, 3]               # IDs per sample (empty samples allowed)
+    uniques  = [7, 3, 9]                  # de-duplicated, in first-seen order
+    inverse  = [0, 1, 1, 2, 0, 0]         # uniques[inverse[i]] == values[i]
+    emb      = f32[3, dim]                # one row per unique key (from the store)
+
+Pooling modes (integer codes below), for sample ``b`` with ``n_b`` IDs and rows ``e_1..e_n``:
+
+* ``SUM``:  ``out[b] = e_1 + ... + e_n`` (added in order, in float32);
+* ``MEAN``: ``out[b] = SUM / n_b`` (float32 division);
+* ``SQRT``: ``out[b] = SUM / sqrt(n_b)`` (PERSIA's ``sqrt_scaling``; float32 sqrt and division);
+* empty samples give zeros in every mode;
+* raw (PERSIA's ``embedding_summation: false``): ``out[b, j, :dim] = e_{j+1}`` for
+  ``j < min(n_b, S)`` and ``out[b, j, dim] = 1`` there (the mask channel); rows ``j >= n_b`` are
+  zeros, mask included; IDs past ``S = sample_fixed_size`` are dropped and counted.
+
+Backward: ``grad_u[inverse[i]] += scale_b * d_out[b]`` over every ID occurrence ``i`` of sample
+``b`` (for MEAN the term is ``d_out[b] / n_b``, for SQRT ``d_out[b] / sqrt(n_b)``); for raw, the
+kept positions get ``d_out[b, j, :dim]`` and the mask channel's gradient is ignored.
+
+The summed kernels write a slot into columns ``col:col + dim`` of a wider output, so a caller can
+pool every slot of a batch straight into one ``(batch, total_dim)`` buffer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+SUM = 0
+MEAN = 1
+SQRT = 2
+
+# splitmix64's increment and finaliser constants (Steele, Lea, Flood 2014; Vigna's splitmix64.c).
+# The de-duplication table's probe hash; private scratch, not a file format (persia.hashing is).
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_S27 = np.uint64(27)
+_S30 = np.uint64(30)
+_S31 = np.uint64(31)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def mix64(x):
+    """splitmix64's output for state ``x``: ``fin(x + 0x9E3779B97F4A7C15)`` (a bijection)."""
+    z = x + _GAMMA
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefixing
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def add_prefix_kernel(ids, high, low_mask, out, start):
+    """out[start + i] = high | (ids[i] & low_mask); returns the number written."""
+    n = ids.shape[0]
+    for i in range(n):
+        out[start + i] = high | (ids[i] & low_mask)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# De-duplication
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def unique_inverse_kernel(
+    keys, seg_offsets, table_u, table_i, shift, slots, uniques, inverse, unique_offsets
+):
+    """One hash pass over ``keys``: first-seen uniques and the inverse index.
+
+    The table is ``cap`` pairs ``(key, index + 1)`` stored interleaved in one buffer seen as
+    ``table_u`` (uint64, keys at even positions) and ``table_i`` (int64, the same memory, values
+    at odd positions; 0 = empty). ``cap`` is a power of two >= 2 * len(keys); a key's home pair is
+    the top ``64 - shift`` bits of ``mix64(key)``; linear probing. On entry every value is 0, and
+    on exit too: the pairs used (recorded in ``slots``) are cleared before returning, so the table
+    is reusable without a full clear.
+
+    ``seg_offsets`` (int64, length m + 1) splits ``keys`` into m segments (slots of a batch);
+    ``unique_offsets[s + 1]`` receives the unique count after segment s (first-seen order means
+    uniques first seen in segment s are ``uniques[unique_offsets[s]:unique_offsets[s + 1]]``).
+
+    Returns the number of uniques u; ``uniques[:u]`` and ``inverse`` are filled.
+    """
+    cap_mask = (table_u.shape[0] >> 1) - 1
+    u = 0
+    unique_offsets[0] = 0
+    for seg in range(seg_offsets.shape[0] - 1):
+        for i in range(seg_offsets[seg], seg_offsets[seg + 1]):
+            k = keys[i]
+            s = np.int64(mix64(k) >> shift)
+            while True:
+                j = s << 1
+                v = table_i[j + 1]
+                if v == 0:
+                    table_u[j] = k
+                    table_i[j + 1] = u + 1
+                    uniques[u] = k
+                    slots[u] = j
+                    inverse[i] = u
+                    u += 1
+                    break
+                if table_u[j] == k:
+                    inverse[i] = v - 1
+                    break
+                s = (s + 1) & cap_mask
+        unique_offsets[seg + 1] = u
+    for t in range(u):
+        table_i[slots[t] + 1] = 0
+    return u
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling forward / backward
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def pool_forward_kernel(lengths, inverse, emb, mode, out, col):
+    """Summed pooling (SUM / MEAN / SQRT) of one slot into ``out[:, col:col + dim]``.
+
+    Every entry of that column range is written (zeros for empty samples), so ``out`` may be
+    uninitialised. Returns the number of IDs consumed (``sum(lengths)``).
+    """
+    dim = emb.shape[1]
+    pos = 0
+    for b in range(lengths.shape[0]):
+        n = lengths[b]
+        for d in range(dim):
+            out[b, col + d] = np.float32(0.0)
+        for t in range(pos, pos + n):
+            r = inverse[t]
+            for d in range(dim):
+                out[b, col + d] += emb[r, d]
+        pos += n
+        if n > 0 and mode != SUM:
+            if mode == MEAN:
+                div = np.float32(n)
+            else:
+                div = np.sqrt(np.float32(n))
+            for d in range(dim):
+                out[b, col + d] = out[b, col + d] / div
+    return pos
+
+
+@njit(nogil=True, cache=True)
+def pool_backward_kernel(lengths, inverse, d_out, col, mode, grad_u):
+    """Segment sum of per-sample gradients into one gradient per unique row.
+
+    ``grad_u[inverse[i]] += d_out[b, col:col + dim] * scale`` for every ID i of sample b, where the
+    term is ``d_out / n_b`` for MEAN and ``d_out / sqrt(n_b)`` for SQRT. ``grad_u`` must hold zeros
+    (or a sum to add to) on entry. Returns the number of IDs consumed.
+    """
+    dim = grad_u.shape[1]
+    pos = 0
+    for b in range(lengths.shape[0]):
+        n = lengths[b]
+        if n == 0:
+            continue
+        if mode == SUM:
+            for t in range(pos, pos + n):
+                r = inverse[t]
+                for d in range(dim):
+                    grad_u[r, d] += d_out[b, col + d]
+        else:
+            if mode == MEAN:
+                div = np.float32(n)
+            else:
+                div = np.sqrt(np.float32(n))
+            for t in range(pos, pos + n):
+                r = inverse[t]
+                for d in range(dim):
+                    grad_u[r, d] += d_out[b, col + d] / div
+        pos += n
+    return pos
+
+
+@njit(nogil=True, cache=True)
+def pool_raw_forward_kernel(lengths, inverse, emb, out):
+    """Raw (non-summed) layout: ``out[b, j] = [emb[inverse[pos_b + j]], 1]`` for the first
+    ``min(n_b, S)`` IDs, zeros after. Every entry of ``out`` (batch, S, dim + 1) is written.
+
+    Returns the number of IDs dropped because a sample had more than S.
+    """
+    S = out.shape[1]
+    dim = emb.shape[1]
+    pos = 0
+    dropped = 0
+    for b in range(lengths.shape[0]):
+        n = lengths[b]
+        m = min(n, S)
+        for j in range(m):
+            r = inverse[pos + j]
+            for d in range(dim):
+                out[b, j, d] = emb[r, d]
+            out[b, j, dim] = np.float32(1.0)
+        for j in range(m, S):
+            for d in range(dim + 1):
+                out[b, j, d] = np.float32(0.0)
+        dropped += n - m
+        pos += n
+    return dropped
+
+
+@njit(nogil=True, cache=True)
+def pool_raw_backward_kernel(lengths, inverse, d_out, grad_u):
+    """``grad_u[inverse[pos_b + j]] += d_out[b, j, :dim]`` for the kept positions j < min(n_b, S).
+
+    The mask channel's gradient (``d_out[..., dim]``) is ignored; dropped IDs get nothing.
+    Returns the number of gradient rows added.
+    """
+    S = d_out.shape[1]
+    dim = grad_u.shape[1]
+    pos = 0
+    added = 0
+    for b in range(lengths.shape[0]):
+        n = lengths[b]
+        m = min(n, S)
+        for j in range(m):
+            r = inverse[pos + j]
+            for d in range(dim):
+                grad_u[r, d] += d_out[b, j, d]
+        added += m
+        pos += n
+    return added
+
+
+@njit(nogil=True, cache=True)
+def mark_nonfinite_kernel(grads, bad):
+    """bad[r] = True where row r of ``grads`` has any NaN or infinity; returns how many."""
+    count = 0
+    for r in range(grads.shape[0]):
+        flag = False
+        for d in range(grads.shape[1]):
+            if not np.isfinite(grads[r, d]):
+                flag = True
+                break
+        bad[r] = flag
+        if flag:
+            count += 1
+    return count
