@@ -174,7 +174,7 @@ def warn_once(logger: logging.Logger, key: str, message: str) -> bool:
         if ident in _warned:
             return False
         _warned.add(ident)
-    logger.warning(message)
+    logger.warning(message, stacklevel=2)
     return True
 
 
