@@ -331,25 +331,28 @@ def write_generation(
         name = _gen_name(number)
         tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}"
         tmp.mkdir()
-
-        entries = {}
-        for array_name, arr in arrays.items():
-            entries[array_name] = _write_array(tmp / f"{array_name}.npy", arr)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "kind": kind,
-            "generation": number,
-            "created_unix_s": time.time(),
-            "meta": meta,
-            "arrays": entries,
-        }
-        fd = os.open(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _write_all(fd, json.dumps(manifest, indent=1, allow_nan=False).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(tmp)
+            entries = {}
+            for array_name, arr in arrays.items():
+                entries[array_name] = _write_array(tmp / f"{array_name}.npy", arr)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "kind": kind,
+                "generation": number,
+                "created_unix_s": time.time(),
+                "meta": meta,
+                "arrays": entries,
+            }
+            fd = os.open(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, json.dumps(manifest, indent=1, allow_nan=False).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(tmp)
+        except BaseException:  # an error, not a crash: remove the partial folder right away
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
         final = root / name
         os.rename(tmp, final)

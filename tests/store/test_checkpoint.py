@@ -211,6 +211,8 @@ def test_failure_while_writing_arrays_keeps_previous_generation(
         write_generation(tmp_path, {"a": np.zeros(3), "b": np.ones(3)}, {"seq": 2}, kind="k")
     assert read_current(tmp_path, kind="k")[1] == {"seq": 1}
     assert [p.name for p in list_generations(tmp_path)] == ["gen-000001"]
+    # an error (unlike a crash) removes the partial folder at once
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     monkeypatch.setattr(ckpt, "_write_array", real)
     _write_seq(tmp_path, 3)
     assert read_current(tmp_path, kind="k")[1] == {"seq": 3}
@@ -500,6 +502,87 @@ def test_corrupt_current_does_not_hide_intact_previous_generation(written: Path)
     _refused(written.parent, "emb.npy")
     # the previous generation is still there to fall back to, explicitly
     assert read_generation(written.parent / "gen-000001", kind="shard")[1] == {"seq": 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# a crash at every file-system operation, deterministically
+
+
+class _Crash(BaseException):
+    """Raised in place of a file-system call: the writer stops there, as if killed."""
+
+
+class _CrashingOs:
+    """Stands in for the checkpoint module's ``os``/``shutil``: the ``crash_at``-th mutating call
+    raises, and so does every later one (so no cleanup can run, as after a real kill)."""
+
+    MUTATING = {"open", "write", "fsync", "rename", "replace", "rmtree"}
+
+    def __init__(self, real: object, counter: list[int], crash_at: int) -> None:
+        self._real, self._counter, self._crash_at = real, counter, crash_at
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._real, name)
+        if name not in self.MUTATING:
+            return attr
+
+        def call(*args, **kwargs):
+            self._counter[0] += 1
+            if self._counter[0] >= self._crash_at:
+                raise _Crash(f"crash at call {self._counter[0]}: {name}")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_crash_at_every_file_system_call_leaves_a_whole_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: int
+) -> None:
+    import shutil
+
+    directory = tmp_path / "ck"
+    rows = 64
+    seq = 0
+    for seq in (1, 2):
+        write_generation(
+            directory, expected_arrays(seq, rows), {"seq": seq, "rows": rows}, kind="c"
+        )
+    crash_at = 1
+    while True:
+        counter = [0]
+        monkeypatch.setattr(ckpt, "os", _CrashingOs(os, counter, crash_at))
+        monkeypatch.setattr(ckpt, "shutil", _CrashingOs(shutil, counter, crash_at))
+        new = seq + 1
+        try:
+            write_generation(
+                directory,
+                expected_arrays(new, rows),
+                {"seq": new, "rows": rows},
+                kind="c",
+                keep=keep,
+            )
+            finished = True
+        except _Crash:
+            finished = False
+        monkeypatch.undo()
+        arrays, meta = read_current(directory, kind="c")
+        got = _check_generation(arrays, meta)
+        assert got in (seq, new), (crash_at, got)
+        for path in list_generations(directory):  # every folder under a real name is complete
+            _check_generation(*read_generation(path, kind="c"))
+        if finished:
+            assert got == new
+            break
+        # the next, uncrashed write cleans up and succeeds
+        seq = got + 1
+        write_generation(
+            directory, expected_arrays(seq, rows), {"seq": seq, "rows": rows}, kind="c", keep=keep
+        )
+        assert read_current(directory, kind="c")[1]["seq"] == seq
+        assert not [p for p in directory.iterdir() if p.name.startswith(".tmp-")]
+        crash_at += 1
+    assert crash_at > 10  # the write made that many file-system calls, each one crashed once
 
 
 # --------------------------------------------------------------------------------------------------
