@@ -2,7 +2,7 @@
 
 ``embedding_config.yml`` (:func:`load_embedding_config` -> :class:`EmbeddingFileConfig`)::
 
-    feature_index_prefix_bit: 8        # default 8 (PERSIA's); top bits of a key that hold its prefix
+    feature_index_prefix_bit: 12       # default 12 (PERSIA's code said 8, its examples use 12)
     slots_config:                      # required: one entry per slot (ID-type feature)
       workclass:
         dim: 8                         # required, > 0
@@ -23,10 +23,12 @@ error.
 
 **Key prefixes** (PERSIA's rule, kept so that keys match): the feature groups in file order, then
 every slot that is in no group, in file order, each as a group of its own, are numbered
-``g = 0, 1, ...``; a slot's prefix is ``(g + 1) << (64 - feature_index_prefix_bit)``, and the key
-of ID ``x`` in that slot is ``(x & key_mask) | prefix`` with ``key_mask = 2**(64 - bits) - 1``
-(PERSIA wrote ``x % 2**(64 - bits) + prefix``: the same value). The number of groups must be at
-most ``2**bits - 1``. ``index_prefix`` may not be set by hand (PERSIA refused it too).
+``g = 0, 1, ...``. A slot's prefix is ``g + 1`` (:meth:`EmbeddingFileConfig.prefix_of`, the value
+:func:`persia.worker.pooling.add_prefix` takes); PERSIA's shifted form is
+``index_prefix = (g + 1) << (64 - bits)`` (``SlotConfig.index_prefix``), and the key of ID ``x``
+is ``(x & key_mask) | index_prefix`` with ``key_mask = 2**(64 - bits) - 1`` (PERSIA wrote
+``x % 2**(64 - bits) + index_prefix``: the same value). The number of groups must be at most
+``2**bits - 1``. ``index_prefix`` may not be set by hand (PERSIA refused it too).
 
 ``global_config.yml`` (:func:`load_global_config` -> :class:`GlobalConfig`)::
 
@@ -69,6 +71,7 @@ from persia.utils import load_yaml
 
 __all__ = [
     "POOLINGS",
+    "DEFAULT_FEATURE_INDEX_PREFIX_BIT",
     "HashStackConfig",
     "SlotConfig",
     "EmbeddingFileConfig",
@@ -90,6 +93,9 @@ _log = get_logger("persia.config")
 #: Pooling of a slot's IDs per sample: sum; mean; sum * 1/sqrt(n); raw (padded sequence + mask).
 POOLINGS = ("sum", "mean", "sqrt", "raw")
 JOB_TYPES = ("train", "infer")
+#: Default of ``feature_index_prefix_bit``: 12, as PERSIA's examples and persia's worker use
+#: (2**12 - 1 groups, 52 ID bits); PERSIA's code defaulted to 8.
+DEFAULT_FEATURE_INDEX_PREFIX_BIT = 12
 _MISSING = object()
 
 
@@ -114,7 +120,12 @@ class HashStackConfig:
 
 @dataclass(frozen=True)
 class SlotConfig:
-    """One slot of ``slots_config``, with its computed group and key prefix."""
+    """One slot of ``slots_config``, with its computed group and key prefix.
+
+    ``prefix`` is the group number ``g + 1`` (in ``[1, 2**feature_index_prefix_bit)``), the value
+    :func:`persia.worker.pooling.add_prefix` takes; ``index_prefix`` is PERSIA's form of the same,
+    already shifted into the top bits: ``prefix << (64 - feature_index_prefix_bit)``.
+    """
 
     name: str
     dim: int
@@ -125,6 +136,7 @@ class SlotConfig:
     pooling: str = "sum"
     capacity: int | None = None
     group: str = ""
+    prefix: int = 0
     index_prefix: int = 0
 
 
@@ -162,8 +174,12 @@ class EmbeddingFileConfig:
         )
 
     def prefix_of(self, name: str) -> int:
-        """The key prefix of slot ``name`` (already shifted into the top bits)."""
-        return self.slot(name).index_prefix
+        """The key prefix of slot ``name``: its group number ``g + 1``, not shifted.
+
+        The key of ID ``x`` is ``(prefix << (64 - feature_index_prefix_bit)) | (x & key_mask)``
+        (``SlotConfig.index_prefix`` holds the shifted form).
+        """
+        return self.slot(name).prefix
 
     def group_of(self, name: str) -> str:
         """The feature group of slot ``name`` (its own name when it is in no group)."""
@@ -519,7 +535,9 @@ def parse_embedding_config(data: object, source: str | None = None) -> Embedding
         ("feature_index_prefix_bit", "slots_config", "feature_groups"),
         renamed={"slot_config": "slots_config", "slot_configs": "slots_config"},
     )
-    bits = r.int_(top, "feature_index_prefix_bit", "", 8, minimum=1, maximum=63)
+    bits = r.int_(
+        top, "feature_index_prefix_bit", "", DEFAULT_FEATURE_INDEX_PREFIX_BIT, minimum=1, maximum=63
+    )
 
     slots: list[SlotConfig] = []
     raw_slots = top.get("slots_config", _MISSING)
@@ -584,8 +602,8 @@ def parse_embedding_config(data: object, source: str | None = None) -> Embedding
     final = []
     for slot in slots:
         group = group_of.get(slot.name, slot.name)
-        prefix = (index[group] + 1) << shift
-        final.append(replace(slot, group=group, index_prefix=prefix))
+        prefix = index[group] + 1
+        final.append(replace(slot, group=group, prefix=prefix, index_prefix=prefix << shift))
     return EmbeddingFileConfig(bits, tuple(final), tuple(groups), source, warnings)
 
 

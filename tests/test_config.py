@@ -65,7 +65,8 @@ def test_persia_adult_income_file_loads(caplog):
     assert cfg.feature_index_prefix_bit == 12
     assert all(s.dim == 8 and s.pooling == "sum" and s.capacity == 100000 for s in cfg.slots)
     # no groups: each slot its own prefix, numbered in file order from 1
-    assert [cfg.prefix_of(n) >> 52 for n in ADULT_SLOTS] == list(range(1, 9))
+    assert [cfg.prefix_of(n) for n in ADULT_SLOTS] == list(range(1, 9))
+    assert [cfg.slot(n).index_prefix >> 52 for n in ADULT_SLOTS] == list(range(1, 9))
     assert cfg.key_mask == 2**52 - 1
     # per-slot capacity is accepted, with a warning per slot
     assert (
@@ -88,7 +89,8 @@ def test_persia_docs_file_with_groups_and_misspelled_slot_config(caplog):
         "gender": 4,
         "native_country": 5,
     }
-    assert {n: cfg.prefix_of(n) >> 56 for n in ADULT_SLOTS} == expected
+    assert {n: cfg.prefix_of(n) for n in ADULT_SLOTS} == expected
+    assert {n: cfg.slot(n).index_prefix >> 56 for n in ADULT_SLOTS} == expected
     assert cfg.group_of("race") == "group1" and cfg.group_of("gender") == "gender"
     assert cfg.feature_groups == (
         ("group1", ("workclass", "education", "race")),
@@ -110,8 +112,8 @@ def test_every_slot_option():
     assert not cfg.slot("clicked_items").embedding_summation
     assert cfg.slot("user_id").hash_stack_config.enabled
     assert cfg.slot("user_id").hash_stack_config.embedding_size == 1_000_000
-    assert cfg.prefix_of("item_id") == cfg.prefix_of("clicked_items") == 1 << 56
-    assert cfg.prefix_of("user_id") == 2 << 56
+    assert cfg.prefix_of("item_id") == cfg.prefix_of("clicked_items") == 1
+    assert cfg.prefix_of("user_id") == 2 and cfg.slot("user_id").index_prefix == 2 << 56
 
 
 @pytest.mark.parametrize(
@@ -136,7 +138,7 @@ def test_defaults_of_a_minimal_slot():
         False,
     )
     assert not slot.hash_stack_config.enabled
-    assert parse_embedding_config(_slots(a={"dim": 4})).feature_index_prefix_bit == 8
+    assert parse_embedding_config(_slots(a={"dim": 4})).feature_index_prefix_bit == 12
 
 
 def test_unknown_slot_lookup():

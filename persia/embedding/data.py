@@ -314,11 +314,12 @@ class NdarrayDataBase:
         return self.batch_size
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, shape={self._data.shape}, dtype={self._data.dtype})"
+        shape, dtype = self._data.shape, self._data.dtype
+        return f"{type(self).__name__}(name={self.name!r}, shape={shape}, dtype={dtype})"
 
 
 class NonIDTypeFeature(NdarrayDataBase):
-    """A dense (non-ID) input, e.g. ``np.float32[batch, 5]`` or images ``np.uint8[batch, 3, 32, 32]``.
+    """A dense (non-ID) input, e.g. ``np.float32[batch, 5]`` or ``np.uint8[batch, 3, 32, 32]``.
 
     The model receives it as a tensor in ``non_id_tensors``, in the batch's order.
     """
@@ -391,7 +392,8 @@ class PersiaBatch:
         for i, feature in enumerate(dense):
             if not isinstance(feature, NonIDTypeFeature):
                 raise BatchError(
-                    f"non_id_type_features[{i}]: expected NonIDTypeFeature, got {_type_name(feature)}"
+                    f"non_id_type_features[{i}]: expected NonIDTypeFeature, "
+                    f"got {_type_name(feature)}"
                 )
         _check_unique([f.given_name for f in dense], "non_id_type_features")
         label_list = _check_list(labels, "labels")
@@ -538,7 +540,8 @@ class PersiaBatch:
             raise BatchError(f"from_arrays: header format must be {_ARRAYS_FORMAT!r}")
         if header.get("version") != _ARRAYS_VERSION:
             raise BatchError(
-                f"from_arrays: header version must be {_ARRAYS_VERSION}, got {header.get('version')!r}"
+                f"from_arrays: header version must be {_ARRAYS_VERSION}, "
+                f"got {header.get('version')!r}"
             )
         try:
             id_specs = list(header["id_type_features"])
