@@ -80,49 +80,50 @@ def add_prefix_kernel(ids, high, low_mask, out, start):
 
 
 @njit(nogil=True, cache=True)
-def unique_inverse_kernel(
-    keys, seg_offsets, table_u, table_i, shift, slots, uniques, inverse, unique_offsets
-):
-    """One hash pass over ``keys``: first-seen uniques and the inverse index.
+def unique_inverse_kernel(keys, start, stop, table, shift, u, max_uniques, uniques, inverse):
+    """One hash pass over ``keys[start:stop]``, continuing a de-duplication that holds u uniques.
 
-    The table is ``cap`` pairs ``(key, index + 1)`` stored interleaved in one buffer seen as
-    ``table_u`` (uint64, keys at even positions) and ``table_i`` (int64, the same memory, values
-    at odd positions; 0 = empty). ``cap`` is a power of two >= 2 * len(keys); a key's home pair is
-    the top ``64 - shift`` bits of ``mix64(key)``; linear probing. On entry every value is 0, and
-    on exit too: the pairs used (recorded in ``slots``) are cleared before returning, so the table
-    is reusable without a full clear.
+    ``table`` (int32, a power of two long; -1 = empty) maps a key to its index in ``uniques``; a
+    key's home slot is the top ``64 - shift`` bits of ``mix64(key)``; linear probing, comparing
+    ``uniques[table[slot]]`` with the key. New keys are appended to ``uniques`` (first-seen
+    order); ``inverse[i]`` receives the index of ``keys[i]``.
 
-    ``seg_offsets`` (int64, length m + 1) splits ``keys`` into m segments (slots of a batch);
-    ``unique_offsets[s + 1]`` receives the unique count after segment s (first-seen order means
-    uniques first seen in segment s are ``uniques[unique_offsets[s]:unique_offsets[s + 1]]``).
+    Stops before inserting a new key once ``u == max_uniques`` (the caller's load limit): the
+    caller then grows the table (:func:`rehash_kernel`) and calls again from the returned position.
 
-    Returns the number of uniques u; ``uniques[:u]`` and ``inverse`` are filled.
+    Returns:
+        ``(position reached, uniques held)``; the position is ``stop`` when the range is done.
     """
-    cap_mask = (table_u.shape[0] >> 1) - 1
-    u = 0
-    unique_offsets[0] = 0
-    for seg in range(seg_offsets.shape[0] - 1):
-        for i in range(seg_offsets[seg], seg_offsets[seg + 1]):
-            k = keys[i]
-            s = np.int64(mix64(k) >> shift)
-            while True:
-                j = s << 1
-                v = table_i[j + 1]
-                if v == 0:
-                    table_u[j] = k
-                    table_i[j + 1] = u + 1
-                    uniques[u] = k
-                    slots[u] = j
-                    inverse[i] = u
-                    u += 1
-                    break
-                if table_u[j] == k:
-                    inverse[i] = v - 1
-                    break
-                s = (s + 1) & cap_mask
-        unique_offsets[seg + 1] = u
+    mask = table.shape[0] - 1
+    for i in range(start, stop):
+        k = keys[i]
+        s = np.int64(mix64(k) >> shift)
+        while True:
+            v = table[s]
+            if v < 0:
+                if u >= max_uniques:
+                    return i, u
+                table[s] = u
+                uniques[u] = k
+                inverse[i] = u
+                u += 1
+                break
+            if uniques[v] == k:
+                inverse[i] = v
+                break
+            s = (s + 1) & mask
+    return stop, u
+
+
+@njit(nogil=True, cache=True)
+def rehash_kernel(uniques, u, table, shift):
+    """Insert ``uniques[:u]`` (distinct keys) into an empty table as indices 0..u-1."""
+    mask = table.shape[0] - 1
     for t in range(u):
-        table_i[slots[t] + 1] = 0
+        s = np.int64(mix64(uniques[t]) >> shift)
+        while table[s] >= 0:
+            s = (s + 1) & mask
+        table[s] = t
     return u
 
 

@@ -202,38 +202,61 @@ def prefix_concat(
 
 
 class Deduper:
-    """De-duplicates uint64 keys in one hash pass, reusing its scratch table between calls.
+    """De-duplicates uint64 keys in one hash pass, reusing its scratch between calls.
 
-    The scratch (a power-of-two table of >= 2n (key, index) pairs, 16 bytes each, plus two n-sized
-    buffers) grows to fit the largest batch seen and is cleared incrementally by the kernel, so
-    a call costs one pass over the keys, not an allocation and a clear of the table. Not
-    thread-safe: use one per thread.
+    The scratch is an int32 open-addressing table (a power of two long, at most 70% full; a
+    slot holds the key's index in the uniques buffer, which the probe compares against) plus an
+    n-sized uniques buffer. The table is sized for the uniques of the last call (at least 1024
+    slots), not for n, and grown (doubled, re-inserting the uniques seen so far) in the middle
+    of a pass when it reaches 70%: a table that fits the caches is what makes the pass fast
+    (measured here on 1M Zipf(1.1) IDs with 343k uniques: 57 M IDs/s with 2n slots, 70 M/s with
+    2^20, 114 M/s with 2^19). The table is cleared after each call. Not thread-safe: use one
+    per thread.
     """
 
-    def __init__(self, initial_capacity: int = 0) -> None:
-        """Create a deduper whose scratch fits ``initial_capacity`` keys (it grows on demand)."""
-        if isinstance(initial_capacity, bool) or initial_capacity < 0:
-            raise ConfigError(f"initial_capacity must be >= 0, got {initial_capacity}")
-        self._table = np.zeros(0, dtype=np.uint64)
-        self._shift = np.uint64(64)
-        self._slots = np.empty(0, dtype=np.int64)
+    _MIN_SLOTS = 1024
+
+    def __init__(self, expected_uniques: int = 0) -> None:
+        """Create a deduper whose table fits ``expected_uniques`` keys (it grows on demand)."""
+        if isinstance(expected_uniques, bool) or expected_uniques < 0:
+            raise ConfigError(f"expected_uniques must be >= 0, got {expected_uniques}")
+        self._last_uniques = int(expected_uniques)
+        self._table = np.full(0, -1, dtype=np.int32)
         self._uniques = np.empty(0, dtype=np.uint64)
-        if initial_capacity:
-            self._reserve(int(initial_capacity))
 
     @property
-    def table_pairs(self) -> int:
-        """How many (key, index) pairs the scratch table holds now."""
-        return self._table.shape[0] // 2
+    def table_slots(self) -> int:
+        """How many slots the scratch table holds now."""
+        return self._table.shape[0]
 
-    def _reserve(self, n: int) -> None:
+    @staticmethod
+    def _max_uniques(slots: int) -> int:
+        """The most uniques a table of ``slots`` slots may hold (load <= 0.7)."""
+        return slots * 7 // 10
+
+    @staticmethod
+    def _slots_for(uniques: int) -> int:
+        """The smallest power of two holding ``uniques`` at load <= 0.7, >= _MIN_SLOTS."""
+        slots = Deduper._MIN_SLOTS
+        while Deduper._max_uniques(slots) < uniques:
+            slots *= 2
+        return slots
+
+    def _prepare(self, n: int) -> None:
         if self._uniques.shape[0] < n:
-            self._slots = np.empty(n, dtype=np.int64)
             self._uniques = np.empty(n, dtype=np.uint64)
-        cap = 1 << max(4, (2 * n - 1).bit_length())
-        if self.table_pairs < cap:
-            self._table = np.zeros(2 * cap, dtype=np.uint64)
-            self._shift = np.uint64(64 - (cap.bit_length() - 1))
+        want = self._slots_for(min(n, self._last_uniques))
+        have = self._table.shape[0]
+        if have < want or have > 4 * want:
+            self._table = np.full(want, -1, dtype=np.int32)
+
+    def _grow(self, u: int) -> None:
+        slots = 2 * self._table.shape[0]
+        self._table = np.full(slots, -1, dtype=np.int32)
+        _k.rehash_kernel(self._uniques, u, self._table, self._shift())
+
+    def _shift(self) -> np.uint64:
+        return np.uint64(64 - (self._table.shape[0].bit_length() - 1))
 
     def unique_inverse(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Uniques of ``keys`` in first-seen order and the inverse index.
@@ -280,20 +303,30 @@ class Deduper:
 
     def _run(self, keys: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = keys.shape[0]
-        self._reserve(n)
+        self._prepare(n)
         inverse = np.empty(n, dtype=np.int32)
-        unique_offsets = np.empty(seg.shape[0], dtype=np.int64)
-        u = _k.unique_inverse_kernel(
-            keys,
-            seg,
-            self._table,
-            self._table.view(np.int64),
-            self._shift,
-            self._slots,
-            self._uniques,
-            inverse,
-            unique_offsets,
-        )
+        unique_offsets = np.zeros(seg.shape[0], dtype=np.int64)
+        u = 0
+        for s in range(seg.shape[0] - 1):
+            pos, stop = int(seg[s]), int(seg[s + 1])
+            while True:
+                pos, u = _k.unique_inverse_kernel(
+                    keys,
+                    pos,
+                    stop,
+                    self._table,
+                    self._shift(),
+                    u,
+                    self._max_uniques(self._table.shape[0]),
+                    self._uniques,
+                    inverse,
+                )
+                if pos == stop:
+                    break
+                self._grow(u)
+            unique_offsets[s + 1] = u
+        self._table.fill(-1)
+        self._last_uniques = u
         return self._uniques[:u].copy(), inverse, unique_offsets
 
 
@@ -302,8 +335,7 @@ def unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     A :class:`Deduper` kept across calls saves the table's allocation; see there.
     """
-    keys = _ids("keys", keys)
-    return Deduper(keys.shape[0]).unique_inverse(keys)
+    return Deduper().unique_inverse(keys)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,18 +114,27 @@ def test_unique_inverse_matches_twin(keys):
 
 
 def test_deduper_reuse_across_sizes():
+    """Tables sized from the last call, grown mid-pass (rehash), shrunk after a big batch."""
     rng = np.random.default_rng(3)
     dedup = Deduper()
-    for n in [10, 5000, 3, 0, 20_000, 100]:
+    for n in [10, 5000, 3, 0, 20_000, 100, 50_000, 7]:
         keys = rng.integers(0, n // 2 + 2, size=n).astype(np.uint64)
         uniques, inverse = dedup.unique_inverse(keys)
         want_u, want_inv = naive.unique_inverse(keys)
         np.testing.assert_array_equal(uniques, want_u)
         np.testing.assert_array_equal(inverse, want_inv)
-        assert dedup.table_pairs >= 2 * n
-    assert dedup.table_pairs == 1 << 16  # grown once to fit 20k keys, kept
-    # the scratch table is left empty after each call
-    assert not dedup._table.view(np.int64)[1::2].any()
+        assert dedup.table_slots * 0.7 >= len(uniques)
+        assert (dedup._table == -1).all()  # cleared for the next call
+    assert dedup.table_slots == 1024  # back to the minimum after the last, tiny batch
+
+
+def test_deduper_grows_mid_pass_all_distinct():
+    keys = np.random.default_rng(11).integers(0, 2**64, size=30_000, dtype=np.uint64)
+    dedup = Deduper()
+    uniques, inverse = dedup.unique_inverse(keys)
+    np.testing.assert_array_equal(uniques, keys)
+    np.testing.assert_array_equal(inverse, np.arange(30_000))
+    assert dedup.table_slots == 1 << 16  # 30k keys need 2^16 slots at load <= 0.7
 
 
 def test_deduper_results_do_not_alias_scratch():
@@ -141,6 +150,15 @@ def test_unique_inverse_segments():
     # slots 0 and 2 share a prefix (one feature group): keys may repeat across them
     keys, seg = prefix_concat(parts, [1, 2, 1, 3], 12)
     uniques, inverse, uoff = Deduper().unique_inverse_segments(keys, seg)
+    big = np.random.default_rng(12).integers(0, 2**64, size=5000, dtype=np.uint64)
+    # a segment that makes the table grow in its middle
+    keys2 = np.concatenate([keys, big, keys[:50]])
+    seg2 = np.array([*seg.tolist(), seg[-1] + 5000, seg[-1] + 5050], np.int64)
+    u2, inv2, uoff2 = Deduper().unique_inverse_segments(keys2, seg2)
+    np.testing.assert_array_equal(u2, naive.unique_inverse(keys2)[0])
+    np.testing.assert_array_equal(inv2, naive.unique_inverse(keys2)[1])
+    np.testing.assert_array_equal(uoff2[:5], uoff)
+    assert uoff2[5] == len(uniques) + 5000 and uoff2[6] == uoff2[5]
     want_u, want_inv = naive.unique_inverse(keys)
     np.testing.assert_array_equal(uniques, want_u)
     np.testing.assert_array_equal(inverse, want_inv)
