@@ -1,0 +1,587 @@
+"""numba kernels of one embedding table: hashing, open-addressing index, LRU, init, admission.
+
+State is plain arrays (see ``persia.store.table.EmbeddingTable``):
+
+* ``values f32[R, dim]``, ``state f32[R, W]``, ``row_keys u64[R]``: the rows, dense, rows
+  ``0 .. nrows-1`` live.
+* ``lru_prev / lru_next i32[R]``: a doubly linked list of live rows, oldest (``head``) to newest
+  (``tail``); -1 ends it.
+* ``index i32[S]``: open addressing with linear probing, ``S`` a power of two, -1 = empty slot. A slot
+  holds a row number; keys are compared through ``row_keys[row]``, so every uint64 is a valid key
+  (there is no reserved key value). Deletion is backward-shift deletion (no tombstones).
+* ``meta i64[META_LEN]``: ``nrows, head, tail`` and the counters (see the ``M_*`` constants).
+
+Hashes (all documented, all fixed forever: checkpoints and shard routing depend on them):
+
+* probe hash: ``fmix64(key ^ PROBE_SALT)`` (MurmurHash3's finaliser); the home slot is its high
+  ``log2(S)`` bits (``h >> (64 - log2 S)``).
+* shard routing (``shard_of``): ``h = mix_sm(key ^ SHARD_SALT)`` (SplitMix64's finaliser, another
+  mixer and another salt than the probe hash); ``shard = ((h >> 32) * N) >> 32`` (multiply-shift
+  range reduction on the high 32 bits). Keys of one shard therefore still spread over all of that
+  shard's index slots.
+* init / admission streams: ``base = mix_sm(mix_sm(key ^ salt) ^ (seed * GOLDEN))``, element ``j``
+  is ``mix_sm(base + (j + 1) * GOLDEN)`` (a SplitMix64 stream); a uniform double is its top 53 bits
+  times 2**-53.
+
+Kernels validate nothing, allocate (almost) nothing and release the GIL. Their plain-Python twins
+are in ``tests/naive.py``.
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+PROBE_SALT = np.uint64(0x9E3779B97F4A7C15)
+SHARD_SALT = np.uint64(0xD1B54A32D192ED03)
+INIT_SALT = np.uint64(0x2545F4914F6CDD1D)
+ADMIT_SALT = np.uint64(0xA0761D6478BD642F)
+SKETCH_SALT = np.uint64(0xE7037ED1A0B428DB)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+_M1 = np.uint64(0xFF51AFD7ED558CCD)
+_M2 = np.uint64(0xC4CEB9FE1A85EC53)
+_S1 = np.uint64(0xBF58476D1CE4E5B9)
+_S2 = np.uint64(0x94D049BB133111EB)
+_U33 = np.uint64(33)
+_U30 = np.uint64(30)
+_U27 = np.uint64(27)
+_U31 = np.uint64(31)
+_U32 = np.uint64(32)
+_U11 = np.uint64(11)
+_ONE = np.uint64(1)
+_INV53 = 1.0 / 9007199254740992.0  # 2**-53
+
+#: meta layout
+M_NROWS = 0
+M_HEAD = 1
+M_TAIL = 2
+M_EVICTIONS = 3
+M_MISSES = 4
+M_ADMISSIONS = 5
+M_REJECTIONS = 6
+M_SCRATCH = 7  # sink of prefetch loads (keeps them from being optimised away)
+META_LEN = 8
+
+#: init kinds
+INIT_UNIFORM = 0
+INIT_NORMAL = 1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def fmix64(k):
+    """MurmurHash3's 64-bit finaliser (the probe hash's mixer)."""
+    k ^= k >> _U33
+    k *= _M1
+    k ^= k >> _U33
+    k *= _M2
+    k ^= k >> _U33
+    return k
+
+
+@njit(nogil=True, cache=True, inline="always")
+def mix_sm(z):
+    """SplitMix64's finaliser (the mixer of shard routing, init and admission)."""
+    z = (z ^ (z >> _U30)) * _S1
+    z = (z ^ (z >> _U27)) * _S2
+    return z ^ (z >> _U31)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def home_slot(key, shift):
+    return np.int64(fmix64(key ^ PROBE_SALT) >> shift)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def stream_base(key, seed, salt):
+    return mix_sm(mix_sm(key ^ salt) ^ (seed * GOLDEN))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def stream_uniform(base, j):
+    """Uniform double in [0, 1) from element ``j`` of the stream ``base``."""
+    h = mix_sm(base + (np.uint64(j) + _ONE) * GOLDEN)
+    return np.float64(h >> _U11) * _INV53
+
+
+@njit(nogil=True, cache=True)
+def shard_of_kernel(keys, num_shards, out):
+    """``out[i] = shard of keys[i]`` among ``num_shards`` (see the module docstring)."""
+    n = np.uint64(num_shards)
+    for i in range(keys.shape[0]):
+        h = mix_sm(keys[i] ^ SHARD_SALT)
+        out[i] = np.int32(((h >> _U32) * n) >> _U32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def find_row(index, mask, shift, row_keys, key):
+    """Row of ``key`` or -1."""
+    s = home_slot(key, shift)
+    while True:
+        r = index[s]
+        if r < 0:
+            return np.int32(-1)
+        if row_keys[r] == key:
+            return r
+        s = (s + 1) & mask
+
+
+#: keys per group of the software-pipelined loops: each pass over a group issues independent
+#: cache misses (index slots, then row keys, then rows and links), which the CPU overlaps; one long
+#: loop body per key would leave only one or two keys in flight.
+GROUP = 128
+
+
+@njit(nogil=True, cache=True)
+def probe_kernel(index, shift, row_keys, keys, rows):
+    """``rows[i] = row of keys[i]`` or -1; returns the number of absent keys.
+
+    Two passes per group of keys: read every key's home slot, then compare the candidates' keys
+    (continuing the probe only on a collision)."""
+    mask = index.shape[0] - 1
+    n = keys.shape[0]
+    missing = 0
+    slots = np.empty(GROUP, dtype=np.int64)
+    for g0 in range(0, n, GROUP):
+        g1 = min(n, g0 + GROUP)
+        for i in range(g0, g1):
+            s = home_slot(keys[i], shift)
+            slots[i - g0] = s
+            rows[i] = index[s]
+        for i in range(g0, g1):
+            r = rows[i]
+            if r < 0:
+                missing += 1
+            elif row_keys[r] != keys[i]:
+                key = keys[i]
+                s = slots[i - g0]
+                while True:
+                    s = (s + 1) & mask
+                    r = index[s]
+                    if r < 0 or row_keys[r] == key:
+                        break
+                rows[i] = r
+                if r < 0:
+                    missing += 1
+    return missing
+
+
+@njit(nogil=True, cache=True)
+def gather_kernel(values, rows, out):
+    """``out[i] = values[rows[i]]``, zeros where ``rows[i] == -1``."""
+    dim = values.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        if r >= 0:
+            for j in range(dim):
+                out[i, j] = values[r, j]
+        else:
+            for j in range(dim):
+                out[i, j] = 0.0
+
+
+@njit(nogil=True, cache=True)
+def lookup_eval_kernel(index, shift, row_keys, values, keys, rows, out):
+    """Evaluation lookup: ``rows[i]`` = row of ``keys[i]`` or -1, ``out[i]`` = its values or
+    zeros. Returns the number of absent keys.
+
+    Per group of keys: read every key's home slot; then, for each candidate row, copy its values
+    and compare its key in the same step (the two loads are independent, so they overlap), and
+    redo the copy only on the rare collision.
+    """
+    mask = index.shape[0] - 1
+    dim = values.shape[1]
+    n = keys.shape[0]
+    missing = 0
+    slots = np.empty(GROUP, dtype=np.int64)
+    for g0 in range(0, n, GROUP):
+        g1 = min(n, g0 + GROUP)
+        for i in range(g0, g1):
+            s = home_slot(keys[i], shift)
+            slots[i - g0] = s
+            rows[i] = index[s]
+        for i in range(g0, g1):
+            r = rows[i]
+            if r >= 0:
+                for j in range(dim):
+                    out[i, j] = values[r, j]
+                if row_keys[r] == keys[i]:
+                    continue
+                key = keys[i]
+                s = slots[i - g0]
+                while True:
+                    s = (s + 1) & mask
+                    r = index[s]
+                    if r < 0 or row_keys[r] == key:
+                        break
+                rows[i] = r
+            if r >= 0:
+                for j in range(dim):
+                    out[i, j] = values[r, j]
+            else:
+                missing += 1
+                for j in range(dim):
+                    out[i, j] = 0.0
+    return missing
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unlink(lru_prev, lru_next, meta, r):
+    p = lru_prev[r]
+    n = lru_next[r]
+    if p >= 0:
+        lru_next[p] = n
+    else:
+        meta[M_HEAD] = n
+    if n >= 0:
+        lru_prev[n] = p
+    else:
+        meta[M_TAIL] = p
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _push_tail(lru_prev, lru_next, meta, r):
+    t = meta[M_TAIL]
+    lru_prev[r] = t
+    lru_next[r] = -1
+    if t >= 0:
+        lru_next[t] = r
+    else:
+        meta[M_HEAD] = r
+    meta[M_TAIL] = r
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _touch(lru_prev, lru_next, meta, r):
+    if meta[M_TAIL] != r:
+        _unlink(lru_prev, lru_next, meta, r)
+        _push_tail(lru_prev, lru_next, meta, r)
+
+
+@njit(nogil=True, cache=True)
+def train_hits_kernel(values, rows, out, lru_prev, lru_next, meta):
+    """Training lookup, pass 2: gather every found row and make it the newest, in batch order.
+
+    Rows that are -1 (absent) are left for ``train_misses_kernel``; their output is not written.
+    Per group of keys: gather and load each row's links, load its neighbours' links (both only
+    to bring the cache lines in), then relink in order. Returns a checksum of the prefetch loads.
+    """
+    dim = values.shape[1]
+    n = rows.shape[0]
+    acc = 0
+    for g0 in range(0, n, GROUP):
+        g1 = min(n, g0 + GROUP)
+        for i in range(g0, g1):
+            r = rows[i]
+            if r >= 0:
+                for j in range(dim):
+                    out[i, j] = values[r, j]
+                acc += lru_prev[r] + lru_next[r]
+        for i in range(g0, g1):
+            r = rows[i]
+            if r >= 0:
+                p = lru_prev[r]
+                nx = lru_next[r]
+                if p >= 0:
+                    acc += lru_next[p]
+                if nx >= 0:
+                    acc += lru_prev[nx]
+        for i in range(g0, g1):
+            r = rows[i]
+            if r >= 0:
+                _touch(lru_prev, lru_next, meta, r)
+    return acc
+
+
+@njit(nogil=True, cache=True)
+def delete_slot(index, shift, row_keys, slot):
+    """Empty ``index[slot]`` by backward-shift deletion (probing stays correct, no tombstones)."""
+    mask = index.shape[0] - 1
+    hole = slot
+    k = slot
+    while True:
+        k = (k + 1) & mask
+        r = index[k]
+        if r < 0:
+            break
+        home = home_slot(row_keys[r], shift)
+        # r may move back to the hole unless its home lies cyclically in (hole, k]
+        if hole <= k:
+            stays = hole < home <= k
+        else:
+            stays = home > hole or home <= k
+        if not stays:
+            index[hole] = r
+            hole = k
+    index[hole] = -1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _slot_of_row(index, mask, shift, row_keys, r):
+    s = home_slot(row_keys[r], shift)
+    while index[s] != r:
+        s = (s + 1) & mask
+    return s
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _insert_slot(index, mask, shift, key, r):
+    s = home_slot(key, shift)
+    while index[s] >= 0:
+        s = (s + 1) & mask
+    index[s] = r
+
+
+@njit(nogil=True, cache=True)
+def init_row(values, r, key, seed, kind, a, b):
+    """Write the deterministic initial vector of ``key`` into ``values[r]``.
+
+    Uniform: ``a + (b - a) * u_j``. Normal: ``a + b * sqrt(-2 ln(1 - u_2j)) * cos(2 pi u_2j+1)``
+    (Box-Muller). ``u`` is the init stream of (key, seed).
+    """
+    base = stream_base(key, np.uint64(seed), INIT_SALT)
+    dim = values.shape[1]
+    if kind == INIT_UNIFORM:
+        for j in range(dim):
+            values[r, j] = a + (b - a) * stream_uniform(base, j)
+    else:
+        for j in range(dim):
+            u1 = 1.0 - stream_uniform(base, 2 * j)
+            u2 = stream_uniform(base, 2 * j + 1)
+            values[r, j] = a + b * (math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sketch_add(sketch, key):
+    """Count one miss of ``key`` in the count-min sketch; returns the new estimate."""
+    depth = sketch.shape[0]
+    wmask = np.uint64(sketch.shape[1] - 1)
+    est = np.int64(1) << 62
+    for d in range(depth):
+        h = mix_sm(key ^ (SKETCH_SALT + np.uint64(d) * GOLDEN)) & wmask
+        c = sketch[d, h]
+        if c < np.uint32(0xFFFFFFFF):
+            c += np.uint32(1)
+            sketch[d, h] = c
+        if np.int64(c) < est:
+            est = np.int64(c)
+    return est
+
+
+@njit(nogil=True, cache=True)
+def sketch_add_kernel(sketch, keys, out):
+    """Count a miss of every key in order; ``out[i]`` = estimate after counting key i."""
+    for i in range(keys.shape[0]):
+        out[i] = _sketch_add(sketch, keys[i])
+
+
+@njit(nogil=True, cache=True)
+def admit_draw(key, seed, count):
+    """The admission draw (uniform in [0, 1)) of a key's ``count``-th training miss."""
+    return stream_uniform(stream_base(key, np.uint64(seed), ADMIT_SALT), count)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _take_row(index, mask, shift, row_keys, lru_prev, lru_next, meta, capacity, alloc):
+    """A row number for a new key: a fresh one, or the evicted oldest one; -1 = grow first."""
+    nrows = meta[M_NROWS]
+    if nrows < alloc:
+        meta[M_NROWS] = nrows + 1
+        return np.int32(nrows)
+    if alloc < capacity:
+        return np.int32(-1)
+    r = np.int32(meta[M_HEAD])
+    _unlink(lru_prev, lru_next, meta, r)
+    delete_slot(index, shift, row_keys, _slot_of_row(index, mask, shift, row_keys, r))
+    meta[M_EVICTIONS] += 1
+    return r
+
+
+@njit(nogil=True, cache=True)
+def train_misses_kernel(
+    keys,
+    rows,
+    out,
+    start,
+    index,
+    shift,
+    row_keys,
+    values,
+    state,
+    lru_prev,
+    lru_next,
+    meta,
+    capacity,
+    init_state,
+    init_kind,
+    init_a,
+    init_b,
+    seed,
+    admit_p,
+    min_count,
+    sketch,
+    use_sketch,
+):
+    """Training lookup, pass 3: for each key with ``rows[i] == -1`` from ``start`` on, in order:
+    find it (it may have been created earlier in this batch) or, if admitted, create it (init from
+    (key, seed), ``init_state``, newest in the LRU; at capacity the oldest row is evicted and its row
+    number reused). Writes ``out[i]`` (zeros when not admitted).
+
+    Admission: the key's miss is counted in the sketch (estimate ``c``); it is admitted when
+    ``c >= min_count`` and ``admit_draw(key, seed, c) < admit_p``.
+
+    Returns ``n`` when done, or the position ``i`` to resume at after the arrays grew (the table is
+    full of its allocation but below capacity).
+    """
+    mask = index.shape[0] - 1
+    dim = values.shape[1]
+    width = state.shape[1]
+    alloc = values.shape[0]
+    n = keys.shape[0]
+    acc = 0
+    for g0 in range(start, n, GROUP):
+        g1 = min(n, g0 + GROUP)
+        for k in range(g0, g1):  # bring this group's probe chains into the cache
+            if rows[k] < 0:
+                acc += find_row(index, mask, shift, row_keys, keys[k])
+        meta[M_SCRATCH] = acc
+        for i in range(g0, g1):
+            res = _train_miss(
+                i, keys, rows, out, index, mask, shift, row_keys, values, state, lru_prev,
+                lru_next, meta, capacity, init_state, init_kind, init_a, init_b, seed, admit_p,
+                min_count, sketch, use_sketch, dim, width, alloc,
+            )  # fmt: skip
+            if res >= 0:
+                return res
+    return n
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _train_miss(
+    i, keys, rows, out, index, mask, shift, row_keys, values, state, lru_prev, lru_next, meta,
+    capacity, init_state, init_kind, init_a, init_b, seed, admit_p, min_count, sketch, use_sketch,
+    dim, width, alloc,
+):  # fmt: skip
+    """One key of ``train_misses_kernel``: -1 = done, else the position to resume at."""
+    if rows[i] >= 0:
+        return -1
+    key = keys[i]
+    r = find_row(index, mask, shift, row_keys, key)
+    if r >= 0:
+        for j in range(dim):
+            out[i, j] = values[r, j]
+        _touch(lru_prev, lru_next, meta, r)
+        return -1
+    if meta[M_NROWS] == alloc and alloc < capacity:
+        return i  # grow first: the miss is counted (once) when the key is retried
+    if use_sketch:
+        c = _sketch_add(sketch, key)
+        admitted = c >= min_count and admit_draw(key, seed, c) < admit_p
+    else:
+        admitted = True
+    if not admitted:
+        meta[M_MISSES] += 1
+        meta[M_REJECTIONS] += 1
+        for j in range(dim):
+            out[i, j] = 0.0
+        return -1
+    r = _take_row(index, mask, shift, row_keys, lru_prev, lru_next, meta, capacity, alloc)
+    meta[M_MISSES] += 1
+    meta[M_ADMISSIONS] += 1
+    row_keys[r] = key
+    _insert_slot(index, mask, shift, key, r)
+    init_row(values, r, key, seed, init_kind, init_a, init_b)
+    for j in range(width):
+        state[r, j] = init_state[j]
+    for j in range(dim):
+        out[i, j] = values[r, j]
+    _push_tail(lru_prev, lru_next, meta, r)
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def import_kernel(
+    keys, in_values, in_state, start, index, shift, row_keys, values, state, lru_prev, lru_next,
+    meta, capacity,
+):  # fmt: skip
+    """Insert or overwrite rows in order, each becoming the newest (no admission, no counters
+    except evictions). Returns ``n`` when done or the position to resume at after growth."""
+    mask = index.shape[0] - 1
+    dim = values.shape[1]
+    width = state.shape[1]
+    alloc = values.shape[0]
+    n = keys.shape[0]
+    for i in range(start, n):
+        key = keys[i]
+        r = find_row(index, mask, shift, row_keys, key)
+        if r >= 0:
+            _touch(lru_prev, lru_next, meta, r)
+        else:
+            r = _take_row(index, mask, shift, row_keys, lru_prev, lru_next, meta, capacity, alloc)
+            if r < 0:
+                return i
+            row_keys[r] = key
+            _insert_slot(index, mask, shift, key, r)
+            _push_tail(lru_prev, lru_next, meta, r)
+        for j in range(dim):
+            values[r, j] = in_values[i, j]
+        for j in range(width):
+            state[r, j] = in_state[i, j]
+    return n
+
+
+@njit(nogil=True, cache=True)
+def rebuild_index_kernel(index, shift, row_keys, nrows):
+    """Fill an all-empty ``index`` with rows ``0 .. nrows-1``."""
+    mask = index.shape[0] - 1
+    for r in range(nrows):
+        _insert_slot(index, mask, shift, row_keys[r], np.int32(r))
+
+
+@njit(nogil=True, cache=True)
+def lru_order_kernel(lru_next, meta, out):
+    """``out`` = live rows from oldest to newest; returns how many were written."""
+    r = meta[M_HEAD]
+    k = 0
+    while r >= 0 and k < out.shape[0]:
+        out[k] = r
+        k += 1
+        r = lru_next[r]
+    return k
+
+
+@njit(nogil=True, cache=True)
+def evict_oldest_kernel(count, index, shift, row_keys, values, state, lru_prev, lru_next, meta):
+    """Evict the ``count`` oldest rows and keep rows dense (the last row moves into each hole)."""
+    mask = index.shape[0] - 1
+    dim = values.shape[1]
+    width = state.shape[1]
+    for _ in range(count):
+        nrows = meta[M_NROWS]
+        if nrows == 0:
+            break
+        r = np.int32(meta[M_HEAD])
+        _unlink(lru_prev, lru_next, meta, r)
+        delete_slot(index, shift, row_keys, _slot_of_row(index, mask, shift, row_keys, r))
+        last = np.int32(nrows - 1)
+        if r != last:
+            index[_slot_of_row(index, mask, shift, row_keys, last)] = r
+            row_keys[r] = row_keys[last]
+            for j in range(dim):
+                values[r, j] = values[last, j]
+            for j in range(width):
+                state[r, j] = state[last, j]
+            p = lru_prev[last]
+            nx = lru_next[last]
+            lru_prev[r] = p
+            lru_next[r] = nx
+            if p >= 0:
+                lru_next[p] = r
+            else:
+                meta[M_HEAD] = r
+            if nx >= 0:
+                lru_prev[nx] = r
+            else:
+                meta[M_TAIL] = r
+        meta[M_NROWS] = nrows - 1
+        meta[M_EVICTIONS] += 1

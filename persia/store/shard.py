@@ -1,0 +1,264 @@
+"""One parameter-server shard: an ``EmbeddingTable`` per dim behind one lock.
+
+Capacity rule: ``capacity`` (rows) is split evenly between the shard's dims; the first
+``capacity % k`` dims (ascending) get one row more. The dims are those given as ``dims=`` up front
+(then a lookup of any other dim is an error), or else the dims seen so far: when a lookup brings a
+new dim, the split is recomputed and tables above their new share evict their least recently used
+rows. Declare the dims to avoid that reshuffle.
+
+Every key keeps the dim it was created with: a lookup (or gradient) for a key held under another
+dim raises ``StoreError``. This is checked only for the keys missing from the asked dim's table, so
+hits cost nothing extra.
+
+Thread safety: every public method takes the shard's lock for its whole duration; the kernels
+release the GIL, so different shards run in parallel on different threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from persia.errors import StoreError
+from persia.store.config import Admission, Init, Uniform
+from persia.store.kernels import table as K
+from persia.store.table import (
+    EmbeddingTable,
+    Optimizer,
+    check_grads,
+    check_keys,
+    check_positive_int,
+)
+
+__all__ = ["Shard", "shard_of"]
+
+
+def shard_of(keys: Any, num_shards: int) -> np.ndarray:
+    """The shard (``i32[n]`` in ``[0, num_shards)``) of each key.
+
+    ``h = splitmix64_finaliser(key ^ 0xD1B54A32D192ED03)``; ``shard = ((h >> 32) * num_shards) >>
+    32``. The tables probe with another mixer (MurmurHash3's finaliser) and another salt, so the
+    keys of one shard still spread over all of its index slots. Fixed forever: checkpoints re-shard
+    with it.
+    """
+    keys = check_keys(keys)
+    n = check_positive_int(num_shards, "num_shards")
+    if n >= 2**31:
+        raise StoreError(f"num_shards must be < 2**31, got {num_shards}")
+    out = np.empty(keys.shape[0], dtype=np.int32)
+    K.shard_of_kernel(keys, n, out)
+    return out
+
+
+def split_capacity(capacity: int, dims: Sequence[int]) -> dict[int, int]:
+    """Rows per dim: ``capacity // k`` each, one more for the first ``capacity % k`` dims
+    (ascending); at least one row each."""
+    dims = sorted(dims)
+    k = len(dims)
+    base, extra = divmod(capacity, k)
+    return {d: max(1, base + (1 if i < extra else 0)) for i, d in enumerate(dims)}
+
+
+class Shard:
+    """One parameter-server shard (thread-safe).
+
+    Args:
+        capacity: rows in all dims together (> 0); split between dims as the module says.
+        optimizer: the optimizer of every row (see docs/CONTRACTS.md).
+        init: initialiser of new rows.
+        admission: which missed keys a training lookup creates.
+        seed: seed of init and admission.
+        weight_bound: values are clipped to [-bound, bound] after updates (<= 0 or inf: never).
+        dims: the dims this shard holds, when known up front (recommended).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        optimizer: Optimizer,
+        init: Init | None = None,
+        admission: Admission | None = None,
+        seed: int = 0,
+        weight_bound: float = 10.0,
+        dims: Sequence[int] | None = None,
+    ) -> None:
+        self.capacity = check_positive_int(capacity, "capacity")
+        self.optimizer = optimizer
+        self.init: Init = init if init is not None else Uniform(-0.01, 0.01)
+        self.admission = admission if admission is not None else Admission()
+        self.seed = seed
+        self.weight_bound = weight_bound
+        self._lock = threading.Lock()
+        self._tables: dict[int, EmbeddingTable] = {}
+        self._absent_no_table = 0
+        self._misses_no_table = 0
+        self.declared_dims: tuple[int, ...] | None = None
+        if dims is not None:
+            checked = sorted({check_positive_int(d, "dims[]") for d in dims})
+            if not checked:
+                raise StoreError("dims must name at least one dim, got []")
+            if len(checked) > self.capacity:
+                raise StoreError(
+                    f"capacity must be >= the number of dims ({len(checked)}), got {capacity}"
+                )
+            self.declared_dims = tuple(checked)
+            for d, cap in split_capacity(self.capacity, checked).items():
+                self._tables[d] = self._new_table(d, cap)
+        else:
+            self._new_table(1, 1)  # validate the configuration now, not at the first lookup
+
+    def _new_table(self, dim: int, capacity: int) -> EmbeddingTable:
+        return EmbeddingTable(
+            dim, capacity, self.optimizer, self.init, self.admission, self.seed, self.weight_bound
+        )
+
+    # ------------------------------------------------------------------------------- helpers
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The dims that have a table, ascending."""
+        return tuple(sorted(self._tables))
+
+    def _table_for(self, dim: int, create: bool) -> EmbeddingTable | None:
+        table = self._tables.get(dim)
+        if table is not None:
+            return table
+        if self.declared_dims is not None:
+            raise StoreError(f"dim must be one of {list(self.declared_dims)}, got {dim}")
+        if not create:
+            return None
+        dims = [*self._tables, dim]
+        if len(dims) > self.capacity:
+            raise StoreError(
+                f"a shard of capacity {self.capacity} cannot hold {len(dims)} dims; got dim {dim}"
+            )
+        shares = split_capacity(self.capacity, dims)
+        for d, t in self._tables.items():
+            t.set_capacity(shares[d])
+        table = self._new_table(dim, shares[dim])
+        self._tables[dim] = table
+        return table
+
+    def _check_other_dims(self, keys: np.ndarray, rows: np.ndarray, dim: int) -> None:
+        """Raise if a key missing from dim ``dim`` is held under another dim."""
+        if len(self._tables) <= (1 if dim in self._tables else 0):
+            return
+        missing = keys[rows < 0]
+        if missing.size == 0:
+            return
+        for d, t in self._tables.items():
+            if d == dim:
+                continue
+            found = t.probe(missing) >= 0
+            if found.any():
+                key = int(missing[np.argmax(found)])
+                raise StoreError(
+                    f"key {key} has dim {d}, but dim {dim} was asked for "
+                    f"({int(found.sum())} such keys in this call)"
+                )
+
+    # ----------------------------------------------------------------------------- operations
+    def lookup(self, keys: Any, dim: int, training: bool) -> np.ndarray:
+        """Rows of ``keys`` in dim ``dim`` as ``f32[n, dim]`` (absent / not admitted: zeros).
+
+        A training lookup refreshes the recency of found keys and creates admitted missing ones;
+        an evaluation lookup changes nothing.
+        """
+        keys = check_keys(keys)
+        dim = check_positive_int(dim, "dim")
+        n = keys.shape[0]
+        with self._lock:
+            table = self._table_for(dim, create=training)
+            if table is None:
+                self._check_other_dims(keys, np.full(n, -1, dtype=np.int32), dim)
+                self._misses_no_table += n
+                return np.zeros((n, dim), dtype=np.float32)
+            if not training:
+                out, rows, missing = table.eval_lookup(keys)
+                if missing:
+                    self._check_other_dims(keys, rows, dim)
+                return out
+            rows = table.probe(keys)
+            self._check_other_dims(keys, rows, dim)
+            return table.train_lookup(keys, rows)
+
+    def apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
+        """Apply ``grads[i]`` (``f32[n, dim]``) to the row of ``keys[i]`` in dim ``dim``.
+
+        Absent keys and non-finite gradient rows are skipped and counted; nothing is created and
+        recency is not refreshed.
+
+        Returns:
+            int64 ``[applied, skipped_absent, skipped_nonfinite]``.
+        """
+        keys = check_keys(keys)
+        n = keys.shape[0]
+        if not isinstance(grads, np.ndarray) or grads.ndim != 2:
+            shape = getattr(grads, "shape", type(grads).__name__)
+            raise StoreError(f"grads must be a 2-D float32 array (keys x dim), got {shape}")
+        dim = grads.shape[1]
+        if dim <= 0:
+            raise StoreError(f"grads must have dim > 0 columns, got shape {grads.shape}")
+        grads = check_grads(grads, n, dim)
+        with self._lock:
+            table = self._table_for(dim, create=False)
+            rows = table.probe(keys) if table is not None else np.full(n, -1, dtype=np.int32)
+            self._check_other_dims(keys, rows, dim)
+            if table is None:
+                self._absent_no_table += n
+                return np.array([0, n, 0], dtype=np.int64)
+            return table.apply_rows(rows, grads)
+
+    def reserve(self, rows: int, dim: int) -> None:
+        """Allocate room for ``rows`` rows of dim ``dim`` now (at most its capacity share)."""
+        dim = check_positive_int(dim, "dim")
+        with self._lock:
+            table = self._table_for(dim, create=True)
+            if table is None:  # pragma: no cover - create=True always gives a table
+                raise StoreError(f"dim {dim} has no table")
+            table.reserve(rows)
+
+    def export_rows(self, dim: int | None = None) -> dict[int, dict[str, np.ndarray]]:
+        """Copies of the rows of one dim (or all), oldest first, keyed by dim:
+        ``{dim: {"keys": u64[n], "values": f32[n, dim], "state": f32[n, W]}}``."""
+        with self._lock:
+            if dim is None:
+                return {d: t.export_rows() for d, t in sorted(self._tables.items())}
+            dim = check_positive_int(dim, "dim")
+            table = self._tables.get(dim)
+            if table is None:
+                return {}
+            return {dim: table.export_rows()}
+
+    def import_rows(self, dim: int, keys: Any, values: Any, state: Any | None = None) -> None:
+        """Insert or overwrite rows of dim ``dim`` in order (each becomes the newest, so importing
+        an export restores its LRU order); ``state`` None = the optimizer's initial state. A key
+        held under another dim is an error; past capacity the oldest rows are evicted."""
+        dim = check_positive_int(dim, "dim")
+        keys = check_keys(keys)
+        with self._lock:
+            table = self._table_for(dim, create=True)
+            if table is None:  # pragma: no cover - create=True always gives a table
+                raise StoreError(f"dim {dim} has no table")
+            self._check_other_dims(keys, table.probe(keys), dim)
+            table.import_rows(keys, values, state)
+
+    def stats(self) -> dict[str, Any]:
+        """Totals over dims (rows, capacity, evictions, misses, admissions, rejections, applied,
+        skipped_absent, skipped_nonfinite, bytes_used) plus ``"dims": {dim: table stats}``."""
+        with self._lock:
+            per = {d: t.stats() for d, t in sorted(self._tables.items())}
+            total: dict[str, Any] = {
+                k: sum(s[k] for s in per.values())
+                for k in (
+                    "rows", "evictions", "misses", "admissions", "rejections", "applied",
+                    "skipped_absent", "skipped_nonfinite", "bytes_used",
+                )
+            }  # fmt: skip
+            total["capacity"] = self.capacity
+            total["misses"] += self._misses_no_table
+            total["skipped_absent"] += self._absent_no_table
+            total["dims"] = per
+            return total

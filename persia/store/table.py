@@ -1,0 +1,345 @@
+"""One embedding table: uint64 keys -> rows of one dim, with LRU eviction, init and admission.
+
+Layout (all plain numpy arrays, so a table pickles and saves without tricks)::
+
+    index     i32[S]         open addressing, linear probing, S a power of two, -1 = empty
+    row_keys  u64[R]         key of each live row (rows 0 .. nrows-1 are live)
+    values    f32[R, dim]    embeddings
+    state     f32[R, W]      optimizer state (W = optimizer.state_width(dim))
+    lru_prev  i32[R]         LRU links: oldest (head) ... newest (tail)
+    lru_next  i32[R]
+
+The arrays start small and grow by 1.5x (never beyond ``capacity`` rows); the index keeps
+``S >= R / 0.7`` (load factor <= 0.7, usually about 0.35-0.7). At capacity a new key takes the
+row of the least recently used key, which is deleted from the index by backward-shift deletion.
+
+A table is not locked: ``persia.store.shard.Shard`` holds the lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from persia.errors import StoreError
+from persia.store.config import Admission, Init, Normal, Uniform
+from persia.store.kernels import table as K
+
+__all__ = ["EmbeddingTable", "Optimizer", "check_keys", "check_grads"]
+
+_MAX_LOAD = 0.7
+_MIN_ALLOC = 16
+_MAX_ROWS = 2**31 - 1
+
+
+class Optimizer(Protocol):
+    """What a table needs from an optimizer (see docs/CONTRACTS.md)."""
+
+    def state_width(self, dim: int) -> int: ...
+
+    def initial_state(self, dim: int) -> np.ndarray: ...
+
+    def apply(
+        self,
+        values: np.ndarray,
+        state: np.ndarray,
+        rows: np.ndarray,
+        grads: np.ndarray,
+        weight_bound: float,
+    ) -> np.ndarray: ...
+
+
+def check_keys(keys: Any, field: str = "keys") -> np.ndarray:
+    """``keys`` as a 1-D C-contiguous uint64 array, or ``StoreError``.
+
+    Other integer dtypes are converted when that is exact (no negative values).
+    """
+    if not isinstance(keys, np.ndarray):
+        raise StoreError(f"{field} must be a numpy array of uint64, got {type(keys).__name__}")
+    if keys.ndim != 1:
+        raise StoreError(f"{field} must be 1-D, got shape {keys.shape}")
+    if keys.dtype == np.uint64:
+        return np.ascontiguousarray(keys)
+    if keys.dtype.kind == "u":
+        return keys.astype(np.uint64)
+    if keys.dtype.kind == "i":
+        if keys.size and int(keys.min()) < 0:
+            raise StoreError(
+                f"{field} must be uint64 (or non-negative integers), got dtype {keys.dtype} "
+                f"with negative value {int(keys.min())}"
+            )
+        return keys.astype(np.uint64)
+    raise StoreError(f"{field} must have dtype uint64, got {keys.dtype}")
+
+
+def check_grads(grads: Any, n: int, dim: int, field: str = "grads") -> np.ndarray:
+    """``grads`` as a C-contiguous float32 ``(n, dim)`` array, or ``StoreError``."""
+    if not isinstance(grads, np.ndarray):
+        raise StoreError(f"{field} must be a numpy array of float32, got {type(grads).__name__}")
+    if grads.dtype.kind != "f":
+        raise StoreError(f"{field} must have dtype float32, got {grads.dtype}")
+    if grads.ndim != 2 or grads.shape != (n, dim):
+        raise StoreError(f"{field} must have shape ({n}, {dim}) (keys x dim), got {grads.shape}")
+    return np.ascontiguousarray(grads, dtype=np.float32)
+
+
+def check_positive_int(value: Any, field: str) -> int:
+    """``value`` as an int > 0, or ``StoreError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise StoreError(f"{field} must be an int > 0, got {value!r}")
+    return int(value)
+
+
+def _index_size(alloc: int) -> int:
+    need = max(16, int(np.ceil(alloc / _MAX_LOAD)))
+    return 1 << (need - 1).bit_length()
+
+
+class EmbeddingTable:
+    """Rows of one dim for uint64 keys, bounded by ``capacity`` rows (LRU eviction past it).
+
+    Args:
+        dim: embedding dim (> 0).
+        capacity: the most rows the table holds (> 0, < 2**31).
+        optimizer: supplies the per-row state width, a new row's state and the update.
+        init: how a new row's values are drawn (from (key, seed) only).
+        admission: which missed keys a training lookup creates.
+        seed: seed of init and admission draws.
+        weight_bound: passed to ``optimizer.apply`` (<= 0 or inf: no clipping).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        capacity: int,
+        optimizer: Optimizer,
+        init: Init | None = None,
+        admission: Admission | None = None,
+        seed: int = 0,
+        weight_bound: float = 10.0,
+    ) -> None:
+        self.dim = check_positive_int(dim, "dim")
+        self.capacity = check_positive_int(capacity, "capacity")
+        if self.capacity > _MAX_ROWS:
+            raise StoreError(f"capacity must be < 2**31 rows, got {capacity}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise StoreError(f"seed must be an int, got {seed!r}")
+        self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        self.init: Init = init if init is not None else Uniform(-0.01, 0.01)
+        if not isinstance(self.init, (Uniform, Normal)):
+            raise StoreError(f"init must be Uniform or Normal, got {type(self.init).__name__}")
+        self.admission = admission if admission is not None else Admission()
+        if not isinstance(self.admission, Admission):
+            raise StoreError(f"admission must be an Admission, got {type(admission).__name__}")
+        self.optimizer = optimizer
+        self.weight_bound = float(weight_bound)
+        self.state_width = int(optimizer.state_width(self.dim))
+        init_state = np.ascontiguousarray(optimizer.initial_state(self.dim), dtype=np.float32)
+        if init_state.shape != (self.state_width,):
+            raise StoreError(
+                f"optimizer.initial_state({self.dim}) must have shape ({self.state_width},), "
+                f"got {init_state.shape}"
+            )
+        self._init_state = init_state
+        if isinstance(self.init, Uniform):
+            self._init_args = (K.INIT_UNIFORM, float(self.init.low), float(self.init.high))
+        else:
+            self._init_args = (K.INIT_NORMAL, float(self.init.mean), float(self.init.std))
+        adm = self.admission
+        self._use_sketch = adm.uses_sketch
+        shape = (adm.sketch_depth, adm.sketch_width) if self._use_sketch else (1, 1)
+        self._sketch = np.zeros(shape, dtype=np.uint32)
+        self.meta = np.zeros(K.META_LEN, dtype=np.int64)
+        self.meta[K.M_HEAD] = -1
+        self.meta[K.M_TAIL] = -1
+        self.skipped_absent = 0
+        self.skipped_nonfinite = 0
+        self.applied = 0
+        self._alloc(min(self.capacity, _MIN_ALLOC))
+
+    # ----------------------------------------------------------------------------- storage
+    def _alloc(self, rows: int) -> None:
+        self.values = np.zeros((rows, self.dim), dtype=np.float32)
+        self.state = np.zeros((rows, self.state_width), dtype=np.float32)
+        self.row_keys = np.zeros(rows, dtype=np.uint64)
+        self.lru_prev = np.full(rows, -1, dtype=np.int32)
+        self.lru_next = np.full(rows, -1, dtype=np.int32)
+        self._set_index(_index_size(rows))
+
+    def _set_index(self, size: int) -> None:
+        self.index = np.full(size, -1, dtype=np.int32)
+        self._shift = np.uint64(64 - (size.bit_length() - 1))
+        K.rebuild_index_kernel(self.index, self._shift, self.row_keys, int(self.meta[K.M_NROWS]))
+
+    def _resize(self, rows: int) -> None:
+        """Reallocate the row arrays to ``rows`` (>= nrows) and rebuild the index if its size
+        changes."""
+        n = self.rows
+        for name in ("values", "state", "row_keys", "lru_prev", "lru_next"):
+            old = getattr(self, name)
+            new = np.empty((rows,) + old.shape[1:], dtype=old.dtype)
+            new[:n] = old[:n]
+            setattr(self, name, new)
+        size = _index_size(rows)
+        if size != self.index.shape[0]:
+            self._set_index(size)
+
+    def _grow(self) -> None:
+        alloc = self.values.shape[0]
+        self._resize(min(self.capacity, max(alloc + 1, (alloc * 3 + 1) // 2)))
+
+    def reserve(self, rows: int) -> None:
+        """Allocate room for ``min(rows, capacity)`` rows now (no growth until then)."""
+        rows = min(check_positive_int(rows, "rows"), self.capacity)
+        if rows > self.values.shape[0]:
+            self._resize(rows)
+
+    def set_capacity(self, capacity: int) -> None:
+        """Change the capacity; shrinking evicts the least recently used rows beyond it."""
+        capacity = check_positive_int(capacity, "capacity")
+        if capacity > _MAX_ROWS:
+            raise StoreError(f"capacity must be < 2**31 rows, got {capacity}")
+        if self.rows > capacity:
+            K.evict_oldest_kernel(
+                self.rows - capacity, self.index, self._shift, self.row_keys, self.values,
+                self.state, self.lru_prev, self.lru_next, self.meta,
+            )  # fmt: skip
+        self.capacity = capacity
+        if self.values.shape[0] > capacity:
+            self._resize(capacity)
+
+    @property
+    def rows(self) -> int:
+        """Live rows."""
+        return int(self.meta[K.M_NROWS])
+
+    @property
+    def bytes_used(self) -> int:
+        """Bytes of every array the table holds (rows, index, links, sketch)."""
+        arrays = (self.values, self.state, self.row_keys, self.lru_prev, self.lru_next)
+        return sum(a.nbytes for a in arrays) + self.index.nbytes + self._sketch.nbytes
+
+    # ----------------------------------------------------------------------------- operations
+    def probe(self, keys: np.ndarray) -> np.ndarray:
+        """Row numbers (i32, -1 = absent) of already checked uint64 ``keys``; changes nothing."""
+        rows = np.empty(keys.shape[0], dtype=np.int32)
+        K.probe_kernel(self.index, self._shift, self.row_keys, keys, rows)
+        return rows
+
+    def lookup(self, keys: Any, training: bool) -> np.ndarray:
+        """Rows of ``keys`` as ``f32[n, dim]``.
+
+        Training: found keys become the newest (in batch order), then missing keys are created if
+        admitted (in batch order; at capacity each evicts the oldest row). Evaluation: nothing
+        changes; absent keys read zeros. Not admitted keys read zeros too.
+        """
+        keys = check_keys(keys)
+        if training:
+            return self.train_lookup(keys, self.probe(keys))
+        return self.eval_lookup(keys)[0]
+
+    def eval_lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Evaluation lookup of checked ``keys``: ``(out f32[n, dim], rows i32[n], missing)``."""
+        out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
+        rows = np.empty(keys.shape[0], dtype=np.int32)
+        missing = int(
+            K.lookup_eval_kernel(
+                self.index, self._shift, self.row_keys, self.values, keys, rows, out
+            )
+        )
+        self.meta[K.M_MISSES] += missing
+        return out, rows, missing
+
+    def train_lookup(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Training lookup of checked ``keys`` whose rows ``probe`` just gave (the shard checks
+        the misses between the two calls). ``rows`` is used as scratch."""
+        out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
+        K.train_hits_kernel(self.values, rows, out, self.lru_prev, self.lru_next, self.meta)
+        kind, a, b = self._init_args
+        adm = self.admission
+        start = 0
+        n = keys.shape[0]
+        while True:
+            start = K.train_misses_kernel(
+                keys, rows, out, start, self.index, self._shift, self.row_keys, self.values,
+                self.state, self.lru_prev, self.lru_next, self.meta, self.capacity,
+                self._init_state, kind, a, b, np.uint64(self.seed), float(adm.probability),
+                int(adm.min_count), self._sketch, self._use_sketch,
+            )  # fmt: skip
+            if start >= n:
+                return out
+            self._grow()
+
+    def apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
+        """Apply ``grads[i]`` to the row of ``keys[i]`` with the optimizer (absent keys and
+        non-finite gradient rows are skipped and counted; nothing is created or refreshed).
+
+        Returns:
+            int64 ``[applied, skipped_absent, skipped_nonfinite]``.
+        """
+        keys = check_keys(keys)
+        grads = check_grads(grads, keys.shape[0], self.dim)
+        return self.apply_rows(self.probe(keys), grads)
+
+    def apply_rows(self, rows: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        """``apply_gradients`` for already probed rows and checked ``grads``."""
+        counts = np.asarray(
+            self.optimizer.apply(self.values, self.state, rows, grads, self.weight_bound),
+            dtype=np.int64,
+        )
+        self.applied += int(counts[0])
+        self.skipped_absent += int(counts[1])
+        self.skipped_nonfinite += int(counts[2])
+        return counts
+
+    def export_rows(self) -> dict[str, np.ndarray]:
+        """Copies of the live rows, oldest first: ``keys u64[n]``, ``values f32[n, dim]``,
+        ``state f32[n, W]``."""
+        order = np.empty(self.rows, dtype=np.int32)
+        k = K.lru_order_kernel(self.lru_next, self.meta, order)
+        order = order[:k]
+        return {
+            "keys": self.row_keys[order],
+            "values": self.values[order],
+            "state": self.state[order],
+        }
+
+    def import_rows(self, keys: Any, values: Any, state: Any | None = None) -> None:
+        """Insert or overwrite rows in order, each becoming the newest (so importing an export
+        restores its LRU order). ``state`` None means the optimizer's initial state. Past capacity
+        the oldest rows are evicted. No admission, no miss counting."""
+        keys = check_keys(keys)
+        n = keys.shape[0]
+        values = check_grads(values, n, self.dim, field="values")
+        if state is None:
+            state = np.broadcast_to(self._init_state, (n, self.state_width))
+        state = check_grads(state, n, self.state_width, field="state")
+        if not np.isfinite(values).all():
+            raise StoreError("values must be finite, got NaN or Inf")
+        start = 0
+        while True:
+            start = K.import_kernel(
+                keys, values, state, start, self.index, self._shift, self.row_keys, self.values,
+                self.state, self.lru_prev, self.lru_next, self.meta, self.capacity,
+            )  # fmt: skip
+            if start >= n:
+                return
+            self._grow()
+
+    def stats(self) -> dict[str, int]:
+        """Counters: rows, capacity, evictions, misses, admissions, rejections, applied,
+        skipped_absent, skipped_nonfinite, bytes_used."""
+        m = self.meta
+        return {
+            "rows": self.rows,
+            "capacity": self.capacity,
+            "evictions": int(m[K.M_EVICTIONS]),
+            "misses": int(m[K.M_MISSES]),
+            "admissions": int(m[K.M_ADMISSIONS]),
+            "rejections": int(m[K.M_REJECTIONS]),
+            "applied": self.applied,
+            "skipped_absent": self.skipped_absent,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "bytes_used": self.bytes_used,
+        }

@@ -1,0 +1,276 @@
+"""Plain-Python twins of persia's numba kernels; tests compare the kernels against these.
+
+Store twins: the hashes, init, admission, count-min sketch, the open-addressing index with
+backward-shift deletion, and ``NaiveTable`` (a dict of rows plus an OrderedDict as the LRU list)
+with the batch semantics of ``persia.store.table.EmbeddingTable``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+MASK64 = (1 << 64) - 1
+PROBE_SALT = 0x9E3779B97F4A7C15
+SHARD_SALT = 0xD1B54A32D192ED03
+INIT_SALT = 0x2545F4914F6CDD1D
+ADMIT_SALT = 0xA0761D6478BD642F
+SKETCH_SALT = 0xE7037ED1A0B428DB
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+def fmix64(k: int) -> int:
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & MASK64
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & MASK64
+    return k ^ (k >> 33)
+
+
+def mix_sm(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def home_slot(key: int, size: int) -> int:
+    """Home slot of ``key`` in an index of ``size`` (power of two) slots: the high bits."""
+    return fmix64(int(key) ^ PROBE_SALT) >> (64 - (size.bit_length() - 1))
+
+
+def shard_of(key: int, num_shards: int) -> int:
+    h = mix_sm(int(key) ^ SHARD_SALT)
+    return ((h >> 32) * num_shards) >> 32
+
+
+def stream_base(key: int, seed: int, salt: int) -> int:
+    return mix_sm(mix_sm(int(key) ^ salt) ^ ((seed * GOLDEN) & MASK64))
+
+
+def stream_uniform(base: int, j: int) -> float:
+    h = mix_sm((base + (j + 1) * GOLDEN) & MASK64)
+    return (h >> 11) * 2.0**-53
+
+
+def init_row(key: int, seed: int, dim: int, kind: str, a: float, b: float) -> np.ndarray:
+    """Initial vector of ``key``: kind "uniform" (a=low, b=high) or "normal" (a=mean, b=std)."""
+    base = stream_base(key, seed, INIT_SALT)
+    out = np.empty(dim, dtype=np.float32)
+    for j in range(dim):
+        if kind == "uniform":
+            out[j] = a + (b - a) * stream_uniform(base, j)
+        else:
+            u1 = 1.0 - stream_uniform(base, 2 * j)
+            u2 = stream_uniform(base, 2 * j + 1)
+            out[j] = a + b * (math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2))
+    return out
+
+
+def admit_draw(key: int, seed: int, count: int) -> float:
+    return stream_uniform(stream_base(key, seed, ADMIT_SALT), count)
+
+
+class NaiveSketch:
+    """Count-min sketch of uint32 counters (saturating)."""
+
+    def __init__(self, depth: int, width: int) -> None:
+        self.counts = np.zeros((depth, width), dtype=np.int64)
+
+    def add(self, key: int) -> int:
+        depth, width = self.counts.shape
+        est = 1 << 62
+        for d in range(depth):
+            h = mix_sm(int(key) ^ ((SKETCH_SALT + d * GOLDEN) & MASK64)) & (width - 1)
+            if self.counts[d, h] < 0xFFFFFFFF:
+                self.counts[d, h] += 1
+            est = min(est, int(self.counts[d, h]))
+        return est
+
+
+class NaiveIndex:
+    """Linear-probing index of row numbers (-1 empty) keyed through ``row_keys``."""
+
+    def __init__(self, size: int) -> None:
+        self.slots = [-1] * size
+        self.size = size
+
+    def find(self, row_keys: Any, key: int) -> int:
+        s = home_slot(key, self.size)
+        while self.slots[s] >= 0:
+            if int(row_keys[self.slots[s]]) == int(key):
+                return self.slots[s]
+            s = (s + 1) % self.size
+        return -1
+
+    def insert(self, key: int, row: int) -> None:
+        s = home_slot(key, self.size)
+        while self.slots[s] >= 0:
+            s = (s + 1) % self.size
+        self.slots[s] = row
+
+    def delete(self, row_keys: Any, key: int) -> None:
+        """Backward-shift deletion of ``key``."""
+        s = home_slot(key, self.size)
+        while int(row_keys[self.slots[s]]) != int(key):
+            s = (s + 1) % self.size
+        hole, k = s, s
+        while True:
+            k = (k + 1) % self.size
+            r = self.slots[k]
+            if r < 0:
+                break
+            home = home_slot(int(row_keys[r]), self.size)
+            dist_home = (k - home) % self.size
+            dist_hole = (k - hole) % self.size
+            if dist_home >= dist_hole:  # home at or before the hole: may move back
+                self.slots[hole] = r
+                hole = k
+        self.slots[hole] = -1
+
+
+class NaiveSGD:
+    """Plain SGD (no state) with the optimizer contract of docs/CONTRACTS.md, in numpy."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        self.lr = lr
+
+    def state_width(self, dim: int) -> int:
+        return 0
+
+    def initial_state(self, dim: int) -> np.ndarray:
+        return np.zeros(0, dtype=np.float32)
+
+    def apply(
+        self,
+        values: np.ndarray,
+        state: np.ndarray,
+        rows: np.ndarray,
+        grads: np.ndarray,
+        weight_bound: float,
+    ) -> np.ndarray:
+        counts = np.zeros(3, dtype=np.int64)
+        for i, r in enumerate(rows):
+            if r < 0:
+                counts[1] += 1
+            elif not np.isfinite(grads[i]).all():
+                counts[2] += 1
+            else:
+                values[r] -= np.float32(self.lr) * grads[i]
+                if 0 < weight_bound < math.inf:
+                    np.clip(values[r], -weight_bound, weight_bound, out=values[r])
+                counts[0] += 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "NaiveSGD", "lr": self.lr}
+
+
+class NaiveTable:
+    """Twin of ``EmbeddingTable``: a dict key -> [values, state] and an OrderedDict LRU.
+
+    Training lookup of a batch: keys present before the batch are refreshed in batch order;
+    then the missing ones are created (if admitted) in batch order, each evicting the oldest key at
+    capacity.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        capacity: int,
+        optimizer: Any,
+        init: tuple[str, float, float] = ("uniform", -0.01, 0.01),
+        seed: int = 0,
+        probability: float = 1.0,
+        min_count: int = 0,
+        sketch_shape: tuple[int, int] = (4, 1 << 18),
+        weight_bound: float = 10.0,
+    ) -> None:
+        self.dim, self.capacity, self.optimizer = dim, capacity, optimizer
+        self.init, self.seed = init, seed
+        self.probability, self.min_count = probability, min_count
+        self.use_sketch = probability < 1.0 or min_count > 1
+        self.sketch = NaiveSketch(*sketch_shape)
+        self.weight_bound = weight_bound
+        self.rows: dict[int, list[np.ndarray]] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()
+        self.counts = dict(evictions=0, misses=0, admissions=0, rejections=0)
+
+    def lookup(self, keys: np.ndarray, training: bool) -> np.ndarray:
+        out = np.zeros((len(keys), self.dim), dtype=np.float32)
+        present = [int(k) in self.rows for k in keys]
+        for i, k in enumerate(keys):
+            if present[i]:
+                out[i] = self.rows[int(k)][0]
+                if training:
+                    self.lru.move_to_end(int(k))
+            elif not training:
+                self.counts["misses"] += 1
+        if not training:
+            return out
+        for i, k in enumerate(keys):
+            k = int(k)
+            if present[i]:
+                continue
+            if k in self.rows:
+                out[i] = self.rows[k][0]
+                self.lru.move_to_end(k)
+                continue
+            self.counts["misses"] += 1
+            if self.use_sketch:
+                c = self.sketch.add(k)
+                admitted = c >= self.min_count and admit_draw(k, self.seed, c) < self.probability
+            else:
+                admitted = True
+            if not admitted:
+                self.counts["rejections"] += 1
+                continue
+            self.counts["admissions"] += 1
+            if len(self.rows) >= self.capacity:
+                old, _ = self.lru.popitem(last=False)
+                del self.rows[old]
+                self.counts["evictions"] += 1
+            vec = init_row(k, self.seed, self.dim, *self.init)
+            self.rows[k] = [vec, self.optimizer.initial_state(self.dim).copy()]
+            self.lru[k] = None
+            out[i] = vec
+        return out
+
+    def apply_gradients(self, keys: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        """Apply per row through the optimizer on a 1-row scratch array."""
+        total = np.zeros(3, dtype=np.int64)
+        for i, k in enumerate(keys):
+            row = self.rows.get(int(k))
+            if row is None:
+                total[1] += 1
+                continue
+            values = row[0][None, :].copy()
+            state = row[1][None, :].copy()
+            c = self.optimizer.apply(
+                values, state, np.zeros(1, np.int32), grads[i : i + 1], self.weight_bound
+            )
+            row[0], row[1] = values[0], state[0]
+            total += c
+        return total
+
+    def set_capacity(self, capacity: int) -> None:
+        while len(self.rows) > capacity:
+            old, _ = self.lru.popitem(last=False)
+            del self.rows[old]
+            self.counts["evictions"] += 1
+        self.capacity = capacity
+
+    def export_rows(self) -> dict[str, np.ndarray]:
+        keys = list(self.lru)
+        width = self.optimizer.state_width(self.dim)
+        return {
+            "keys": np.array(keys, dtype=np.uint64),
+            "values": np.array([self.rows[k][0] for k in keys], np.float32).reshape(
+                len(keys), self.dim
+            ),
+            "state": np.array([self.rows[k][1] for k in keys], np.float32).reshape(
+                len(keys), width
+            ),
+        }
