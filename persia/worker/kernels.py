@@ -133,10 +133,11 @@ def rehash_kernel(uniques, u, table, shift):
 
 
 @njit(nogil=True, cache=True)
-def pool_forward_kernel(lengths, inverse, emb, mode, out, col):
+def pool_forward_kernel(lengths, inverse, emb, mode, out, col, acc):
     """Summed pooling (SUM / MEAN / SQRT) of one slot into ``out[:, col:col + dim]``.
 
-    Every entry of that column range is written (zeros for empty samples), so ``out`` may be
+    Rows are added in order into the scratch ``acc`` (f32[dim]), then scaled and stored. Every
+    entry of the column range is written (zeros for empty samples), so ``out`` may be
     uninitialised. Returns the number of IDs consumed (``sum(lengths)``).
     """
     dim = emb.shape[1]
@@ -144,11 +145,11 @@ def pool_forward_kernel(lengths, inverse, emb, mode, out, col):
     for b in range(lengths.shape[0]):
         n = lengths[b]
         for d in range(dim):
-            out[b, col + d] = np.float32(0.0)
+            acc[d] = np.float32(0.0)
         for t in range(pos, pos + n):
             r = inverse[t]
             for d in range(dim):
-                out[b, col + d] += emb[r, d]
+                acc[d] += emb[r, d]
         pos += n
         if n > 0 and mode != SUM:
             if mode == MEAN:
@@ -156,17 +157,21 @@ def pool_forward_kernel(lengths, inverse, emb, mode, out, col):
             else:
                 div = np.sqrt(np.float32(n))
             for d in range(dim):
-                out[b, col + d] = out[b, col + d] / div
+                out[b, col + d] = acc[d] / div
+        else:
+            for d in range(dim):
+                out[b, col + d] = acc[d]
     return pos
 
 
 @njit(nogil=True, cache=True)
-def pool_backward_kernel(lengths, inverse, d_out, col, mode, grad_u):
+def pool_backward_kernel(lengths, inverse, d_out, col, mode, grad_u, term):
     """Segment sum of per-sample gradients into one gradient per unique row.
 
-    ``grad_u[inverse[i]] += d_out[b, col:col + dim] * scale`` for every ID i of sample b, where the
-    term is ``d_out / n_b`` for MEAN and ``d_out / sqrt(n_b)`` for SQRT. ``grad_u`` must hold zeros
-    (or a sum to add to) on entry. Returns the number of IDs consumed.
+    ``grad_u[inverse[i]] += term_b`` for every ID i of sample b, where ``term_b`` is
+    ``d_out[b, col:col + dim]`` for SUM, that divided by ``n_b`` for MEAN and by ``sqrt(n_b)`` for
+    SQRT (computed once per sample into the scratch ``term``, f32[dim]). ``grad_u`` must hold
+    zeros (or a sum to add to) on entry. Returns the number of IDs consumed.
     """
     dim = grad_u.shape[1]
     pos = 0
@@ -175,19 +180,19 @@ def pool_backward_kernel(lengths, inverse, d_out, col, mode, grad_u):
         if n == 0:
             continue
         if mode == SUM:
-            for t in range(pos, pos + n):
-                r = inverse[t]
-                for d in range(dim):
-                    grad_u[r, d] += d_out[b, col + d]
+            for d in range(dim):
+                term[d] = d_out[b, col + d]
         else:
             if mode == MEAN:
                 div = np.float32(n)
             else:
                 div = np.sqrt(np.float32(n))
-            for t in range(pos, pos + n):
-                r = inverse[t]
-                for d in range(dim):
-                    grad_u[r, d] += d_out[b, col + d] / div
+            for d in range(dim):
+                term[d] = d_out[b, col + d] / div
+        for t in range(pos, pos + n):
+            r = inverse[t]
+            for d in range(dim):
+                grad_u[r, d] += term[d]
         pos += n
     return pos
 

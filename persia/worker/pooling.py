@@ -380,7 +380,8 @@ def pool_forward(
     else:
         out = _f32("out", out, 2)
         _check_out_cols(out, batch, col, dim)
-    _k.pool_forward_kernel(lengths, inverse, emb, code, out, int(col))
+    acc = np.empty(dim, dtype=np.float32)
+    _k.pool_forward_kernel(lengths, inverse, emb, code, out, int(col), acc)
     return out
 
 
@@ -439,7 +440,8 @@ def pool_backward(
     grad = _grad_out(out, num_uniques, dim)
     inverse = _inverse(inverse, lengths, grad.shape[0])
     _check_out_cols(d_out, lengths.shape[0], col, dim, name="d_out")
-    _k.pool_backward_kernel(lengths, inverse, d_out, int(col), code, grad)
+    term = np.empty(dim, dtype=np.float32)
+    _k.pool_backward_kernel(lengths, inverse, d_out, int(col), code, grad, term)
     return grad
 
 
