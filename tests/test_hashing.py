@@ -65,6 +65,7 @@ def test_string_input_kinds_agree():
         "numpy U": np.array(values),
         "numpy S": np.array([v.encode() for v in values], dtype="S"),
         "numpy object": np.array(values, dtype=object),
+        "numpy StringDType": np.array(values, dtype=np.dtypes.StringDType()),
         "arrow string": pa.array(values, pa.string()),
         "arrow large_string": pa.array(values, pa.large_string()),
         "arrow binary": pa.array([v.encode() for v in values], pa.binary()),
@@ -92,9 +93,11 @@ def test_all_empty_strings_arrow_without_data_buffer():
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.text(max_size=20), max_size=30), st.integers(0, 2**64 - 1))
+@given(
+    st.lists(st.text(st.characters(exclude_categories=("Cs",)), max_size=20), max_size=30),
+    st.integers(0, 2**64 - 1),
+)
 def test_strings_against_twin(values, salt):
-    values = [v for v in values if "\ud800" > v or not any(0xD800 <= ord(c) < 0xE000 for c in v)]
     got = hash_strings(values, salt=salt)
     want = [naive.hash_bytes(v.encode(), salt) for v in values]
     assert got.tolist() == want

@@ -6,14 +6,22 @@ checks always, the per-ID range check of ``inverse`` unless ``PERSIA_DEEP_CHECKS
 output and calls the kernel. Bad input raises :class:`~persia.errors.BatchError` (or
 :class:`~persia.errors.ConfigError` for a bad prefix setting) naming the field and the value.
 
-Typical use by the embedding worker for one batch::
+Example: two slots of a batch of 3 samples, de-duplicated together, pooled into one buffer
+(run by tests/worker/test_kernels.py)::
 
-    keys, seg = prefix_concat([ids_a, ids_b], prefixes=[1, 2], prefix_bits=12)
-    dedup = Deduper()
-    uniques, inverse, unique_offsets = dedup.unique_inverse_segments(keys, seg)
-    ...  # rows = store lookup of uniques
-    out = np.empty((batch, dim_a + dim_b), np.float32)
-    pool_forward(lengths_a, inverse[seg[0]:seg[1]], rows, "sum", out=out, col=0)
+    >>> import numpy as np
+    >>> a = np.array([7, 3, 3, 7], np.uint64)            # slot a: [[7, 3], [3], [7]]
+    >>> b = np.array([7, 5], np.uint64)                  # slot b: [[], [7], [5]]
+    >>> keys, seg = prefix_concat([a, b], prefixes=[1, 2], prefix_bits=12)
+    >>> uniques, inverse, unique_offsets = Deduper().unique_inverse_segments(keys, seg)
+    >>> inverse.tolist(), unique_offsets.tolist()        # a's 7 and b's 7 are different keys
+    ([0, 1, 1, 0, 2, 3], [0, 2, 4])
+    >>> rows = np.arange(8, dtype=np.float32).reshape(4, 2)   # stand-in for the store's rows
+    >>> out = np.empty((3, 4), np.float32)
+    >>> _ = pool_forward(np.array([2, 1, 1]), inverse[seg[0]:seg[1]], rows, "sum", out=out, col=0)
+    >>> _ = pool_forward(np.array([0, 1, 1]), inverse[seg[1]:seg[2]], rows, "mean", out=out, col=2)
+    >>> out.tolist()
+    [[2.0, 4.0, 0.0, 0.0], [2.0, 3.0, 4.0, 5.0], [0.0, 1.0, 6.0, 7.0]]
 """
 
 from __future__ import annotations

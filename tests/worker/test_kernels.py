@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import doctest
+
 import naive_worker as naive
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import persia.worker.pooling
 from persia.errors import BatchError, ConfigError
 from persia.worker.pooling import (
     Deduper,
@@ -405,3 +408,8 @@ def test_bad_pooling_input():
         pool_raw_forward(lengths, inverse, emb, 0)
     with pytest.raises(BatchError, match="inverse values"):
         pool_raw_backward(lengths, inverse, np.ones((2, 3, 5), np.float32), num_uniques=1)
+
+
+def test_module_docstring_example_runs():
+    result = doctest.testmod(persia.worker.pooling, raise_on_error=False)
+    assert result.attempted >= 8 and result.failed == 0
