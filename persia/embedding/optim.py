@@ -25,6 +25,13 @@ for sparse gradients. ``g`` is the gradient of one row, ``w`` its values, ``wd``
   State: ``[m (dim), v (dim), t]``; ``t`` is stored as float32 and so stops counting at 2**24
   (16.7M updates of one row), where both bias corrections are 1 to float precision anyway.
 
+Rounding: ``w -= lr * x`` and ``g + wd * w`` are rounded once (as an fma), which is how torch's
+``add_(x, alpha=...)`` computes them on CPU; every other operation is a float32 operation in the
+order written. So persia reproduces torch's sparse Adagrad and SGD to the last bit, except where
+torch's vectorised float32 sqrt is not correctly rounded (1 ulp in about a fifth of the values on
+an AVX-512 CPU) and where torch's SGD adds the gradient entries of a repeated row one at a time
+(persia gets one summed gradient per row): about 1e-7 relative after several steps.
+
 After each update, when ``0 < weight_bound < inf``, the row's values are clipped to
 ``[-weight_bound, weight_bound]``. A gradient row with any NaN or infinity is skipped (nothing
 of that row is written) and counted; so is a row number of -1 (an absent key). If a row number

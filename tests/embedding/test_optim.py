@@ -103,7 +103,6 @@ def test_skipped_rows_are_untouched_and_duplicates_apply_in_order(opt: Embedding
 
 
 def test_every_option_changes_the_result() -> None:
-    rng = np.random.default_rng(2)
     base = {
         SGD: dict(lr=0.1, momentum=0.5, weight_decay=0.1),
         Adagrad: dict(
@@ -141,7 +140,10 @@ def test_every_option_changes_the_result() -> None:
         for key in kwargs:
             other = run(cls(**{**kwargs, key: changed[key]}))
             assert not np.allclose(other, reference, rtol=1e-5, atol=0), (cls.__name__, key)
-    assert rng is not None
+
+
+# torch warns about its own sparse tensors in Adagrad/SparseAdam; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 
 
 def _torch_steps(module, opt, batches, ours, dim, num, weights):
@@ -165,7 +167,8 @@ def _torch_steps(module, opt, batches, ours, dim, num, weights):
         counts = ours.apply(values, state, rows, grads, 0.0)
         assert counts.tolist() == [len(rows), 0, 0]
         ref = module.weight.detach().numpy()
-        # error relative to the table's scale (elements near 0 have no meaningful relative error)
+        # error relative to the table's scale (elements near 0 have no meaningful relative error);
+        # not 0: torch's AVX-512 sqrt is off by 1 ulp at times, torch's SGD adds duplicates singly
         errors.append(float(np.max(np.abs(values - ref)) / np.max(np.abs(ref))))
     return values, state, errors
 

@@ -30,7 +30,7 @@ _BLOCK = 64
 _EXP_MASK = np.uint32(0x7F800000)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
 def _touch(values, state, rows, start, stop):
     """Load one value of every cache line of the rows in rows[start:stop]; return their sum."""
     dim = values.shape[1]
@@ -49,7 +49,7 @@ def _touch(values, state, rows, start, stop):
     return sink
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
 def _nonfinite(gbits, i):
     """True when gradient row i (as uint32 bits) holds an Inf or a NaN."""
     bad = np.uint32(0)
@@ -58,7 +58,7 @@ def _nonfinite(gbits, i):
     return bad != 0
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
 def _fma(a, b, c):
     """a * b + c rounded once to float32, as torch's ``add_(x, alpha=...)`` computes it on CPU.
 
@@ -68,7 +68,7 @@ def _fma(a, b, c):
     return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
 def _clip_row(values, r, bound):
     for d in range(values.shape[1]):
         w = values[r, d]
@@ -79,7 +79,7 @@ def _clip_row(values, r, bound):
         values[r, d] = w
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def sgd_kernel(values, state, rows, grads, gbits, lr, momentum, weight_decay, clip, bound):
     """SGD with optional momentum (state = the momentum buffer, width dim or 0).
 
@@ -120,7 +120,7 @@ def sgd_kernel(values, state, rows, grads, gbits, lr, momentum, weight_decay, cl
     return counts, sink
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def adagrad_kernel(
     values, state, rows, grads, gbits, lr, weight_decay, g_square_momentum, eps, clip, bound
 ):
@@ -155,7 +155,7 @@ def adagrad_kernel(
     return counts, sink
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def rowwise_adagrad_kernel(
     values, state, rows, grads, gbits, lr, weight_decay, g_square_momentum, eps, clip, bound
 ):
@@ -166,6 +166,7 @@ def rowwise_adagrad_kernel(
     """
     dim = values.shape[1]
     fdim = np.float32(dim)
+    scratch = np.empty((1, dim), dtype=np.float32)
     n = rows.shape[0]
     counts = np.zeros(3, dtype=np.int64)
     sink = _touch(values, state, rows, 0, min(_BLOCK, n))
@@ -180,24 +181,27 @@ def rowwise_adagrad_kernel(
             if _nonfinite(gbits, i):
                 counts[2] += 1
                 continue
+            if weight_decay == 0:  # g' = g: fma(0, w, g) up to the sign of a zero, and cheaper
+                for d in range(dim):
+                    scratch[0, d] = grads[i, d]
+            else:
+                for d in range(dim):
+                    scratch[0, d] = _fma(weight_decay, values[r, d], grads[i, d])
             total = np.float32(0.0)
-            for d in range(dim):
-                g = _fma(weight_decay, values[r, d], grads[i, d])
-                total += g * g
+            for d in range(dim):  # in order d = 0..dim-1: the same sum on every CPU
+                total += scratch[0, d] * scratch[0, d]
             acc = g_square_momentum * state[r, 0] + total / fdim
             state[r, 0] = acc
             std = np.sqrt(acc) + eps
             for d in range(dim):
-                w = values[r, d]
-                g = _fma(weight_decay, w, grads[i, d])
-                values[r, d] = _fma(-lr, g / std, w)
+                values[r, d] = _fma(-lr, scratch[0, d] / std, values[r, d])
             if clip:
                 _clip_row(values, r, bound)
             counts[0] += 1
     return counts, sink
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def adam_kernel(
     values, state, rows, grads, gbits, lr, beta1, beta2, weight_decay, eps, clip, bound, max_step
 ):
@@ -211,6 +215,8 @@ def adam_kernel(
     dim = values.shape[1]
     n = rows.shape[0]
     counts = np.zeros(3, dtype=np.int64)
+    log_b1 = np.log(beta1)  # -inf when beta1 == 0: then 1 - b1^t = 1
+    log_b2 = np.log(beta2)
     one_minus_b1 = np.float32(1.0 - beta1)
     one_minus_b2 = np.float32(1.0 - beta2)
     sink = _touch(values, state, rows, 0, min(_BLOCK, n))
@@ -230,16 +236,21 @@ def adam_kernel(
                 t += np.float32(1.0)
                 state[r, 2 * dim] = t
             step = np.float64(t)
-            step_size = np.float32(lr * np.sqrt(1.0 - beta2**step) / (1.0 - beta1**step))
+            # 1 - b^t as -expm1(t * log b): cheaper than pow, and exact to float64 rounding
+            bias1 = -np.expm1(step * log_b1)
+            bias2 = -np.expm1(step * log_b2)
+            step_size = np.float32(lr * np.sqrt(bias2) / bias1)
+            first = state[r, :dim]  # views: m and v as separate arrays vectorise
+            second = state[r, dim : 2 * dim]
             for d in range(dim):
                 w = values[r, d]
                 g = _fma(weight_decay, w, grads[i, d])
-                m = state[r, d]
+                m = first[d]
                 m = m + one_minus_b1 * (g - m)
-                state[r, d] = m
-                v = state[r, dim + d]
+                first[d] = m
+                v = second[d]
                 v = v + one_minus_b2 * (g * g - v)
-                state[r, dim + d] = v
+                second[d] = v
                 values[r, d] = w - step_size * (m / (np.sqrt(v) + eps))
             if clip:
                 _clip_row(values, r, bound)
