@@ -5,9 +5,10 @@ bounded staleness; the dense network is trained synchronously. One process by de
 clusters. See README.md.
 """
 
-from persia._settings import ensure_numba_cache_dir
+from persia._settings import ensure_numba_cache_dir, passive_openmp_threads
 
 ensure_numba_cache_dir()
+passive_openmp_threads()
 
 from persia.errors import (  # noqa: E402
     BackendError,

@@ -10,13 +10,20 @@ import numpy as np
 
 from persia.errors import ConfigError
 
-__all__ = ["setup_seed", "load_yaml"]
+__all__ = ["setup_seed", "load_yaml", "embedding_seed"]
 
 _MAX_SEED = 2**32 - 1  # numpy's legacy seeding accepts [0, 2**32)
+_EMBEDDING_SEED = 0
+
+
+def embedding_seed() -> int:
+    """The seed of new embedding rows' initialisation and admission draws: the last
+    ``setup_seed`` value, 0 before any call."""
+    return _EMBEDDING_SEED
 
 
 def setup_seed(seed: int) -> None:
-    """Seeds Python's ``random``, NumPy and PyTorch, and asks for deterministic algorithms.
+    """Seeds Python's ``random``, NumPy, PyTorch and new embedding rows, and asks for deterministic algorithms.
 
     As PERSIA did: ``torch.use_deterministic_algorithms(True)`` plus cuDNN's deterministic mode
     (and benchmark mode off). Unlike PERSIA, ``warn_only=True``: an op without a deterministic
@@ -35,6 +42,8 @@ def setup_seed(seed: int) -> None:
         raise ConfigError(f"seed: expected an int in [0, 2**32), got {seed}")
     import torch
 
+    global _EMBEDDING_SEED
+    _EMBEDDING_SEED = seed
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device

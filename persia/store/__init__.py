@@ -1,19 +1,8 @@
-"""The parameter-server core: table, eviction, sharding, checkpoint files.
-
-``Shard`` is one parameter server's part of the key space (an ``EmbeddingTable`` per dim behind
-a lock); ``shard_of`` routes keys to shards. See docs/CONTRACTS.md.
-"""
+"""The parameter-server core: table, eviction, sharding, checkpoint files."""
 
 from persia.store.config import Admission, Normal, Uniform
-from persia.store.shard import Shard, shard_of, split_capacity
+from persia.store.shard import Shard, shard_of
+from persia.store.sharded import ShardedStore
 from persia.store.table import EmbeddingTable
 
-__all__ = [
-    "Admission",
-    "EmbeddingTable",
-    "Normal",
-    "Shard",
-    "Uniform",
-    "shard_of",
-    "split_capacity",
-]
+__all__ = ["Admission", "Normal", "Uniform", "Shard", "shard_of", "ShardedStore", "EmbeddingTable"]

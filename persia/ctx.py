@@ -1,0 +1,510 @@
+"""PERSIA's contexts: ``TrainCtx`` (training), ``eval_ctx`` / ``EmbeddingCtx`` (evaluation).
+
+A PERSIA training script runs unchanged::
+
+    with TrainCtx(model=model, embedding_optimizer=Adagrad(lr=1e-2),
+                  dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1)) as ctx:
+        loader = DataLoader(dataset, embedding_staleness=8)
+        for batch in loader:
+            output, labels = ctx.forward(batch)
+            loss = loss_fn(output, labels[0])
+            ctx.backward(loss)
+
+(``examples/adult_income/train.py`` is the tested, complete version.)
+
+In the embedded backend every role lives in this process: a ``TrainCtx`` starts a fresh set of
+parameter-server shards (configured by ``embedding_config.yml`` / ``global_config.yml``, found
+through the ``embedding_config_file`` / ``global_config_file`` arguments or PERSIA's
+``PERSIA_EMBEDDING_CONFIG`` / ``PERSIA_GLOBAL_CONFIG`` environment variables); an ``eval_ctx``
+uses the current or most recent one, as PERSIA's servers outlive a context.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from persia import env
+from persia.embedding import EmbeddingConfig, get_default_embedding_config
+from persia.embedding.optim import EmbeddingOptimizer
+from persia.errors import CheckpointError, PersiaError
+from persia.logger import get_default_logger, warn_once
+from persia.train.pipeline import Runtime, TrainingBatch
+
+__all__ = [
+    "PreprocessMode",
+    "BaseCtx",
+    "DataCtx",
+    "EmbeddingCtx",
+    "TrainCtx",
+    "eval_ctx",
+    "cnt_ctx",
+]
+
+_logger = get_default_logger()
+_CTX_LOCK = threading.RLock()
+_CURRENT_CTX: BaseCtx | None = None
+_LAST_RUNTIME: Runtime | None = None
+
+
+class PreprocessMode(Enum):
+    """What ``prepare_features`` returns: TRAIN (embeddings require grad), EVAL, INFERENCE
+    (no labels needed)."""
+
+    TRAIN = 1
+    EVAL = 2
+    INFERENCE = 3
+
+
+def cnt_ctx() -> BaseCtx | None:
+    """The context most recently entered and not yet exited."""
+    return _CURRENT_CTX
+
+
+class BaseCtx:
+    """Common base of persia's contexts (PERSIA's API); not used directly.
+
+    Args:
+        threadpool_worker_size: PERSIA's RPC thread count; has no effect here (no RPC).
+        device_id: CUDA device for the dense model, or None for the CPU.
+    """
+
+    def __init__(self, threadpool_worker_size: int = 10, device_id: int | None = None) -> None:
+        if threadpool_worker_size != 10:
+            warn_once(
+                _logger,
+                "threadpool_worker_size",
+                "threadpool_worker_size has no effect in persia (no RPC thread pool)",
+            )
+        if device_id is not None and device_id >= 0:
+            if not torch.cuda.is_available() or device_id >= torch.cuda.device_count():
+                raise PersiaError(f"device_id={device_id}: no such CUDA device")
+            torch.cuda.set_device(device_id)
+            self.device = torch.device("cuda", device_id)
+        else:
+            device_id = None
+            self.device = torch.device("cpu")
+        self.device_id = device_id
+        self._origin: BaseCtx | None = None
+        self._runtime: Runtime | None = None
+
+    def _enter(self) -> None:
+        """Hook when entering the context."""
+
+    def _exit(self) -> None:
+        """Hook when exiting the context."""
+
+    def __enter__(self):
+        global _CURRENT_CTX
+        with _CTX_LOCK:
+            self._enter()
+            self._origin = _CURRENT_CTX
+            _CURRENT_CTX = self
+        return self
+
+    def __exit__(self, exc_type, value, trace) -> None:
+        global _CURRENT_CTX
+        with _CTX_LOCK:
+            try:
+                self._exit()
+            finally:
+                _CURRENT_CTX = self._origin
+
+
+class DataCtx(BaseCtx):
+    """Sends batches from a data-loader process to the NN workers (PERSIA's API).
+
+    Needs the cluster backend; in one process, feed a ``DataLoader`` from an
+    ``IterableDataset`` instead.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from persia.errors import BackendError
+
+        raise BackendError(
+            "DataCtx sends batches to NN workers in other processes and needs the cluster "
+            "backend; in one process, yield PersiaBatch objects from an IterableDataset",
+            role="data-loader",
+        )
+
+
+class EmbeddingCtx(BaseCtx):
+    """Embedding lookups and the dense model's forward pass (PERSIA's API).
+
+    Args:
+        preprocess_mode: TRAIN, EVAL or INFERENCE.
+        model: the dense model, called as ``model(non_id_tensors, embedding_tensors)``.
+        embedding_config: initialisation range, admission probability and weight bound of
+            new embedding rows.
+        embedding_config_file: path of PERSIA's ``embedding_config.yml`` (persia extension;
+            default: ``$PERSIA_EMBEDDING_CONFIG``).
+        global_config_file: path of PERSIA's ``global_config.yml`` (persia extension; default:
+            ``$PERSIA_GLOBAL_CONFIG``, else built-in defaults).
+    """
+
+    def __init__(
+        self,
+        preprocess_mode: PreprocessMode,
+        model: torch.nn.Module | None = None,
+        embedding_config: EmbeddingConfig | None = None,
+        *args: Any,
+        embedding_config_file: str | os.PathLike | None = None,
+        global_config_file: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.preprocess_mode = preprocess_mode
+        self.model = model
+        self.embedding_config = embedding_config or get_default_embedding_config()
+        self.embedding_config_file = embedding_config_file
+        self.global_config_file = global_config_file
+        self.current_batch: TrainingBatch | None = None
+        self._owns_runtime = False
+
+    def _enter(self) -> None:
+        global _LAST_RUNTIME
+        current = cnt_ctx()
+        if current is not None and current._runtime is not None:
+            self._runtime = current._runtime
+        elif _LAST_RUNTIME is not None and not _LAST_RUNTIME._closed:
+            self._runtime = _LAST_RUNTIME
+        else:
+            self._runtime = self._build_runtime(None)
+            self._owns_runtime = True
+            _LAST_RUNTIME = self._runtime
+        self._saved_training_allowed = self._runtime.training_allowed
+        if self.preprocess_mode != PreprocessMode.TRAIN:
+            self._runtime.flush()
+            self._runtime.training_allowed = False
+
+    def _exit(self) -> None:
+        if self._runtime is not None:
+            self._runtime.training_allowed = self._saved_training_allowed
+
+    def _build_runtime(self, optimizer: EmbeddingOptimizer | None) -> Runtime:
+        from persia.train.local import build_local_runtime
+
+        return build_local_runtime(
+            embedding_config=self.embedding_config,
+            optimizer=optimizer,
+            embedding_config_file=self.embedding_config_file,
+            global_config_file=self.global_config_file,
+        )
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise PersiaError("enter the context first (`with ... as ctx:`)")
+        return self._runtime
+
+    # --------------------------------------------------------------- forward
+    def forward(self, batch: TrainingBatch) -> tuple[Any, list[torch.Tensor] | None]:
+        """``prepare_features`` then the model's forward pass; returns (output, labels)."""
+        if self.model is None:
+            raise PersiaError("no model: create the context with model=...")
+        non_id, embeddings, labels = self.prepare_features(batch)
+        return self.model(non_id, embeddings), labels
+
+    def prepare_features(
+        self, batch: TrainingBatch
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+        """Turns a looked-up batch into tensors: (non-ID features, embeddings, labels).
+
+        Summed slots give ``(batch, dim)``; raw slots ``(batch, sample_fixed_size, dim + 1)``
+        with the 0/1 padding mask as the last channel.
+        """
+        if not isinstance(batch, TrainingBatch):
+            raise PersiaError(
+                f"forward expects a batch from persia.data.DataLoader, got {type(batch).__name__}"
+            )
+        previous = self.current_batch
+        if previous is not None and previous is not batch:
+            previous.discard()  # forward without backward: that batch will bring no gradient
+        self.current_batch = batch
+        requires_grad = self.preprocess_mode == PreprocessMode.TRAIN and batch.training
+        dev = self.device
+        pb = batch.batch
+        non_id = [torch.from_numpy(f.data).to(dev) for f in pb.non_id_type_features]
+        labels = None
+        if self.preprocess_mode != PreprocessMode.INFERENCE:
+            labels = [torch.from_numpy(lb.data).to(dev) for lb in pb.labels]
+        lookup = batch.lookup
+        summed = torch.from_numpy(lookup.summed).to(dev)
+        summed.requires_grad_(requires_grad)
+        raw = {
+            i: torch.from_numpy(a).to(dev).requires_grad_(requires_grad)
+            for i, a in lookup.raw.items()
+        }
+        embeddings = []
+        for kind, where, dim in lookup.layout:
+            embeddings.append(summed[:, where : where + dim] if kind == "sum" else raw[where])
+        batch._tensors = (summed, raw)  # type: ignore[attr-defined]
+        return non_id, embeddings, labels
+
+    # ------------------------------------------------------------ checkpoints
+    def dump_checkpoint(
+        self,
+        dst_dir: str | os.PathLike,
+        dense_filename: str = "dense.pt",
+        jit_dense_filename: str = "jit_dense.pt",
+        blocking: bool = True,
+        with_jit_model: bool = False,
+    ) -> None:
+        """Saves the dense model and every embedding row (with optimizer state) to ``dst_dir``."""
+        if self.model is None:
+            raise PersiaError("no model: create the context with model=...")
+        dst = Path(dst_dir)
+        dst.mkdir(parents=True, exist_ok=True)
+        if with_jit_model:
+            torch.jit.save(torch.jit.script(self.model), str(dst / jit_dense_filename))
+        _atomic_torch_save(self.model.state_dict(), dst / dense_filename)
+        self.dump_embedding(dst, blocking=blocking)
+
+    def load_checkpoint(
+        self,
+        src_dir: str | os.PathLike,
+        map_location: str | None = None,
+        dense_filename: str = "dense.pt",
+        blocking: bool = True,
+    ) -> None:
+        """Loads the dense model and the embeddings saved by :meth:`dump_checkpoint`."""
+        if self.model is None:
+            raise PersiaError("no model: create the context with model=...")
+        src = Path(src_dir)
+        if not src.is_dir():
+            raise CheckpointError(f"checkpoint directory {str(src)!r} does not exist")
+        path = src / dense_filename
+        if not path.is_file():
+            raise CheckpointError(f"dense checkpoint {str(path)!r} is missing")
+        self.model.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+        self.load_embedding(src, blocking=blocking)
+
+    def dump_embedding(self, dst_dir: str | os.PathLike, blocking: bool = True) -> None:
+        """Saves every embedding row with its optimizer state under ``dst_dir/embeddings``."""
+        self.runtime.flush()
+        self.runtime.store.dump(Path(dst_dir) / "embeddings")
+
+    def load_embedding(self, src_dir: str | os.PathLike, blocking: bool = True) -> None:
+        """Replaces the embeddings by those saved under ``src_dir/embeddings``."""
+        self.runtime.flush()
+        self.runtime.store.load(Path(src_dir) / "embeddings")
+
+    def wait_for_dump_embedding(self) -> None:
+        """Dumps are blocking in persia; kept for PERSIA compatibility."""
+
+    def wait_for_load_embedding(self) -> None:
+        """Loads are blocking in persia; kept for PERSIA compatibility."""
+
+    def get_embedding_size(self) -> list[int]:
+        """Number of embedding rows held by each parameter-server shard."""
+        self.runtime.flush()
+        return [int(s["rows"]) for s in self.runtime.store.shard_stats()]
+
+    def clear_embeddings(self) -> None:
+        """Removes every embedding row from every shard."""
+        self.runtime.flush()
+        self.runtime.store.clear()
+
+
+class TrainCtx(EmbeddingCtx):
+    """Training: forward, then ``backward(loss)`` updates the dense model synchronously and
+    queues the embedding gradients for asynchronous application (PERSIA's API).
+
+    Args:
+        embedding_optimizer: optimizer of the embedding rows (``persia.embedding.optim``).
+        dense_optimizer: torch optimizer of the dense model.
+        grad_scalar_update_factor: mixed-precision loss-scale factor (CUDA only).
+        backward_buffer_size: gradient batches that may wait to be applied.
+        backward_workers_size: PERSIA's gradient-sender threads; persia applies gradients on
+            one thread (values other than the default warn once: no effect).
+        grad_update_buffer_size: PERSIA internal; no effect (warns once when changed).
+        lookup_emb_directly: PERSIA internal; no effect (warns once when changed).
+        mixed_precision: use a CUDA grad scaler; a no-op on the CPU.
+        distributed_option: PERSIA's DDP option; with ``WORLD_SIZE > 1`` the model is wrapped
+            in ``DistributedDataParallel`` (gloo on CPU, NCCL on GPU).
+        model, embedding_config, device_id: see :class:`EmbeddingCtx`.
+    """
+
+    def __init__(
+        self,
+        embedding_optimizer: EmbeddingOptimizer,
+        dense_optimizer: torch.optim.Optimizer,
+        grad_scalar_update_factor: float = 4,
+        backward_buffer_size: int = 10,
+        backward_workers_size: int = 8,
+        grad_update_buffer_size: int = 60,
+        lookup_emb_directly: bool = True,
+        mixed_precision: bool = True,
+        distributed_option: Any = None,
+        *args: Any,
+        model: torch.nn.Module | None = None,
+        embedding_config: EmbeddingConfig | None = None,
+        device_id: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            PreprocessMode.TRAIN,
+            model,
+            embedding_config,
+            *args,
+            device_id=device_id,
+            **kwargs,
+        )
+        problems = []
+        if not isinstance(embedding_optimizer, EmbeddingOptimizer):
+            problems.append(
+                "embedding_optimizer must be a persia.embedding.optim optimizer, "
+                f"got {type(embedding_optimizer).__name__}"
+            )
+        if not isinstance(dense_optimizer, torch.optim.Optimizer):
+            problems.append(
+                f"dense_optimizer must be a torch.optim.Optimizer, got {type(dense_optimizer).__name__}"
+            )
+        if model is None:
+            problems.append("model is required (TrainCtx(..., model=model))")
+        if not grad_scalar_update_factor > 0:
+            problems.append(
+                f"grad_scalar_update_factor must be > 0, got {grad_scalar_update_factor}"
+            )
+        if (
+            isinstance(backward_buffer_size, bool)
+            or not isinstance(backward_buffer_size, int)
+            or backward_buffer_size < 1
+        ):
+            problems.append(
+                f"backward_buffer_size must be an int >= 1, got {backward_buffer_size!r}"
+            )
+        if problems:
+            raise PersiaError("TrainCtx: " + "; ".join(problems))
+        for name, value, default in (
+            ("backward_workers_size", backward_workers_size, 8),
+            ("grad_update_buffer_size", grad_update_buffer_size, 60),
+            ("lookup_emb_directly", lookup_emb_directly, True),
+        ):
+            if value != default:
+                warn_once(
+                    _logger, f"TrainCtx.{name}", f"TrainCtx({name}=...) has no effect in persia"
+                )
+        self.embedding_optimizer = embedding_optimizer
+        self.dense_optimizer = dense_optimizer
+        self.backward_buffer_size = backward_buffer_size
+        self.mixed_precision = bool(mixed_precision) and self.device.type == "cuda"
+        self.grad_scalar_update_factor = grad_scalar_update_factor
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.mixed_precision else None
+        self.world_size = env.get_world_size()
+        self.rank = env.get_rank()
+        if self.world_size > 1:
+            from persia.train.distributed import wrap_ddp
+
+            self.model = wrap_ddp(self.model, distributed_option, self.device)
+
+    def _enter(self) -> None:
+        global _LAST_RUNTIME
+        if _LAST_RUNTIME is not None and not _LAST_RUNTIME._closed:
+            _LAST_RUNTIME.close()
+        self._runtime = self._build_runtime(self.embedding_optimizer)
+        self._owns_runtime = True
+        _LAST_RUNTIME = self._runtime
+        self._saved_training_allowed = True
+
+    def _exit(self) -> None:
+        if self.current_batch is not None:
+            self.current_batch.discard()
+            self.current_batch = None
+        if self._runtime is not None:
+            self._runtime.flush()
+
+    def backward(
+        self, loss: torch.Tensor, embedding_gradient_check_frequency: int = 20
+    ) -> torch.Tensor:
+        """Backpropagates ``loss``: steps the dense optimizer (all-reduced under DDP) and
+        queues the embedding gradients of the current batch. Returns the (scaled) loss."""
+        batch = self.current_batch
+        if batch is None or not hasattr(batch, "_tensors"):
+            raise PersiaError("backward() needs a batch: call ctx.forward(batch) first")
+        if self.grad_scaler is not None:
+            loss = self.grad_scaler.scale(loss)
+            scale = float(self.grad_scaler.get_scale())
+        else:
+            scale = 1.0
+        loss.backward()
+        summed, raw = batch._tensors
+        summed_grad = None
+        if summed.grad is not None:
+            summed_grad = summed.grad.detach().to("cpu").numpy()
+            if scale != 1.0:
+                summed_grad = summed_grad / np.float32(scale)
+        raw_grads = {}
+        for i, t in raw.items():
+            if t.grad is not None:
+                g = t.grad.detach().to("cpu").numpy()
+                raw_grads[i] = g / np.float32(scale) if scale != 1.0 else g
+        del batch._tensors
+        self.current_batch = None
+        if batch.training:
+            self.runtime.submit(batch, summed_grad, raw_grads)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.dense_optimizer)
+            self.grad_scaler.update()
+        else:
+            self.dense_optimizer.step()
+        self.dense_optimizer.zero_grad()
+        return loss
+
+    def dump_checkpoint(  # type: ignore[override]
+        self,
+        dst_dir: str | os.PathLike,
+        dense_model_filename: str = "dense.pt",
+        jit_dense_model_filename: str = "jit_dense.pt",
+        opt_filename: str = "opt.pt",
+        blocking: bool = True,
+        with_jit_model: bool = False,
+    ) -> None:
+        """Saves the dense model, the dense optimizer and every embedding row."""
+        super().dump_checkpoint(
+            dst_dir,
+            dense_filename=dense_model_filename,
+            jit_dense_filename=jit_dense_model_filename,
+            blocking=blocking,
+            with_jit_model=with_jit_model,
+        )
+        _atomic_torch_save(self.dense_optimizer.state_dict(), Path(dst_dir) / opt_filename)
+
+    def load_checkpoint(  # type: ignore[override]
+        self,
+        src_dir: str | os.PathLike,
+        map_location: str | None = None,
+        dense_model_filename: str = "dense.pt",
+        opt_filename: str = "opt.pt",
+        blocking: bool = True,
+    ) -> None:
+        """Loads what :meth:`dump_checkpoint` saved."""
+        super().load_checkpoint(
+            src_dir,
+            map_location=map_location,
+            dense_filename=dense_model_filename,
+            blocking=blocking,
+        )
+        path = Path(src_dir) / opt_filename
+        if path.is_file():
+            self.dense_optimizer.load_state_dict(
+                torch.load(path, map_location=map_location, weights_only=True)
+            )
+
+
+def eval_ctx(*args: Any, **kwargs: Any) -> EmbeddingCtx:
+    """An :class:`EmbeddingCtx` in EVAL mode: lookups create nothing, no gradients."""
+    return EmbeddingCtx(PreprocessMode.EVAL, *args, **kwargs)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

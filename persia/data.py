@@ -1,0 +1,234 @@
+"""PERSIA's data API: datasets and the DataLoader that runs the embedding pipeline ahead.
+
+``DataLoader(dataset, embedding_staleness=k)`` iterates the user's dataset on a background thread,
+takes a staleness permit for each training batch, looks its embeddings up (de-duplication,
+routing, gather, pooling: :class:`persia.worker.EmbeddingWorker`) and queues the result, so the
+lookups of the next batches overlap the dense compute of the current one. The permit comes back
+when the batch's embedding gradients have been applied (see :mod:`persia.train.staleness`).
+
+Must be created inside a context (``with TrainCtx(...)`` or ``with eval_ctx(...)``), as in PERSIA.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from persia.embedding.data import PersiaBatch
+from persia.errors import BackendError, BatchError, PersiaError
+from persia.logger import get_default_logger
+from persia.train.staleness import StalenessGate, StalenessReport
+
+if TYPE_CHECKING:
+    from persia.train.pipeline import TrainingBatch
+
+__all__ = ["IterableDataset", "StreamingDataset", "DataLoader"]
+
+_logger = get_default_logger()
+_POLL_S = 0.05
+_DONE = object()
+
+
+class IterableDataset:
+    """A dataset whose ``__iter__`` yields :class:`PersiaBatch` objects (PERSIA's API).
+
+    Args:
+        buffer_size: how many batches the reader may produce ahead of the lookups.
+    """
+
+    def __init__(self, buffer_size: int = 10) -> None:
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
+            raise PersiaError(f"buffer_size must be an int >= 1, got {buffer_size!r}")
+        self.buffer_size = buffer_size
+
+    def __iter__(self) -> Iterator[PersiaBatch]:
+        raise PersiaError(f"{type(self).__name__} must define __iter__ yielding PersiaBatch")
+
+
+class StreamingDataset(IterableDataset):
+    """Batches sent by data-loader processes with ``DataCtx().send_data(batch)`` (PERSIA's API).
+
+    This needs the cluster backend, which runs data loaders in other processes; the embedded
+    backend has no other process to receive from.
+    """
+
+    def __iter__(self) -> Iterator[PersiaBatch]:
+        raise BackendError(
+            "StreamingDataset receives batches from data-loader processes and needs the cluster "
+            "backend; in one process, subclass IterableDataset and yield PersiaBatch objects"
+        )
+
+
+class DataLoader:
+    """Iterates a dataset with the embedding lookups of upcoming batches running ahead.
+
+    Args:
+        dataset: an :class:`IterableDataset` (or any iterable of :class:`PersiaBatch`).
+        forward_buffer_size: how many looked-up batches may wait for the NN worker.
+        timeout_ms: how long the NN worker waits for the next batch before an error.
+        num_workers: PERSIA's lookup-thread count. persia starts one lookup thread (the de-
+            duplication and gather kernels are memory-bound and the dense compute needs the
+            other cores), so values above 1 only cap, never add threads.
+        reproducible: keep the dataset's batch order (always true here: one lookup thread);
+            with ``embedding_staleness=1`` runs are bit-identical.
+        embedding_staleness: k, the most training batches between their lookup and the
+            application of their gradients; 1 is synchronous. None: bounded by
+            ``forward_buffer_size``.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        forward_buffer_size: int = 10,
+        timeout_ms: int = 1000 * 60 * 10,
+        num_workers: int = 10,
+        reproducible: bool = False,
+        embedding_staleness: int | None = None,
+    ) -> None:
+        from persia.ctx import cnt_ctx
+
+        problems = []
+        for name, value in (
+            ("forward_buffer_size", forward_buffer_size),
+            ("timeout_ms", timeout_ms),
+            ("num_workers", num_workers),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be an int >= 1, got {value!r}")
+        if embedding_staleness is not None and (
+            isinstance(embedding_staleness, bool)
+            or not isinstance(embedding_staleness, int)
+            or embedding_staleness < 1
+        ):
+            problems.append(
+                f"embedding_staleness must be None or an int >= 1 (1 = synchronous), "
+                f"got {embedding_staleness!r}"
+            )
+        if problems:
+            raise PersiaError("DataLoader: " + "; ".join(problems))
+        ctx = cnt_ctx()
+        if ctx is None:
+            raise PersiaError(
+                "DataLoader must be created inside a persia context "
+                "(`with TrainCtx(...) as ctx:` or `with eval_ctx(...)`)"
+            )
+        self.dataset = dataset
+        self.forward_buffer_size = forward_buffer_size
+        self.timeout_ms = timeout_ms
+        self.num_workers = min(num_workers, 1)
+        self.reproducible = reproducible
+        self.embedding_staleness = embedding_staleness
+        if ctx._runtime is None:
+            raise PersiaError("the current context has no embedding runtime (enter it first)")
+        self._runtime = ctx._runtime
+        self.gate = StalenessGate(embedding_staleness or forward_buffer_size)
+        self._active: _Run | None = None
+
+    def __iter__(self) -> Iterator[TrainingBatch]:
+        if self._active is not None:
+            self._active.close()
+        run = _Run(self)
+        self._active = run
+        try:
+            yield from run
+        finally:
+            run.close()
+            if self._active is run:
+                self._active = None
+
+    def staleness_report(self) -> StalenessReport:
+        """Staleness measured over every training batch this loader produced so far."""
+        return self.gate.report()
+
+
+class _Run:
+    """One pass over the dataset: a lookup thread feeding a bounded queue."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.runtime = loader._runtime
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=loader.forward_buffer_size)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._produce, name="persia-lookup", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        index = 0
+        try:
+            for batch in self.loader.dataset:
+                if self.stop.is_set():
+                    return
+                if not isinstance(batch, PersiaBatch):
+                    raise BatchError(
+                        f"the dataset must yield PersiaBatch objects, got {type(batch).__name__} "
+                        f"(batch {index})"
+                    )
+                training = batch.requires_grad and self.runtime.training_allowed
+                staleness = None
+                if training:
+                    staleness = self.loader.gate.acquire(self.stop)
+                    if staleness is None:
+                        return
+                try:
+                    item = self.runtime.lookup(batch, training, index, self.loader.gate)
+                except BaseException:
+                    if training:
+                        self.loader.gate.release()
+                    raise
+                item.staleness = staleness
+                if not self._put(item):
+                    item.discard()
+                    return
+                index += 1
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put(exc)
+            return
+        self._put(_DONE)
+
+    def __iter__(self) -> Iterator[TrainingBatch]:
+        timeout_s = self.loader.timeout_ms / 1000.0
+        while True:
+            try:
+                item = self.queue.get(timeout=timeout_s)
+            except queue.Empty:
+                raise BackendError(
+                    f"no batch within timeout_ms={self.loader.timeout_ms}", role="data-loader"
+                ) from None
+            if item is _DONE:
+                self.runtime.flush()
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        # Drain what was looked up but never consumed so permits come back.
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if hasattr(item, "discard"):
+                item.discard()
+        self.thread.join(timeout=5.0)
+        if self.thread.is_alive():
+            _logger.warning("persia lookup thread did not stop within 5 s")
+        while True:  # anything put between the drain and the join
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if hasattr(item, "discard"):
+                item.discard()

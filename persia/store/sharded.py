@@ -1,0 +1,196 @@
+"""N parameter-server shards behind one object: routing, batched calls, store-wide checkpoints.
+
+Key -> shard by :func:`persia.store.shard.shard_of` (a fixed hash whose bits are independent of
+the tables' probe hash), so the same key lands on the same shard in every process, and a
+checkpoint made with N shards loads into M.
+
+Checkpoint layout (one generation of :mod:`persia.store.checkpoint`, kind ``persia-store``):
+arrays ``s{shard}.d{dim}.keys`` / ``.values`` / ``.state`` (rows oldest first) for every shard
+and dim, and meta ``{"num_shards", "dims", "optimizer", "init", "seed", "weight_bound",
+"capacity", "rows"}``. All shards switch together with the generation pointer, so a crash at any
+moment leaves the previous store checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from persia.errors import CheckpointError, StoreError
+from persia.store.checkpoint import read_current, write_generation
+from persia.store.config import Admission, Init, Uniform
+from persia.store.shard import Shard, shard_of
+from persia.store.table import check_grads, check_keys, check_positive_int
+
+__all__ = ["ShardedStore"]
+
+KIND = "persia-store"
+
+
+class ShardedStore:
+    """``num_shards`` :class:`Shard` objects holding ``capacity`` rows in all.
+
+    Args:
+        num_shards: how many shards (> 0).
+        capacity: rows over all shards and dims; each shard holds ``ceil(capacity / num_shards)``.
+        optimizer, init, admission, seed, weight_bound, dims: as for :class:`Shard`.
+    """
+
+    def __init__(
+        self,
+        num_shards: int,
+        capacity: int,
+        optimizer: Any,
+        init: Init | None = None,
+        admission: Admission | None = None,
+        seed: int = 0,
+        weight_bound: float = 10.0,
+        dims: Sequence[int] | None = None,
+    ) -> None:
+        self.num_shards = check_positive_int(num_shards, "num_shards")
+        self.capacity = check_positive_int(capacity, "capacity")
+        self.optimizer = optimizer
+        self.init: Init = init if init is not None else Uniform(-0.01, 0.01)
+        self.admission = admission if admission is not None else Admission()
+        self.seed = seed
+        self.weight_bound = weight_bound
+        self.dims = tuple(sorted(set(dims))) if dims is not None else None
+        self.shards = self._new_shards(self.num_shards)
+
+    def _new_shards(self, n: int) -> list[Shard]:
+        per = -(-self.capacity // n)
+        return [
+            Shard(
+                per,
+                self.optimizer,
+                self.init,
+                self.admission,
+                self.seed,
+                self.weight_bound,
+                dims=self.dims,
+            )
+            for _ in range(n)
+        ]
+
+    def shard_of(self, keys: Any) -> np.ndarray:
+        """The shard index (int32) of every key."""
+        return shard_of(keys, self.num_shards)
+
+    # ----------------------------------------------------------------------- operations
+    def lookup(self, keys: Any, dim: int, training: bool) -> np.ndarray:
+        """Rows of ``keys`` (any shard) as ``f32[n, dim]``; see :meth:`Shard.lookup`."""
+        keys = check_keys(keys)
+        dim = check_positive_int(dim, "dim")
+        if self.num_shards == 1:
+            return self.shards[0].lookup(keys, dim, training)
+        out = np.empty((keys.shape[0], dim), dtype=np.float32)
+        where = self.shard_of(keys)
+        for s, shard in enumerate(self.shards):
+            sel = np.flatnonzero(where == s)
+            if sel.size:
+                out[sel] = shard.lookup(keys[sel], dim, training)
+        return out
+
+    def apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
+        """Applies one gradient row per key; int64 ``[applied, skipped_absent, skipped_nonfinite]``."""
+        keys = check_keys(keys)
+        if not isinstance(grads, np.ndarray) or grads.ndim != 2:
+            shape = getattr(grads, "shape", type(grads).__name__)
+            raise StoreError(f"grads must be a 2-D float32 array (keys x dim), got {shape}")
+        grads = check_grads(grads, keys.shape[0], grads.shape[1])
+        if self.num_shards == 1:
+            return self.shards[0].apply_gradients(keys, grads)
+        total = np.zeros(3, dtype=np.int64)
+        where = self.shard_of(keys)
+        for s, shard in enumerate(self.shards):
+            sel = np.flatnonzero(where == s)
+            if sel.size:
+                total += shard.apply_gradients(keys[sel], np.ascontiguousarray(grads[sel]))
+        return total
+
+    def shard_stats(self) -> list[dict[str, Any]]:
+        """Each shard's :meth:`Shard.stats`."""
+        return [s.stats() for s in self.shards]
+
+    def stats(self) -> dict[str, Any]:
+        """Totals over shards, plus ``"shards"`` (each shard's stats)."""
+        per = self.shard_stats()
+        total: dict[str, Any] = {
+            k: sum(int(s[k]) for s in per)
+            for k in per[0]
+            if isinstance(per[0][k], (int, np.integer)) and not isinstance(per[0][k], bool)
+        }
+        total["num_shards"] = self.num_shards
+        total["shards"] = per
+        return total
+
+    @property
+    def rows(self) -> int:
+        return sum(int(s.stats()["rows"]) for s in self.shards)
+
+    def clear(self) -> None:
+        """Drops every row (the configuration stays)."""
+        self.shards = self._new_shards(self.num_shards)
+
+    # ---------------------------------------------------------------------- checkpoints
+    def dump(self, directory: str | os.PathLike) -> None:
+        """Writes every row with its optimizer state as one new checkpoint generation."""
+        arrays: dict[str, np.ndarray] = {}
+        rows = 0
+        for i, shard in enumerate(self.shards):
+            for dim, part in shard.export_rows().items():
+                for name in ("keys", "values", "state"):
+                    arrays[f"s{i}.d{dim}.{name}"] = part[name]
+                rows += int(part["keys"].shape[0])
+        meta = {
+            "num_shards": self.num_shards,
+            "dims": sorted({int(k.split(".")[1][1:]) for k in arrays}),
+            "optimizer": self.optimizer.to_dict(),
+            "init": self.init.to_dict(),
+            "seed": int(self.seed),
+            "weight_bound": float(self.weight_bound),
+            "capacity": int(self.capacity),
+            "rows": rows,
+        }
+        write_generation(directory, arrays, meta, kind=KIND)
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Replaces every row by a checkpoint's, re-sharding N -> ``num_shards`` as needed.
+
+        The checkpoint's optimizer state must have the width this store's optimizer expects
+        (hyper-parameters such as the learning rate may differ).
+        """
+        arrays, meta = read_current(directory, kind=KIND)
+        saved_opt = meta.get("optimizer", {})
+        problems = []
+        for dim in meta.get("dims", []):
+            want = self.optimizer.state_width(dim)
+            for i in range(int(meta["num_shards"])):
+                state = arrays.get(f"s{i}.d{dim}.state")
+                if state is not None and state.shape[1] != want:
+                    problems.append(
+                        f"dim {dim}: checkpoint optimizer {saved_opt.get('type')} keeps "
+                        f"{state.shape[1]} state columns, this store's {self.optimizer.name} "
+                        f"needs {want}"
+                    )
+                    break
+            if self.dims is not None and dim not in self.dims:
+                problems.append(f"checkpoint holds dim {dim}, the store only {list(self.dims)}")
+        if problems:
+            raise CheckpointError(f"{directory}: cannot load: " + "; ".join(problems))
+        shards = self._new_shards(self.num_shards)
+        for dim in meta.get("dims", []):
+            parts = [i for i in range(int(meta["num_shards"])) if f"s{i}.d{dim}.keys" in arrays]
+            for i in parts:
+                keys = arrays[f"s{i}.d{dim}.keys"]
+                values = arrays[f"s{i}.d{dim}.values"]
+                state = arrays[f"s{i}.d{dim}.state"]
+                where = shard_of(keys, self.num_shards)
+                for s, shard in enumerate(shards):
+                    sel = np.flatnonzero(where == s)
+                    if sel.size:
+                        shard.import_rows(dim, keys[sel], values[sel], state[sel])
+        self.shards = shards

@@ -1,0 +1,267 @@
+"""The embedding worker: from a batch's IDs to pooled embeddings, and back to one gradient per key.
+
+Forward, per batch (DESIGN.md, "Roles" item 2):
+
+1. per slot, put the slot's prefix in the top bits of every ID (so slots never collide) -> keys;
+2. per embedding dim, concatenate the keys of all slots of that dim and de-duplicate them once;
+3. route every unique key to its shard (the store's ``shard_of``) and look the rows up, one
+   batched call per shard;
+4. pool per sample (sum, mean, sqrt, or raw: a padded sequence plus a mask channel).
+
+Backward: per dim, a segment sum of the per-sample gradients into one gradient per unique key
+(undoing the pooling's scaling), non-finite rows counted and dropped, one batched
+``apply_gradients`` per shard.
+
+The worker is stateless between batches: what backward needs travels in :class:`Lookup`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from persia.cluster.base import ParameterServerClient
+from persia.embedding.data import PersiaBatch
+from persia.errors import BatchError
+from persia.hashing import hash_ints
+from persia.worker import pooling
+
+POOLINGS = ("sum", "mean", "sqrt", "raw")
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """How one slot (ID-type feature) is embedded.
+
+    Attributes:
+        name: the feature name in the batch.
+        dim: embedding dim.
+        pooling: "sum", "mean", "sqrt" (sum times 1/sqrt(n)) or "raw".
+        prefix: the slot's (or its feature group's) key prefix.
+        sample_fixed_size: for "raw", how many IDs per sample are kept.
+        hash_stack_rounds: PERSIA's hash stacking: each ID becomes this many keys in a table
+            of ``hash_stack_size`` rows whose embeddings are summed (0 = off).
+        hash_stack_size: see above.
+    """
+
+    name: str
+    dim: int
+    pooling: str = "sum"
+    prefix: int = 0
+    sample_fixed_size: int = 10
+    hash_stack_rounds: int = 0
+    hash_stack_size: int = 0
+
+
+@dataclass
+class _SlotPart:
+    spec: SlotSpec
+    feature_index: int
+    start: int  # range of this slot's keys inside its dim group's concatenated keys
+    stop: int
+    lengths: np.ndarray  # IDs per sample, as used for pooling (after hash stacking)
+    column: int  # first column in the summed buffer (summed slots), else -1
+
+
+@dataclass
+class _DimGroup:
+    dim: int
+    parts: list[_SlotPart] = field(default_factory=list)
+    uniques: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # u64[u]
+    inverse: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # i32[n]
+    shard: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # i32[u]
+
+
+@dataclass
+class Lookup:
+    """The worker's forward result for one batch, and what its backward needs.
+
+    Attributes:
+        summed: float32 ``(batch, total_summed_dim)``: every summed slot, side by side.
+        raw: per raw slot (by feature index), float32 ``(batch, sample_fixed_size, dim + 1)``.
+        layout: per ID feature in batch order, ("sum", column, dim) or ("raw", feature_index, dim).
+        training: whether the lookup created rows (and gradients are expected).
+    """
+
+    batch_size: int
+    summed: np.ndarray
+    raw: dict[int, np.ndarray]
+    layout: list[tuple[str, int, int]]
+    training: bool
+    groups: list[_DimGroup]
+    dropped_ids: int = 0
+
+
+class EmbeddingWorker:
+    """Stateless embedding worker over a :class:`ParameterServerClient`.
+
+    Args:
+        slots: the configured slots, by name.
+        prefix_bits: PERSIA's ``feature_index_prefix_bit``: how many top bits hold the prefix.
+        servers: the parameter servers.
+    """
+
+    def __init__(
+        self, slots: Sequence[SlotSpec], prefix_bits: int, servers: ParameterServerClient
+    ) -> None:
+        self.slots = {s.name: s for s in slots}
+        self.prefix_bits = prefix_bits
+        self.servers = servers
+        self._dedupers: dict[int, pooling.Deduper] = {}
+        self.nonfinite_gradients = 0  # unique keys whose gradient had a NaN or infinity
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: PersiaBatch, training: bool) -> Lookup:
+        """Looks up and pools the embeddings of every ID feature of ``batch``."""
+        n = batch.batch_size
+        groups: dict[int, _DimGroup] = {}
+        keys_by_dim: dict[int, list[np.ndarray]] = {}
+        layout: list[tuple[str, int, int]] = []
+        column = 0
+        for fi, feature in enumerate(batch.id_type_features):
+            spec = self.slots.get(feature.name)
+            if spec is None:
+                raise BatchError(
+                    f"ID feature {feature.name!r} is not a configured slot "
+                    f"(slots: {sorted(self.slots)})"
+                )
+            keys, lengths = self._keys(spec, feature.values, feature.lengths)
+            group = groups.setdefault(spec.dim, _DimGroup(spec.dim))
+            chunks = keys_by_dim.setdefault(spec.dim, [])
+            start = sum(len(c) for c in chunks)
+            chunks.append(keys)
+            if spec.pooling == "raw":
+                layout.append(("raw", fi, spec.dim))
+                col = -1
+            else:
+                layout.append(("sum", column, spec.dim))
+                col = column
+                column += spec.dim
+            group.parts.append(_SlotPart(spec, fi, start, start + len(keys), lengths, col))
+
+        summed = np.zeros((n, column), dtype=np.float32)
+        raw: dict[int, np.ndarray] = {}
+        dropped = 0
+        for dim, group in groups.items():
+            chunks = keys_by_dim[dim]
+            keys = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+            deduper = self._dedupers.setdefault(dim, pooling.Deduper())
+            uniques, inverse = deduper.unique_inverse(keys)
+            group.uniques, group.inverse = uniques, inverse
+            rows = self._gather(group, uniques, training)
+            for part in group.parts:
+                inv = inverse[part.start : part.stop]
+                spec = part.spec
+                if spec.pooling == "raw":
+                    out, d = pooling.pool_raw_forward(
+                        part.lengths, inv, rows, spec.sample_fixed_size
+                    )
+                    dropped += d
+                    raw[part.feature_index] = out
+                else:
+                    pooling.pool_forward(
+                        part.lengths,
+                        inv,
+                        rows,
+                        spec.pooling,  # type: ignore[arg-type]
+                        out=summed,
+                        col=part.column,
+                    )
+        return Lookup(n, summed, raw, layout, training, list(groups.values()), dropped)
+
+    def _keys(
+        self, spec: SlotSpec, values: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if spec.hash_stack_rounds > 0:
+            values = hash_stack(values, spec.hash_stack_rounds, spec.hash_stack_size)
+            lengths = np.asarray(lengths, dtype=np.int64) * spec.hash_stack_rounds
+        keys = pooling.add_prefix(values, spec.prefix, self.prefix_bits)
+        return keys, np.asarray(lengths)
+
+    def _gather(self, group: _DimGroup, uniques: np.ndarray, training: bool) -> np.ndarray:
+        rows = np.empty((len(uniques), group.dim), dtype=np.float32)
+        if self.servers.num_shards == 1:
+            group.shard = np.zeros(len(uniques), dtype=np.int32)
+            rows[:] = self.servers.lookup(0, uniques, group.dim, training)
+            return rows
+        group.shard = self.servers.shard_of(uniques)
+        for s in range(self.servers.num_shards):
+            sel = np.flatnonzero(group.shard == s)
+            if len(sel):
+                rows[sel] = self.servers.lookup(s, uniques[sel], group.dim, training)
+        return rows
+
+    # ----------------------------------------------------------------- backward
+    def backward(
+        self, lookup: Lookup, summed_grad: np.ndarray | None, raw_grads: dict[int, np.ndarray]
+    ) -> np.ndarray:
+        """Turns per-sample gradients into per-key gradients and applies them on the shards.
+
+        Args:
+            lookup: the forward result of this batch.
+            summed_grad: gradient of ``lookup.summed`` (None: no summed slot got a gradient).
+            raw_grads: gradient of each raw slot's tensor, by feature index (missing: none).
+
+        Returns:
+            int64 counts ``[applied, skipped_absent, skipped_nonfinite]`` over all shards.
+        """
+        totals = np.zeros(3, dtype=np.int64)
+        for group in lookup.groups:
+            grad_u = np.zeros((len(group.uniques), group.dim), dtype=np.float32)
+            touched = False
+            for part in group.parts:
+                inv = group.inverse[part.start : part.stop]
+                spec = part.spec
+                if spec.pooling == "raw":
+                    g = raw_grads.get(part.feature_index)
+                    if g is None:
+                        continue
+                    pooling.pool_raw_backward(part.lengths, inv, g, out=grad_u)
+                else:
+                    if summed_grad is None:
+                        continue
+                    pooling.pool_backward(
+                        part.lengths,
+                        inv,
+                        summed_grad,
+                        spec.pooling,  # type: ignore[arg-type]
+                        col=part.column,
+                        dim=group.dim,
+                        out=grad_u,
+                    )
+                touched = True
+            if not touched:
+                continue
+            _, bad = pooling.nonfinite_rows(grad_u)
+            self.nonfinite_gradients += bad
+            totals += self._apply(group, grad_u)
+        return totals
+
+    def _apply(self, group: _DimGroup, grad_u: np.ndarray) -> np.ndarray:
+        totals = np.zeros(3, dtype=np.int64)
+        if self.servers.num_shards == 1:
+            totals += self.servers.apply_gradients(0, group.uniques, grad_u)
+            return totals
+        for s in range(self.servers.num_shards):
+            sel = np.flatnonzero(group.shard == s)
+            if len(sel):
+                totals += self.servers.apply_gradients(
+                    s, group.uniques[sel], np.ascontiguousarray(grad_u[sel])
+                )
+        return totals
+
+
+def hash_stack(values: np.ndarray, rounds: int, size: int) -> np.ndarray:
+    """PERSIA's hash stacking: ID x becomes ``rounds`` IDs, ``hash_ints(x, salt=j) % size + j *
+    size`` for round j, each sample's IDs in order (x0 round 0, x0 round 1, ..., x1 round 0, ...).
+
+    So a slot of any cardinality uses at most ``rounds * size`` rows, and two IDs share all
+    their rows only if they collide in every round.
+    """
+    values = np.asarray(values, dtype=np.uint64)
+    out = np.empty((len(values), rounds), dtype=np.uint64)
+    for j in range(rounds):
+        out[:, j] = hash_ints(values, salt=j) % np.uint64(size) + np.uint64(j * size)
+    return out.reshape(-1)
