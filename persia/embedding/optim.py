@@ -51,17 +51,27 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from persia.errors import ConfigError, StoreError
-from persia.store.kernels import optim as _kernels
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 __all__ = ["EmbeddingOptimizer", "SGD", "Adam", "Adagrad"]
 
 #: The per-row step count of Adam, stored as float32, stops at this value (t + 1 == t beyond).
 ADAM_MAX_STEP = 2**24
+
+
+def _kernels() -> ModuleType:
+    """The numba kernels, imported on first use: ``persia.store`` may import this module (the
+    layers point embedding -> store), so importing ``persia.store`` here at load time could cycle."""
+    from persia.store.kernels import optim
+
+    return optim
 
 
 def _is_number(value: object) -> bool:
@@ -287,7 +297,7 @@ class SGD(EmbeddingOptimizer):
         return _check_dim(dim) if self.momentum > 0 else 0
 
     def _run(self, values, state, rows, grads, gbits, clip, bound):  # type: ignore[no-untyped-def]
-        return _kernels.sgd_kernel(
+        return _kernels().sgd_kernel(
             values,
             state,
             rows,
@@ -354,7 +364,9 @@ class Adagrad(EmbeddingOptimizer):
 
     def _run(self, values, state, rows, grads, gbits, clip, bound):  # type: ignore[no-untyped-def]
         kernel = (
-            _kernels.rowwise_adagrad_kernel if self.vectorwise_shared else _kernels.adagrad_kernel
+            _kernels().rowwise_adagrad_kernel
+            if self.vectorwise_shared
+            else _kernels().adagrad_kernel
         )
         return kernel(
             values,
@@ -414,7 +426,7 @@ class Adam(EmbeddingOptimizer):
         return 2 * _check_dim(dim) + 1
 
     def _run(self, values, state, rows, grads, gbits, clip, bound):  # type: ignore[no-untyped-def]
-        return _kernels.adam_kernel(
+        return _kernels().adam_kernel(
             values,
             state,
             rows,

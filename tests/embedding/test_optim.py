@@ -397,3 +397,28 @@ def test_apply_validates_arguments() -> None:
     empty = opt.apply(values, state, np.zeros(0, np.int32), np.zeros((0, 4), np.float32), 1.0)
     assert empty.tolist() == [0, 0, 0] and empty.dtype == np.int64
     assert opt.apply(**base).tolist() == [2, 0, 0]
+
+
+def test_threads_on_separate_tables_match_sequential_runs() -> None:
+    import threading
+
+    opt = Adagrad(lr=0.1, vectorwise_shared=False)
+    rng = np.random.default_rng(8)
+    tables = [_table(opt, 2000, 16, rng) for _ in range(2)]
+    batches = [_batch(2000, 20000, 16, rng) for _ in range(2)]
+    expected = []
+    for (values, state), (rows, grads) in zip(tables, batches, strict=True):
+        v, s = values.copy(), state.copy()
+        opt.apply(v, s, rows, grads, 1.0)
+        expected.append((v, s))
+    threads = [
+        threading.Thread(target=opt.apply, args=(values, state, rows, grads, 1.0))
+        for (values, state), (rows, grads) in zip(tables, batches, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (values, state), (v, s) in zip(tables, expected, strict=True):
+        np.testing.assert_array_equal(values, v)
+        np.testing.assert_array_equal(state, s)
