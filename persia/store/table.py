@@ -271,18 +271,23 @@ class EmbeddingTable:
         K.train_hits_kernel(self.values, rows, out, self.lru_prev, self.lru_next, self.meta)
         kind, a, b = self._init_args
         adm = self.admission
+        seed = np.uint64(self.seed)
+        made = np.empty(keys.shape[0], dtype=np.int32)
         start = 0
         n = keys.shape[0]
         while True:
             start = K.train_misses_kernel(
-                keys, rows, out, start, self.index, self._shift, self.row_keys, self.values,
-                self.state, self.lru_prev, self.lru_next, self.meta, self.capacity,
-                self._init_state, kind, a, b, np.uint64(self.seed), float(adm.probability),
+                keys, rows, made, start, self.index, self._shift, self.row_keys, self.lru_prev,
+                self.lru_next, self.meta, self.capacity, seed, float(adm.probability),
                 int(adm.min_count), self._sketch, self._use_sketch,
             )  # fmt: skip
             if start >= n:
-                return out
+                break
             self._grow()
+        K.train_init_kernel(
+            keys, rows, made, out, self.values, self.state, self._init_state, kind, a, b, seed
+        )
+        return out
 
     def apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
         """Apply ``grads[i]`` to the row of ``keys[i]`` with the optimizer (absent keys and

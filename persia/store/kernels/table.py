@@ -399,33 +399,14 @@ def _take_row(index, mask, shift, row_keys, lru_prev, lru_next, meta, capacity, 
 
 @njit(nogil=True, cache=True)
 def train_misses_kernel(
-    keys,
-    rows,
-    out,
-    start,
-    index,
-    shift,
-    row_keys,
-    values,
-    state,
-    lru_prev,
-    lru_next,
-    meta,
-    capacity,
-    init_state,
-    init_kind,
-    init_a,
-    init_b,
-    seed,
-    admit_p,
-    min_count,
-    sketch,
-    use_sketch,
-):
-    """Training lookup, pass 3: for each key with ``rows[i] == -1`` from ``start`` on, in order:
-    find it (it may have been created earlier in this batch) or, if admitted, create it (init from
-    (key, seed), ``init_state``, newest in the LRU; at capacity the oldest row is evicted and its row
-    number reused). Writes ``out[i]`` (zeros when not admitted).
+    keys, rows, made, start, index, shift, row_keys, lru_prev, lru_next, meta, capacity, seed,
+    admit_p, min_count, sketch, use_sketch,
+):  # fmt: skip
+    """Training lookup, pass 3: for each key with ``rows[i] == -1`` from ``start`` on, in order,
+    find it (it may have been created earlier in this batch) or, if admitted, create it: take a
+    row (at capacity the oldest row is evicted and its row number reused), index it, link it as the
+    newest. Values are written later by ``train_init_kernel``. ``made[i]``: -1 not admitted, -2
+    found (created earlier in this batch), else the row created.
 
     Admission: the key's miss is counted in the sketch (estimate ``c``); it is admitted when
     ``c >= min_count`` and ``admit_draw(key, seed, c) < admit_p``.
@@ -434,9 +415,7 @@ def train_misses_kernel(
     full of its allocation but below capacity).
     """
     mask = index.shape[0] - 1
-    dim = values.shape[1]
-    width = state.shape[1]
-    alloc = values.shape[0]
+    alloc = row_keys.shape[0]
     n = keys.shape[0]
     acc = 0
     for g0 in range(start, n, GROUP):
@@ -446,57 +425,56 @@ def train_misses_kernel(
                 acc += find_row(index, mask, shift, row_keys, keys[k])
         meta[M_SCRATCH] = acc
         for i in range(g0, g1):
-            res = _train_miss(
-                i, keys, rows, out, index, mask, shift, row_keys, values, state, lru_prev,
-                lru_next, meta, capacity, init_state, init_kind, init_a, init_b, seed, admit_p,
-                min_count, sketch, use_sketch, dim, width, alloc,
-            )  # fmt: skip
-            if res >= 0:
-                return res
+            if rows[i] >= 0:
+                continue
+            key = keys[i]
+            r = find_row(index, mask, shift, row_keys, key)
+            if r >= 0:
+                made[i] = -2
+                _touch(lru_prev, lru_next, meta, r)
+                continue
+            if meta[M_NROWS] == alloc and alloc < capacity:
+                return i  # grow first: the miss is counted (once) when the key is retried
+            meta[M_MISSES] += 1
+            if use_sketch:
+                c = _sketch_add(sketch, key)
+                if not (c >= min_count and admit_draw(key, seed, c) < admit_p):
+                    meta[M_REJECTIONS] += 1
+                    made[i] = -1
+                    continue
+            r = _take_row(index, mask, shift, row_keys, lru_prev, lru_next, meta, capacity, alloc)
+            meta[M_ADMISSIONS] += 1
+            row_keys[r] = key
+            _insert_slot(index, mask, shift, key, r)
+            _push_tail(lru_prev, lru_next, meta, r)
+            made[i] = r
     return n
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _train_miss(
-    i, keys, rows, out, index, mask, shift, row_keys, values, state, lru_prev, lru_next, meta,
-    capacity, init_state, init_kind, init_a, init_b, seed, admit_p, min_count, sketch, use_sketch,
-    dim, width, alloc,
+@njit(nogil=True, cache=True)
+def train_init_kernel(
+    keys, rows, made, out, values, state, init_state, init_kind, init_a, init_b, seed
 ):  # fmt: skip
-    """One key of ``train_misses_kernel``: -1 = done, else the position to resume at."""
-    if rows[i] >= 0:
-        return -1
-    key = keys[i]
-    r = find_row(index, mask, shift, row_keys, key)
-    if r >= 0:
-        for j in range(dim):
-            out[i, j] = values[r, j]
-        _touch(lru_prev, lru_next, meta, r)
-        return -1
-    if meta[M_NROWS] == alloc and alloc < capacity:
-        return i  # grow first: the miss is counted (once) when the key is retried
-    if use_sketch:
-        c = _sketch_add(sketch, key)
-        admitted = c >= min_count and admit_draw(key, seed, c) < admit_p
-    else:
-        admitted = True
-    if not admitted:
-        meta[M_MISSES] += 1
-        meta[M_REJECTIONS] += 1
-        for j in range(dim):
-            out[i, j] = 0.0
-        return -1
-    r = _take_row(index, mask, shift, row_keys, lru_prev, lru_next, meta, capacity, alloc)
-    meta[M_MISSES] += 1
-    meta[M_ADMISSIONS] += 1
-    row_keys[r] = key
-    _insert_slot(index, mask, shift, key, r)
-    init_row(values, r, key, seed, init_kind, init_a, init_b)
-    for j in range(width):
-        state[r, j] = init_state[j]
-    for j in range(dim):
-        out[i, j] = values[r, j]
-    _push_tail(lru_prev, lru_next, meta, r)
-    return -1
+    """Training lookup, pass 4, in batch order: for every key missing before the batch, ``out[i]``
+    = its initial vector (a row created in this batch still holds exactly that) or zeros when not
+    admitted; created rows get their values and ``init_state`` (in order, so a row created twice
+    in one batch ends with its last key's)."""
+    dim = out.shape[1]
+    width = state.shape[1]
+    for i in range(keys.shape[0]):
+        if rows[i] >= 0:
+            continue
+        m = made[i]
+        if m == -1:
+            for j in range(dim):
+                out[i, j] = 0.0
+            continue
+        init_row(out, i, keys[i], seed, init_kind, init_a, init_b)
+        if m >= 0:
+            for j in range(dim):
+                values[m, j] = out[i, j]
+            for j in range(width):
+                state[m, j] = init_state[j]
 
 
 @njit(nogil=True, cache=True)
