@@ -30,7 +30,10 @@ are in ``tests/naive.py``.
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 PROBE_SALT = np.uint64(0x9E3779B97F4A7C15)
 SHARD_SALT = np.uint64(0xD1B54A32D192ED03)
@@ -66,6 +69,31 @@ META_LEN = 8
 #: init kinds
 INIT_UNIFORM = 0
 INIT_NORMAL = 1
+
+
+def _prefetch_codegen(context, builder, sig, args, nidx):
+    aryty = sig.args[0]
+    ary = context.make_array(aryty)(context, builder, args[0])
+    idx = [args[1]] + [ir.Constant(ir.IntType(64), 0)] * (nidx - 1)
+    ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx, wraparound=False)
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    # read, high temporal locality, data cache
+    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def prefetch(typingctx, arr, i):
+    """Prefetch the cache line of ``arr[i]`` (``arr[i, 0]`` for a 2-D array); a hint only."""
+    sig = types.void(arr, types.intp)
+
+    def codegen(context, builder, sig, args):
+        return _prefetch_codegen(context, builder, sig, args, arr.ndim)
+
+    return sig, codegen
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -136,8 +164,8 @@ GROUP = 128
 def probe_kernel(index, shift, row_keys, keys, rows):
     """``rows[i] = row of keys[i]`` or -1; returns the number of absent keys.
 
-    Two passes per group of keys: read every key's home slot, then compare the candidates' keys
-    (continuing the probe only on a collision)."""
+    Three passes per group of keys: hash and prefetch every home slot; read the slots and prefetch
+    the candidates' keys; compare (continuing the probe only on a collision)."""
     mask = index.shape[0] - 1
     n = keys.shape[0]
     missing = 0
@@ -147,7 +175,12 @@ def probe_kernel(index, shift, row_keys, keys, rows):
         for i in range(g0, g1):
             s = home_slot(keys[i], shift)
             slots[i - g0] = s
-            rows[i] = index[s]
+            prefetch(index, s)
+        for i in range(g0, g1):
+            r = index[slots[i - g0]]
+            rows[i] = r
+            if r >= 0:
+                prefetch(row_keys, r)
         for i in range(g0, g1):
             r = rows[i]
             if r < 0:
@@ -185,43 +218,12 @@ def lookup_eval_kernel(index, shift, row_keys, values, keys, rows, out):
     """Evaluation lookup: ``rows[i]`` = row of ``keys[i]`` or -1, ``out[i]`` = its values or
     zeros. Returns the number of absent keys.
 
-    Per group of keys: read every key's home slot; then, for each candidate row, copy its values
-    and compare its key in the same step (the two loads are independent, so they overlap), and
-    redo the copy only on the rare collision.
+    Two kernels, probe all then gather all: measured faster here (77 ms per 1M keys among 8M)
+    than one grouped loop that also prefetches each candidate's values (90 ms); prefetching in
+    the gather did not help either.
     """
-    mask = index.shape[0] - 1
-    dim = values.shape[1]
-    n = keys.shape[0]
-    missing = 0
-    slots = np.empty(GROUP, dtype=np.int64)
-    for g0 in range(0, n, GROUP):
-        g1 = min(n, g0 + GROUP)
-        for i in range(g0, g1):
-            s = home_slot(keys[i], shift)
-            slots[i - g0] = s
-            rows[i] = index[s]
-        for i in range(g0, g1):
-            r = rows[i]
-            if r >= 0:
-                for j in range(dim):
-                    out[i, j] = values[r, j]
-                if row_keys[r] == keys[i]:
-                    continue
-                key = keys[i]
-                s = slots[i - g0]
-                while True:
-                    s = (s + 1) & mask
-                    r = index[s]
-                    if r < 0 or row_keys[r] == key:
-                        break
-                rows[i] = r
-            if r >= 0:
-                for j in range(dim):
-                    out[i, j] = values[r, j]
-            else:
-                missing += 1
-                for j in range(dim):
-                    out[i, j] = 0.0
+    missing = probe_kernel(index, shift, row_keys, keys, rows)
+    gather_kernel(values, rows, out)
     return missing
 
 
@@ -262,35 +264,35 @@ def _touch(lru_prev, lru_next, meta, r):
 def train_hits_kernel(values, rows, out, lru_prev, lru_next, meta):
     """Training lookup, pass 2: gather every found row and make it the newest, in batch order.
 
-    Rows that are -1 (absent) are left for ``train_misses_kernel``; their output is not written.
-    Per group of keys: gather and load each row's links, load its neighbours' links (both only
-    to bring the cache lines in), then relink in order. Returns a checksum of the prefetch loads.
+    Rows that are -1 (absent) are left for the later passes; their output is not written. Per
+    group of keys: prefetch each row's values and links; gather and prefetch its neighbours'
+    links; relink in order.
     """
     dim = values.shape[1]
     n = rows.shape[0]
-    acc = 0
     for g0 in range(0, n, GROUP):
         g1 = min(n, g0 + GROUP)
         for i in range(g0, g1):
             r = rows[i]
             if r >= 0:
-                for j in range(dim):
-                    out[i, j] = values[r, j]
-                acc += lru_prev[r] + lru_next[r]
+                prefetch(values, r)
+                prefetch(lru_prev, r)
+                prefetch(lru_next, r)
         for i in range(g0, g1):
             r = rows[i]
             if r >= 0:
+                for j in range(dim):
+                    out[i, j] = values[r, j]
                 p = lru_prev[r]
                 nx = lru_next[r]
                 if p >= 0:
-                    acc += lru_next[p]
+                    prefetch(lru_next, p)
                 if nx >= 0:
-                    acc += lru_prev[nx]
+                    prefetch(lru_prev, nx)
         for i in range(g0, g1):
             r = rows[i]
             if r >= 0:
                 _touch(lru_prev, lru_next, meta, r)
-    return acc
 
 
 @njit(nogil=True, cache=True)
