@@ -1,0 +1,54 @@
+"""``persia validate JOB.yaml``: check a job file without training."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from persia.cli.train import add_set_option
+
+HELP = "check a job file without training (with --data, also its data files)"
+DESCRIPTION = """\
+Check JOB (a YAML job file; see docs/job-file.md) without training: every unknown key, wrong
+type and bad value is reported at once, and the model is built once to check its arguments.
+
+With --data, also open the data: every file pattern must match, every file must have the
+columns the job uses, and a sample of the first file of each split is parsed (numbers, IDs, and
+a label that must be binary as configured)."""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Adds ``validate`` to the subcommands."""
+    p = sub.add_parser(
+        "validate",
+        help=HELP,
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("job", metavar="JOB", help="the job file (YAML)")
+    p.add_argument(
+        "--data", action="store_true", help="also read the data files' schemas and a sample"
+    )
+    p.add_argument(
+        "--no-model", action="store_true", help="skip building the model (avoids importing torch)"
+    )
+    add_set_option(p)
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``persia validate``."""
+    from persia.job.validate import validate_job
+
+    job = validate_job(args.job, args.overrides, data=args.data, model=not args.no_model)
+    checked = "file, model and data" if args.data else "file and model"
+    if args.no_model:
+        checked = checked.replace(", model", "").replace(" and model", "")
+    print(
+        f"{args.job}: OK ({checked}; {len(job.embedding.slots)} ID slots, "
+        f"{len(job.data.dense)} dense features, model {job.model.type})",
+        file=sys.stdout,
+    )
+    return 0

@@ -1,0 +1,814 @@
+"""The job file of ``persia train``: its schema, strict parsing and command-line overrides.
+
+One YAML file names the data, the model, the embedding layer and the training settings; the
+reference with every key and its default is ``docs/job-file.md``. Parsing is strict: unknown keys,
+wrong types and bad values are all collected and raised together as one
+:class:`~persia.errors.ConfigError`, each problem naming the field, what was expected and what was
+given. Overrides (``--set training.staleness=1``) are applied to the parsed YAML before that
+validation, so they are checked exactly like the file.
+
+This module imports neither torch nor numba: ``persia validate`` and ``persia --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from persia.errors import ConfigError
+
+__all__ = [
+    "Source",
+    "IdColumn",
+    "DenseColumn",
+    "LabelSpec",
+    "DataSpec",
+    "SlotSpec",
+    "EmbeddingSpec",
+    "ModelSpec",
+    "TrainingSpec",
+    "JobConfig",
+    "BUILTIN_MODELS",
+    "apply_overrides",
+    "parse_job",
+    "load_job",
+]
+
+FORMATS = ("auto", "csv", "tsv", "parquet")
+POOLINGS = ("sum", "mean", "sqrt", "raw")
+BUILTIN_MODELS = ("dnn", "dlrm", "dcn_v2")
+EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+#: torch.optim classes a job may name, with the keyword arguments it may pass them.
+DENSE_OPTIMIZERS: dict[str, tuple[str, ...]] = {
+    "adam": ("lr", "betas", "eps", "weight_decay", "amsgrad"),
+    "adamw": ("lr", "betas", "eps", "weight_decay", "amsgrad"),
+    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
+    "adagrad": ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
+}
+_EMBEDDING_OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
+    "sgd": ("lr", "momentum", "weight_decay"),
+    "adagrad": (
+        "lr",
+        "initial_accumulator_value",
+        "weight_decay",
+        "g_square_momentum",
+        "eps",
+    ),
+    "rowwise_adagrad": (
+        "lr",
+        "initial_accumulator_value",
+        "weight_decay",
+        "g_square_momentum",
+        "eps",
+    ),
+    "adam": ("lr", "betas", "weight_decay", "eps"),
+}
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------------------------
+# The parsed job
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Files of one split: resolved glob patterns, and rows to skip at the top of each file."""
+
+    patterns: tuple[str, ...]
+    skip_rows: int = 0
+
+    def files(self) -> list[Path]:
+        """The files the patterns match, sorted per pattern; ConfigError if one matches none."""
+        import glob
+
+        out: list[Path] = []
+        problems = []
+        for pattern in self.patterns:
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                problems.append(f"no file matches {pattern!r}")
+            out.extend(Path(m) for m in matches if Path(m).is_file())
+        if problems:
+            raise ConfigError(problems)
+        return out
+
+
+@dataclass(frozen=True)
+class IdColumn:
+    """A column whose values become the IDs of one slot (hashed with :mod:`persia.hashing`)."""
+
+    name: str
+    type: str = "string"  # string | int
+    separator: str | None = None  # multi-valued: IDs separated by this string
+
+
+@dataclass(frozen=True)
+class DenseColumn:
+    """A numeric column fed to the dense part of the model."""
+
+    name: str
+    log1p: bool = False
+    standardize: bool = True
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """The label column and which values count as positive (1)."""
+
+    column: str
+    positive: tuple[str, ...] = ()
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the data is and how to read it."""
+
+    train: Source
+    test: Source | None
+    format: str
+    header: bool
+    columns: tuple[str, ...] | None
+    delimiter: str | None
+    trim_whitespace: bool
+    missing_values: tuple[str, ...]
+    block_bytes: int
+    shuffle_buffer: int
+    ids: tuple[IdColumn, ...]
+    dense: tuple[DenseColumn, ...]
+    label: LabelSpec
+    missing_ids: str  # empty | token
+    missing_dense: str  # mean | zero
+    missing_label: str  # drop | error
+
+    @property
+    def used_columns(self) -> tuple[str, ...]:
+        """Every column the job reads, label last."""
+        return (
+            tuple(c.name for c in self.ids)
+            + tuple(c.name for c in self.dense)
+            + (self.label.column,)
+        )
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """The embedding of one ID column."""
+
+    name: str
+    dim: int
+    pooling: str = "sum"
+    sample_fixed_size: int = 10
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """The embedding layer: slots, optimizer and parameter-server settings."""
+
+    slots: tuple[SlotSpec, ...]
+    optimizer: str
+    optimizer_args: Mapping[str, Any]
+    capacity: int
+    shards: int
+    admit_probability: float
+    init: tuple[float, float]
+    weight_bound: float
+    feature_index_prefix_bit: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The dense model: a built-in name or ``package.module:Class``, with its keyword args."""
+
+    type: str
+    args: Mapping[str, Any]
+    output: str  # logits | probability
+
+    @property
+    def builtin(self) -> bool:
+        return self.type in BUILTIN_MODELS
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """How to train."""
+
+    backend: str
+    batch_size: int
+    epochs: int
+    max_samples: int | None
+    staleness: int
+    seed: int
+    reproducible: bool
+    dense_optimizer: str
+    dense_optimizer_args: Mapping[str, Any]
+    eval_every_batches: int
+    eval_batch_size: int
+    eval_max_samples: int | None
+    checkpoint_dir: str | None
+    checkpoint_every_batches: int
+    log_every_batches: int
+    progress: str  # auto | bar | log | none
+    forward_buffer_size: int
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole job file, validated."""
+
+    data: DataSpec
+    embedding: EmbeddingSpec
+    model: ModelSpec
+    training: TrainingSpec
+    source: str | None = field(default=None, compare=False)
+
+
+# --------------------------------------------------------------------------------------------
+# A strict reader that collects every problem
+# --------------------------------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    return "nothing" if value is _MISSING else repr(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def bad(self, path: str, expected: str, got: object) -> None:
+        self.problems.append(f"{path}: expected {expected}, got {_show(got)}")
+
+    def mapping(self, value: object, path: str, known: tuple[str, ...]) -> dict:
+        if value is None or value is _MISSING:
+            return {}
+        if not isinstance(value, Mapping):
+            self.bad(path, "a mapping", value)
+            return {}
+        out = {}
+        for key, v in value.items():
+            if key in known:
+                out[key] = v
+            else:
+                self.problems.append(
+                    f"{path}.{key}: unknown key; expected one of {', '.join(known)}"
+                )
+        return out
+
+    def int_(self, d: dict, key: str, path: str, default: Any, minimum: int = 1) -> Any:
+        value = d.get(key, _MISSING)
+        if value is _MISSING or (value is None and default is None):
+            if default is _MISSING:
+                self.bad(f"{path}.{key}", f"an int >= {minimum} (required)", value)
+                return None
+            return default
+        if not _is_int(value) or value < minimum:
+            self.bad(f"{path}.{key}", f"an int >= {minimum}", value)
+            return default if default is not _MISSING else None
+        return value
+
+    def number(
+        self, d: dict, key: str, path: str, default: Any, check=None, expected: str = "a number"
+    ) -> Any:
+        value = d.get(key, _MISSING)
+        if value is _MISSING or (value is None and default is None):
+            return default
+        if not _is_number(value) or not math.isfinite(value) or (check and not check(value)):
+            self.bad(f"{path}.{key}", expected, value)
+            return default
+        return float(value)
+
+    def bool_(self, d: dict, key: str, path: str, default: bool) -> bool:
+        value = d.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.bad(f"{path}.{key}", "true or false", value)
+            return default
+        return value
+
+    def choice(self, d: dict, key: str, path: str, default: str, choices: tuple[str, ...]) -> str:
+        value = d.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str) or value.lower() not in choices:
+            self.bad(f"{path}.{key}", f"one of {', '.join(choices)}", value)
+            return default
+        return value.lower()
+
+    def string(self, d: dict, key: str, path: str, default: Any) -> Any:
+        value = d.get(key, _MISSING)
+        if value is _MISSING or (value is None and default is None):
+            if default is _MISSING:
+                self.bad(f"{path}.{key}", "a non-empty string (required)", value)
+                return None
+            return default
+        if not isinstance(value, str) or not value:
+            self.bad(f"{path}.{key}", "a non-empty string", value)
+            return default if default is not _MISSING else None
+        return value
+
+    def strings(self, value: object, path: str, allow_empty_items: bool = False) -> tuple:
+        """A string or a list of strings, as a tuple."""
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, str) and (v or allow_empty_items) for v in value
+        ):
+            self.bad(path, "a string or a list of strings", value)
+            return ()
+        return tuple(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+_DATA_KEYS = (
+    "train",
+    "test",
+    "format",
+    "header",
+    "columns",
+    "delimiter",
+    "skip_rows",
+    "trim_whitespace",
+    "missing_values",
+    "block_bytes",
+    "shuffle_buffer",
+    "ids",
+    "dense",
+    "label",
+    "missing",
+)
+
+
+def _resolve(pattern: str, base: Path) -> str:
+    p = Path(os.path.expanduser(pattern))
+    return str(p if p.is_absolute() else base / p)
+
+
+def _source(c: _Checker, raw: object, path: str, base: Path, skip_default: int) -> Source | None:
+    if raw is _MISSING or raw is None:
+        return None
+    skip = skip_default
+    if isinstance(raw, Mapping):
+        d = c.mapping(raw, path, ("paths", "skip_rows"))
+        if "paths" not in d:
+            c.bad(f"{path}.paths", "a path or glob, or a list of them (required)", _MISSING)
+            return None
+        paths = c.strings(d["paths"], f"{path}.paths")
+        skip = c.int_(d, "skip_rows", path, skip_default, minimum=0)
+    else:
+        paths = c.strings(raw, path)
+    if not paths:
+        return None
+    return Source(tuple(_resolve(p, base) for p in paths), skip)
+
+
+def _columns_map(
+    c: _Checker, raw: object, path: str, known: tuple[str, ...]
+) -> list[tuple[str, dict]]:
+    """A list of names or a mapping name -> options (None for defaults)."""
+    if raw is _MISSING or raw is None:
+        return []
+    if isinstance(raw, list):
+        out: list[tuple[str, dict]] = []
+        for i, name in enumerate(raw):
+            if not isinstance(name, str) or not name:
+                c.bad(f"{path}[{i}]", "a column name", name)
+            else:
+                out.append((name, {}))
+        return out
+    if not isinstance(raw, Mapping):
+        c.bad(path, "a list of column names or a mapping column -> options", raw)
+        return []
+    return [(str(name), c.mapping(opts, f"{path}.{name}", known)) for name, opts in raw.items()]
+
+
+def _data(c: _Checker, raw: object, base: Path) -> DataSpec | None:
+    d = c.mapping(raw, "data", _DATA_KEYS)
+    if raw is _MISSING:
+        c.bad("data", "a mapping (required)", raw)
+    skip = c.int_(d, "skip_rows", "data", 0, minimum=0)
+    train = _source(c, d.get("train", _MISSING), "data.train", base, skip)
+    if "train" not in d and raw is not _MISSING:
+        c.bad("data.train", "a path or glob, or a list of them (required)", _MISSING)
+    test = _source(c, d.get("test", _MISSING), "data.test", base, skip)
+    fmt = c.choice(d, "format", "data", "auto", FORMATS)
+    header = c.bool_(d, "header", "data", False)
+    columns = None
+    if d.get("columns") is not None:
+        columns = c.strings(d["columns"], "data.columns")
+        dupes = sorted({x for x in columns if columns.count(x) > 1})
+        if dupes:
+            c.bad("data.columns", "distinct names", f"{', '.join(dupes)} more than once")
+    delimiter = d.get("delimiter")
+    if delimiter is not None and (not isinstance(delimiter, str) or len(delimiter) != 1):
+        c.bad("data.delimiter", "one character", delimiter)
+        delimiter = None
+    trim = c.bool_(d, "trim_whitespace", "data", False)
+    missing_values = c.strings(d.get("missing_values", [""]), "data.missing_values", True)
+    block_bytes = c.int_(d, "block_bytes", "data", 1 << 20, minimum=4096)
+    shuffle_buffer = c.int_(d, "shuffle_buffer", "data", 100_000, minimum=0)
+
+    ids = []
+    for name, o in _columns_map(c, d.get("ids"), "data.ids", ("type", "separator")):
+        sep = o.get("separator")
+        if sep is not None and (not isinstance(sep, str) or not sep):
+            c.bad(f"data.ids.{name}.separator", "a non-empty string or null", sep)
+            sep = None
+        kind = c.choice(o, "type", f"data.ids.{name}", "string", ("string", "int"))
+        ids.append(IdColumn(name, kind, sep))
+    if not ids and raw is not _MISSING:
+        c.bad("data.ids", "at least one ID column (a list of names or a mapping)", d.get("ids"))
+    dense = [
+        DenseColumn(
+            name,
+            c.bool_(o, "log1p", f"data.dense.{name}", False),
+            c.bool_(o, "standardize", f"data.dense.{name}", True),
+        )
+        for name, o in _columns_map(c, d.get("dense"), "data.dense", ("log1p", "standardize"))
+    ]
+    label = None
+    lraw = d.get("label", _MISSING)
+    if isinstance(lraw, str):
+        lraw = {"column": lraw}
+    ld = c.mapping(lraw, "data.label", ("column", "positive", "threshold"))
+    if lraw is _MISSING and raw is not _MISSING:
+        c.bad("data.label", "a column name or {column, positive | threshold} (required)", lraw)
+    elif lraw is not _MISSING:
+        column = c.string(ld, "column", "data.label", _MISSING)
+        positive: tuple = ()
+        if ld.get("positive") is not None:
+            pos = ld["positive"]
+            if isinstance(pos, int | float) and not isinstance(pos, bool):
+                pos = str(pos)
+            positive = c.strings(pos, "data.label.positive")
+        threshold = c.number(ld, "threshold", "data.label", None)
+        if positive and threshold is not None:
+            c.problems.append("data.label: give positive or threshold, not both")
+        if column:
+            label = LabelSpec(column, positive, threshold)
+
+    m = c.mapping(d.get("missing"), "data.missing", ("ids", "dense", "label"))
+    missing_ids = c.choice(m, "ids", "data.missing", "empty", ("empty", "token"))
+    missing_dense = c.choice(m, "dense", "data.missing", "mean", ("mean", "zero"))
+    missing_label = c.choice(m, "label", "data.missing", "drop", ("drop", "error"))
+
+    names = [x.name for x in ids] + [x.name for x in dense]
+    if label is not None:
+        names.append(label.column)
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            c.problems.append(f"data: column {n!r} is used twice (as ID, dense or label)")
+        seen.add(n)
+    if columns is not None and header:
+        c.problems.append("data: give header: true or columns, not both")
+    if columns is not None:
+        for n in names:
+            if n not in columns:
+                c.problems.append(f"data: column {n!r} is not in data.columns")
+    if train is None or label is None:
+        return None
+    return DataSpec(
+        train=train,
+        test=test,
+        format=fmt,
+        header=header,
+        columns=columns,
+        delimiter=delimiter,
+        trim_whitespace=trim,
+        missing_values=missing_values,
+        block_bytes=block_bytes,
+        shuffle_buffer=shuffle_buffer,
+        ids=tuple(ids),
+        dense=tuple(dense),
+        label=label,
+        missing_ids=missing_ids,
+        missing_dense=missing_dense,
+        missing_label=missing_label,
+    )
+
+
+_EMBEDDING_KEYS = (
+    "dim",
+    "pooling",
+    "sample_fixed_size",
+    "slots",
+    "optimizer",
+    "capacity",
+    "shards",
+    "admit_probability",
+    "init",
+    "weight_bound",
+    "feature_index_prefix_bit",
+)
+
+
+def _optimizer(
+    c: _Checker,
+    raw: object,
+    path: str,
+    default: dict,
+    table: Mapping[str, tuple[str, ...]],
+) -> tuple[str, dict]:
+    if raw is None or raw is _MISSING:
+        raw = default
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, Mapping):
+        c.bad(path, "a mapping {type: ..., lr: ...}", raw)
+        return default["type"], {k: v for k, v in default.items() if k != "type"}
+    kind = raw.get("type", default["type"])
+    if not isinstance(kind, str) or kind.lower() not in table:
+        c.bad(f"{path}.type", f"one of {', '.join(table)}", kind)
+        return default["type"], {}
+    kind = kind.lower()
+    args: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "type":
+            continue
+        if key not in table[kind]:
+            c.problems.append(
+                f"{path}.{key}: unknown option of {kind}; expected one of {', '.join(table[kind])}"
+            )
+        elif key == "betas":
+            if (
+                not isinstance(value, list | tuple)
+                or len(value) != 2
+                or not all(_is_number(b) and 0 <= b < 1 for b in value)
+            ):
+                c.bad(f"{path}.betas", "a pair of numbers in [0, 1)", value)
+            else:
+                args[key] = (float(value[0]), float(value[1]))
+        elif key in ("amsgrad", "nesterov"):
+            if not isinstance(value, bool):
+                c.bad(f"{path}.{key}", "true or false", value)
+            else:
+                args[key] = value
+        elif not _is_number(value) or not math.isfinite(value) or value < 0:
+            c.bad(f"{path}.{key}", "a number >= 0", value)
+        elif key == "lr" and value <= 0:
+            c.bad(f"{path}.lr", "a number > 0", value)
+        else:
+            args[key] = float(value)
+    if "lr" not in args:
+        args["lr"] = default["lr"]
+    return kind, args
+
+
+def _embedding(c: _Checker, raw: object, data: DataSpec | None) -> EmbeddingSpec:
+    d = c.mapping(raw, "embedding", _EMBEDDING_KEYS)
+    dim = c.int_(d, "dim", "embedding", 8)
+    pooling = c.choice(d, "pooling", "embedding", "sum", POOLINGS)
+    fixed = c.int_(d, "sample_fixed_size", "embedding", 10)
+    overrides = d.get("slots") or {}
+    if not isinstance(overrides, Mapping):
+        c.bad("embedding.slots", "a mapping slot -> {dim, pooling, sample_fixed_size}", overrides)
+        overrides = {}
+    id_names = [x.name for x in data.ids] if data is not None else []
+    for name in overrides:
+        if data is not None and name not in id_names:
+            c.problems.append(
+                f"embedding.slots.{name}: not an ID column of data.ids "
+                f"(ID columns: {', '.join(id_names)})"
+            )
+    slots = []
+    for name in id_names:
+        o = c.mapping(
+            overrides.get(name), f"embedding.slots.{name}", ("dim", "pooling", "sample_fixed_size")
+        )
+        p = f"embedding.slots.{name}"
+        slots.append(
+            SlotSpec(
+                name,
+                c.int_(o, "dim", p, dim),
+                c.choice(o, "pooling", p, pooling, POOLINGS),
+                c.int_(o, "sample_fixed_size", p, fixed),
+            )
+        )
+    opt, opt_args = _optimizer(
+        c,
+        d.get("optimizer"),
+        "embedding.optimizer",
+        {"type": "adagrad", "lr": 0.05},
+        _EMBEDDING_OPTIMIZER_KEYS,
+    )
+    init = d.get("init", [-0.01, 0.01])
+    if (
+        not isinstance(init, list | tuple)
+        or len(init) != 2
+        or not all(_is_number(x) and math.isfinite(x) for x in init)
+        or not init[0] < init[1]
+    ):
+        c.bad("embedding.init", "[low, high] with low < high", init)
+        init = [-0.01, 0.01]
+    bits = c.int_(d, "feature_index_prefix_bit", "embedding", 12)
+    if bits is not None and not 1 <= bits <= 32:
+        c.bad("embedding.feature_index_prefix_bit", "an int in [1, 32]", bits)
+    return EmbeddingSpec(
+        slots=tuple(slots),
+        optimizer=opt,
+        optimizer_args=opt_args,
+        capacity=c.int_(d, "capacity", "embedding", 1_000_000),
+        shards=c.int_(d, "shards", "embedding", 1),
+        admit_probability=c.number(
+            d,
+            "admit_probability",
+            "embedding",
+            1.0,
+            lambda v: 0 < v <= 1,
+            "a number in (0, 1]",
+        ),
+        init=(float(init[0]), float(init[1])),
+        weight_bound=c.number(
+            d, "weight_bound", "embedding", 10.0, lambda v: v > 0, "a number > 0"
+        ),
+        feature_index_prefix_bit=bits,
+    )
+
+
+def _model(c: _Checker, raw: object) -> ModelSpec:
+    d = c.mapping(raw, "model", ("type", "args", "output"))
+    kind = c.string(d, "type", "model", "dnn")
+    if kind and kind not in BUILTIN_MODELS:
+        module, _, cls = kind.partition(":")
+        if not module or not cls or not all(p.isidentifier() for p in module.split(".")):
+            c.bad(
+                "model.type",
+                f"one of {', '.join(BUILTIN_MODELS)} or 'package.module:Class'",
+                kind,
+            )
+    args = d.get("args") or {}
+    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
+        c.bad("model.args", "a mapping of keyword arguments", args)
+        args = {}
+    output = c.choice(d, "output", "model", "logits", ("logits", "probability"))
+    return ModelSpec(kind or "dnn", dict(args), output)
+
+
+_TRAINING_KEYS = (
+    "backend",
+    "batch_size",
+    "epochs",
+    "max_samples",
+    "staleness",
+    "seed",
+    "reproducible",
+    "dense_optimizer",
+    "eval_every_batches",
+    "eval_batch_size",
+    "eval_max_samples",
+    "checkpoint_dir",
+    "checkpoint_every_batches",
+    "log_every_batches",
+    "progress",
+    "forward_buffer_size",
+)
+
+
+def _training(c: _Checker, raw: object) -> TrainingSpec:
+    d = c.mapping(raw, "training", _TRAINING_KEYS)
+    backend = c.choice(d, "backend", "training", "local", ("local", "ray"))
+    if backend == "ray":
+        c.problems.append(
+            "training.backend: 'ray' is not built yet (the cluster backend is a separate issue); "
+            "use 'local'"
+        )
+    seed = c.int_(d, "seed", "training", 0, minimum=0)
+    if seed is not None and seed >= 2**32:
+        c.bad("training.seed", "an int in [0, 2**32)", seed)
+    opt, opt_args = _optimizer(
+        c,
+        d.get("dense_optimizer"),
+        "training.dense_optimizer",
+        {"type": "adam", "lr": 0.005},
+        DENSE_OPTIMIZERS,
+    )
+    ckpt = d.get("checkpoint_dir")
+    if ckpt is not None and (not isinstance(ckpt, str) or not ckpt):
+        c.bad("training.checkpoint_dir", "a directory path or null", ckpt)
+        ckpt = None
+    return TrainingSpec(
+        backend=backend,
+        batch_size=c.int_(d, "batch_size", "training", 128),
+        epochs=c.int_(d, "epochs", "training", 1),
+        max_samples=c.int_(d, "max_samples", "training", None),
+        staleness=c.int_(d, "staleness", "training", 8),
+        seed=seed,
+        reproducible=c.bool_(d, "reproducible", "training", True),
+        dense_optimizer=opt,
+        dense_optimizer_args=opt_args,
+        eval_every_batches=c.int_(d, "eval_every_batches", "training", 0, minimum=0),
+        eval_batch_size=c.int_(d, "eval_batch_size", "training", 4096),
+        eval_max_samples=c.int_(d, "eval_max_samples", "training", None),
+        checkpoint_dir=ckpt,
+        checkpoint_every_batches=c.int_(d, "checkpoint_every_batches", "training", 0, minimum=0),
+        log_every_batches=c.int_(d, "log_every_batches", "training", 100),
+        progress=c.choice(d, "progress", "training", "auto", ("auto", "bar", "log", "none")),
+        forward_buffer_size=c.int_(d, "forward_buffer_size", "training", 10),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def parse_job(
+    raw: object, base_dir: str | os.PathLike = ".", source: str | None = None
+) -> JobConfig:
+    """Validates a parsed job file; relative data paths are taken from ``base_dir``.
+
+    Raises:
+        ConfigError: listing every problem of the file.
+    """
+    c = _Checker()
+    top = c.mapping(raw, "<top level>", ("data", "embedding", "model", "training"))
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(c.problems, source=source)
+    data = _data(c, top.get("data", _MISSING), Path(base_dir))
+    embedding = _embedding(c, top.get("embedding"), data)
+    model = _model(c, top.get("model"))
+    training = _training(c, top.get("training"))
+    if c.problems or data is None:
+        raise ConfigError(c.problems or ["data: missing"], source=source)
+    return JobConfig(data, embedding, model, training, source)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: object, overrides: list[str]) -> dict:
+    """Applies ``section.key=value`` overrides (values read as YAML) to a parsed job file.
+
+    Raises:
+        ConfigError: an override that is not ``dotted.path=value`` or that goes through a value
+            that is not a mapping.
+    """
+    out = dict(raw) if isinstance(raw, Mapping) else {}
+    problems = []
+    for item in overrides:
+        path, eq, text = item.partition("=")
+        keys = path.strip().split(".")
+        if not eq or not all(keys):
+            problems.append(f"--set {item!r}: expected dotted.key=value")
+            continue
+        node = out
+        ok = True
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = {}
+            elif not isinstance(child, Mapping):
+                where = ".".join(keys[: i + 1])
+                problems.append(f"--set {item!r}: {where} is {child!r}, not a mapping")
+                ok = False
+                break
+            child = dict(child)
+            node[key] = child
+            node = child
+        if ok:
+            node[keys[-1]] = _parse_value(text)
+    if problems:
+        raise ConfigError(problems, source="command line")
+    return out
+
+
+def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
+    """Reads, overrides and validates a job file.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or lists every problem found.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"job file {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", source=str(p)) from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return parse_job(raw, p.resolve().parent, source=str(p))

@@ -1,0 +1,410 @@
+"""Runs a validated job: reader -> DataLoader (bounded staleness) -> TrainCtx, with evaluation,
+checkpoints, progress and a JSON result.
+
+The training loop is the one of ``examples/adult_income/train.py``; what the job file adds is built
+here: the slots and parameter-server settings (:func:`embedding_configs`), the optimizers, the model
+(:mod:`persia.job.models`) and the reader (:mod:`persia.job.readers`).
+
+Evaluation and checkpoints in the middle of training happen at *pause points*: after yielding a
+batch that ends an interval, the training dataset waits until the NN worker has trained that batch
+and finished the evaluation or checkpoint. So no lookup of a later training batch runs during the
+evaluation (the embedding worker has one lookup thread's scratch state) and every gradient of the
+batches before it has been applied (the runtime is flushed first).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from persia.config import (
+    EmbeddingFileConfig,
+    GlobalConfig,
+    parse_embedding_config,
+    parse_global_config,
+)
+from persia.ctx import TrainCtx
+from persia.data import DataLoader, IterableDataset
+from persia.embedding import EmbeddingConfig
+from persia.embedding.data import PersiaBatch
+from persia.embedding.optim import SGD, Adagrad, Adam, EmbeddingOptimizer
+from persia.errors import ConfigError
+from persia.job.config import JobConfig, Source
+from persia.job.models import build_model
+from persia.job.readers import JobReader
+from persia.logger import get_default_logger
+from persia.metrics import log_loss, roc_auc
+from persia.utils import setup_seed
+
+__all__ = ["embedding_configs", "embedding_optimizer", "dense_optimizer", "evaluate", "run_job"]
+
+_logger = get_default_logger()
+
+
+def embedding_configs(job: JobConfig) -> tuple[EmbeddingFileConfig, GlobalConfig]:
+    """The job's slots and server settings as PERSIA's two configs."""
+    emb = job.embedding
+    slots = {
+        s.name: {"dim": s.dim, "pooling": s.pooling, "sample_fixed_size": s.sample_fixed_size}
+        for s in emb.slots
+    }
+    embedding_file = parse_embedding_config(
+        {"feature_index_prefix_bit": emb.feature_index_prefix_bit, "slots_config": slots},
+        source=job.source,
+    )
+    global_file = parse_global_config(
+        {
+            "common_config": {"job_type": "Train"},
+            "embedding_parameter_server_config": {
+                "capacity": emb.capacity,
+                "num_hashmap_internal_shards": emb.shards,
+            },
+        },
+        source=job.source,
+    )
+    return embedding_file, global_file
+
+
+def embedding_optimizer(job: JobConfig) -> EmbeddingOptimizer:
+    """The embedding optimizer named by ``embedding.optimizer``."""
+    kind, args = job.embedding.optimizer, dict(job.embedding.optimizer_args)
+    if kind == "sgd":
+        return SGD(**args)
+    if kind == "adagrad":
+        return Adagrad(**args)
+    if kind == "rowwise_adagrad":
+        return Adagrad(vectorwise_shared=True, **args)
+    return Adam(**args)
+
+
+def dense_optimizer(job: JobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The torch optimizer named by ``training.dense_optimizer``."""
+    classes = {
+        "adam": torch.optim.Adam,
+        "adamw": torch.optim.AdamW,
+        "sgd": torch.optim.SGD,
+        "adagrad": torch.optim.Adagrad,
+    }
+    cls = classes[job.training.dense_optimizer]
+    return cls(model.parameters(), **dict(job.training.dense_optimizer_args))
+
+
+class _Pauses:
+    """Lets the NN worker stop the training dataset after given batches (see module doc)."""
+
+    def __init__(self, every: list[int]) -> None:
+        self.every = [e for e in every if e > 0]
+        self.cond = threading.Condition()
+        self.released = 0
+        self.closed = False
+
+    def due(self, count: int) -> bool:
+        return any(count % e == 0 for e in self.every)
+
+    def wait(self, count: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.closed or self.released >= count)
+
+    def release(self, count: int) -> None:
+        with self.cond:
+            self.released = max(self.released, count)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class _TrainDataset(IterableDataset):
+    def __init__(self, reader: JobReader, job: JobConfig, pauses: _Pauses) -> None:
+        super().__init__(buffer_size=job.training.forward_buffer_size)
+        self.reader, self.job, self.pauses = reader, job, pauses
+
+    def __iter__(self) -> Iterator[PersiaBatch]:
+        t = self.job.training
+        produced = 0
+        count = 0
+        for epoch in range(t.epochs):
+            left = None if t.max_samples is None else t.max_samples - produced
+            if left is not None and left <= 0:
+                return
+            for batch in self.reader.batches(
+                self.job.data.train,
+                t.batch_size,
+                training=True,
+                seed=t.seed + epoch,
+                max_samples=left,
+            ):
+                produced += batch.batch_size
+                count += 1
+                yield batch
+                if self.pauses.due(count):
+                    self.pauses.wait(count)
+                if self.pauses.closed:
+                    return
+
+
+def evaluate(
+    ctx: TrainCtx,
+    reader: JobReader,
+    source: Source,
+    batch_size: int,
+    max_samples: int | None,
+    logits: bool,
+) -> dict[str, Any]:
+    """Test AUC and log loss of the current model (lookups create no rows)."""
+    model = ctx.model
+    if model is None:
+        raise ConfigError("evaluate: the context has no model")
+    model.eval()
+    preds, labels = [], []
+    try:
+        with torch.no_grad():
+            for i, pb in enumerate(
+                reader.batches(source, batch_size, training=False, max_samples=max_samples)
+            ):
+                item = ctx.runtime.lookup(pb, False, i, None)
+                output, label = ctx.forward(item)
+                if logits:
+                    output = torch.sigmoid(output)
+                preds.append(output.detach().cpu().numpy().reshape(-1))
+                labels.append(label[0].cpu().numpy().reshape(-1))  # type: ignore[index]
+    finally:
+        ctx.current_batch = None
+        model.train()
+    if not preds:
+        return {"test_auc": None, "test_logloss": None, "test_samples": 0}
+    y, p = np.concatenate(labels), np.concatenate(preds).astype(np.float64)
+    both = 0 < y.sum() < y.size
+    return {
+        "test_auc": roc_auc(y, p) if both else None,
+        "test_logloss": log_loss(y, p),
+        "test_samples": int(y.size),
+    }
+
+
+class _Progress:
+    """A tqdm bar on a terminal, else log lines every ``every`` batches, or nothing."""
+
+    def __init__(self, mode: str, every: int, total: int | None, stream: TextIO) -> None:
+        if mode == "auto":
+            mode = "bar" if stream.isatty() else "log"
+        self.mode, self.every = mode, every
+        self.bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="samples", unit_scale=True, file=stream, leave=False)
+        self.start = time.perf_counter()
+        self.samples = 0
+        self.loss_sum = 0.0
+        self.loss_n = 0
+
+    def step(self, batch_index: int, size: int, loss: float, staleness: int | None) -> None:
+        self.samples += size
+        self.loss_sum += loss
+        self.loss_n += 1
+        if self.bar is not None:
+            self.bar.update(size)
+            if batch_index % 10 == 0:
+                self.bar.set_postfix(loss=f"{loss:.4f}", staleness=staleness, refresh=False)
+        elif self.mode == "log" and (batch_index + 1) % self.every == 0:
+            rate = self.samples / max(time.perf_counter() - self.start, 1e-9)
+            _logger.info(
+                f"batch {batch_index + 1} samples {self.samples} "
+                f"loss {self.loss_sum / self.loss_n:.4f} {rate:,.0f} samples/s "
+                f"staleness {staleness}"
+            )
+            self.loss_sum, self.loss_n = 0.0, 0
+
+    def note(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+        elif self.mode != "none":
+            _logger.info(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _pause_work(
+    ctx: TrainCtx,
+    job: JobConfig,
+    reader: JobReader,
+    batches: int,
+    samples: int,
+    logits: bool,
+    evals: list[dict[str, Any]],
+    progress: _Progress,
+) -> None:
+    """The evaluation and / or checkpoint due after ``batches`` training batches."""
+    t = job.training
+    if job.data.test is not None and t.eval_every_batches and batches % t.eval_every_batches == 0:
+        result = evaluate(ctx, reader, job.data.test, t.eval_batch_size, t.eval_max_samples, logits)
+        evals.append({"batch": batches, "samples": samples, **result})
+        progress.note(
+            f"eval at batch {batches}: test_auc {result['test_auc']} "
+            f"test_logloss {result['test_logloss']}"
+        )
+    if (
+        t.checkpoint_dir
+        and t.checkpoint_every_batches
+        and batches % t.checkpoint_every_batches == 0
+    ):
+        ctx.dump_checkpoint(t.checkpoint_dir)
+        progress.note(f"checkpoint at batch {batches}: {t.checkpoint_dir}")
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def run_job(job: JobConfig, *, stderr: TextIO | None = None) -> dict[str, Any]:
+    """Trains and tests the job; returns the result (what ``persia train`` prints as JSON).
+
+    Raises:
+        ConfigError: a setting that only shows up when the job is built (model arguments, ...).
+        BatchError: data that cannot be read as configured.
+    """
+    t = job.training
+    if t.backend != "local":
+        raise ConfigError(f"training.backend: {t.backend!r} is not built yet; use 'local'")
+    start = time.perf_counter()
+    setup_seed(t.seed)
+    reader = JobReader(job.data)
+    stats = reader.stats
+    slot_dims = [s.dim for s in job.embedding.slots]
+    model = build_model(job.model.type, job.model.args, len(job.data.dense), slot_dims)
+    logits = job.model.builtin or job.model.output == "logits"
+    loss_fn: torch.nn.Module = torch.nn.BCEWithLogitsLoss() if logits else torch.nn.BCELoss()
+    emb_file, global_file = embedding_configs(job)
+    emb_opt = embedding_optimizer(job)
+    dense_opt = dense_optimizer(job, model)
+    low, high = job.embedding.init
+    hyper = EmbeddingConfig(
+        emb_initialization=(low, high),
+        admit_probability=job.embedding.admit_probability,
+        weight_bound=job.embedding.weight_bound,
+    )
+    total = t.max_samples if t.max_samples is not None else None
+    progress = _Progress(t.progress, t.log_every_batches, total, stderr or sys.stderr)
+    pauses = _Pauses([t.eval_every_batches if job.data.test else 0, t.checkpoint_every_batches])
+    evals: list[dict[str, Any]] = []
+    samples = 0
+    batches = 0
+    loss_sum = 0.0
+    train_s = 0.0
+    try:
+        with TrainCtx(
+            emb_opt,
+            dense_opt,
+            model=model,
+            mixed_precision=False,
+            embedding_config=hyper,
+            embedding_config_file=emb_file,
+            global_config_file=global_file,
+        ) as ctx:
+            loader = DataLoader(
+                _TrainDataset(reader, job, pauses),
+                forward_buffer_size=t.forward_buffer_size,
+                embedding_staleness=t.staleness,
+                reproducible=t.reproducible,
+            )
+            train_start = time.perf_counter()
+            paused_s = 0.0
+            # Held in a variable so that an error closes the pauses before the loader's
+            # generator is finalised (its close joins the lookup thread, which may be paused).
+            batches_iter = iter(loader)
+            try:
+                for index, batch in enumerate(batches_iter):
+                    output, labels = ctx.forward(batch)
+                    loss = loss_fn(output, labels[0])  # type: ignore[index]
+                    ctx.backward(loss)
+                    size = batch.batch.batch_size
+                    samples += size
+                    batches += 1
+                    value = float(loss.item())
+                    loss_sum += value
+                    progress.step(index, size, value, batch.staleness)
+                    if pauses.due(batches):
+                        pause_start = time.perf_counter()
+                        ctx.runtime.flush()
+                        _pause_work(ctx, job, reader, batches, samples, logits, evals, progress)
+                        paused_s += time.perf_counter() - pause_start
+                        pauses.release(batches)
+            except BaseException:
+                pauses.close()
+                batches_iter.close()  # type: ignore[attr-defined]
+                raise
+            ctx.runtime.flush()
+            train_s = time.perf_counter() - train_start - paused_s
+            progress.close()
+            final: dict[str, Any] = {"test_auc": None, "test_logloss": None, "test_samples": 0}
+            if job.data.test is not None:
+                final = evaluate(
+                    ctx, reader, job.data.test, t.eval_batch_size, t.eval_max_samples, logits
+                )
+            if t.checkpoint_dir:
+                ctx.dump_checkpoint(t.checkpoint_dir)
+            report = loader.staleness_report()
+            rows = sum(ctx.get_embedding_size())
+    finally:
+        pauses.close()
+        progress.close()
+    result = {
+        "test_auc": _finite(final["test_auc"]),
+        "test_logloss": _finite(final["test_logloss"]),
+        "test_samples": final["test_samples"],
+        "train_samples": samples,
+        "train_batches": batches,
+        "train_loss": loss_sum / batches if batches else None,
+        "samples_per_s": samples / train_s if train_s > 0 else None,
+        "wall_s": time.perf_counter() - start,
+        "staleness_max": report.max,
+        "staleness_mean": report.mean,
+        "staleness_histogram": {str(k): v for k, v in sorted(report.histogram.items())},
+        "staleness_bound": t.staleness,
+        "embedding_rows": int(rows),
+        "dense_rows_for_stats": stats.rows,
+        "evals": evals,
+        "model": job.model.type,
+        "seed": t.seed,
+        "epochs": t.epochs,
+        "batch_size": t.batch_size,
+        "checkpoint_dir": str(Path(t.checkpoint_dir)) if t.checkpoint_dir else None,
+    }
+    return result
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """A short human summary of a result."""
+
+    def f(x: Any, spec: str) -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    return [
+        f"trained {result['train_samples']} samples in {result['train_batches']} batches, "
+        f"{f(result['samples_per_s'], ',.0f')} samples/s; mean train loss "
+        f"{f(result['train_loss'], '.4f')}",
+        f"test AUC {f(result['test_auc'], '.4f')}, log loss {f(result['test_logloss'], '.4f')} "
+        f"on {result['test_samples']} samples",
+        f"staleness max {result['staleness_max']} mean {result['staleness_mean']:.2f} "
+        f"(bound {result['staleness_bound']}); {result['embedding_rows']} embedding rows; "
+        f"wall {result['wall_s']:.1f} s",
+    ]
+
+
+def dumps(result: dict[str, Any]) -> str:
+    """The result as one JSON line."""
+    return json.dumps(result, separators=(",", ":"))

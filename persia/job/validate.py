@@ -1,0 +1,57 @@
+"""Checks of a job beyond its schema: the data (``--data``) and the model's arguments."""
+
+from __future__ import annotations
+
+import os
+
+from persia.errors import ConfigError
+from persia.job.config import JobConfig, load_job
+
+__all__ = ["check_data", "check_model", "validate_job"]
+
+
+def check_data(job: JobConfig) -> list[str]:
+    """Problems of the job's data files: patterns, columns, and a parsed sample of each split."""
+    from persia.job.readers import JobReader
+
+    return JobReader(job.data, stats=None).check()
+
+
+def check_model(job: JobConfig) -> list[str]:
+    """Problems building the job's model (unknown or missing arguments, import errors)."""
+    from persia.job.models import build_model
+
+    try:
+        build_model(
+            job.model.type,
+            job.model.args,
+            len(job.data.dense),
+            [s.dim for s in job.embedding.slots],
+        )
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
+
+
+def validate_job(
+    path: str | os.PathLike,
+    overrides: list[str] | None = None,
+    *,
+    data: bool = False,
+    model: bool = True,
+) -> JobConfig:
+    """Loads and checks a job; one :class:`ConfigError` lists every problem found.
+
+    The schema is checked first (its problems are raised alone, since the later checks need a
+    valid job); then the model and, with ``data``, the data files, whose problems are raised
+    together.
+    """
+    job = load_job(path, overrides)
+    problems: list[str] = []
+    if model:
+        problems += check_model(job)
+    if data:
+        problems += check_data(job)
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return job
