@@ -1,0 +1,447 @@
+"""One contender of ``bench_e2e.py``, run in its own process so its peak memory is its own.
+
+    python benchmarks/_e2e_contenders.py '{"system": "persia-hybrid", ...}'
+
+prints one JSON line (the contender's result). Every contender trains the same benchmark model
+(:class:`BenchModel`) on the same seeded :class:`persia.datasets.SyntheticStream` batches,
+prepared in memory in its native input format before the clock starts, then evaluates AUC and
+log loss on the same held-out batches.
+"""
+
+from __future__ import annotations
+
+# persia first: it sets OMP_WAIT_POLICY=PASSIVE before torch starts its OpenMP threads, so
+# spinning torch threads do not starve persia's background threads.
+import persia  # noqa: F401
+
+# isort: split
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from persia.datasets.synthetic import SyntheticStream
+from persia.metrics import log_loss, roc_auc
+
+EVAL_OFFSET = 10_000_000  # held-out batches start at this index: never trained on
+DIM = 16
+
+
+class BenchModel(nn.Module):
+    """Bottom MLP 13-512-256-64-16 on the dense features, concatenated with the pooled
+    embeddings, then the top MLP 512-256-1 (returns logits)."""
+
+    def __init__(self, num_dense: int = 13, num_slots: int = 26, dim: int = DIM) -> None:
+        super().__init__()
+        self.bottom = nn.Sequential(
+            nn.Linear(num_dense, 512),
+            nn.ReLU(),
+            nn.Linear(512, 256),
+            nn.ReLU(),
+            nn.Linear(256, 64),
+            nn.ReLU(),
+            nn.Linear(64, dim),
+            nn.ReLU(),
+        )
+        self.top = nn.Sequential(
+            nn.Linear(dim + num_slots * dim, 512),
+            nn.ReLU(),
+            nn.Linear(512, 256),
+            nn.ReLU(),
+            nn.Linear(256, 1),
+        )
+
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.top(torch.cat([self.bottom(dense), pooled], dim=1))
+
+
+class PersiaBenchModel(nn.Module):
+    """PERSIA's calling convention ``model(non_id_tensors, embedding_tensors)`` on BenchModel."""
+
+    def __init__(self, inner: BenchModel) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, non_id: list[torch.Tensor], embeddings: list[torch.Tensor]) -> torch.Tensor:
+        return self.inner(non_id[0], _concat_views(embeddings))
+
+
+def _concat_views(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts, 1)``, or the tensor they are adjacent column slices of (no copy)."""
+    base = parts[0]._base
+    if (
+        base is not None
+        and base.dim() == 2
+        and all(p._base is base for p in parts)
+        and parts[0].storage_offset() == base.storage_offset()
+        and sum(p.shape[1] for p in parts) == base.shape[1]
+    ):
+        col = 0
+        ok = True
+        for p in parts:
+            if p.storage_offset() - base.storage_offset() != col or p.stride() != base.stride():
+                ok = False
+                break
+            col += p.shape[1]
+        if ok:
+            return base
+    return torch.cat(parts, dim=1)
+
+
+# ------------------------------------------------------------------------------- the data
+def make_stream(spec: dict[str, Any]) -> SyntheticStream:
+    return SyntheticStream(spec["cardinalities"], seed=spec["seed"])
+
+
+def train_indices(spec: dict[str, Any]) -> range:
+    return range(spec["warmup_steps"] + spec["steps"])
+
+
+def eval_indices(spec: dict[str, Any]) -> range:
+    return range(EVAL_OFFSET, EVAL_OFFSET + spec["eval_batches"])
+
+
+def _peak_rss() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _metrics(labels: list[np.ndarray], logits: list[np.ndarray]) -> tuple[float, float]:
+    y = np.concatenate(labels).reshape(-1)
+    z = np.concatenate(logits).reshape(-1).astype(np.float64)
+    p = 1.0 / (1.0 + np.exp(-z))
+    return roc_auc(y, p), log_loss(y, p)
+
+
+def _dense_optimizer(model: nn.Module, spec: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.Adagrad(model.parameters(), lr=spec["dense_lr"])
+
+
+def _timed_loop(
+    steps: Iterator[Any], warmup: int, total: int, step_fn: Callable[[Any], None]
+) -> tuple[float, float]:
+    """Runs ``step_fn`` on ``total`` items; returns (seconds of the timed part, seconds spent
+    waiting for the next item during it)."""
+    start = 0.0
+    idle = 0.0
+    for i in range(total):
+        if i == warmup:
+            start = time.perf_counter()
+        t0 = time.perf_counter()
+        item = next(steps)
+        if i >= warmup:
+            idle += time.perf_counter() - t0
+        step_fn(item)
+    return time.perf_counter() - start, idle
+
+
+# ---------------------------------------------------------------------------- contenders
+def run_dense_only(spec: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark model on pre-built embedding tensors: this machine's ceiling."""
+    stream = make_stream(spec)
+    b = spec["batch_size"]
+    nslots = len(spec["cardinalities"])
+    gen = torch.Generator().manual_seed(1)
+    fixed = [torch.rand(b, nslots * DIM, generator=gen) * 0.02 - 0.01 for _ in range(4)]
+    data = []
+    for i in train_indices(spec):
+        sb = stream.batch(i, b)
+        data.append((torch.from_numpy(sb.dense), torch.from_numpy(sb.labels)))
+    model = BenchModel(num_slots=nslots)
+    opt = _dense_optimizer(model, spec)
+    loss_fn = nn.BCEWithLogitsLoss()
+    counter = iter(range(len(data)))
+
+    def step(i: int) -> None:
+        dense, labels = data[i]
+        pooled = fixed[i % len(fixed)].requires_grad_(True)
+        loss = loss_fn(model(dense, pooled), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pooled.grad = None
+
+    seconds, _ = _timed_loop(counter, spec["warmup_steps"], len(data), step)
+    labels, logits = [], []
+    model.eval()
+    with torch.no_grad():
+        for j, i in enumerate(eval_indices(spec)):
+            sb = stream.batch(i, b)
+            out = model(torch.from_numpy(sb.dense), fixed[j % len(fixed)])
+            labels.append(sb.labels)
+            logits.append(out.numpy())
+    auc, ll = _metrics(labels, logits)
+    return _result(spec, seconds, auc, ll)
+
+
+def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
+    """Plain PyTorch: one sparse nn.EmbeddingBag per slot, torch.optim.Adagrad on them."""
+    stream = make_stream(spec)
+    b = spec["batch_size"]
+    cards = spec["cardinalities"]
+    if spec["optimizer"] != "adagrad":
+        raise SystemExit("torch-embeddingbag has no row-wise Adagrad (torch has none built in)")
+    bag_list = [nn.EmbeddingBag(c, DIM, mode="sum", sparse=True) for c in cards]
+    with torch.no_grad():
+        for bag in bag_list:
+            bag.weight.uniform_(-0.01, 0.01)
+    bags = nn.ModuleList(bag_list)
+    offsets = torch.arange(b, dtype=torch.int64)
+
+    def prep(i: int) -> tuple[Any, ...]:
+        sb = stream.batch(i, b)
+        ids = [torch.from_numpy(r) for r in sb.ranks]
+        lens = [torch.from_numpy(n) for n in sb.lengths]
+        offs = [
+            offsets if spec["ids_per_sample"] == 1 else _offsets(n) for n in lens
+        ]  # one ID per sample: offsets 0..B-1
+        return torch.from_numpy(sb.dense), ids, offs, torch.from_numpy(sb.labels)
+
+    data = [prep(i) for i in train_indices(spec)]
+    model = BenchModel(num_slots=len(cards))
+    opt_dense = _dense_optimizer(model, spec)
+    opt_sparse = torch.optim.Adagrad(
+        bags.parameters(), lr=spec["emb_lr"], initial_accumulator_value=0.01, eps=1e-10
+    )
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def forward(dense: torch.Tensor, ids: list, offs: list) -> torch.Tensor:
+        pooled = torch.cat([bag_list[j](ids[j], offs[j]) for j in range(len(bag_list))], 1)
+        return model(dense, pooled)
+
+    def step(item: tuple[Any, ...]) -> None:
+        dense, ids, offs, labels = item
+        loss = loss_fn(forward(dense, ids, offs), labels)
+        opt_dense.zero_grad()
+        opt_sparse.zero_grad()
+        loss.backward()
+        opt_dense.step()
+        opt_sparse.step()
+
+    seconds, _ = _timed_loop(iter(data), spec["warmup_steps"], len(data), step)
+    del data
+    labels, logits = [], []
+    model.eval()
+    with torch.no_grad():
+        for i in eval_indices(spec):
+            dense, ids, offs, lab = prep(i)
+            logits.append(forward(dense, ids, offs).numpy())
+            labels.append(lab.numpy())
+    auc, ll = _metrics(labels, logits)
+    return _result(spec, seconds, auc, ll)
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(lengths, 0) - lengths
+
+
+def run_torchrec(spec: dict[str, Any]) -> dict[str, Any]:
+    """TorchRec's FusedEmbeddingBagCollection (fbgemm CPU kernels, optimizer fused in backward)."""
+    import torchrec.optim as trec_optim
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    stream = make_stream(spec)
+    b = spec["batch_size"]
+    cards = spec["cardinalities"]
+    names = [f"f{i}" for i in range(len(cards))]
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t{i}",
+            embedding_dim=DIM,
+            num_embeddings=c,
+            feature_names=[names[i]],
+            weight_init_min=-0.01,
+            weight_init_max=0.01,
+        )
+        for i, c in enumerate(cards)
+    ]
+    opt_type = trec_optim.RowWiseAdagrad if spec["optimizer"] == "rowwise" else torch.optim.Adagrad
+    ebc = FusedEmbeddingBagCollection(
+        tables=tables,
+        optimizer_type=opt_type,
+        optimizer_kwargs={"lr": spec["emb_lr"], "eps": 1e-10},
+        device=torch.device("cpu"),
+    )
+
+    def prep(i: int) -> tuple[Any, ...]:
+        sb = stream.batch(i, b)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=names,
+            values=torch.from_numpy(np.concatenate(sb.ranks)),
+            lengths=torch.from_numpy(np.concatenate(sb.lengths)).to(torch.int32),
+        )
+        return torch.from_numpy(sb.dense), kjt, torch.from_numpy(sb.labels)
+
+    data = [prep(i) for i in train_indices(spec)]
+    model = BenchModel(num_slots=len(cards))
+    opt_dense = _dense_optimizer(model, spec)
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def step(item: tuple[Any, ...]) -> None:
+        dense, kjt, labels = item
+        loss = loss_fn(model(dense, ebc(kjt).values()), labels)
+        opt_dense.zero_grad()
+        loss.backward()  # the embedding optimizer runs inside backward
+        opt_dense.step()
+
+    seconds, _ = _timed_loop(iter(data), spec["warmup_steps"], len(data), step)
+    del data
+    labels, logits = [], []
+    model.eval()
+    with torch.no_grad():
+        for i in eval_indices(spec):
+            dense, kjt, lab = prep(i)
+            logits.append(model(dense, ebc(kjt).values()).numpy())
+            labels.append(lab.numpy())
+    auc, ll = _metrics(labels, logits)
+    return _result(spec, seconds, auc, ll)
+
+
+def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
+    """persia's embedded backend through its PERSIA-compatible API, staleness ``spec["staleness"]``."""
+    from persia.config import parse_embedding_config, parse_global_config
+    from persia.ctx import TrainCtx, eval_ctx
+    from persia.data import DataLoader, IterableDataset
+    from persia.embedding.optim import Adagrad
+
+    stream = make_stream(spec)
+    b = spec["batch_size"]
+    nslots = len(spec["cardinalities"])
+    names = stream.slot_names()
+    emb_config = parse_embedding_config(
+        {"feature_index_prefix_bit": 8, "slots_config": {n: {"dim": DIM} for n in names}}
+    )
+    glob_config = parse_global_config(
+        {
+            "common_config": {"job_type": "Train"},
+            "embedding_parameter_server_config": {
+                "capacity": int(sum(spec["cardinalities"])) + 1,
+                "num_hashmap_internal_shards": spec["ps_shards"],
+            },
+        }
+    )
+    train = [stream.batch(i, b).to_persia_batch(names) for i in train_indices(spec)]
+    held_out = [
+        stream.batch(i, b).to_persia_batch(names, requires_grad=False) for i in eval_indices(spec)
+    ]
+    eval_labels = [pb.labels[0].data for pb in held_out]
+
+    class ListDataset(IterableDataset):
+        def __init__(self, items: list) -> None:
+            super().__init__(buffer_size=10)
+            self.items = items
+
+        def __iter__(self) -> Iterator[Any]:
+            return iter(self.items)
+
+    model = PersiaBenchModel(BenchModel(num_slots=nslots))
+    emb_opt = Adagrad(
+        lr=spec["emb_lr"],
+        initial_accumulator_value=0.01,
+        eps=1e-10,
+        vectorwise_shared=spec["optimizer"] == "rowwise",
+    )
+    dense_opt = _dense_optimizer(model, spec)
+    loss_fn = nn.BCEWithLogitsLoss()
+    link_stats = None
+    with TrainCtx(
+        emb_opt,
+        dense_opt,
+        model=model,
+        mixed_precision=False,
+        embedding_config_file=emb_config,  # type: ignore[arg-type]
+        global_config_file=glob_config,  # type: ignore[arg-type]
+    ) as ctx:
+        if spec.get("link"):
+            from persia.cluster.simlink import SimLinkTransport, parse_link
+
+            bandwidth, latency = parse_link(spec["link"])
+            servers = ctx.runtime.worker.servers
+            servers.transport = SimLinkTransport(servers.transport, bandwidth, latency)
+            link_stats = servers.transport.stats
+        loader = DataLoader(
+            ListDataset(train),
+            embedding_staleness=spec["staleness"],
+            forward_buffer_size=max(2, spec["staleness"]),
+            reproducible=True,
+        )
+
+        def step(batch: Any) -> None:
+            output, labels = ctx.forward(batch)
+            loss = loss_fn(output, labels[0])
+            ctx.backward(loss)
+
+        it = iter(loader)
+        seconds, idle = _timed_loop(it, spec["warmup_steps"], len(train), step)
+        t0 = time.perf_counter()
+        ctx.runtime.flush()
+        seconds += time.perf_counter() - t0
+        for _ in it:  # end of the pass
+            pass
+        link = None
+        if link_stats is not None:
+            link = (link_stats.bytes_out + link_stats.bytes_in, link_stats.wait_s)
+        report = loader.staleness_report()
+        del train
+        model.eval()
+        logits = []
+        with eval_ctx(model=model) as ectx, torch.no_grad():
+            for batch in DataLoader(ListDataset(held_out)):
+                output, _ = ectx.forward(batch)
+                logits.append(output.numpy())
+    auc, ll = _metrics(eval_labels, logits)
+    result = _result(spec, seconds, auc, ll)
+    result["idle_ms_per_step"] = 1000.0 * idle / spec["steps"]
+    result["staleness_mean"] = report.mean
+    result["staleness_max"] = report.max
+    if link is not None:
+        n = len(train_indices(spec))
+        result["link_mb_per_step"] = link[0] / 1e6 / n
+        result["link_wait_ms_per_step"] = 1000.0 * link[1] / n
+    return result
+
+
+def _result(spec: dict[str, Any], seconds: float, auc: float, ll: float) -> dict[str, Any]:
+    samples = spec["steps"] * spec["batch_size"]
+    return {
+        "system": spec["label"],
+        "samples_per_s": samples / seconds,
+        "ms_per_step": 1000.0 * seconds / spec["steps"],
+        "auc": auc,
+        "logloss": ll,
+        "peak_rss_bytes": _peak_rss(),
+        "optimizer": spec["optimizer"],
+        "steps": spec["steps"],
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+RUNNERS = {
+    "dense-only": run_dense_only,
+    "torch-embeddingbag": run_torch,
+    "torchrec-fused": run_torchrec,
+    "persia": run_persia,
+}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    if spec.get("torch_threads"):
+        torch.set_num_threads(int(spec["torch_threads"]))
+    torch.manual_seed(spec["seed"])
+    result = RUNNERS[spec["runner"]](spec)
+    print(json.dumps(result), flush=True)
+    sys.stdout.flush()
+    os._exit(0)  # skip freeing multi-GB tables
+
+
+if __name__ == "__main__":
+    main()

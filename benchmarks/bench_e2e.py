@@ -1,0 +1,275 @@
+"""End-to-end benchmark: persia (hybrid and synchronous) against what users would pick instead.
+
+    python benchmarks/bench_e2e.py --quick          # CI: small tables, < 2 minutes
+    python benchmarks/bench_e2e.py                  # full: Criteo's 33.8M rows, all contenders
+    python benchmarks/bench_e2e.py --sweep --chart benchmarks/e2e.png   # + AUC vs staleness
+
+Every contender trains one fixed model (bottom MLP 13-512-256-64-16, the 26 pooled dim-16
+embeddings concatenated with it, top MLP 512-256-1), batch 2048, element-wise Adagrad on the
+embeddings (row-wise Adagrad as a second setting), dense Adagrad, on the same seeded
+Criteo-shaped stream (:class:`persia.datasets.SyntheticStream`), each in its own subprocess
+(``_e2e_contenders.py``), one after the other:
+
+* ``persia-hybrid``: persia's embedded backend, staleness 8;
+* ``persia-sync``: the same, staleness 1;
+* ``torch-embeddingbag``: 26 ``nn.EmbeddingBag(cardinality, 16, mode="sum", sparse=True)`` and
+  ``torch.optim.Adagrad``;
+* ``torchrec-fused``: TorchRec's ``FusedEmbeddingBagCollection`` on CPU (row-wise and element-wise
+  Adagrad), when ``make bench-torchrec-install`` has installed it (skipped with a note otherwise);
+* ``dense-only``: the model alone on pre-built embedding tensors: the ceiling.
+
+With ``--links`` (default on) persia-sync and persia-hybrid also run with a simulated network link
+between the embedding worker and the parameter servers (:mod:`persia.cluster.simlink`): 10 Gbit/s
+with 50 us and 1 Gbit/s with 100 us one-way latency.
+
+Output: one JSON line per run (``system``, ``samples_per_s``, ``auc``, ``logloss``,
+``peak_rss_bytes``, ...), then ratio lines ``{"metric": ..., "value": ..., "unit": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from persia.datasets.synthetic import CRITEO_CARDINALITIES  # noqa: E402
+
+#: Where ``make bench-torchrec-install`` puts TorchRec and fbgemm (outside the venv's packages).
+TORCHREC_DIR = ROOT / ".venv" / "bench-torchrec"
+LINKS = {"10gbit": "10gbit:50us", "1gbit": "1gbit:100us"}
+
+
+def torchrec_available(path: Path) -> bool:
+    return (path / "torchrec").is_dir() and (path / "fbgemm_gpu").is_dir()
+
+
+def run_one(spec: dict[str, Any], extra_path: Path | None, timeout_s: float) -> dict[str, Any]:
+    """Runs one contender in a subprocess; returns its JSON result (or an error record)."""
+    env = dict(os.environ)
+    env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + ([str(extra_path)] if extra_path else []) + [env.get("PYTHONPATH", "")]
+    ).rstrip(os.pathsep)
+    cmd = [sys.executable, str(HERE / "_e2e_contenders.py"), json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"system": spec["label"], "error": f"timed out after {timeout_s:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"system": spec["label"], "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    result = json.loads(lines[-1])
+    result["process_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def plan(args: argparse.Namespace, have_torchrec: bool) -> list[dict[str, Any]]:
+    """The runs, in order: one spec per subprocess."""
+    cards = [min(c, args.max_rows) for c in CRITEO_CARDINALITIES] if args.max_rows else None
+    base = {
+        "cardinalities": cards or list(CRITEO_CARDINALITIES),
+        "batch_size": args.batch_size,
+        "warmup_steps": args.warmup,
+        "steps": args.steps,
+        "eval_batches": args.eval_batches,
+        "seed": args.seed,
+        "emb_lr": args.emb_lr,
+        "dense_lr": args.dense_lr,
+        "ps_shards": args.ps_shards,
+        "ids_per_sample": 1,
+        "optimizer": "adagrad",
+        "torch_threads": args.torch_threads,
+    }
+
+    def persia(label: str, staleness: int, **kw: Any) -> dict[str, Any]:
+        return {**base, "runner": "persia", "label": label, "staleness": staleness, **kw}
+
+    runs = [
+        {**base, "runner": "dense-only", "label": "dense-only"},
+        {**base, "runner": "torch-embeddingbag", "label": "torch-embeddingbag"},
+        persia("persia-sync", 1),
+        persia("persia-hybrid", args.staleness),
+    ]
+    if args.rowwise:
+        runs.append(persia("persia-hybrid-rowwise", args.staleness, optimizer="rowwise"))
+    if have_torchrec:
+        runs.append({**base, "runner": "torchrec-fused", "label": "torchrec-fused"})
+        if args.rowwise:
+            runs.append(
+                {
+                    **base,
+                    "runner": "torchrec-fused",
+                    "label": "torchrec-fused-rowwise",
+                    "optimizer": "rowwise",
+                }
+            )
+    if args.links:
+        for name, link in LINKS.items():
+            runs.append(persia(f"persia-sync@{name}", 1, link=link))
+            runs.append(persia(f"persia-hybrid@{name}", args.staleness, link=link))
+    if args.sweep:
+        for k in (2, 4, 16):
+            runs.append(persia(f"persia-staleness-{k}", k))
+    return runs
+
+
+def ratios(results: dict[str, dict[str, Any]], notes: dict[str, str]) -> list[dict[str, Any]]:
+    """The ratio lines (a missing contender gives value None and a note)."""
+
+    def sps(name: str) -> float | None:
+        r = results.get(name)
+        return r.get("samples_per_s") if r else None
+
+    def auc(name: str) -> float | None:
+        r = results.get(name)
+        return r.get("auc") if r else None
+
+    def ratio(metric: str, a: str, b: str, **extra: Any) -> dict[str, Any]:
+        x, y = sps(a), sps(b)
+        line: dict[str, Any] = {
+            "metric": metric,
+            "value": None if x is None or y is None else round(x / y, 3),
+            "unit": "x",
+            "of": f"{a} / {b} samples per second",
+        }
+        missing = [n for n in (a, b) if sps(n) is None]
+        if missing:
+            line["note"] = "; ".join(notes.get(n, f"{n} did not run") for n in missing)
+        line.update(extra)
+        return line
+
+    def gap(metric: str, a: str, b: str) -> dict[str, Any]:
+        x, y = auc(a), auc(b)
+        return {
+            "metric": metric,
+            "value": None if x is None or y is None else round(y - x, 4),
+            "unit": "auc",
+            "of": f"auc({b}) - auc({a})",
+        }
+
+    def idle(name: str) -> float | None:
+        r = results.get(name)
+        return round(r["idle_ms_per_step"], 1) if r and "idle_ms_per_step" in r else None
+
+    out = [
+        ratio("hybrid_vs_torch", "persia-hybrid", "torch-embeddingbag"),
+        ratio("hybrid_vs_sync", "persia-hybrid", "persia-sync"),
+        ratio("hybrid_vs_dense_ceiling", "persia-hybrid", "dense-only"),
+        ratio("hybrid_vs_torchrec", "persia-hybrid-rowwise", "torchrec-fused-rowwise"),
+        ratio("hybrid_vs_torchrec_elementwise", "persia-hybrid", "torchrec-fused"),
+        gap("auc_gap_hybrid_vs_sync", "persia-hybrid", "persia-sync"),
+        gap("auc_gap_hybrid_vs_torch", "persia-hybrid", "torch-embeddingbag"),
+    ]
+    for name in LINKS:
+        out.append(
+            ratio(
+                f"hybrid_vs_sync_{name}",
+                f"persia-hybrid@{name}",
+                f"persia-sync@{name}",
+                sync_idle_ms_per_step=idle(f"persia-sync@{name}"),
+                hybrid_idle_ms_per_step=idle(f"persia-hybrid@{name}"),
+            )
+        )
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small tables and few steps (CI)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 300; quick 15)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (20; quick 4)")
+    p.add_argument("--eval-batches", type=int, default=None, help="held-out batches (20; 4)")
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument(
+        "--max-rows", type=int, default=None, help="cap each slot's cardinality (quick: 100000)"
+    )
+    p.add_argument("--staleness", type=int, default=8, help="persia-hybrid's staleness")
+    p.add_argument("--emb-lr", type=float, default=0.05)
+    p.add_argument("--dense-lr", type=float, default=0.01)
+    p.add_argument("--ps-shards", type=int, default=1, help="persia parameter-server shards")
+    p.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-rowwise", dest="rowwise", action="store_false")
+    p.add_argument("--no-links", dest="links", action="store_false")
+    p.add_argument("--sweep", action="store_true", help="also staleness 2, 4, 16 (AUC chart)")
+    p.add_argument("--only", default=None, help="comma-separated labels to run (debugging)")
+    p.add_argument("--torchrec-path", type=Path, default=TORCHREC_DIR)
+    p.add_argument("--no-torchrec", action="store_true")
+    p.add_argument("--json-out", type=Path, default=None, help="also write every line here")
+    p.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per contender")
+    args = p.parse_args(argv)
+    quick = args.quick
+    if args.steps is None:
+        args.steps = 15 if quick else 300
+    if args.warmup is None:
+        args.warmup = 4 if quick else 20
+    if args.eval_batches is None:
+        args.eval_batches = 4 if quick else 20
+    if args.max_rows is None and quick:
+        args.max_rows = 100_000
+    if quick:
+        args.rowwise = False
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    notes: dict[str, str] = {}
+    have_torchrec = not args.no_torchrec and torchrec_available(args.torchrec_path)
+    if not have_torchrec:
+        note = (
+            "torchrec-fused skipped: not installed (make bench-torchrec-install)"
+            if not args.no_torchrec
+            else "torchrec-fused skipped (--no-torchrec)"
+        )
+        for n in ("torchrec-fused", "torchrec-fused-rowwise"):
+            notes[n] = note
+        print(json.dumps({"note": note}), flush=True)
+    runs = plan(args, have_torchrec)
+    if args.only:
+        wanted = set(args.only.split(","))
+        runs = [r for r in runs if r["label"] in wanted]
+    lines: list[dict[str, Any]] = []
+    results: dict[str, dict[str, Any]] = {}
+    for spec in runs:
+        extra = args.torchrec_path if spec["runner"] == "torchrec-fused" else None
+        result = run_one(spec, extra, args.timeout)
+        if "link" in spec:
+            result["link"] = spec["link"]
+        if spec["runner"] == "persia":
+            result["staleness"] = spec["staleness"]
+        print(json.dumps(result), flush=True)
+        lines.append(result)
+        if "error" in result:
+            notes[spec["label"]] = f"{spec['label']} failed: {result['error']}"
+        else:
+            results[spec["label"]] = result
+    for line in ratios(results, notes):
+        print(json.dumps(line), flush=True)
+        lines.append(line)
+    if args.json_out:
+        args.json_out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if args.chart:
+        from _e2e_chart import write_chart
+
+        write_chart(args.chart, results)
+    failed = [r["system"] for r in lines if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
