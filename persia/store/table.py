@@ -39,7 +39,7 @@ COUNTERS = (
     "skipped_nonfinite",
 )
 
-_MAX_LOAD = 0.7
+_MAX_LOAD = 0.35
 _MIN_ALLOC = 16
 _MAX_ROWS = 2**31 - 1
 
