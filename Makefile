@@ -36,3 +36,15 @@ test: lint typecheck unit bench-quick
 
 clean:
 	rm -rf $(VENV) .numba_cache .pytest_cache .mypy_cache .ruff_cache
+
+# TorchRec as a benchmark peer only (not a core dependency): installed beside the venv, not into
+# it, and put on PYTHONPATH by benchmarks/bench_e2e.py for the torchrec-fused contender alone.
+# These exact versions load with torch 2.13 on CPU (torchrec 1.9.0 and 1.7.0 do not).
+TORCHREC_DIR := $(VENV)/bench-torchrec
+.PHONY: bench-torchrec-install
+bench-torchrec-install: $(STAMP)
+	$(BIN)/pip install -q --no-deps --target $(TORCHREC_DIR) fbgemm-gpu-cpu==1.8.0
+	$(BIN)/pip install -q --no-deps --target $(TORCHREC_DIR) torchrec==1.8.0 \
+		tensordict==0.15.3 torchmetrics==1.0.3 lightning-utilities==0.15.3 \
+		pyre-extensions==0.0.32 typing-inspect==0.9.0 mypy-extensions==1.2.0 \
+		cloudpickle==3.1.3 orjson==3.13.0 pyvers==0.2.3 importlib-metadata==10.2.0 zipp==4.1.2
