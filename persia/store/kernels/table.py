@@ -422,9 +422,14 @@ def train_misses_kernel(
     acc = 0
     for g0 in range(start, n, GROUP):
         g1 = min(n, g0 + GROUP)
+        evict = meta[M_HEAD]
         for k in range(g0, g1):  # bring this group's probe chains into the cache
             if rows[k] < 0:
                 acc += find_row(index, mask, shift, row_keys, keys[k])
+                if meta[M_NROWS] == capacity and evict >= 0:
+                    # ... and the index slots of the rows that will be evicted
+                    prefetch(index, home_slot(row_keys[evict], shift))
+                    evict = lru_next[evict]
         meta[M_SCRATCH] = acc
         for i in range(g0, g1):
             if rows[i] >= 0:
