@@ -213,7 +213,7 @@ class JobReader:
             flat = self._clean(flat)
             keep = flat.is_valid()
             if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
-                keep = pc.and_(keep, pc.not_equal(flat, ""))
+                keep = pc.fill_null(pc.and_(keep, pc.not_equal(flat, "")), False)
             keep_np = keep.to_numpy(zero_copy_only=False)
             values = self._hash(col, flat.filter(keep), what)
             lengths = np.bincount(parents[keep_np], minlength=n).astype(np.int64)
