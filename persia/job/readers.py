@@ -441,30 +441,39 @@ class JobReader:
             if not files:
                 problems.append(f"{where}: no files")
                 continue
+            first: list[str] | None = None
             for path in files:
                 try:
                     names = self.file_columns(path, source.skip_rows)
                 except (pa.ArrowInvalid, OSError) as exc:
                     problems.append(f"{where}: {path}: cannot read: {exc}")
                     continue
+                if first is None:
+                    first = names
                 lacking = [c for c in spec.used_columns if c not in names]
                 if lacking:
                     problems.append(
                         f"{where}: {path}: missing column(s) {', '.join(map(repr, lacking))} "
                         f"(columns: {', '.join(names)})"
                     )
-            if problems:
-                continue
-            problems.extend(self._check_sample(where, files[0], source.skip_rows, sample_rows))
+            if first is not None:
+                present = [c for c in spec.used_columns if c in first]
+                problems.extend(
+                    self._check_sample(where, files[0], source.skip_rows, sample_rows, present)
+                )
         return problems
 
-    def _check_sample(self, where: str, path: Path, skip: int, rows: int) -> list[str]:
-        problems = []
+    def _check_sample(
+        self, where: str, path: Path, skip: int, rows: int, present: list[str]
+    ) -> list[str]:
+        problems: list[str] = []
         spec = self.spec
+        if not present:
+            return problems
         taken: list[dict[str, pa.Array]] = []
         got = 0
         try:
-            for block in self.blocks(path, skip, list(spec.used_columns)):
+            for block in self.blocks(path, skip, present):
                 taken.append(block)
                 got += len(next(iter(block.values())))
                 if got >= rows:
@@ -473,25 +482,28 @@ class JobReader:
             return [f"{where}: {exc}"]
         if not taken:
             return [f"{where}: {path}: no rows"]
-        block = {
-            c: pa.concat_arrays([b[c] for b in taken]).slice(0, rows) for c in spec.used_columns
-        }
-        try:
-            y = self.labels(block[spec.label.column])
-            seen = set(np.unique(y[~np.isnan(y)]).tolist())
-            if seen == {0.0} and where == "data.train":
-                problems.append(
-                    f"{where}: label column {spec.label.column!r}: no positive value in the first "
-                    f"{got} rows (values seen: {_distinct(block[spec.label.column])})"
-                )
-        except BatchError as exc:
-            problems.append(f"{where}: {exc} (first {got} rows of {path})")
+        block = {c: pa.concat_arrays([b[c] for b in taken]).slice(0, rows) for c in present}
+        if spec.label.column in block:
+            try:
+                y = self.labels(block[spec.label.column])
+                seen = set(np.unique(y[~np.isnan(y)]).tolist())
+                if seen == {0.0} and where == "data.train":
+                    problems.append(
+                        f"{where}: label column {spec.label.column!r}: no positive value in the "
+                        f"first {got} rows (values seen: {_distinct(block[spec.label.column])})"
+                    )
+            except BatchError as exc:
+                problems.append(f"{where}: {exc} (first {got} rows of {path})")
         for col in spec.dense:
+            if col.name not in block:
+                continue
             try:
                 self._numbers(block[col.name], f"dense column {col.name!r}")
             except BatchError as exc:
                 problems.append(f"{where}: {exc}")
         for idc in spec.ids:
+            if idc.name not in block:
+                continue
             try:
                 self._ids(idc, block[idc.name])
             except BatchError as exc:
