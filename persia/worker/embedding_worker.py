@@ -72,6 +72,7 @@ class _DimGroup:
     uniques: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # u64[u]
     inverse: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # i32[n]
     shard: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # i32[u]
+    one_hot: bool = False  # every part: summed, one ID per sample, columns side by side = all
 
 
 @dataclass
@@ -110,6 +111,10 @@ class EmbeddingWorker:
         self.prefix_bits = prefix_bits
         self.servers = servers
         self._dedupers: dict[int, pooling.Deduper] = {}
+        # One gather and one segment sum for a dim group whose slots are all summed with one
+        # ID per sample and fill ``summed`` side by side (Criteo-style one-hot slots), instead
+        # of a pooling call per slot. Same results; False forces the per-slot path.
+        self.one_hot_fast_path = True
         self.nonfinite_gradients = 0  # unique keys whose gradient had a NaN or infinity
 
     # ------------------------------------------------------------------ forward
@@ -141,7 +146,9 @@ class EmbeddingWorker:
                 column += spec.dim
             group.parts.append(_SlotPart(spec, fi, start, start + len(keys), lengths, col))
 
-        summed = np.zeros((n, column), dtype=np.float32)
+        # Every column of ``summed`` belongs to exactly one summed slot, and pooling overwrites
+        # its slot's columns entirely, so no zero fill is needed.
+        summed = np.empty((n, column), dtype=np.float32)
         raw: dict[int, np.ndarray] = {}
         dropped = 0
         for dim, group in groups.items():
@@ -151,6 +158,18 @@ class EmbeddingWorker:
             uniques, inverse = deduper.unique_inverse(keys)
             group.uniques, group.inverse = uniques, inverse
             rows = self._gather(group, uniques, training)
+            group.one_hot = self.one_hot_fast_path and _spans_summed(group, n, column)
+            if group.one_hot:
+                # Sample b's slot s is key s * n + b: rows[inverse] laid out (slot, sample),
+                # written transposed straight into (sample, slot, dim) = ``summed``.
+                np.take(
+                    rows,
+                    inverse.reshape(len(group.parts), n).T,
+                    axis=0,
+                    out=summed.reshape(n, len(group.parts), dim),
+                    mode="clip",
+                )
+                continue
             for part in group.parts:
                 inv = inverse[part.start : part.stop]
                 spec = part.spec
@@ -210,6 +229,22 @@ class EmbeddingWorker:
         totals = np.zeros(3, dtype=np.int64)
         for group in lookup.groups:
             grad_u = np.zeros((len(group.uniques), group.dim), dtype=np.float32)
+            if group.one_hot and summed_grad is not None:
+                m, n = len(group.parts), lookup.batch_size
+                # (sample, slot) order: the gradient buffer viewed as one row per key.
+                inv = np.ascontiguousarray(group.inverse.reshape(m, n).T).reshape(-1)
+                d_out = np.ascontiguousarray(summed_grad, dtype=np.float32)
+                pooling.pool_backward(
+                    _ones(n * m),
+                    inv,
+                    d_out.reshape(n * m, group.dim),
+                    "sum",
+                    out=grad_u,
+                )
+                _, bad = pooling.nonfinite_rows(grad_u)
+                self.nonfinite_gradients += bad
+                totals += self._apply(group, grad_u)
+                continue
             touched = False
             for part in group.parts:
                 inv = group.inverse[part.start : part.stop]
@@ -251,6 +286,38 @@ class EmbeddingWorker:
                     s, group.uniques[sel], np.ascontiguousarray(grad_u[sel])
                 )
         return totals
+
+
+def _spans_summed(group: _DimGroup, batch_size: int, width: int) -> bool:
+    """Whether ``group``'s slots are all summed (sum/mean/sqrt), one ID per sample, with their
+    keys in slot order and their columns side by side filling the whole ``summed`` buffer."""
+    col = 0
+    pos = 0
+    for part in group.parts:
+        if part.spec.pooling == "raw" or part.column != col or part.start != pos:
+            return False
+        if part.stop - part.start != batch_size or part.lengths.shape != (batch_size,):
+            return False
+        col += group.dim
+        pos = part.stop
+    if col != width or not group.parts:
+        return False
+    # sum(lengths) == batch_size per slot (checked above via the key count), so all ones
+    # iff none is zero.
+    return all(int(part.lengths.min()) >= 1 for part in group.parts)
+
+
+_ONES: dict[int, np.ndarray] = {}
+
+
+def _ones(n: int) -> np.ndarray:
+    """An int64 array of ``n`` ones, not to be written (cached: the batch size rarely changes)."""
+    a = _ONES.get(n)
+    if a is None:
+        a = np.ones(n, dtype=np.int64)
+        _ONES.clear()
+        _ONES[n] = a
+    return a
 
 
 def hash_stack(values: np.ndarray, rounds: int, size: int) -> np.ndarray:
