@@ -207,7 +207,7 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
     model = BenchModel(num_slots=len(cards))
     opt_dense = _dense_optimizer(model, spec)
     opt_sparse = torch.optim.Adagrad(
-        bags.parameters(), lr=spec["emb_lr"], initial_accumulator_value=0.01, eps=1e-10
+        bags.parameters(), lr=spec["emb_lr"], initial_accumulator_value=0.0, eps=1e-10
     )
     loss_fn = nn.BCEWithLogitsLoss()
 
@@ -345,7 +345,7 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
     model = PersiaBenchModel(BenchModel(num_slots=nslots))
     emb_opt = Adagrad(
         lr=spec["emb_lr"],
-        initial_accumulator_value=0.01,
+        initial_accumulator_value=0.0,
         eps=1e-10,
         vectorwise_shared=spec["optimizer"] == "rowwise",
     )

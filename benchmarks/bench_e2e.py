@@ -186,10 +186,16 @@ def ratios(results: dict[str, dict[str, Any]], notes: dict[str, str]) -> list[di
     return out
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median throughput (its own AUC etc. kept with it)."""
+    ordered = sorted(runs, key=lambda r: r["samples_per_s"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small tables and few steps (CI)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 300; quick 15)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 200; quick 15)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (20; quick 4)")
     p.add_argument("--eval-batches", type=int, default=None, help="held-out batches (20; 4)")
     p.add_argument("--batch-size", type=int, default=2048)
@@ -210,11 +216,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-torchrec", action="store_true")
     p.add_argument("--json-out", type=Path, default=None, help="also write every line here")
     p.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
+    p.add_argument("--repeat", type=int, default=1, help="run everything N times (median)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per contender")
     args = p.parse_args(argv)
     quick = args.quick
     if args.steps is None:
-        args.steps = 15 if quick else 300
+        args.steps = 15 if quick else 200
     if args.warmup is None:
         args.warmup = 4 if quick else 20
     if args.eval_batches is None:
@@ -244,20 +251,27 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.only.split(","))
         runs = [r for r in runs if r["label"] in wanted]
     lines: list[dict[str, Any]] = []
-    results: dict[str, dict[str, Any]] = {}
-    for spec in runs:
-        extra = args.torchrec_path if spec["runner"] == "torchrec-fused" else None
-        result = run_one(spec, extra, args.timeout)
-        if "link" in spec:
-            result["link"] = spec["link"]
-        if spec["runner"] == "persia":
-            result["staleness"] = spec["staleness"]
-        print(json.dumps(result), flush=True)
-        lines.append(result)
-        if "error" in result:
-            notes[spec["label"]] = f"{spec['label']} failed: {result['error']}"
-        else:
-            results[spec["label"]] = result
+    done: dict[str, list[dict[str, Any]]] = {}
+    for rep in range(args.repeat):  # interleaved, so slow phases of a shared box hit all alike
+        for spec in runs:
+            extra = args.torchrec_path if spec["runner"] == "torchrec-fused" else None
+            result = run_one(spec, extra, args.timeout)
+            if "link" in spec:
+                result["link"] = spec["link"]
+            if spec["runner"] == "persia":
+                result["staleness"] = spec["staleness"]
+            if args.repeat > 1:
+                result["repeat"] = rep
+            print(json.dumps(result), flush=True)
+            lines.append(result)
+            if "error" in result:
+                notes[spec["label"]] = f"{spec['label']} failed: {result['error']}"
+            else:
+                done.setdefault(spec["label"], []).append(result)
+    results = {label: _median_run(rs) for label, rs in done.items()}
+    if args.repeat > 1:
+        for r in results.values():
+            print(json.dumps({**r, "median_of": args.repeat}), flush=True)
     for line in ratios(results, notes):
         print(json.dumps(line), flush=True)
         lines.append(line)
