@@ -151,6 +151,7 @@ class _Run:
         self.runtime = loader._runtime
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=loader.forward_buffer_size)
         self.stop = threading.Event()
+        self.previous: TrainingBatch | None = None
         self.thread = threading.Thread(target=self._produce, name="persia-lookup", daemon=True)
         self.thread.start()
 
@@ -199,6 +200,11 @@ class _Run:
     def __iter__(self) -> Iterator[TrainingBatch]:
         timeout_s = self.loader.timeout_ms / 1000.0
         while True:
+            if self.previous is not None:
+                # The NN worker asks for the next batch: one that got no backward never will,
+                # and must return its staleness permit or the next lookup could wait forever.
+                self.previous.discard()
+                self.previous = None
             try:
                 item = self.queue.get(timeout=timeout_s)
             except queue.Empty:
@@ -210,10 +216,14 @@ class _Run:
                 return
             if isinstance(item, BaseException):
                 raise item
+            self.previous = item
             yield item
 
     def close(self) -> None:
         self.stop.set()
+        if self.previous is not None:  # left the loop before its backward: none will come
+            self.previous.discard()
+            self.previous = None
         # Drain what was looked up but never consumed so permits come back.
         while True:
             try:

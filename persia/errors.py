@@ -70,7 +70,7 @@ class BackendError(PersiaError):
     def __init__(self, message: str, role: str | None = None, rank: int | None = None) -> None:
         self.role = role
         self.rank = rank
-        who = f"{role}[{rank}]: " if role is not None else ""
+        who = "" if role is None else f"{role}: " if rank is None else f"{role}[{rank}]: "
         super().__init__(who + message)
         self.message = message
 

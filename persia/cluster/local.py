@@ -12,11 +12,12 @@ class LocalTransport(Transport):
     """A direct method call on in-process role objects.
 
     Args:
-        roles: role name -> list of replica objects.
+        roles: role name -> list of replica objects. The lists are used as given, not copied,
+            so an owner that replaces its replicas in place (``ShardedStore.load``) is seen.
     """
 
     def __init__(self, roles: dict[str, list[Any]]) -> None:
-        self._roles = {name: list(objs) for name, objs in roles.items()}
+        self._roles = dict(roles)
 
     def replicas(self, role: str) -> int:
         return len(self._roles.get(role, []))
@@ -35,5 +36,5 @@ def local_parameter_servers(store: Any) -> ParameterServerClient:
     """A client over the shards of an in-process :class:`persia.store.ShardedStore`."""
     from persia.store import shard_of
 
-    transport = LocalTransport({PARAMETER_SERVER: list(store.shards)})
+    transport = LocalTransport({PARAMETER_SERVER: store.shards})
     return ParameterServerClient(transport, shard_of)

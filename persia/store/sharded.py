@@ -37,6 +37,8 @@ class ShardedStore:
         num_shards: how many shards (> 0).
         capacity: rows over all shards and dims; each shard holds ``ceil(capacity / num_shards)``.
         optimizer, init, admission, seed, weight_bound, dims: as for :class:`Shard`.
+        adopt_optimizer: :meth:`load` takes the checkpoint's optimizer instead of requiring a
+            matching one (an evaluation or serving store that trains nothing).
     """
 
     def __init__(
@@ -49,7 +51,9 @@ class ShardedStore:
         seed: int = 0,
         weight_bound: float = 10.0,
         dims: Sequence[int] | None = None,
+        adopt_optimizer: bool = False,
     ) -> None:
+        self.adopt_optimizer = adopt_optimizer
         self.num_shards = check_positive_int(num_shards, "num_shards")
         self.capacity = check_positive_int(capacity, "capacity")
         self.optimizer = optimizer
@@ -133,7 +137,11 @@ class ShardedStore:
 
     def clear(self) -> None:
         """Drops every row (the configuration stays)."""
-        self.shards = self._new_shards(self.num_shards)
+        self._replace_shards(self._new_shards(self.num_shards))
+
+    def _replace_shards(self, shards: list[Shard]) -> None:
+        # In place: clients (e.g. the local transport) hold this very list.
+        self.shards[:] = shards
 
     # ---------------------------------------------------------------------- checkpoints
     def dump(self, directory: str | os.PathLike) -> None:
@@ -165,6 +173,13 @@ class ShardedStore:
         """
         arrays, meta = read_current(directory, kind=KIND)
         saved_opt = meta.get("optimizer", {})
+        if self.adopt_optimizer:
+            from persia.embedding.optim import EmbeddingOptimizer
+
+            try:
+                self.optimizer = EmbeddingOptimizer.from_dict(saved_opt)
+            except Exception as exc:
+                raise CheckpointError(f"{directory}: bad optimizer in manifest: {exc}") from exc
         problems = []
         for dim in meta.get("dims", []):
             want = self.optimizer.state_width(dim)
@@ -193,4 +208,4 @@ class ShardedStore:
                     sel = np.flatnonzero(where == s)
                     if sel.size:
                         shard.import_rows(dim, keys[sel], values[sel], state[sel])
-        self.shards = shards
+        self._replace_shards(shards)

@@ -69,6 +69,7 @@ def build_local_runtime(
         seed=embedding_seed(),
         weight_bound=float(embedding_config.weight_bound),
         dims=sorted({s.dim for s in emb.slots}),
+        adopt_optimizer=optimizer is None,
     )
     worker = EmbeddingWorker(
         slot_specs(emb), emb.feature_index_prefix_bit, local_parameter_servers(store)

@@ -43,6 +43,7 @@ class TrainingBatch:
     gate: StalenessGate | None
     staleness: int | None = None
     _settled: bool = field(default=False, repr=False)
+    _submitted: bool = field(default=False, repr=False)
 
     @property
     def training(self) -> bool:
@@ -55,8 +56,9 @@ class TrainingBatch:
             self.gate.release()
 
     def discard(self) -> None:
-        """Drops a batch that will never get gradients."""
-        self.settle()
+        """Drops a batch that will never get gradients (no-op once they were submitted)."""
+        if not self._submitted:
+            self.settle()
 
 
 class Runtime:
@@ -101,6 +103,7 @@ class Runtime:
         self._raise_pending()
         if self._closed:
             raise PersiaError("the training runtime is closed")
+        item._submitted = True
         with self._cond:
             self._pending += 1
         while True:
