@@ -145,6 +145,11 @@ def ratios(results: dict[str, dict[str, Any]], notes: dict[str, str]) -> list[di
             "unit": "x",
             "of": f"{a} / {b} samples per second",
         }
+        ca, cb = (results.get(n, {}).get("cpu_ms_per_step") for n in (a, b))
+        if ca and cb:
+            # CPU time per step is less sensitive to other load on a shared machine than
+            # wall time (it still includes the contention's cache and barrier effects).
+            line["cpu_ratio"] = round(cb / ca, 3)
         missing = [n for n in (a, b) if sps(n) is None]
         if missing:
             line["note"] = "; ".join(notes.get(n, f"{n} did not run") for n in missing)
