@@ -21,6 +21,7 @@ uses the current or most recent one, as PERSIA's servers outlive a context.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from enum import Enum
@@ -147,6 +148,9 @@ class EmbeddingCtx(BaseCtx):
             default: ``$PERSIA_EMBEDDING_CONFIG``).
         global_config_file: path of PERSIA's ``global_config.yml`` (persia extension; default:
             ``$PERSIA_GLOBAL_CONFIG``, else built-in defaults).
+        backend: ``"local"`` (every role in this process) or ``"ray"`` (parameter servers as
+            Ray actors, see docs/cluster.md); default ``$PERSIA_BACKEND``, else ``"local"``.
+        cluster: a :class:`persia.cluster.ray_backend.ClusterConfig` (ray backend only).
     """
 
     def __init__(
@@ -157,9 +161,19 @@ class EmbeddingCtx(BaseCtx):
         *args: Any,
         embedding_config_file: str | os.PathLike | None = None,
         global_config_file: str | os.PathLike | None = None,
+        backend: str | None = None,
+        cluster: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        from persia import _settings
+
+        self.backend = backend or os.environ.get(_settings.PERSIA_BACKEND, "").strip() or "local"
+        if self.backend not in ("local", "ray"):
+            raise PersiaError(f"backend must be 'local' or 'ray', got {self.backend!r}")
+        if cluster is not None and self.backend != "ray":
+            raise PersiaError("cluster= needs backend='ray'")
+        self.cluster = cluster
         self.preprocess_mode = preprocess_mode
         self.model = model
         self.embedding_config = embedding_config or get_default_embedding_config()
@@ -189,6 +203,16 @@ class EmbeddingCtx(BaseCtx):
             self._runtime.training_allowed = self._saved_training_allowed
 
     def _build_runtime(self, optimizer: EmbeddingOptimizer | None) -> Runtime:
+        if self.backend == "ray":
+            from persia.cluster.ray_runtime import build_ray_runtime
+
+            return build_ray_runtime(
+                embedding_config=self.embedding_config,
+                optimizer=optimizer,
+                embedding_config_file=self.embedding_config_file,
+                global_config_file=self.global_config_file,
+                cluster=self.cluster,
+            )
         from persia.train.local import build_local_runtime
 
         return build_local_runtime(
@@ -256,16 +280,89 @@ class EmbeddingCtx(BaseCtx):
         jit_dense_filename: str = "jit_dense.pt",
         blocking: bool = True,
         with_jit_model: bool = False,
-    ) -> None:
-        """Saves the dense model and every embedding row (with optimizer state) to ``dst_dir``."""
+        *,
+        position: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> Any:
+        """Saves the dense model and every embedding row (with optimizer state) to ``dst_dir``.
+
+        The checkpoint is one verified generation of :mod:`persia.checkpoint` (a crash at any
+        moment leaves the previous one loadable). ``dense_filename`` is kept for PERSIA's
+        signature; the dense state lives inside the generation. ``blocking=False`` returns at
+        once and writes on a background thread while training continues (shard by shard; see
+        :func:`persia.checkpoint.dump`); :meth:`wait_for_dump_embedding` waits for it.
+        ``position`` and ``config`` (persia extensions) are JSON dicts saved in the manifest.
+
+        Returns:
+            The :class:`persia.checkpoint.DumpReport` (None when not blocking).
+        """
+        return self._dump_job(
+            dst_dir,
+            None,
+            jit_dense_filename if with_jit_model else None,
+            blocking,
+            position,
+            config,
+        )
+
+    def _dump_job(
+        self,
+        dst_dir: str | os.PathLike,
+        optimizer_state: dict[str, Any] | None,
+        jit_filename: str | None,
+        blocking: bool,
+        position: dict[str, Any] | None,
+        config: dict[str, Any] | None,
+    ) -> Any:
+        from persia import checkpoint
+
         if self.model is None:
             raise PersiaError("no model: create the context with model=...")
+        self.wait_for_dump_embedding()
         dst = Path(dst_dir)
         dst.mkdir(parents=True, exist_ok=True)
-        if with_jit_model:
-            torch.jit.save(torch.jit.script(self.model), str(dst / jit_dense_filename))
-        _atomic_torch_save(self.model.state_dict(), dst / dense_filename)
-        self.dump_embedding(dst, blocking=blocking)
+        if jit_filename is not None:
+            tmp = dst / (jit_filename + ".tmp")
+            torch.jit.save(torch.jit.script(self.model), str(tmp))
+            os.replace(tmp, dst / jit_filename)
+        self.runtime.flush()
+        store = self.runtime.store
+        model_state = self.model.state_dict()
+        delta = getattr(self, "_delta_writer", None)
+        delta_seq = delta.last_seq if delta is not None else None
+        if blocking:
+            return checkpoint.dump(
+                dst,
+                store,
+                model_state=model_state,
+                optimizer_state=optimizer_state,
+                position=position,
+                config=config,
+                delta_seq=delta_seq,
+            )
+        # copies now, so that training may change the model while the thread writes
+        model_state = {k: v.detach().clone() for k, v in model_state.items()}
+        optimizer_state = copy.deepcopy(optimizer_state)
+        self._dump_error: BaseException | None = None
+
+        def write() -> None:
+            try:
+                checkpoint.dump(
+                    dst,
+                    store,
+                    model_state=model_state,
+                    optimizer_state=optimizer_state,
+                    position=position,
+                    config=config,
+                    delta_seq=delta_seq,
+                )
+            except BaseException as exc:  # handed to wait_for_dump_embedding
+                self._dump_error = exc
+
+        thread = threading.Thread(target=write, name="persia-dump", daemon=True)
+        thread.start()
+        self._dump_thread: threading.Thread | None = thread
+        return None
 
     def load_checkpoint(
         self,
@@ -273,18 +370,41 @@ class EmbeddingCtx(BaseCtx):
         map_location: str | None = None,
         dense_filename: str = "dense.pt",
         blocking: bool = True,
-    ) -> None:
-        """Loads the dense model and the embeddings saved by :meth:`dump_checkpoint`."""
+    ) -> Any:
+        """Loads the dense model and the embeddings saved by :meth:`dump_checkpoint`.
+
+        Every file is verified (sizes, CRC-32, format version, dims, optimizer state width)
+        before anything changes; rows re-shard to this job's shard count. A directory in the
+        older layout (``dense.pt`` + ``embeddings/``) still loads.
+
+        Returns:
+            The :class:`persia.checkpoint.JobCheckpoint` (its ``position``, ``config``), or None
+            for the older layout.
+
+        Raises:
+            CheckpointError: missing, truncated, tampered or mismatching checkpoint.
+        """
+        from persia import checkpoint
+
         if self.model is None:
             raise PersiaError("no model: create the context with model=...")
         src = Path(src_dir)
         if not src.is_dir():
             raise CheckpointError(f"checkpoint directory {str(src)!r} does not exist")
-        path = src / dense_filename
-        if not path.is_file():
-            raise CheckpointError(f"dense checkpoint {str(path)!r} is missing")
-        self.model.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
-        self.load_embedding(src, blocking=blocking)
+        if not checkpoint.is_job_checkpoint(src) and (src / dense_filename).is_file():
+            state = torch.load(src / dense_filename, map_location=map_location, weights_only=True)
+            self.model.load_state_dict(state)
+            self.load_embedding(src, blocking=blocking)
+            return None
+        ckpt = checkpoint.read(src)
+        state = ckpt.dense_model_state(map_location)
+        self.runtime.flush()
+        checkpoint.restore_store(self.runtime.store, ckpt)
+        try:
+            self.model.load_state_dict(state)
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{ckpt.path}: the dense model does not match: {exc}") from exc
+        return ckpt
 
     def dump_embedding(self, dst_dir: str | os.PathLike, blocking: bool = True) -> None:
         """Saves every embedding row with its optimizer state under ``dst_dir/embeddings``."""
@@ -297,7 +417,14 @@ class EmbeddingCtx(BaseCtx):
         self.runtime.store.load(Path(src_dir) / "embeddings")
 
     def wait_for_dump_embedding(self) -> None:
-        """Dumps are blocking in persia; kept for PERSIA compatibility."""
+        """Waits for a ``dump_checkpoint(..., blocking=False)`` and raises its error, if any."""
+        thread = getattr(self, "_dump_thread", None)
+        if thread is not None:
+            thread.join()
+            self._dump_thread = None
+            error, self._dump_error = self._dump_error, None
+            if error is not None:
+                raise error
 
     def wait_for_load_embedding(self) -> None:
         """Loads are blocking in persia; kept for PERSIA compatibility."""
@@ -466,16 +593,21 @@ class TrainCtx(EmbeddingCtx):
         opt_filename: str = "opt.pt",
         blocking: bool = True,
         with_jit_model: bool = False,
-    ) -> None:
-        """Saves the dense model, the dense optimizer and every embedding row."""
-        super().dump_checkpoint(
+        *,
+        position: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> Any:
+        """Saves the dense model, the dense optimizer and every embedding row (see
+        :meth:`EmbeddingCtx.dump_checkpoint`; the file name arguments are PERSIA's and kept for
+        compatibility: everything lives in one verified generation)."""
+        return self._dump_job(
             dst_dir,
-            dense_filename=dense_model_filename,
-            jit_dense_filename=jit_dense_model_filename,
-            blocking=blocking,
-            with_jit_model=with_jit_model,
+            self.dense_optimizer.state_dict(),
+            jit_dense_model_filename if with_jit_model else None,
+            blocking,
+            position,
+            config,
         )
-        _atomic_torch_save(self.dense_optimizer.state_dict(), Path(dst_dir) / opt_filename)
 
     def load_checkpoint(  # type: ignore[override]
         self,
@@ -484,27 +616,27 @@ class TrainCtx(EmbeddingCtx):
         dense_model_filename: str = "dense.pt",
         opt_filename: str = "opt.pt",
         blocking: bool = True,
-    ) -> None:
-        """Loads what :meth:`dump_checkpoint` saved."""
-        super().load_checkpoint(
+    ) -> Any:
+        """Loads what :meth:`dump_checkpoint` saved, the dense optimizer's state included."""
+        ckpt = super().load_checkpoint(
             src_dir,
             map_location=map_location,
             dense_filename=dense_model_filename,
             blocking=blocking,
         )
+        if ckpt is not None:
+            opt_state = ckpt.dense_optimizer_state(map_location)
+            if opt_state is not None:
+                self.dense_optimizer.load_state_dict(opt_state)
+            return ckpt
         path = Path(src_dir) / opt_filename
         if path.is_file():
             self.dense_optimizer.load_state_dict(
                 torch.load(path, map_location=map_location, weights_only=True)
             )
+        return None
 
 
 def eval_ctx(*args: Any, **kwargs: Any) -> EmbeddingCtx:
     """An :class:`EmbeddingCtx` in EVAL mode: lookups create nothing, no gradients."""
     return EmbeddingCtx(PreprocessMode.EVAL, *args, **kwargs)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
