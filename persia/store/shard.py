@@ -105,6 +105,9 @@ class Shard:
         self._tables: dict[int, EmbeddingTable] = {}
         self._absent_no_table = 0
         self._misses_no_table = 0
+        # change record for incremental updates (persia.store.delta): None = not tracking
+        self._changed: dict[int, list[np.ndarray]] | None = None
+        self._changed_count = 0
         self.declared_dims: tuple[int, ...] | None = None
         if dims is not None:
             checked = sorted({check_positive_int(d, "dims[]") for d in dims})
@@ -192,6 +195,8 @@ class Shard:
                 return out
             rows = table.probe(keys)
             self._check_other_dims(keys, rows, dim)
+            if self._changed is not None:
+                self._note_changed(dim, keys[rows < 0])  # rows this lookup may create
             return table.train_lookup(keys, rows)
 
     def apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
@@ -219,6 +224,8 @@ class Shard:
             if table is None:
                 self._absent_no_table += n
                 return np.array([0, n, 0], dtype=np.int64)
+            if self._changed is not None:
+                self._note_changed(dim, keys[rows >= 0])
             return table.apply_rows(rows, grads)
 
     def reserve(self, rows: int, dim: int) -> None:
@@ -254,6 +261,63 @@ class Shard:
                 raise StoreError(f"dim {dim} has no table")
             self._check_other_dims(keys, table.probe(keys), dim)
             table.import_rows(keys, values, state)
+
+    # ------------------------------------------------------------------ change tracking
+    def _note_changed(self, dim: int, keys: np.ndarray) -> None:
+        if keys.size:
+            self._changed.setdefault(dim, []).append(keys)  # type: ignore[union-attr]
+            self._changed_count += int(keys.size)
+
+    def track_changes(self, enabled: bool = True) -> None:
+        """Start (or stop) recording the keys that training lookups create and gradients
+        change, for :meth:`take_changes` (incremental updates). Off by default: costs one copy
+        of the keys per call while on."""
+        with self._lock:
+            if enabled and self._changed is None:
+                self._changed = {}
+                self._changed_count = 0
+            elif not enabled:
+                self._changed = None
+                self._changed_count = 0
+
+    @property
+    def tracking_changes(self) -> bool:
+        """Whether :meth:`track_changes` is on."""
+        return self._changed is not None
+
+    @property
+    def changed_count(self) -> int:
+        """Keys recorded since the last :meth:`take_changes` (with repeats; a cheap bound)."""
+        return self._changed_count
+
+    def take_changes(self) -> dict[int, dict[str, np.ndarray]]:
+        """The current rows of every key changed since the last call, and reset the record.
+
+        Returns ``{dim: {"keys": u64[n], "values": f32[n, dim], "state": f32[n, W]}}``, keys
+        unique and ascending; keys no longer held (evicted, or not admitted) are left out. Taken
+        under the shard's lock, so each row is whole. Empty when not tracking.
+        """
+        with self._lock:
+            changed = self._changed
+            if not changed:
+                return {}
+            self._changed = {}
+            self._changed_count = 0
+            out: dict[int, dict[str, np.ndarray]] = {}
+            for dim, parts in sorted(changed.items()):
+                table = self._tables.get(dim)
+                if table is None:
+                    continue
+                keys = np.unique(np.concatenate(parts))
+                rows = table.probe(keys)
+                held = rows >= 0
+                rows = rows[held]
+                out[dim] = {
+                    "keys": keys[held],
+                    "values": table.values[rows],
+                    "state": table.state[rows],
+                }
+            return out
 
     def stats(self) -> dict[str, Any]:
         """Totals over dims (rows, capacity, evictions, misses, admissions, rejections, applied,
