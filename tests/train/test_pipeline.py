@@ -264,3 +264,53 @@ def test_checkpoint_loads_in_a_fresh_process_with_identical_predictions(tmp_path
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == preds
+
+
+def _bad_batches():
+    ids = [IDTypeFeatureWithSingleID("a", np.arange(4, dtype=np.uint64))]
+    dense = [NonIDTypeFeature(np.zeros((4, 3), np.float32))]
+    label = [Label(np.zeros((4, 1), np.float32))]
+    return {
+        "mismatched batch sizes": lambda: PersiaBatch(
+            ids, non_id_type_features=[NonIDTypeFeature(np.zeros((5, 3), np.float32))], labels=label
+        ),
+        "wrong ID dtype": lambda: PersiaBatch(
+            [IDTypeFeatureWithSingleID("a", np.arange(4, dtype=np.int64))],
+            non_id_type_features=dense,
+            labels=label,
+        ),
+        "requires_grad without labels": lambda: PersiaBatch(ids, non_id_type_features=dense),
+        "NaN dense feature": lambda: PersiaBatch(
+            ids,
+            non_id_type_features=[NonIDTypeFeature(np.full((4, 3), np.nan, np.float32))],
+            labels=label,
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_batches()))
+def test_bad_batches_give_clear_errors_and_write_nothing(case):
+    make = _bad_batches()[case]
+
+    class Source(IterableDataset):
+        def __iter__(self):
+            yield make()
+
+    with train_ctx(Net()) as ctx:
+        with pytest.raises(BatchError) as info:
+            train(ctx, DataLoader(Source()))
+        assert sum(ctx.get_embedding_size()) == 0
+    assert str(info.value)  # a message, not a bare exception
+
+
+def test_clear_embeddings_empties_every_shard_and_lookups_see_it():
+    model = Net()
+    with train_ctx(model) as ctx:
+        train(ctx, DataLoader(ListDataset(make_batches(3))))
+        assert sum(ctx.get_embedding_size()) > 0
+        ctx.clear_embeddings()
+        assert sum(ctx.get_embedding_size()) == 0
+        with eval_ctx(model=model) as ectx, torch.no_grad():
+            for b in DataLoader(ListDataset(make_batches(1), requires_grad=False)):
+                _, embs, _ = ectx.prepare_features(b)
+                assert float(embs[0].abs().max()) == 0.0
