@@ -48,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
@@ -91,7 +92,7 @@ def _real(value: object) -> float:
 
 
 @dataclass(frozen=True)
-class EmbeddingOptimizer:
+class EmbeddingOptimizer(abc.ABC):
     """Base class of the embedding optimizers: validation, state layout, update, serialisation.
 
     Subclasses are frozen dataclasses; bad values raise ``ConfigError`` listing every problem.
@@ -112,17 +113,18 @@ class EmbeddingOptimizer:
             if _is_number(value):
                 object.__setattr__(self, f.name, float(value))
 
+    @abc.abstractmethod
     def _problems(self) -> list[str]:
-        raise NotImplementedError
+        """Every invalid field, one message each."""
 
     @property
+    @abc.abstractmethod
     def name(self) -> str:
         """Short name: "sgd", "adagrad", "rowwise_adagrad" or "adam"."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def state_width(self, dim: int) -> int:
         """Number of float32 optimizer-state columns per row for embeddings of ``dim``."""
-        raise NotImplementedError
 
     def initial_state(self, dim: int) -> np.ndarray:
         """The optimizer state of a freshly created row: float32 ``(state_width(dim),)``."""
@@ -158,6 +160,7 @@ class EmbeddingOptimizer:
         counts, _ = self._run(values, state, rows, grads, gbits, clip, bound)
         return counts
 
+    @abc.abstractmethod
     def _run(
         self,
         values: np.ndarray,
@@ -168,7 +171,7 @@ class EmbeddingOptimizer:
         clip: bool,
         bound: np.float32,
     ) -> tuple[np.ndarray, float]:
-        raise NotImplementedError
+        """Runs the optimizer's kernel; returns (counts, seconds)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, ``{"type": <class name>, <field>: <value>, ...}``."""
