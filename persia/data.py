@@ -224,21 +224,18 @@ class _Run:
         if self.previous is not None:  # left the loop before its backward: none will come
             self.previous.discard()
             self.previous = None
-        # Drain what was looked up but never consumed so permits come back.
+        self._drain()  # a producer blocked on a full queue can now see the stop
+        self.thread.join(timeout=5.0)
+        if self.thread.is_alive():
+            _logger.warning("persia lookup thread did not stop within 5 s")
+        self._drain()  # anything put between the first drain and the join
+
+    def _drain(self) -> None:
+        """Discards what was looked up but never consumed, so its permits come back."""
         while True:
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:
-                break
-            if hasattr(item, "discard"):
-                item.discard()
-        self.thread.join(timeout=5.0)
-        if self.thread.is_alive():
-            _logger.warning("persia lookup thread did not stop within 5 s")
-        while True:  # anything put between the drain and the join
-            try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
-                break
+                return
             if hasattr(item, "discard"):
                 item.discard()
