@@ -42,10 +42,11 @@ is ``(x & key_mask) | index_prefix`` with ``key_mask = 2**(64 - bits) - 1`` (PER
     embedding_parameter_server_config:
       capacity: 1000000000             # rows per parameter server before LRU eviction
       num_hashmap_internal_shards: 1   # shards of the table (PERSIA's default was 100)
-      enable_incremental_update: false # and incremental_buffer_size / _dir / _channel_capacity
+      enable_incremental_update: false # deltas of changed rows (incremental_buffer_size rows each)
+      incremental_dir: /workspace/incremental_dir/  # where TrainCtx writes them
 
 Every key PERSIA's own configs and docs use is accepted. Keys persia builds on are used; keys of
-features persia has not built (metrics, incremental update, PERSIA's I/O tuning knobs) are
+features persia has not built (metrics, PERSIA's I/O tuning knobs) are
 accepted with a one-time warning when set to something other than PERSIA's default; PERSIA's
 misspellings and old names (``push_interval_sec``, ``slot_config``, ``intent``,
 ``shard_server_config``, ...) are accepted with a warning naming the right key. Anything else
@@ -612,7 +613,7 @@ def parse_embedding_config(data: object, source: str | None = None) -> Embedding
 # --------------------------------------------------------------------------------------------
 
 _METRICS_WHY = "metrics are not built yet"
-_INCREMENTAL_WHY = "incremental update is not built yet"
+_INCREMENTAL_WHY = "persia writes deltas without a channel between threads"
 _TUNING_WHY = "a knob of PERSIA's own server internals; persia has no equivalent"
 
 
@@ -722,13 +723,18 @@ def _parse_server(r: _Reader, raw: object) -> EmbeddingParameterServerConfig:
         default.full_amount_manager_buffer_size,
         _TUNING_WHY,
     )
-    for key in (
-        "enable_incremental_update",
-        "incremental_buffer_size",
-        "incremental_dir",
+    # enable_incremental_update, incremental_buffer_size (rows per delta) and incremental_dir are
+    # honoured by TrainCtx (persia.store.delta); the channel capacity has no equivalent
+    r.no_effect(
+        d,
         "incremental_channel_capacity",
-    ):
-        r.no_effect(d, key, path, getattr(cfg, key), getattr(default, key), _INCREMENTAL_WHY)
+        path,
+        cfg.incremental_channel_capacity,
+        default.incremental_channel_capacity,
+        _INCREMENTAL_WHY,
+    )
+    if cfg.incremental_buffer_size < 1:
+        r.bad(f"{path}.incremental_buffer_size", "an int >= 1", cfg.incremental_buffer_size)
     for key, key_default in _PS_TUNING_INTS.items():
         r.no_effect(d, key, path, r.int_(d, key, path, key_default), key_default, _TUNING_WHY)
     storage = r.str_(d, "storage", path, "ceph", choices=("ceph", "hdfs"))

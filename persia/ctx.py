@@ -540,6 +540,23 @@ class TrainCtx(EmbeddingCtx):
         self._owns_runtime = True
         _LAST_RUNTIME = self._runtime
         self._saved_training_allowed = True
+        self._start_incremental_update()
+
+    def _start_incremental_update(self) -> None:
+        """With ``enable_incremental_update`` in ``global_config.yml``, write deltas of the
+        changed rows (``incremental_buffer_size`` rows each) under ``incremental_dir``."""
+        from persia.config import GlobalConfig, load_global_config
+
+        source = self.global_config_file
+        glob = source if isinstance(source, GlobalConfig) else load_global_config(source)
+        ps = glob.embedding_parameter_server_config
+        self._delta_writer = None
+        if ps.enable_incremental_update:
+            from persia.store.delta import DeltaWriter
+
+            self._delta_writer = DeltaWriter(
+                self.runtime.store, ps.incremental_dir, max_rows=ps.incremental_buffer_size
+            ).start()
 
     def _exit(self) -> None:
         if self.current_batch is not None:
@@ -547,6 +564,10 @@ class TrainCtx(EmbeddingCtx):
             self.current_batch = None
         if self._runtime is not None:
             self._runtime.flush()
+        writer = getattr(self, "_delta_writer", None)
+        if writer is not None:
+            self._delta_writer = None
+            writer.close()
 
     def backward(
         self, loss: torch.Tensor, embedding_gradient_check_frequency: int = 20

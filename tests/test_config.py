@@ -347,9 +347,11 @@ def test_persia_getting_started_global_config(caplog):
         and "the right key is 'push_interval_seconds'" in m
         for m in messages
     )
-    assert any("incremental_buffer_size: accepted, but has no effect" in m for m in messages)
+    # incremental_buffer_size is honoured (persia.store.delta): no warning any more
+    assert not any("incremental_buffer_size" in m for m in messages)
+    assert cfg.embedding_parameter_server_config.incremental_buffer_size != 1_000_000
     assert any("num_embedding_io_workers: accepted, but has no effect" in m for m in messages)
-    assert len(cfg.warnings) == len(messages) == 4
+    assert len(cfg.warnings) == len(messages) == 3
 
 
 def test_persia_infer_global_config(caplog):
@@ -376,7 +378,7 @@ def test_warnings_are_logged_once_per_file_and_key(caplog):
         load_global_config(path)
         first = len(caplog.records)
         load_global_config(path)
-    assert first == 4 and len(caplog.records) == 4
+    assert first == 3 and len(caplog.records) == 3  # incremental_buffer_size is honoured
 
 
 @pytest.mark.parametrize(

@@ -226,15 +226,13 @@ def test_dump_killed_at_random_points_leaves_the_previous_checkpoint_valid(tmp_p
         )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
+        if kills == 0:  # a loaded machine may be slow: make sure one checkpoint completes
+            assert proc.stdout.readline().strip() == "committed 1"
         time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-        try:
-            ckpt = checkpoint.read(tmp_path)
-        except CheckpointError as exc:
-            assert last_seen == 0 and "CURRENT" in str(exc)  # none completed yet
-            continue
+        ckpt = checkpoint.read(tmp_path)
         seq = int(ckpt.position["batch"])
         assert seq >= last_seen
         last_seen = seq
@@ -242,7 +240,6 @@ def test_dump_killed_at_random_points_leaves_the_previous_checkpoint_valid(tmp_p
             if name.endswith(".values") or name.endswith(".state"):
                 assert (arr == seq).all(), name
         assert ckpt.meta["rows"] == 20_000
-    assert last_seen > 0
 
 
 def test_concurrent_training_threads_see_short_pauses(tmp_path):
@@ -266,3 +263,35 @@ def test_concurrent_training_threads_see_short_pauses(tmp_path):
     assert len(report.shard_pauses_s) == 4
     assert report.longest_shard_pause_s <= report.seconds
     checkpoint.read(tmp_path)
+
+
+def test_train_ctx_writes_deltas_when_the_global_config_says_so(tmp_path):
+    from persia.store.delta import restore
+
+    glob = parse_global_config(
+        {
+            "embedding_parameter_server_config": {
+                "num_hashmap_internal_shards": 2,
+                "enable_incremental_update": True,
+                "incremental_buffer_size": 20,
+                "incremental_dir": str(tmp_path / "inc"),
+            }
+        }
+    )
+    model = Net()
+    ctx = TrainCtx(
+        Adam(lr=0.05),
+        torch.optim.Adam(model.parameters(), lr=0.01),
+        model=model,
+        embedding_config_file=embedding_file(),
+        global_config_file=glob,
+    )
+    with ctx:
+        train(ctx, make_batches(3))
+        ctx.dump_checkpoint(tmp_path / "ckpt")
+        train(ctx, make_batches(6, seed=5))
+    final = rows_by_key(ctx.runtime.store)
+    replica = ShardedStore(3, 10_000, Adam(lr=0.05), dims=[4])
+    result = restore(replica, tmp_path / "ckpt", tmp_path / "inc")
+    assert result["applied"]  # deltas after the checkpoint were written and applied
+    assert_same_rows(rows_by_key(replica), final)
