@@ -21,6 +21,15 @@ PERSIA_DEEP_CHECKS = "PERSIA_DEEP_CHECKS"
 RANK = "RANK"
 WORLD_SIZE = "WORLD_SIZE"
 LOCAL_RANK = "LOCAL_RANK"
+#: Backend of TrainCtx / eval_ctx when not given in code: "local" (default) or "ray".
+PERSIA_BACKEND = "PERSIA_BACKEND"
+#: Ray's own variable: address of an existing Ray cluster to join (else a local one is started).
+RAY_ADDRESS = "RAY_ADDRESS"
+#: Seconds a call to a cluster role may take before it fails with BackendError (default 60).
+PERSIA_RAY_TIMEOUT_S = "PERSIA_RAY_TIMEOUT_S"
+#: Folder of a locally started Ray cluster's logs, sockets and auth token
+#: (default ``<system temp>/persia-ray-<uid>``).
+PERSIA_RAY_TEMP_DIR = "PERSIA_RAY_TEMP_DIR"
 
 
 def ensure_numba_cache_dir() -> str:

@@ -31,8 +31,76 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=None,
         help="progress display (default: training.progress of the job, auto)",
     )
+    add_cluster_options(p)
     p.set_defaults(run=run)
     return p
+
+
+def add_cluster_options(p: argparse.ArgumentParser) -> None:
+    """``--backend ray`` and its placement options (see docs/cluster.md)."""
+    g = p.add_argument_group("cluster backend (Ray)")
+    g.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default=None,
+        help="where the roles run (default: training.backend of the job, local)",
+    )
+    g.add_argument(
+        "--num-ps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="parameter-server actors (default: embedding.shards of the job)",
+    )
+    g.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster is started)",
+    )
+    g.add_argument(
+        "--ps-cpus",
+        type=float,
+        default=0.25,
+        metavar="CPUS",
+        help="CPUs each parameter-server actor asks Ray for (default 0.25)",
+    )
+    g.add_argument(
+        "--transport",
+        choices=("zmq", "ray"),
+        default="zmq",
+        help="channel of the per-batch lookups and gradients (default zmq)",
+    )
+    g.add_argument(
+        "--timeout-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="longest call to a role before the job fails (default $PERSIA_RAY_TIMEOUT_S, 60)",
+    )
+
+
+def cluster_config(args: argparse.Namespace, backend: str) -> Any:
+    """The ClusterConfig of the options, or None for the local backend."""
+    given = [
+        f"--{n.replace('_', '-')}"
+        for n in ("num_ps", "address", "timeout_s")
+        if getattr(args, n, None) is not None
+    ]
+    if backend != "ray":
+        if given:
+            from persia.errors import ConfigError
+
+            raise ConfigError(f"{', '.join(given)} need --backend ray (or training.backend: ray)")
+        return None
+    from persia.cluster.ray_backend import ClusterConfig
+
+    return ClusterConfig(
+        num_ps=args.num_ps,
+        address=args.address,
+        ps_num_cpus=args.ps_cpus,
+        transport=args.transport,
+        timeout_s=args.timeout_s,
+    )
 
 
 def add_set_option(p: argparse.ArgumentParser) -> None:
@@ -55,7 +123,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.progress is not None:
         overrides.append(f"training.progress={args.progress}")
+    if getattr(args, "backend", None) is not None:
+        overrides.append(f"training.backend={args.backend}")
     job = load_job(args.job, overrides)
+    cluster = cluster_config(args, job.training.backend)
 
     from persia.job.runner import dumps, run_job, summary_lines
     from persia.logger import get_default_logger
@@ -64,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     logger.info(
         f"persia train {args.job}: model {job.model.type}, {len(job.embedding.slots)} slots"
     )
-    result = run_job(job)
+    result = run_job(job, cluster=cluster)
     for line in summary_lines(result):
         logger.info(line)
     sys.stdout.write(dumps(result) + "\n")

@@ -687,11 +687,6 @@ _TRAINING_KEYS = (
 def _training(c: _Checker, raw: object) -> TrainingSpec:
     d = c.mapping(raw, "training", _TRAINING_KEYS)
     backend = c.choice(d, "backend", "training", "local", ("local", "ray"))
-    if backend == "ray":
-        c.problems.append(
-            "training.backend: 'ray' is not built yet (the cluster backend is a separate issue); "
-            "use 'local'"
-        )
     seed = c.int_(d, "seed", "training", 0, minimum=0)
     if seed is not None and seed >= 2**32:
         c.bad("training.seed", "an int in [0, 2**32)", seed)

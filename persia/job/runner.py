@@ -270,16 +270,20 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def run_job(job: JobConfig, *, stderr: TextIO | None = None) -> dict[str, Any]:
+def run_job(job: JobConfig, *, stderr: TextIO | None = None, cluster: Any = None) -> dict[str, Any]:
     """Trains and tests the job; returns the result (what ``persia train`` prints as JSON).
+
+    ``training.backend: ray`` runs the parameter servers as Ray actors, placed and reached as
+    ``cluster`` (a :class:`persia.cluster.ray_backend.ClusterConfig`, default settings if None)
+    says.
 
     Raises:
         ConfigError: a setting that only shows up when the job is built (model arguments, ...).
         BatchError: data that cannot be read as configured.
     """
     t = job.training
-    if t.backend != "local":
-        raise ConfigError(f"training.backend: {t.backend!r} is not built yet; use 'local'")
+    if cluster is not None and t.backend != "ray":
+        raise ConfigError(f"cluster settings need training.backend 'ray', got {t.backend!r}")
     start = time.perf_counter()
     setup_seed(t.seed)
     reader = JobReader(job.data)
@@ -314,6 +318,8 @@ def run_job(job: JobConfig, *, stderr: TextIO | None = None) -> dict[str, Any]:
             embedding_config=hyper,
             embedding_config_file=emb_file,
             global_config_file=global_file,
+            backend=t.backend,
+            cluster=cluster,
         ) as ctx:
             loader = DataLoader(
                 _TrainDataset(reader, job, pauses),

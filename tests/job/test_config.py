@@ -100,10 +100,12 @@ def test_bad_optimizer_options(tmp_path: Path) -> None:
     assert "training.dense_optimizer.type: expected one of adam, adamw, sgd, adagrad" in text
 
 
-def test_ray_backend_is_a_clear_error(tmp_path: Path) -> None:
+def test_backend_is_local_or_ray(tmp_path: Path) -> None:
     raw = _minimal()
     raw["training"] = {"backend": "ray"}
-    with pytest.raises(ConfigError, match="'ray' is not built yet"):
+    assert parse_job(raw, tmp_path).training.backend == "ray"
+    raw["training"] = {"backend": "mpi"}
+    with pytest.raises(ConfigError, match="training.backend"):
         parse_job(raw, tmp_path)
 
 
