@@ -193,6 +193,10 @@ class Shard:
                 if missing:
                     self._check_other_dims(keys, rows, dim)
                 return out
+            if len(self._tables) == 1 and self._changed is None:
+                # no other dim to check the misses against, no changes to note: one kernel
+                # probes and refreshes
+                return table.train_lookup_probed(keys)
             rows = table.probe(keys)
             self._check_other_dims(keys, rows, dim)
             if self._changed is not None:

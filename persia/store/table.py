@@ -9,6 +9,12 @@ Layout (all plain numpy arrays, so a table pickles and saves without tricks)::
     lru_prev  i32[R]         LRU links: oldest (head) ... newest (tail)
     lru_next  i32[R]
 
+``row_keys``, ``lru_prev`` and ``lru_next`` are strided views of one array of 16-byte records
+(key, prev, next), so the cache line a probe reads to compare a key also holds the row's links; a
+training lookup's relink then costs only its two neighbours' lines. Every array starts on a 64-byte
+boundary, so a 64-byte row (dim 16 float32) is one cache line, not two. Both are layout only:
+pickling or saving copies each array into a plain contiguous one, and the table works the same.
+
 The arrays start small and grow by 1.5x (never beyond ``capacity`` rows); the index keeps
 ``S >= R / 0.35`` slots (load factor <= 0.35: fewer row-key reads per probe; at dim 16 with Adagrad
 that is 144 bytes of rows and links plus 11.4-22.9 bytes of index per row). At capacity a new key takes the
@@ -105,6 +111,30 @@ def check_positive_int(value: Any, field: str) -> int:
     return int(value)
 
 
+#: row arrays start on a cache-line boundary: a 64-byte row (dim 16 float32) then spans one cache
+#: line, not two (numpy's own large allocations start 16 bytes past one)
+_ALIGN = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary.
+
+    A plain numpy array (a view into a slightly larger byte buffer), so it pickles and saves like
+    any other; a copy made by pickle or ``np.load`` is not necessarily aligned (only slower)."""
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    buf = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    off = (-buf.ctypes.data) % _ALIGN
+    return buf[off : off + nbytes].view(dt).reshape(shape)
+
+
+def aligned_full(shape: tuple[int, ...], fill: Any, dtype: Any) -> np.ndarray:
+    """``aligned_empty`` filled with ``fill`` (every page touched)."""
+    out = aligned_empty(shape, dtype)
+    out.fill(fill)
+    return out
+
+
 def _index_size(alloc: int) -> int:
     need = max(16, int(np.ceil(alloc / _MAX_LOAD)))
     return 1 << (need - 1).bit_length()
@@ -122,6 +152,13 @@ class EmbeddingTable:
         seed: seed of init and admission draws.
         weight_bound: passed to ``optimizer.apply`` (<= 0 or inf: no clipping).
     """
+
+    values: np.ndarray
+    state: np.ndarray
+    row_keys: np.ndarray
+    lru_prev: np.ndarray
+    lru_next: np.ndarray
+    index: np.ndarray
 
     def __init__(
         self,
@@ -174,15 +211,31 @@ class EmbeddingTable:
 
     # ----------------------------------------------------------------------------- storage
     def _alloc(self, rows: int) -> None:
-        self.values = np.zeros((rows, self.dim), dtype=np.float32)
-        self.state = np.zeros((rows, self.state_width), dtype=np.float32)
-        self.row_keys = np.zeros(rows, dtype=np.uint64)
-        self.lru_prev = np.full(rows, -1, dtype=np.int32)
-        self.lru_next = np.full(rows, -1, dtype=np.int32)
+        self.values = aligned_full((rows, self.dim), 0, np.float32)
+        self.state = aligned_full((rows, self.state_width), 0, np.float32)
+        self._set_records(rows, 0)
+        self.lru_prev.fill(-1)
+        self.lru_next.fill(-1)
         self._set_index(_index_size(rows))
 
+    def _set_records(self, rows: int, keep: int) -> None:
+        """Allocate ``row_keys``, ``lru_prev`` and ``lru_next`` for ``rows`` rows as views of one
+        16-byte record per row (key, prev, next), copying the first ``keep`` rows.
+
+        One record shares a cache line with the key the probe compares, so a training lookup's
+        relink finds the row's own links in a line it has already read."""
+        rec = aligned_empty((rows, 2), np.uint64)
+        rec[keep:] = 0  # touch the pages now, not on the hot path
+        links = rec.view(np.int32)
+        row_keys, lru_prev, lru_next = rec[:, 0], links[:, 2], links[:, 3]
+        if keep:
+            row_keys[:keep] = self.row_keys[:keep]
+            lru_prev[:keep] = self.lru_prev[:keep]
+            lru_next[:keep] = self.lru_next[:keep]
+        self.row_keys, self.lru_prev, self.lru_next = row_keys, lru_prev, lru_next
+
     def _set_index(self, size: int) -> None:
-        self.index = np.full(size, -1, dtype=np.int32)
+        self.index = aligned_full((size,), -1, np.int32)
         self._shift = np.uint64(64 - (size.bit_length() - 1))
         K.rebuild_index_kernel(self.index, self._shift, self.row_keys, int(self.meta[K.M_NROWS]))
 
@@ -190,9 +243,10 @@ class EmbeddingTable:
         """Reallocate the row arrays to ``rows`` (>= nrows) and rebuild the index if its size
         changes."""
         n = self.rows
-        for name in ("values", "state", "row_keys", "lru_prev", "lru_next"):
+        self._set_records(rows, n)
+        for name in ("values", "state"):
             old = getattr(self, name)
-            new = np.empty((rows,) + old.shape[1:], dtype=old.dtype)
+            new = aligned_empty((rows,) + old.shape[1:], old.dtype)
             new[:n] = old[:n]
             new[n:] = 0  # touch the pages now, not on the hot path
             setattr(self, name, new)
@@ -251,7 +305,7 @@ class EmbeddingTable:
         """
         keys = check_keys(keys)
         if training:
-            return self.train_lookup(keys, self.probe(keys))
+            return self.train_lookup_probed(keys)
         return self.eval_lookup(keys)[0]
 
     def eval_lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -271,6 +325,27 @@ class EmbeddingTable:
         the misses between the two calls). ``rows`` is used as scratch."""
         out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
         K.train_hits_kernel(self.values, rows, out, self.lru_prev, self.lru_next, self.meta)
+        self._train_misses(keys, rows, out)
+        return out
+
+    def train_lookup_probed(self, keys: np.ndarray) -> np.ndarray:
+        """Training lookup of checked ``keys``, probing and refreshing the hits in one kernel
+        (for a table whose misses need no check against other dims: same result as ``probe``
+        then ``train_lookup``)."""
+        n = keys.shape[0]
+        out = np.empty((n, self.dim), dtype=np.float32)
+        rows = np.empty(n, dtype=np.int32)
+        missing = K.train_probe_hits_kernel(
+            self.index, self._shift, self.row_keys, self.values, keys, rows, out, self.lru_prev,
+            self.lru_next, self.meta,
+        )  # fmt: skip
+        if missing:
+            self._train_misses(keys, rows, out)
+        return out
+
+    def _train_misses(self, keys: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """Create the admitted keys with ``rows[i] == -1`` (in order) and write ``out`` of every
+        absent key (its initial vector, or zeros when not admitted)."""
         kind, a, b = self._init_args
         adm = self.admission
         seed = np.uint64(self.seed)
@@ -289,7 +364,6 @@ class EmbeddingTable:
         K.train_init_kernel(
             keys, rows, made, out, self.values, self.state, self._init_state, kind, a, b, seed
         )
-        return out
 
     def apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
         """Apply ``grads[i]`` to the row of ``keys[i]`` with the optimizer (absent keys and

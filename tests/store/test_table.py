@@ -375,3 +375,39 @@ def test_normal_init_table_matches_twin():
     t, n = pair(init=Normal(0.5, 2.0), dim=6)
     keys = u64(MARKERS)
     np.testing.assert_allclose(t.lookup(keys, True), n.lookup(keys, True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("admission", [Admission(), Admission(probability=0.5, sketch_width=64)])
+def test_two_training_paths_match_twin(admission):
+    """``lookup(training=True)`` (probe and refresh in one kernel) and ``probe`` then
+    ``train_lookup`` (the shard's path when several dims are held) give the twin's rows, LRU
+    order and counters, with growth and eviction."""
+    fused, n = pair(capacity=60, dim=3, admission=admission)
+    split, _ = pair(capacity=60, dim=3, admission=admission)
+    rng = np.random.default_rng(11)
+    universe = np.concatenate([u64(MARKERS), np.arange(100, 190, dtype=np.uint64)])
+    for _ in range(120):
+        keys = universe[rng.integers(0, len(universe), rng.integers(0, 40))]
+        want = n.lookup(keys, True)
+        np.testing.assert_array_equal(fused.lookup(keys, True), want)
+        np.testing.assert_array_equal(split.train_lookup(keys, split.probe(keys)), want)
+    same_export(fused, n)
+    same_export(split, n)
+    assert fused.stats() == split.stats()
+    assert fused.stats()["evictions"] > 0
+
+
+def test_row_arrays_are_aligned_records_and_pickle():
+    import pickle
+
+    t = EmbeddingTable(16, 1000, Adagrad())
+    t.lookup(np.arange(500, dtype=np.uint64), True)  # grows several times
+    for name in ("values", "state", "row_keys", "index"):
+        assert getattr(t, name).ctypes.data % 64 == 0, name
+    # key and links of a row share one 16-byte record
+    assert t.lru_prev.ctypes.data - t.row_keys.ctypes.data == 8
+    assert t.row_keys.strides == (16,) and t.lru_next.strides == (16,)
+    u = pickle.loads(pickle.dumps(t))
+    keys = np.arange(1000, dtype=np.uint64)
+    np.testing.assert_array_equal(u.lookup(keys, True), t.lookup(keys, True))
+    np.testing.assert_array_equal(u.export_rows()["keys"], t.export_rows()["keys"])

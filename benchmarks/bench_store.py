@@ -1,0 +1,315 @@
+"""Parameter-server core benchmark: one shard's lookups, inserts, optimizers, de-duplication, memory.
+
+    python benchmarks/bench_store.py --quick     # CI: small sizes, a few seconds
+    python benchmarks/bench_store.py             # full: 1M keys among 8M held rows (~2 minutes)
+    python benchmarks/bench_store.py --scale     # + 62.5M rows x dim 16 (1e9 parameters, ~10 GB)
+
+Single thread; dim 16, element-wise Adagrad state and Uniform(-0.01, 0.01) init unless the metric
+says otherwise. The shard is built for ``held + batch`` rows (``Shard(capacity, dims=[16])`` plus
+``reserve``: every array allocated and its pages touched up front), filled with ``held`` rows by
+training lookups, and probed with keys drawn uniformly at random from the held rows (the hard,
+cache-missing case). Held keys are ``(i + 1) * 0x9E3779B97F4A7C15 mod 2**64`` (a bijection, so
+distinct and spread over all 64 bits); new keys continue the sequence. Every metric is the median
+of ``--repeats`` timed runs on fresh key samples, after one untimed warm-up run.
+
+Metrics (one JSON line each: ``metric``, ``value``, ``unit`` plus ``quick``, ``machine`` and the
+sizes): lookup_gather_rows_per_s (evaluation lookup), train_lookup_gather_rows_per_s (training
+lookup: recency refreshed), insert_rows_per_s (training lookup of ``batch`` new keys into the shard
+holding ``held``; the shard is brought back to ``held`` rows between runs, untimed),
+adagrad_rows_per_s / rowwise_adagrad_rows_per_s / adam_rows_per_s (``apply_gradients`` by key,
+probe included), dedupe_ids_per_s (``persia.worker.pooling.Deduper`` on ``batch`` Zipf(1.1) IDs,
+reused), dict_baseline_rows_per_s (the evaluation lookup through a Python dict of key -> row plus
+a numpy gather, same run) and lookup_gather_vs_dict_ratio, bytes_per_row (``stats()["bytes_used"]
+/ capacity`` with the shard full at the capacity it was built for). ``--scale`` adds
+scale_build_rows_per_s, scale_lookup_update_rows_per_s, scale_params and scale_bytes_per_param.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # single thread, before numpy / numba load
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
+
+import numpy as np  # noqa: E402
+
+from persia.embedding.optim import Adagrad, Adam  # noqa: E402
+from persia.store.shard import Shard  # noqa: E402
+from persia.worker.pooling import Deduper  # noqa: E402
+
+DIM = 16
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def machine() -> str:
+    """A short description of this machine (CPU model, cores, memory)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(f.readline().split()[1])
+            mem = f", {kb / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}"
+
+
+def held_keys(start: int, n: int) -> np.ndarray:
+    """Keys number ``start .. start + n - 1``: ``(i + 1) * GOLDEN mod 2**64`` (all distinct)."""
+    i = np.arange(start + 1, start + n + 1, dtype=np.uint64)
+    return i * GOLDEN
+
+
+def sample_keys(rng: np.random.Generator, held: int, n: int) -> np.ndarray:
+    """``n`` keys drawn uniformly (with replacement) from the ``held`` first keys."""
+    return (rng.integers(0, held, size=n, dtype=np.uint64) + np.uint64(1)) * GOLDEN
+
+
+def median_rate(
+    n: int, repeats: int, run: Callable[[int], Any], setup: Callable[[int], Any] | None = None
+) -> tuple[float, float]:
+    """Medians of ``n / wall seconds`` and ``n / thread CPU seconds`` over ``repeats`` timed calls
+    ``run(r)`` after one warm-up call (``r = -1``); ``setup(r)`` runs untimed before each call.
+    The CPU-time rate leaves out the time the thread waited for a core on a loaded machine."""
+    rates, cpu_rates = [], []
+    for r in range(-1, repeats):
+        if setup is not None:
+            setup(r)
+        gc.collect()
+        c0 = time.thread_time()
+        t0 = time.perf_counter()
+        run(r)
+        dt = time.perf_counter() - t0
+        dc = time.thread_time() - c0
+        if r >= 0:
+            rates.append(n / dt)
+            cpu_rates.append(n / max(dc, 1e-9))
+    return statistics.median(rates), statistics.median(cpu_rates)
+
+
+class Bench:
+    """Prints one JSON line per metric."""
+
+    def __init__(self, quick: bool, held: int, batch: int, repeats: int) -> None:
+        self.common = {
+            "quick": quick,
+            "held": held,
+            "batch": batch,
+            "repeats": repeats,
+            "dim": DIM,
+            "machine": machine(),
+        }
+
+    def emit(self, metric: str, value: float, unit: str, **extra: Any) -> None:
+        rec = {"metric": metric, "value": float(value), "unit": unit, **extra, **self.common}
+        print(json.dumps(rec), flush=True)
+
+    def rate(self, metric: str, rates: tuple[float, float], unit: str, **extra: Any) -> None:
+        """A throughput line: the wall-clock median, plus the CPU-time median as ``value_cpu``."""
+        self.emit(metric, rates[0], unit, value_cpu=round(rates[1], 1), **extra)
+
+
+def build_shard(optimizer: Any, held: int, capacity: int, chunk: int) -> Shard:
+    """A shard built for ``capacity`` rows (allocated and touched) holding ``held`` rows, whose
+    LRU order is then shuffled (every held key looked up once more for training, in a random
+    order), so that LRU neighbours are random rows as in a long-running job, not adjacent ones."""
+    shard = Shard(capacity, optimizer, dims=[DIM])
+    shard.reserve(capacity, DIM)
+    for s in range(0, held, chunk):
+        shard.lookup(held_keys(s, min(chunk, held - s)), DIM, True)
+    perm = np.random.default_rng(99).permutation(held).astype(np.uint64)
+    perm += np.uint64(1)
+    perm *= GOLDEN
+    for s in range(0, held, chunk):
+        shard.lookup(perm[s : s + chunk], DIM, True)
+    return shard
+
+
+def bench_main(b: Bench, held: int, batch: int, repeats: int) -> None:
+    capacity = held + batch
+    chunk = max(1, min(batch, 1_000_000))
+    rng = np.random.default_rng(20240601)
+    samples = [sample_keys(rng, held, batch) for _ in range(repeats + 1)]
+    grads = (rng.standard_normal((batch, DIM), dtype=np.float32) * 1e-2).astype(np.float32)
+
+    shard = build_shard(Adagrad(), held, capacity, chunk)
+
+    rate = median_rate(batch, repeats, lambda r: shard.lookup(samples[r + 1], DIM, False))
+    b.rate("lookup_gather_rows_per_s", rate, "rows/s")
+    eval_rate = rate[0]
+
+    dict_rate = dict_baseline(shard, samples, batch, repeats)
+    b.rate("dict_baseline_rows_per_s", dict_rate, "rows/s")
+    b.emit("lookup_gather_vs_dict_ratio", eval_rate / dict_rate[0], "x")
+
+    rate = median_rate(batch, repeats, lambda r: shard.lookup(samples[r + 1], DIM, True))
+    b.rate("train_lookup_gather_rows_per_s", rate, "rows/s")
+
+    rate = median_rate(batch, repeats, lambda r: shard.apply_gradients(samples[r + 1], grads))
+    b.rate("adagrad_rows_per_s", rate, "rows/s", optimizer="adagrad")
+
+    # insert: `batch` new keys into the shard holding `held`; between runs the oldest `batch` rows
+    # are evicted (untimed) so every run starts at `held` rows with room for `batch` more.
+    table = shard._tables[DIM]  # benchmark-only access to the one table, to shrink it back
+    pending: list[np.ndarray] = []
+
+    def reset(r: int) -> None:
+        if table.rows > held:
+            table.set_capacity(held)
+            table.set_capacity(capacity)
+            table.reserve(capacity)
+        pending[:] = [held_keys(capacity + (r + 1) * batch, batch)]
+
+    def insert(r: int) -> None:
+        shard.lookup(pending[0], DIM, True)
+
+    rate = median_rate(batch, repeats, insert, setup=reset)
+    b.rate("insert_rows_per_s", rate, "rows/s")
+
+    st = shard.stats()
+    b.emit(
+        "bytes_per_row",
+        st["bytes_used"] / st["capacity"],
+        "bytes/row",
+        rows=st["rows"],
+        capacity=st["capacity"],
+        optimizer="adagrad",
+    )
+
+
+def bench_apply(
+    opt: Any, held: int, capacity: int, chunk: int, samples: list[np.ndarray], grads: np.ndarray
+) -> tuple[float, float]:
+    """``apply_gradients`` rates of a shard with optimizer ``opt``."""
+    shard = build_shard(opt, held, capacity, chunk)
+    return median_rate(
+        grads.shape[0], len(samples) - 1, lambda r: shard.apply_gradients(samples[r + 1], grads)
+    )
+
+
+def dict_baseline(
+    shard: Shard, samples: list[np.ndarray], batch: int, repeats: int
+) -> tuple[float, float]:
+    """The evaluation lookup through a Python dict (key -> row) and a numpy gather."""
+    table = shard._tables[DIM]  # benchmark-only access to the one table
+    tkeys = table.row_keys[: table.rows].tolist()
+    index = dict(zip(tkeys, range(len(tkeys)), strict=True))
+    del tkeys
+    values = table.values
+
+    def dict_lookup(r: int) -> np.ndarray:
+        get = index.get
+        rows = np.array([get(k, -1) for k in samples[r + 1].tolist()], dtype=np.int64)
+        out = values[rows]
+        out[rows < 0] = 0.0
+        return out
+
+    return median_rate(batch, repeats, dict_lookup)
+
+
+def bench_others(b: Bench, held: int, batch: int, repeats: int) -> None:
+    """Row-wise Adagrad, Adam and de-duplication (after the Adagrad shard is gone)."""
+    capacity = held + batch
+    chunk = max(1, min(batch, 1_000_000))
+    rng = np.random.default_rng(20240601)
+    samples = [sample_keys(rng, held, batch) for _ in range(repeats + 1)]
+    grads = (rng.standard_normal((batch, DIM), dtype=np.float32) * 1e-2).astype(np.float32)
+    for name, opt in (("rowwise_adagrad", Adagrad(vectorwise_shared=True)), ("adam", Adam())):
+        rate = bench_apply(opt, held, capacity, chunk, samples, grads)
+        gc.collect()
+        b.rate(f"{name}_rows_per_s", rate, "rows/s", optimizer=name)
+
+    # de-duplication of Zipf(1.1) IDs (scattered over 64 bits), one Deduper reused
+    zipf = [rng.zipf(1.1, size=batch).astype(np.uint64) * GOLDEN for _ in range(repeats + 1)]
+    dedup = Deduper()
+    rate = median_rate(batch, repeats, lambda r: dedup.unique_inverse(zipf[r + 1]))
+    uniques = dedup.unique_inverse(zipf[0])[0].shape[0]
+    b.rate("dedupe_ids_per_s", rate, "ids/s", uniques=uniques)
+
+
+def bench_scale(b: Bench, rows: int, batch: int, lookups: int) -> None:
+    """A shard of ``rows`` x dim 16 with Adagrad; ``lookups`` training lookups + updates."""
+    chunk = 1_000_000
+    t0 = time.perf_counter()
+    shard = Shard(rows, Adagrad(), dims=[DIM])
+    shard.reserve(rows, DIM)
+    t_alloc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for s in range(0, rows, chunk):
+        shard.lookup(held_keys(s, min(chunk, rows - s)), DIM, True)
+    build = time.perf_counter() - t0
+    b.emit("scale_build_rows_per_s", rows / build, "rows/s", rows=rows, alloc_s=round(t_alloc, 1))
+    rng = np.random.default_rng(7)
+    grads = (rng.standard_normal((batch, DIM), dtype=np.float32) * 1e-2).astype(np.float32)
+    done = 0
+    t0 = time.perf_counter()
+    while done < lookups:
+        keys = sample_keys(rng, rows, min(batch, lookups - done))
+        shard.lookup(keys, DIM, True)
+        shard.apply_gradients(keys, grads[: keys.shape[0]])
+        done += keys.shape[0]
+    dt = time.perf_counter() - t0
+    st = shard.stats()
+    params = st["rows"] * DIM
+    b.emit("scale_lookup_update_rows_per_s", done / dt, "rows/s", lookups=done)
+    b.emit("scale_params", params, "parameters", rows=st["rows"], capacity=st["capacity"])
+    b.emit(
+        "scale_bytes_per_param",
+        st["bytes_used"] / params,
+        "bytes/parameter",
+        bytes_used=st["bytes_used"],
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes (CI)")
+    p.add_argument("--scale", action="store_true", help="also the 1e9-parameter store")
+    p.add_argument("--held", type=int, default=None, help="rows held (default 8M, quick 200k)")
+    p.add_argument("--batch", type=int, default=None, help="keys per call (default 1M, quick 50k)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 5, quick 3)")
+    p.add_argument("--scale-rows", type=int, default=62_500_000, help="rows of --scale")
+    p.add_argument("--scale-lookups", type=int, default=10_000_000, help="keys of --scale")
+    args = p.parse_args(argv)
+    held = args.held or (200_000 if args.quick else 8_000_000)
+    batch = args.batch or (50_000 if args.quick else 1_000_000)
+    repeats = args.repeats or (3 if args.quick else 5)
+    b = Bench(args.quick, held, batch, repeats)
+    bench_main(b, held, batch, repeats)
+    gc.collect()
+    bench_others(b, held, batch, repeats)
+    if args.scale:
+        gc.collect()
+        rows = 500_000 if args.quick else args.scale_rows
+        lookups = 200_000 if args.quick else args.scale_lookups
+        bench_scale(b, rows, batch, lookups)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
