@@ -103,18 +103,19 @@ def test_a_killed_parameter_server_ends_the_run_with_a_typed_error(ray_cluster, 
     cluster = ClusterConfig(num_ps=2, transport=transport, timeout_s=timeout_s)
     batches = make_batches(400, seed=2)
     killed_at = None
-    with train_ctx(Net(), backend="ray", cluster=cluster) as ctx:
-        with pytest.raises(BackendError) as info:
+    # Both the lookup thread and the gradient applier may see the dead shard first; either way
+    # the loop (or the context's exit, which flushes) ends with the typed error, not a hang.
+    with pytest.raises(BackendError) as info:
+        with train_ctx(Net(), backend="ray", cluster=cluster) as ctx:
             for i, b in enumerate(DataLoader(ListDataset(batches), embedding_staleness=2)):
                 out, labels = ctx.forward(b)
                 ctx.backward(torch.nn.functional.binary_cross_entropy(out, labels[0]))
                 if i == 5:
                     ray_cluster.kill(ctx.runtime.store.actors[1])
                     killed_at = time.perf_counter()
-        assert killed_at is not None
-        assert time.perf_counter() - killed_at < timeout_s + 2
-        assert info.value.role == "parameter-server" and info.value.rank == 1
-        ctx.runtime._error = None  # the failure was seen; let the context exit
+    assert killed_at is not None
+    assert time.perf_counter() - killed_at < timeout_s + 2
+    assert info.value.role == "parameter-server" and info.value.rank == 1
 
 
 ADULT = ROOT / "examples" / "adult_income" / "job.yaml"
