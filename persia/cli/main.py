@@ -27,13 +27,15 @@ examples:
   persia train examples/adult_income/job.yaml
   persia train job.yaml --set training.staleness=1 --set training.epochs=2
   persia validate --data job.yaml
+  persia train job.yaml --resume ckpt/        (continue from a checkpoint)
+  persia export job.yaml --checkpoint ckpt/ --out served/
 
 The job file's reference: docs/job-file.md."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``persia`` and its subcommands."""
-    from persia.cli import train, validate
+    from persia.cli import export, train, validate
 
     parser = argparse.ArgumentParser(
         prog="persia",
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     train.add_parser(sub)
     validate.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

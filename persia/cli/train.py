@@ -31,6 +31,19 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=None,
         help="progress display (default: training.progress of the job, auto)",
     )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue from the checkpoint in DIR (written with training.checkpoint_dir): "
+        "embeddings with optimizer state, dense model and optimizer, data position",
+    )
+    p.add_argument(
+        "--export",
+        default=None,
+        metavar="DIR",
+        help="at the end, export the model for serving to DIR (see docs/serving.md)",
+    )
     add_cluster_options(p)
     p.set_defaults(run=run)
     return p
@@ -135,7 +148,12 @@ def run(args: argparse.Namespace) -> int:
     logger.info(
         f"persia train {args.job}: model {job.model.type}, {len(job.embedding.slots)} slots"
     )
-    result = run_job(job, cluster=cluster)
+    result = run_job(
+        job,
+        cluster=cluster,
+        resume=getattr(args, "resume", None),
+        export=getattr(args, "export", None),
+    )
     for line in summary_lines(result):
         logger.info(line)
     sys.stdout.write(dumps(result) + "\n")

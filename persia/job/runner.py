@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,7 +38,7 @@ from persia.data import DataLoader, IterableDataset
 from persia.embedding import EmbeddingConfig
 from persia.embedding.data import PersiaBatch
 from persia.embedding.optim import SGD, Adagrad, Adam, EmbeddingOptimizer
-from persia.errors import ConfigError
+from persia.errors import CheckpointError, ConfigError
 from persia.job.config import JobConfig, Source
 from persia.job.models import build_model
 from persia.job.readers import JobReader
@@ -45,7 +46,15 @@ from persia.logger import get_default_logger
 from persia.metrics import log_loss, roc_auc
 from persia.utils import setup_seed
 
-__all__ = ["embedding_configs", "embedding_optimizer", "dense_optimizer", "evaluate", "run_job"]
+__all__ = [
+    "embedding_configs",
+    "embedding_optimizer",
+    "dense_optimizer",
+    "evaluate",
+    "job_to_dict",
+    "Position",
+    "run_job",
+]
 
 _logger = get_default_logger()
 
@@ -125,17 +134,86 @@ class _Pauses:
             self.cond.notify_all()
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where training stands in the data, as saved with a checkpoint.
+
+    ``batches`` / ``samples`` count every training batch / sample since the job started;
+    ``epoch`` is the current epoch, ``batch`` / ``epoch_samples`` the batches / samples of it
+    already trained. A resumed job skips exactly those batches of that epoch (the reader's
+    order is a function of the seed and the epoch) and continues with the next one.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    batches: int = 0
+    samples: int = 0
+    epoch_samples: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON form (what ``dump_checkpoint(position=...)`` stores)."""
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "batches": self.batches,
+            "samples": self.samples,
+            "epoch_samples": self.epoch_samples,
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any], where: str) -> Position:
+        """The position saved in checkpoint ``where``.
+
+        Raises:
+            CheckpointError: a field that is missing or not a non-negative integer.
+        """
+        values: dict[str, int] = {}
+        problems = []
+        for name in ("epoch", "batch", "batches", "samples", "epoch_samples"):
+            v = d.get(name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                problems.append(f"position.{name} must be an integer >= 0, got {v!r}")
+            else:
+                values[name] = v
+        if problems:
+            raise CheckpointError(
+                f"{where}: cannot resume (a checkpoint written by persia train holds the data "
+                f"position): {'; '.join(problems)}"
+            )
+        return Position(**values)
+
+
 class _TrainDataset(IterableDataset):
-    def __init__(self, reader: JobReader, job: JobConfig, pauses: _Pauses) -> None:
+    def __init__(
+        self, reader: JobReader, job: JobConfig, pauses: _Pauses, start: Position | None = None
+    ) -> None:
         super().__init__(buffer_size=job.training.forward_buffer_size)
         self.reader, self.job, self.pauses = reader, job, pauses
+        self.start = start or Position()
+        # the position after each batch that ends a pause interval (read by the NN worker)
+        self.positions: dict[int, Position] = {}
+        self.last = self.start  # after the last batch yielded
+        self._lock = threading.Lock()
+
+    def position_after(self, count: int) -> Position | None:
+        """The position after global batch ``count`` (recorded for pause points only)."""
+        with self._lock:
+            return self.positions.pop(count, None)
 
     def __iter__(self) -> Iterator[PersiaBatch]:
         t = self.job.training
-        produced = 0
-        count = 0
-        for epoch in range(t.epochs):
-            left = None if t.max_samples is None else t.max_samples - produced
+        start = self.start
+        produced = start.samples
+        count = start.batches
+        for epoch in range(start.epoch, t.epochs):
+            resumed = epoch == start.epoch
+            skip = start.batch if resumed else 0
+            in_epoch = 0
+            epoch_samples = 0
+            # the samples before this epoch, as in the run that wrote the checkpoint, so that
+            # the reader is asked for the very same batches (max_samples included)
+            before = produced - start.epoch_samples if resumed else produced
+            left = None if t.max_samples is None else t.max_samples - before
             if left is not None and left <= 0:
                 return
             for batch in self.reader.batches(
@@ -145,8 +223,17 @@ class _TrainDataset(IterableDataset):
                 seed=t.seed + epoch,
                 max_samples=left,
             ):
+                in_epoch += 1
+                epoch_samples += batch.batch_size
+                if in_epoch <= skip:
+                    continue
                 produced += batch.batch_size
                 count += 1
+                here = Position(epoch, in_epoch, count, produced, epoch_samples)
+                with self._lock:
+                    self.last = here
+                    if self.pauses.due(count):
+                        self.positions[count] = here
                 yield batch
                 if self.pauses.due(count):
                     self.pauses.wait(count)
@@ -247,6 +334,7 @@ def _pause_work(
     logits: bool,
     evals: list[dict[str, Any]],
     progress: _Progress,
+    position: Position | None = None,
 ) -> None:
     """The evaluation and / or checkpoint due after ``batches`` training batches."""
     t = job.training
@@ -262,28 +350,67 @@ def _pause_work(
         and t.checkpoint_every_batches
         and batches % t.checkpoint_every_batches == 0
     ):
-        ctx.dump_checkpoint(t.checkpoint_dir)
+        ctx.dump_checkpoint(
+            t.checkpoint_dir,
+            position=position.to_dict() if position is not None else None,
+            config=job_to_dict(job),
+        )
         progress.note(f"checkpoint at batch {batches}: {t.checkpoint_dir}")
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def job_to_dict(job: JobConfig) -> dict[str, Any]:
+    """The resolved job as a JSON dict (saved with each checkpoint; informative only)."""
+    out = _jsonable(job)
+    return out if isinstance(out, dict) else {}
 
 
 def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def run_job(job: JobConfig, *, stderr: TextIO | None = None, cluster: Any = None) -> dict[str, Any]:
+def run_job(
+    job: JobConfig,
+    *,
+    stderr: TextIO | None = None,
+    cluster: Any = None,
+    resume: str | Path | None = None,
+    export: str | Path | None = None,
+) -> dict[str, Any]:
     """Trains and tests the job; returns the result (what ``persia train`` prints as JSON).
 
     ``training.backend: ray`` runs the parameter servers as Ray actors, placed and reached as
     ``cluster`` (a :class:`persia.cluster.ray_backend.ClusterConfig`, default settings if None)
     says.
 
+    ``resume`` is a checkpoint directory written by a job like this one: its embeddings (with
+    optimizer state), dense model and dense optimizer are loaded, and training continues at
+    the data position saved with it. ``export`` writes the trained model for serving
+    (:func:`persia.serving.export`) to that directory at the end.
+
     Raises:
         ConfigError: a setting that only shows up when the job is built (model arguments, ...).
         BatchError: data that cannot be read as configured.
+        CheckpointError: ``resume`` is not a readable checkpoint of this job.
     """
     t = job.training
     if cluster is not None and t.backend != "ray":
         raise ConfigError(f"cluster settings need training.backend 'ray', got {t.backend!r}")
+    if resume is not None and not Path(resume).is_dir():
+        raise CheckpointError(f"--resume: checkpoint directory {str(resume)!r} does not exist")
     start = time.perf_counter()
     setup_seed(t.seed)
     reader = JobReader(job.data)
@@ -307,6 +434,7 @@ def run_job(job: JobConfig, *, stderr: TextIO | None = None, cluster: Any = None
     evals: list[dict[str, Any]] = []
     samples = 0
     batches = 0
+    start_at = Position()
     loss_sum = 0.0
     train_s = 0.0
     try:
@@ -321,8 +449,18 @@ def run_job(job: JobConfig, *, stderr: TextIO | None = None, cluster: Any = None
             backend=t.backend,
             cluster=cluster,
         ) as ctx:
+            if resume is not None:
+                info = ctx.load_checkpoint(resume)
+                where = str(resume)
+                start_at = Position.from_dict(info.position if info is not None else {}, where)
+                progress.note(
+                    f"resumed from {where} at epoch {start_at.epoch} batch {start_at.batch} "
+                    f"({start_at.samples} samples trained)"
+                )
+                batches, samples = start_at.batches, start_at.samples
+            dataset = _TrainDataset(reader, job, pauses, start_at)
             loader = DataLoader(
-                _TrainDataset(reader, job, pauses),
+                dataset,
                 forward_buffer_size=t.forward_buffer_size,
                 embedding_staleness=t.staleness,
                 reproducible=t.reproducible,
@@ -346,7 +484,17 @@ def run_job(job: JobConfig, *, stderr: TextIO | None = None, cluster: Any = None
                     if pauses.due(batches):
                         pause_start = time.perf_counter()
                         ctx.runtime.flush()
-                        _pause_work(ctx, job, reader, batches, samples, logits, evals, progress)
+                        _pause_work(
+                            ctx,
+                            job,
+                            reader,
+                            batches,
+                            samples,
+                            logits,
+                            evals,
+                            progress,
+                            dataset.position_after(batches),
+                        )
                         paused_s += time.perf_counter() - pause_start
                         pauses.release(batches)
             except BaseException:
@@ -362,7 +510,13 @@ def run_job(job: JobConfig, *, stderr: TextIO | None = None, cluster: Any = None
                     ctx, reader, job.data.test, t.eval_batch_size, t.eval_max_samples, logits
                 )
             if t.checkpoint_dir:
-                ctx.dump_checkpoint(t.checkpoint_dir)
+                ctx.dump_checkpoint(
+                    t.checkpoint_dir, position=dataset.last.to_dict(), config=job_to_dict(job)
+                )
+            if export is not None:
+                from persia.serving import export_from_ctx
+
+                export_from_ctx(export, ctx, job, stats)
             report = loader.staleness_report()
             rows = sum(ctx.get_embedding_size())
     finally:
@@ -372,10 +526,12 @@ def run_job(job: JobConfig, *, stderr: TextIO | None = None, cluster: Any = None
         "test_auc": _finite(final["test_auc"]),
         "test_logloss": _finite(final["test_logloss"]),
         "test_samples": final["test_samples"],
-        "train_samples": samples,
-        "train_batches": batches,
-        "train_loss": loss_sum / batches if batches else None,
-        "samples_per_s": samples / train_s if train_s > 0 else None,
+        "train_samples": samples - start_at.samples,
+        "train_batches": batches - start_at.batches,
+        "train_loss": loss_sum / (batches - start_at.batches)
+        if batches > start_at.batches
+        else None,
+        "samples_per_s": (samples - start_at.samples) / train_s if train_s > 0 else None,
         "wall_s": time.perf_counter() - start,
         "staleness_max": report.max,
         "staleness_mean": report.mean,
@@ -389,6 +545,10 @@ def run_job(job: JobConfig, *, stderr: TextIO | None = None, cluster: Any = None
         "epochs": t.epochs,
         "batch_size": t.batch_size,
         "checkpoint_dir": str(Path(t.checkpoint_dir)) if t.checkpoint_dir else None,
+        "resumed_from": (
+            {"checkpoint": str(resume), **start_at.to_dict()} if resume is not None else None
+        ),
+        "export_dir": str(export) if export is not None else None,
     }
     return result
 

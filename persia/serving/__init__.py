@@ -1,0 +1,32 @@
+"""Serving: export a trained job (TorchScript dense model, embedding rows, request recipe) and
+load it to predict on raw rows, with persia alone (no job file, no training script).
+
+Example (the test ``tests/serving/test_serving.py`` runs the same)::
+
+    persia train examples/adult_income/job.yaml --export /tmp/adult-export
+    python -c "import persia.serving as s; print(s.load('/tmp/adult-export').predict(
+        [{'workclass': 'Private', 'education': 'Bachelors', 'age': 39, ...}]))"
+
+See docs/serving.md for the layout and the guarantees.
+"""
+
+from persia.serving.export import (
+    KIND,
+    SERVING_FORMAT,
+    export,
+    export_from_checkpoint,
+    export_from_ctx,
+    serving_meta,
+)
+from persia.serving.predictor import Predictor, load
+
+__all__ = [
+    "KIND",
+    "SERVING_FORMAT",
+    "Predictor",
+    "export",
+    "export_from_checkpoint",
+    "export_from_ctx",
+    "load",
+    "serving_meta",
+]

@@ -1,0 +1,279 @@
+"""Load a serving export and turn raw request rows into probabilities.
+
+A request is a batch of raw rows, as they appear in the training files: a list of dicts, a
+``pyarrow.Table`` or a dict of columns. Per row, exactly as ``persia train``'s reader did:
+
+1. text values are trimmed (if the job trimmed them) and the missing-value markers become
+   missing;
+2. each slot's column is hashed to IDs with :mod:`persia.hashing` (strings, or ints for
+   ``type: int``; multi-valued columns split on the separator or given as lists); a missing value
+   is the ID of ``"<missing>"`` or an empty sample, as in training;
+3. the IDs get the slot's prefix in the top ``prefix_bits`` bits (the keys), the keys' rows are
+   read from the snapshot (**an unknown key reads as zeros**) and pooled per sample with the
+   slot's pooling (the same kernels as training);
+4. dense columns are parsed as numbers, ``log1p(max(x, 0))`` where configured, standardised with
+   the training files' mean and std, missing values filled as in training;
+5. the TorchScript model runs in eval mode; logits go through a sigmoid.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from persia.errors import BatchError, CheckpointError
+from persia.hashing import hash_ints, hash_strings
+from persia.serving.export import KIND, SERVING_FORMAT, hash_check, recipe_array
+from persia.store.checkpoint import read_current
+from persia.worker import pooling
+
+__all__ = ["Predictor", "load"]
+
+#: A request: a list of dicts, a ``pyarrow.Table`` or a dict of columns.
+Rows = Any
+
+
+def _as_table(rows: Rows) -> pa.Table:
+    if isinstance(rows, pa.Table):
+        return rows
+    if isinstance(rows, pa.RecordBatch):
+        return pa.Table.from_batches([rows])
+    try:
+        if isinstance(rows, Mapping):
+            return pa.table({str(k): v for k, v in rows.items()})
+        return pa.Table.from_pylist(list(rows))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+        raise BatchError(f"predict: the request cannot be read as columns: {exc}") from None
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
+
+
+class Predictor:
+    """A loaded serving export (see :func:`load`).
+
+    Attributes:
+        path: the export's generation folder.
+        meta: its verified manifest meta (the request recipe).
+        model: the TorchScript dense model, in eval mode.
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.path, self.meta = path, meta
+        where = str(path)
+        try:
+            with warnings.catch_warnings():  # TorchScript is marked deprecated by torch
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.model = torch.jit.load(io.BytesIO(arrays["dense_model"].tobytes()))
+        except Exception as exc:
+            raise CheckpointError(
+                f"{where}: the TorchScript model cannot be loaded: {exc}"
+            ) from exc
+        self.model.eval()
+        self.tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for s in meta["slots"]:
+            dim = int(s["dim"])
+            keys, values = arrays.get(f"d{dim}.keys"), arrays.get(f"d{dim}.values")
+            if keys is None or values is None or values.shape != (keys.shape[0], dim):
+                raise CheckpointError(f"{where}: the embeddings of dim {dim} are missing or bad")
+            self.tables[dim] = (keys, values)
+        self.logits = meta["model"]["output"] == "logits"
+        inp = meta["input"]
+        self._markers = pa.array(list(inp["missing_values"]), type=pa.string())
+        self._token_id = hash_strings([inp["missing_token"]])[0]
+
+    @property
+    def label_meaning(self) -> str:
+        """What the predicted probability is the probability of."""
+        return str(self.meta["label"]["meaning"])
+
+    @property
+    def columns(self) -> list[str]:
+        """The request columns the model reads (ID columns, then dense columns)."""
+        return [s["column"] for s in self.meta["slots"]] + [d["name"] for d in self.meta["dense"]]
+
+    # ------------------------------------------------------------------ features
+    def _clean(self, arr: pa.Array) -> pa.Array:
+        if _is_text(arr.type):
+            if self.meta["input"]["trim_whitespace"]:
+                arr = pc.utf8_trim_whitespace(arr)
+            if len(self._markers):
+                arr = pc.if_else(pc.is_in(arr, value_set=self._markers), None, arr)
+        return arr
+
+    def _hash(self, slot: Mapping[str, Any], arr: pa.Array) -> np.ndarray:
+        t = arr.type
+        if slot["type"] == "int":
+            if not pa.types.is_integer(t):
+                try:
+                    arr = pc.cast(arr, pa.int64())
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise BatchError(
+                        f"column {slot['column']!r}: type int, but a value is not an int ({exc})"
+                    ) from None
+            return hash_ints(arr)
+        if not (_is_text(t) or pa.types.is_binary(t)):
+            arr = pc.cast(arr, pa.string())
+        return hash_strings(arr)
+
+    def _ids(self, slot: Mapping[str, Any], arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(IDs, lengths) of one slot's column, as the training reader made them."""
+        n = len(arr)
+        token = self.meta["input"]["missing_ids"] == "token"
+        if pa.types.is_null(arr.type):
+            arr = arr.cast(pa.string())
+        arr = self._clean(arr)
+        if slot["separator"] is not None and _is_text(arr.type):
+            arr = pc.split_pattern(arr, slot["separator"])
+        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+            flat = self._clean(pc.list_flatten(arr))
+            parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+            keep = flat.is_valid()
+            if _is_text(flat.type):
+                keep = pc.fill_null(pc.and_(keep, pc.not_equal(flat, "")), False)
+            keep_np = keep.to_numpy(zero_copy_only=False)
+            values = self._hash(slot, flat.filter(keep))
+            lengths = np.bincount(parents[keep_np], minlength=n).astype(np.int64)
+            if token:
+                empty = np.flatnonzero(lengths == 0)
+                if empty.size:
+                    # each empty sample gets the single ID of the missing token
+                    lengths[empty] = 1
+                    pos = np.cumsum(lengths) - 1  # the single slot of each filled sample
+                    full = np.empty(int(lengths.sum()), dtype=np.uint64)
+                    mask = np.ones(full.shape[0], dtype=bool)
+                    mask[pos[empty]] = False
+                    full[mask] = values
+                    full[pos[empty]] = self._token_id
+                    values = full
+            return values, lengths
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        hashed = self._hash(slot, arr.drop_null())
+        if token:
+            values = np.full(n, self._token_id, dtype=np.uint64)
+            values[valid] = hashed
+            return values, np.ones(n, dtype=np.int64)
+        return hashed, valid.astype(np.int64)
+
+    def _dense(self, table: pa.Table, n: int) -> np.ndarray:
+        cols = self.meta["dense"]
+        out = np.zeros((n, len(cols)), dtype=np.float32)
+        fill_mean = self.meta["input"]["missing_dense"] == "mean"
+        for j, c in enumerate(cols):
+            arr = self._clean(table.column(c["name"]).combine_chunks())
+            try:
+                x = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise BatchError(f"dense column {c['name']!r}: expected numbers ({exc})") from None
+            x = np.array(x, dtype=np.float64)
+            if c["log1p"]:
+                x = np.log1p(np.maximum(x, 0.0))
+            nan = np.isnan(x)
+            mean, std = c["mean"], c["std"]
+            if c["standardize"]:
+                x = (x - mean) / std
+                fill = 0.0 if fill_mean else -mean / std
+            else:
+                fill = mean if fill_mean else 0.0
+            x[nan] = fill
+            out[:, j] = x
+        return out
+
+    def _lookup(self, dim: int, uniques: np.ndarray) -> np.ndarray:
+        keys, values = self.tables[dim]
+        rows = np.zeros((uniques.shape[0], dim), dtype=np.float32)
+        if keys.shape[0]:
+            at = np.minimum(np.searchsorted(keys, uniques), keys.shape[0] - 1)
+            hit = keys[at] == uniques
+            rows[hit] = values[at[hit]]
+        return rows
+
+    def features(self, rows: Rows) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The model's inputs ``(non_id, embeddings)`` for raw request rows.
+
+        Raises:
+            BatchError: a column the model reads is absent, or a value does not parse.
+        """
+        table = _as_table(rows)
+        lacking = [c for c in self.columns if c not in table.column_names]
+        if lacking:
+            raise BatchError(
+                f"predict: missing column(s) {', '.join(map(repr, lacking))} "
+                f"(the model reads {', '.join(self.columns)})"
+            )
+        n = table.num_rows
+        embeddings: list[torch.Tensor] = []
+        for slot in self.meta["slots"]:
+            ids, lengths = self._ids(slot, table.column(slot["column"]).combine_chunks())
+            keys = pooling.add_prefix(ids, int(slot["prefix"]), int(slot["prefix_bits"]))
+            uniques, inverse = pooling.unique_inverse(keys)
+            emb = self._lookup(int(slot["dim"]), uniques)
+            if slot["pooling"] == "raw":
+                out, _ = pooling.pool_raw_forward(
+                    lengths, inverse, emb, int(slot["sample_fixed_size"])
+                )
+            else:
+                out = pooling.pool_forward(lengths, inverse, emb, slot["pooling"])
+            embeddings.append(torch.from_numpy(out))
+        non_id = [torch.from_numpy(self._dense(table, n))] if self.meta["dense"] else []
+        return non_id, embeddings
+
+    def predict(self, rows: Rows) -> np.ndarray:
+        """Probabilities (float32, one per row) for raw request rows.
+
+        Args:
+            rows: a list of dicts, a ``pyarrow.Table`` or a dict of columns; the label column
+                is not needed (and is ignored).
+        """
+        non_id, embeddings = self.features(rows)
+        if embeddings and embeddings[0].shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        with torch.no_grad():
+            out = self.model(non_id, embeddings)
+            if self.logits:
+                out = torch.sigmoid(out)
+        return out.detach().cpu().numpy().reshape(-1).astype(np.float32, copy=False)
+
+
+def load(directory: str | os.PathLike[str]) -> Predictor:
+    """Load and verify a serving export written by :func:`persia.serving.export`.
+
+    Every file is checked (sizes, CRC-32, kind, format) before use, and this installation's
+    ID hash is checked against the vectors recorded at export time.
+
+    Raises:
+        CheckpointError: missing, truncated or tampered export, another format version, or a
+            hash that differs from the one the model was trained with.
+    """
+    from persia.store.checkpoint import current_generation
+
+    arrays, meta = read_current(directory, kind=KIND)
+    path = current_generation(directory)
+    if meta.get("serving_format") != SERVING_FORMAT:
+        raise CheckpointError(
+            f"{path}: serving_format must be {SERVING_FORMAT}, got {meta.get('serving_format')!r}"
+        )
+    recipe = arrays.get("recipe")
+    if recipe is None or not np.array_equal(recipe, recipe_array(meta)):
+        raise CheckpointError(
+            f"{path}: the manifest's meta differs from the checksummed recipe (tampered with?)"
+        )
+    for key in ("hash", "input", "slots", "dense", "label", "model"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: manifest meta lacks {key!r}")
+    if meta["hash"].get("check") != hash_check():
+        raise CheckpointError(
+            f"{path}: this installation's ID hash differs from the one the export was made with "
+            f"({meta['hash'].get('name')!r}); predictions would read the wrong rows"
+        )
+    return Predictor(path, meta, arrays)
