@@ -10,13 +10,19 @@ mean test AUC of each mode and their difference (target: |difference| <= 0.002).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from train import run  # noqa: E402
+# Load train.py by path: a module named "train" may already be imported (e.g. tests/train).
+_spec = importlib.util.spec_from_file_location(
+    "adult_income_train", Path(__file__).resolve().parent / "train.py"
+)
+if _spec is None or _spec.loader is None:
+    raise ImportError("cannot load train.py beside parity.py")
+_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_train)
+run = _train.run
 
 
 def parity(seeds: list[int], epochs: int = 1, hybrid: int = 8) -> dict:
