@@ -179,8 +179,7 @@ def probe_kernel(index, shift, row_keys, keys, rows):
         for i in range(g0, g1):
             r = index[slots[i - g0]]
             rows[i] = r
-            if r >= 0:
-                prefetch(row_keys, r)
+            prefetch(row_keys, max(r, 0))  # no branch on a value still in flight
         for i in range(g0, g1):
             r = rows[i]
             if r < 0:
@@ -322,8 +321,7 @@ def train_probe_hits_kernel(
         for i in range(g0, g1):
             r = index[slots[i - g0]]
             rows[i] = r
-            if r >= 0:
-                prefetch(row_keys, r)
+            prefetch(row_keys, max(r, 0))  # no branch on a value still in flight
         for i in range(g0, g1):
             r = rows[i]
             if r >= 0 and row_keys[r] != keys[i]:
@@ -493,9 +491,8 @@ def train_misses_kernel(
         for k in range(g0, g1):  # ... then the keys of the rows those slots hold
             if rows[k] < 0:
                 r = index[home_slot(keys[k], shift)]
-                if r >= 0:
-                    prefetch(row_keys, r)
-                    acc += r
+                prefetch(row_keys, max(r, 0))  # no branch on a value still in flight
+                acc += r
         meta[M_SCRATCH] = acc
         for i in range(g0, g1):
             if rows[i] >= 0:
