@@ -30,6 +30,9 @@ PERSIA_RAY_TIMEOUT_S = "PERSIA_RAY_TIMEOUT_S"
 #: Folder of a locally started Ray cluster's logs, sockets and auth token
 #: (default ``<system temp>/persia-ray-<uid>``).
 PERSIA_RAY_TEMP_DIR = "PERSIA_RAY_TEMP_DIR"
+#: Ray namespace in which the roles of one job find each other by name (persia-launcher sets
+#: it, default "persia"; unset: the process's own namespace).
+PERSIA_RAY_NAMESPACE = "PERSIA_RAY_NAMESPACE"
 
 
 def ensure_numba_cache_dir() -> str:

@@ -84,6 +84,21 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
         help="channel of the per-batch lookups and gradients (default zmq)",
     )
     g.add_argument(
+        "--num-nn-workers",
+        type=int,
+        default=None,
+        metavar="W",
+        help="NN-worker processes (Ray actors) training together with DDP over gloo, each on "
+        "every W-th batch (default 1: this process)",
+    )
+    g.add_argument(
+        "--nn-cpus",
+        type=float,
+        default=0.5,
+        metavar="CPUS",
+        help="CPUs each NN-worker actor asks Ray for (default 0.5)",
+    )
+    g.add_argument(
         "--timeout-s",
         type=float,
         default=None,
@@ -96,7 +111,7 @@ def cluster_config(args: argparse.Namespace, backend: str) -> Any:
     """The ClusterConfig of the options, or None for the local backend."""
     given = [
         f"--{n.replace('_', '-')}"
-        for n in ("num_ps", "address", "timeout_s")
+        for n in ("num_ps", "address", "timeout_s", "num_nn_workers")
         if getattr(args, n, None) is not None
     ]
     if backend != "ray":
@@ -113,6 +128,8 @@ def cluster_config(args: argparse.Namespace, backend: str) -> Any:
         ps_num_cpus=args.ps_cpus,
         transport=args.transport,
         timeout_s=args.timeout_s,
+        num_nn_workers=args.num_nn_workers if args.num_nn_workers is not None else 1,
+        nn_num_cpus=args.nn_cpus,
     )
 
 

@@ -34,13 +34,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from persia import _settings
 from persia.cluster.base import PARAMETER_SERVER, ParameterServerClient, Transport
 from persia.errors import BackendError, ConfigError, PersiaError
+
+if TYPE_CHECKING:
+    from persia.cluster.ray_recovery import RecoveryConfig
 
 __all__ = [
     "ClusterConfig",
@@ -91,6 +94,18 @@ class ClusterConfig:
         timeout_s: the longest a call to a role may take before :class:`BackendError`; None:
             ``PERSIA_RAY_TIMEOUT_S``, else 60.
         num_cpus: CPUs of a local cluster started here (None: Ray's count of this machine).
+        recover: restore a dead parameter-server shard from the last full checkpoint plus the
+            incremental deltas and go on training (True, or a
+            :class:`persia.cluster.ray_recovery.RecoveryConfig`); False: a dead shard ends the
+            job with :class:`BackendError`. Needs ``enable_incremental_update``.
+        num_nn_workers: NN-worker processes (Ray actors) forming one DDP group; 1: this
+            process is the only NN worker (see :mod:`persia.cluster.ray_ddp`).
+        nn_num_cpus: CPUs each NN-worker actor asks Ray for (fractions allowed).
+        nn_resources: custom Ray resources per NN-worker actor (e.g. ``{"gpu_host": 1}``).
+        job_name: the name of the parameter-server actors (``persia-<job_name>-ps-<rank>``);
+            None: a fresh one.
+        attach_ps: join the running parameter servers named by ``job_name`` instead of
+            starting new ones (they are not stopped at the end).
     """
 
     num_ps: int | None = None
@@ -102,6 +117,12 @@ class ClusterConfig:
     bind_host: str | None = None
     timeout_s: float | None = None
     num_cpus: int | None = None
+    recover: bool | RecoveryConfig = False
+    num_nn_workers: int = 1
+    nn_num_cpus: float = 0.5
+    nn_resources: dict[str, float] = field(default_factory=dict)
+    job_name: str | None = None
+    attach_ps: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -121,6 +142,20 @@ class ClusterConfig:
             isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0
         ):
             problems.append(f"timeout_s must be > 0, got {self.timeout_s!r}")
+        if (
+            isinstance(self.num_nn_workers, bool)
+            or not isinstance(self.num_nn_workers, int)
+            or self.num_nn_workers < 1
+        ):
+            problems.append(f"num_nn_workers must be an int >= 1, got {self.num_nn_workers!r}")
+        if not (isinstance(self.nn_num_cpus, (int, float)) and self.nn_num_cpus >= 0):
+            problems.append(f"nn_num_cpus must be a number >= 0, got {self.nn_num_cpus!r}")
+        if self.attach_ps and not self.job_name:
+            problems.append("attach_ps needs job_name (the running parameter servers' name)")
+        from persia.cluster.ray_recovery import RecoveryConfig
+
+        if not isinstance(self.recover, (bool, RecoveryConfig)):
+            problems.append(f"recover must be a bool or a RecoveryConfig, got {self.recover!r}")
         if problems:
             raise ConfigError(problems, source="ClusterConfig")
 
@@ -287,6 +322,24 @@ class ParameterServer:
         self.shard = fresh
         self._kwargs = kwargs
 
+    # change tracking for incremental updates (persia.store.delta), as on a local Shard
+    def track_changes(self, enabled: bool = True) -> None:
+        self.shard.track_changes(enabled)
+
+    def tracking_changes(self) -> bool:
+        return self.shard.tracking_changes
+
+    def changed_count(self) -> int:
+        return self.shard.changed_count
+
+    def take_changes(self) -> dict[int, dict[str, np.ndarray]]:
+        return self.shard.take_changes()
+
+    def import_rows(
+        self, dim: int, keys: np.ndarray, values: np.ndarray, state: np.ndarray | None = None
+    ) -> None:
+        self.shard.import_rows(dim, keys, values, state)
+
     def clear(self) -> None:
         from persia.store import Shard
 
@@ -299,9 +352,10 @@ class ParameterServer:
 
 
 def start_parameter_servers(
-    n: int, shard_kwargs: dict[str, Any], cluster: ClusterConfig, job: str
+    n: int, shard_kwargs: dict[str, Any], cluster: ClusterConfig, job: str, first_rank: int = 0
 ) -> list[Any]:
-    """Starts ``n`` parameter-server actors and waits until each answers (or BackendError)."""
+    """Starts ``n`` parameter-server actors (ranks ``first_rank`` on) and waits until each
+    answers (or BackendError)."""
     import ray
 
     options: dict[str, Any] = {"num_cpus": cluster.ps_num_cpus, "max_restarts": 0}
@@ -316,10 +370,10 @@ def start_parameter_servers(
     bind = _bind_host(cluster) if cluster.transport == "zmq" else None
     actors: list[Any] = [
         actor_cls.options(name=f"persia-{job}-ps-{i}", **options).remote(i, shard_kwargs, bind)
-        for i in range(n)
+        for i in range(first_rank, first_rank + n)
     ]
     timeout = cluster.resolved_timeout_s()
-    for i, a in enumerate(actors):
+    for i, a in enumerate(actors, first_rank):
         get_with_timeout(a.ping.remote(), timeout, PARAMETER_SERVER, i)
     return actors
 
@@ -386,6 +440,24 @@ class RemoteShard:
     def export_rows(self, dim: int | None = None) -> dict[int, dict[str, np.ndarray]]:
         parts = self._call("export_rows")
         return parts if dim is None else {dim: parts[dim]}
+
+    # change tracking, so that a DeltaWriter works over the actors as over local shards
+    def track_changes(self, enabled: bool = True) -> None:
+        self._call("track_changes", enabled)
+
+    @property
+    def tracking_changes(self) -> bool:
+        return bool(self._call("tracking_changes"))
+
+    @property
+    def changed_count(self) -> int:
+        return int(self._call("changed_count"))
+
+    def take_changes(self) -> dict[int, dict[str, np.ndarray]]:
+        return self._call("take_changes")
+
+    def import_rows(self, dim: int, keys: Any, values: Any, state: Any | None = None) -> None:
+        self._call("import_rows", dim, keys, values, state)
 
 
 def _sharded_store_base() -> type:

@@ -38,7 +38,25 @@ __all__ = ["RayRuntime", "build_ray_runtime"]
 
 class RayRuntime(Runtime):
     """A :class:`Runtime` whose store is a set of parameter-server actors; closing it stops
-    the actors it started and the data channel."""
+    the actors it started and the data channel.
+
+    With ``ClusterConfig(recover=...)``, ``recovery`` is the
+    :class:`persia.cluster.ray_recovery.ShardRecovery` that restores dead shards; the training
+    context flushes its incremental deltas every :attr:`delta_interval_s` and hands its writer to
+    :meth:`attach_delta_writer`.
+    """
+
+    recovery: Any = None
+
+    @property
+    def delta_interval_s(self) -> float | None:
+        """How often incremental deltas must be flushed (None: no time trigger needed)."""
+        return None if self.recovery is None else self.recovery.flush_interval_s
+
+    def attach_delta_writer(self, writer: Any) -> None:
+        """Tells the recovery (if any) which :class:`persia.store.delta.DeltaWriter` runs."""
+        if self.recovery is not None:
+            self.recovery.attach_writer(writer)
 
     def close(self) -> None:
         try:
@@ -91,12 +109,19 @@ def build_ray_runtime(
     shard_kwargs["capacity"] = -(-ps.capacity // num_ps)  # as ShardedStore splits it
     init_ray(cluster.address, cluster.num_cpus)
     timeout_s = cluster.resolved_timeout_s()
-    actors = start_parameter_servers(num_ps, shard_kwargs, cluster, new_job_id())
+    if cluster.attach_ps:
+        from persia.cluster.ray_ddp import attach_parameter_servers
+
+        actors = attach_parameter_servers(str(cluster.job_name), num_ps, timeout_s)
+    else:
+        actors = start_parameter_servers(
+            num_ps, shard_kwargs, cluster, cluster.job_name or new_job_id()
+        )
     store = RayStore(
         actors,
         {**store_kwargs, "adopt_optimizer": optimizer is None},
         timeout_s,
-        owned=True,
+        owned=not cluster.attach_ps,
     )
     try:
         client = parameter_server_client(actors, cluster, timeout_s)
@@ -104,4 +129,13 @@ def build_ray_runtime(
         store.close()
         raise
     worker = EmbeddingWorker(slot_specs(emb), emb.feature_index_prefix_bit, client)
-    return RayRuntime(worker, store, backward_buffer_size=backward_buffer_size)
+    runtime = RayRuntime(worker, store, backward_buffer_size=backward_buffer_size)
+    if cluster.recover:
+        from persia.cluster.ray_recovery import enable_recovery
+
+        try:
+            enable_recovery(runtime, cluster, glob, shard_kwargs)
+        except BaseException:
+            runtime.close()
+            raise
+    return runtime

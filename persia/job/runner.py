@@ -27,6 +27,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from persia import env
 from persia.config import (
     EmbeddingFileConfig,
     GlobalConfig,
@@ -49,6 +50,7 @@ from persia.utils import setup_seed
 __all__ = [
     "embedding_configs",
     "embedding_optimizer",
+    "job_hyper",
     "dense_optimizer",
     "evaluate",
     "job_to_dict",
@@ -93,6 +95,27 @@ def embedding_optimizer(job: JobConfig) -> EmbeddingOptimizer:
     if kind == "rowwise_adagrad":
         return Adagrad(vectorwise_shared=True, **args)
     return Adam(**args)
+
+
+def job_hyper(job: JobConfig) -> EmbeddingConfig:
+    """The initialisation range, admission probability and weight bound of new rows."""
+    low, high = job.embedding.init
+    return EmbeddingConfig(
+        emb_initialization=(low, high),
+        admit_probability=job.embedding.admit_probability,
+        weight_bound=job.embedding.weight_bound,
+    )
+
+
+def _rank_strided(batches: Iterator[PersiaBatch], rank: int, world: int) -> Iterator[PersiaBatch]:
+    """Batch ``i`` of ``batches`` when ``i % world == rank``; a trailing group of fewer than
+    ``world`` batches is dropped, so that every NN worker trains as many batches (DDP)."""
+    group: list[PersiaBatch] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == world:
+            yield group[rank]
+            group = []
 
 
 def dense_optimizer(job: JobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -216,13 +239,17 @@ class _TrainDataset(IterableDataset):
             left = None if t.max_samples is None else t.max_samples - before
             if left is not None and left <= 0:
                 return
-            for batch in self.reader.batches(
+            source: Iterator[PersiaBatch] = self.reader.batches(
                 self.job.data.train,
                 t.batch_size,
                 training=True,
                 seed=t.seed + epoch,
                 max_samples=left,
-            ):
+            )
+            world = env.get_world_size()
+            if world > 1:  # one of several NN workers (persia.cluster.ray_ddp): its batches
+                source = _rank_strided(source, env.get_rank(), world)
+            for batch in source:
                 in_epoch += 1
                 epoch_samples += batch.batch_size
                 if in_epoch <= skip:
@@ -409,6 +436,12 @@ def run_job(
     t = job.training
     if cluster is not None and t.backend != "ray":
         raise ConfigError(f"cluster settings need training.backend 'ray', got {t.backend!r}")
+    if cluster is not None and getattr(cluster, "num_nn_workers", 1) > 1:
+        if resume is not None or export is not None:
+            raise ConfigError("--resume and --export are not supported with num_nn_workers > 1")
+        from persia.cluster.ray_ddp import run_job_ddp
+
+        return run_job_ddp(job, cluster)
     if resume is not None and not Path(resume).is_dir():
         raise CheckpointError(f"--resume: checkpoint directory {str(resume)!r} does not exist")
     start = time.perf_counter()
@@ -422,12 +455,7 @@ def run_job(
     emb_file, global_file = embedding_configs(job)
     emb_opt = embedding_optimizer(job)
     dense_opt = dense_optimizer(job, model)
-    low, high = job.embedding.init
-    hyper = EmbeddingConfig(
-        emb_initialization=(low, high),
-        admit_probability=job.embedding.admit_probability,
-        weight_bound=job.embedding.weight_bound,
-    )
+    hyper = job_hyper(job)
     total = t.max_samples if t.max_samples is not None else None
     progress = _Progress(t.progress, t.log_every_batches, total, stderr or sys.stderr)
     pauses = _Pauses([t.eval_every_batches if job.data.test else 0, t.checkpoint_every_batches])

@@ -1,0 +1,56 @@
+"""Several NN workers on the Ray backend: DDP over gloo, rank-strided data, shared PS actors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from persia.cluster.ray_backend import ClusterConfig
+from persia.errors import ConfigError
+from persia.job.runner import _rank_strided
+
+ROOT = Path(__file__).resolve().parents[2]
+ADULT = ROOT / "examples" / "adult_income" / "job.yaml"
+
+
+def test_rank_strided_batches_partition_the_stream_and_drop_the_short_tail():
+    items = list(range(11))
+    parts = [list(_rank_strided(iter(items), r, 3)) for r in range(3)]
+    assert parts == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # 9, 10: a group of 2 < 3, dropped
+    assert list(_rank_strided(iter(items), 0, 1)) == items
+
+
+def test_cluster_config_checks_the_nn_worker_fields():
+    with pytest.raises(ConfigError) as info:
+        ClusterConfig(num_nn_workers=0, nn_num_cpus=-1, attach_ps=True)
+    assert len(info.value.problems) == 3
+
+
+def test_adult_job_with_two_parameter_servers_and_two_ddp_nn_workers(ray_cluster):
+    from persia.job.config import load_job
+    from persia.job.runner import run_job
+
+    job = load_job(ADULT, ["training.backend=ray", "training.progress=none"])
+    result = run_job(job, cluster=ClusterConfig(num_ps=2, num_nn_workers=2, timeout_s=120))
+    print("two NN workers:", {k: result[k] for k in ("test_auc", "wall_s", "train_samples")})
+    assert result["test_auc"] >= 0.90
+    workers = result["nn_workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    # rank-strided halves of one epoch of adult.data (32 561 rows, batch 128: 255 batches,
+    # the odd last one dropped)
+    assert [w["train_batches"] for w in workers] == [127, 127]
+    assert result["train_samples"] == 254 * 128
+    # both ranks evaluated the same (allreduced) model on the same shared embeddings
+    assert workers[0]["test_auc"] == pytest.approx(workers[1]["test_auc"], abs=1e-6)
+    assert all(w["staleness_max"] <= 7 for w in workers)  # staleness 8: at most 7 behind
+    assert result["embedding_rows"] > 0
+
+
+def test_multi_worker_settings_it_cannot_honour_are_refused(ray_cluster, tmp_path):
+    from persia.job.config import load_job
+    from persia.job.runner import run_job
+
+    job = load_job(ADULT, ["training.backend=ray", f"training.checkpoint_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="checkpoint_dir"):
+        run_job(job, cluster=ClusterConfig(num_nn_workers=2))
