@@ -33,6 +33,14 @@ PERSIA_RAY_TEMP_DIR = "PERSIA_RAY_TEMP_DIR"
 #: Ray namespace in which the roles of one job find each other by name (persia-launcher sets
 #: it, default "persia"; unset: the process's own namespace).
 PERSIA_RAY_NAMESPACE = "PERSIA_RAY_NAMESPACE"
+#: PERSIA-compatible: this data loader's index and the number of data loaders (set by
+#: persia-launcher data-loader --replica-index / --replica-size; defaults 0 and 1).
+REPLICA_INDEX = "REPLICA_INDEX"
+REPLICA_SIZE = "REPLICA_SIZE"
+#: Name of the stream DataCtx sends to and StreamingDataset reads (default "default").
+PERSIA_STREAM_CHANNEL = "PERSIA_STREAM_CHANNEL"
+#: NN workers each data loader tells "end" before it exits (default 1).
+PERSIA_STREAM_CONSUMERS = "PERSIA_STREAM_CONSUMERS"
 
 
 def ensure_numba_cache_dir() -> str:

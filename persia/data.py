@@ -50,11 +50,36 @@ class IterableDataset:
 class StreamingDataset(IterableDataset):
     """Batches sent by data-loader processes with ``DataCtx().send_data(batch)`` (PERSIA's API).
 
-    This needs the cluster backend, which runs data loaders in other processes; the embedded
-    backend has no other process to receive from.
+    This needs the cluster backend (``backend="ray"`` or ``RAY_ADDRESS`` set), which runs data
+    loaders in other processes: the batches of every loader of the stream are received until
+    each has finished (see :mod:`persia.cluster.ray_stream`); the embedded backend has no other
+    process to receive from.
+
+    Args:
+        buffer_size: see :class:`IterableDataset`.
+        channel: the stream's name (default ``$PERSIA_STREAM_CHANNEL``, else ``default``).
+        timeout_s: the longest wait for a data loader to appear or to send a batch.
     """
 
+    def __init__(
+        self, buffer_size: int = 10, channel: str | None = None, timeout_s: float = 600.0
+    ) -> None:
+        super().__init__(buffer_size)
+        self.channel = channel
+        self.timeout_s = timeout_s
+
     def __iter__(self) -> Iterator[PersiaBatch]:
+        import os
+
+        from persia import _settings
+        from persia.ctx import cnt_ctx
+
+        ctx = cnt_ctx()
+        if getattr(ctx, "backend", None) == "ray" or os.environ.get(_settings.RAY_ADDRESS):
+            from persia.cluster.ray_stream import receive_batches
+
+            yield from receive_batches(self.channel, self.timeout_s)
+            return
         raise BackendError(
             "StreamingDataset receives batches from data-loader processes and needs the cluster "
             "backend; in one process, subclass IterableDataset and yield PersiaBatch objects"
