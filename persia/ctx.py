@@ -119,21 +119,69 @@ class BaseCtx:
 
 
 class DataCtx(BaseCtx):
-    """Sends batches from a data-loader process to the NN workers (PERSIA's API).
+    """Sends batches from a data-loader process to the NN workers (PERSIA's API)::
 
-    Needs the cluster backend; in one process, feed a ``DataLoader`` from an
+        with DataCtx() as ctx:
+            for batch in my_batches():
+                ctx.send_data(batch)
+
+    Needs the cluster backend: the process joins the Ray cluster named by ``RAY_ADDRESS`` (or
+    the one this process is already connected to) and serves the NN workers iterating
+    ``StreamingDataset`` (see :mod:`persia.cluster.ray_stream`); ``REPLICA_INDEX`` /
+    ``REPLICA_SIZE`` say which of the data loaders this is. Leaving the context tells the NN
+    workers this loader is done. In one process, feed a ``DataLoader`` from an
     ``IterableDataset`` instead.
+
+    Args:
+        replica_index, replica_size, channel, consumers, bind_host, timeout_s: see
+            :class:`persia.cluster.ray_stream.StreamSender` (persia extensions).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        replica_index: int | None = None,
+        replica_size: int | None = None,
+        channel: str | None = None,
+        consumers: int | None = None,
+        bind_host: str | None = None,
+        timeout_s: float = 600.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        from persia.errors import BackendError
+        self._sender_kwargs: dict[str, Any] = {
+            "replica_index": replica_index,
+            "replica_size": replica_size,
+            "channel": channel,
+            "consumers": consumers,
+            "bind_host": bind_host,
+            "timeout_s": timeout_s,
+        }
+        self._sender: Any = None
 
-        raise BackendError(
-            "DataCtx sends batches to NN workers in other processes and needs the cluster "
-            "backend; in one process, yield PersiaBatch objects from an IterableDataset",
-            role="data-loader",
-        )
+    def _enter(self) -> None:
+        if self._sender is None:
+            try:
+                from persia.cluster.ray_stream import StreamSender
+            except ImportError as exc:
+                from persia.errors import BackendError
+
+                raise BackendError(
+                    f"DataCtx needs the cluster backend (pip install persia[ray]): {exc}",
+                    role="data-loader",
+                ) from exc
+            self._sender = StreamSender(**self._sender_kwargs)
+
+    def _exit(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close()
+
+    def send_data(self, data: Any, blocking: bool = True) -> None:
+        """Sends one :class:`PersiaBatch` to the next NN worker that asks for one."""
+        if self._sender is None:
+            raise PersiaError("enter the context first (`with DataCtx() as ctx:`)")
+        self._sender.send(data)
 
 
 class EmbeddingCtx(BaseCtx):
