@@ -107,7 +107,6 @@ def high_cardinality_job(tmp, kill_at, batches=160, batch_size=512, interval_s=1
     return roc_auc(np.concatenate(ys), np.concatenate(ps)), report, stats
 
 
-@pytest.mark.slow
 def test_a_killed_shard_is_restored_and_training_matches_an_undisturbed_run(ray_cluster, tmp_path):
     interval_s = 1.0
     auc_ref, rep_ref, _ = high_cardinality_job(tmp_path / "ref", None, interval_s=interval_s)
