@@ -41,6 +41,9 @@ REPLICA_SIZE = "REPLICA_SIZE"
 PERSIA_STREAM_CHANNEL = "PERSIA_STREAM_CHANNEL"
 #: NN workers each data loader tells "end" before it exits (default 1).
 PERSIA_STREAM_CONSUMERS = "PERSIA_STREAM_CONSUMERS"
+#: Name shared by the roles of one job started by persia-launcher (their actors'
+#: ``persia-<name>-...``); set: TrainCtx(backend="ray") attaches to its parameter servers.
+PERSIA_JOB_NAME = "PERSIA_JOB_NAME"
 
 
 def ensure_numba_cache_dir() -> str:

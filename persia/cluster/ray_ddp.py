@@ -40,16 +40,29 @@ __all__ = ["NN_WORKER", "NNWorker", "attach_parameter_servers", "run_job_ddp"]
 NN_WORKER = "nn-worker"
 
 
-def attach_parameter_servers(job_name: str, num_ps: int, timeout_s: float) -> list[Any]:
+def attach_parameter_servers(
+    job_name: str,
+    num_ps: int,
+    timeout_s: float,
+    shard_kwargs: dict[str, Any] | None = None,
+    capacity: int | None = None,
+) -> list[Any]:
     """The running parameter-server actors of ``job_name`` (waits up to ``timeout_s`` for each
-    to exist, then for it to answer)."""
+    to exist, then for it to answer).
+
+    Servers started on their own (``persia-launcher embedding-parameter-server``,
+    :class:`persia.cluster.ray_launch.LaunchedParameterServer`) say how many they are, which
+    overrides ``num_ps``, and take ``shard_kwargs`` (with ``capacity`` split among them) if no
+    NN worker configured them before.
+    """
     import ray
 
     from persia.cluster.base import PARAMETER_SERVER
 
     actors: list[Any] = []
     deadline = time.monotonic() + timeout_s
-    for i in range(num_ps):
+    i = 0
+    while i < num_ps:
         name = f"persia-{job_name}-ps-{i}"
         while True:
             try:
@@ -63,6 +76,18 @@ def attach_parameter_servers(job_name: str, num_ps: int, timeout_s: float) -> li
                 time.sleep(0.2)
         get_with_timeout(actor.ping.remote(), timeout_s, PARAMETER_SERVER, i)
         actors.append(actor)
+        if i == 0 and hasattr(actor, "replica_size"):
+            num_ps = int(
+                get_with_timeout(actor.replica_size.remote(), timeout_s, PARAMETER_SERVER, 0)
+            )
+        i += 1
+    if shard_kwargs is not None:
+        kwargs = dict(shard_kwargs)
+        if capacity is not None:
+            kwargs["capacity"] = -(-capacity // len(actors))  # as ShardedStore splits it
+        for rank, actor in enumerate(actors):
+            if hasattr(actor, "configure"):
+                get_with_timeout(actor.configure.remote(kwargs), timeout_s, PARAMETER_SERVER, rank)
     return actors
 
 

@@ -82,7 +82,10 @@ def build_ray_runtime(
     ``cluster.num_ps`` shards (default: ``num_hashmap_internal_shards``) hold ``capacity`` rows
     in all, as in the embedded backend; a local Ray cluster is started unless one is named.
     """
-    cluster = cluster or ClusterConfig()
+    if cluster is None:  # a process of persia-launcher nn-worker joins its job's servers
+        from persia.cluster.ray_launch import cluster_from_env
+
+        cluster = cluster_from_env() or ClusterConfig()
     emb = (
         embedding_config_file
         if isinstance(embedding_config_file, EmbeddingFileConfig)
@@ -112,7 +115,9 @@ def build_ray_runtime(
     if cluster.attach_ps:
         from persia.cluster.ray_ddp import attach_parameter_servers
 
-        actors = attach_parameter_servers(str(cluster.job_name), num_ps, timeout_s)
+        actors = attach_parameter_servers(
+            str(cluster.job_name), num_ps, timeout_s, shard_kwargs, ps.capacity
+        )
     else:
         actors = start_parameter_servers(
             num_ps, shard_kwargs, cluster, cluster.job_name or new_job_id()

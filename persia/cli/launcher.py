@@ -1,0 +1,289 @@
+"""``persia-launcher``: PERSIA's launcher subcommands, each role against the Ray cluster named by
+``RAY_ADDRESS`` (see docs/cluster.md, "PERSIA's separate processes").
+
+A PERSIA Procfile maps line by line::
+
+    embedding_parameter_server: persia-launcher embedding-parameter-server \\
+        --embedding-config config/embedding_config.yml --global-config config/global_config.yml \\
+        --replica-index 0 --replica-size 1
+    embedding_worker: persia-launcher embedding-worker \\
+        --embedding-config config/embedding_config.yml --global-config config/global_config.yml
+    nn_worker: persia-launcher nn-worker train.py --nproc-per-node 1
+    data_loader: persia-launcher data-loader data_loader.py --replica-index 0 --replica-size 1
+
+Every role of one job shares ``PERSIA_JOB_NAME`` (default ``persia``; ``--job-name``) and the Ray
+namespace ``PERSIA_RAY_NAMESPACE`` (default ``persia``). The embedding worker runs inside each NN
+worker in persia (routing, de-duplication and pooling next to the lookups), so the
+``embedding-worker`` line only checks its configuration files and waits to be stopped, keeping
+the Procfile's shape.
+
+Exit status: 0 on success (a server stopped by SIGTERM / SIGINT included), 2 for bad arguments
+or configuration, 1 when a role fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from persia import _settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--job-name",
+        default=None,
+        help="name shared by the roles of one job (default $PERSIA_JOB_NAME, else 'persia')",
+    )
+    p.add_argument(
+        "--embedding-config",
+        default=None,
+        metavar="FILE",
+        help="embedding_config.yml (sets $PERSIA_EMBEDDING_CONFIG)",
+    )
+    p.add_argument(
+        "--global-config",
+        default=None,
+        metavar="FILE",
+        help="global_config.yml (sets $PERSIA_GLOBAL_CONFIG)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="persia-launcher",
+        description="Start one PERSIA role against the Ray cluster named by $RAY_ADDRESS.",
+    )
+    sub = parser.add_subparsers(dest="role", required=True)
+    nn = sub.add_parser("nn-worker", help="run FILE as N NN-worker processes (one DDP group)")
+    nn.add_argument("file", metavar="FILE")
+    nn.add_argument("--nproc-per-node", type=int, default=1, metavar="N")
+    nn.add_argument("--nnodes", type=int, default=1, metavar="M")
+    nn.add_argument("--node-rank", type=int, default=0, metavar="R")
+    nn.add_argument(
+        "--master-addr", default="127.0.0.1", help="address of node 0 for the DDP rendezvous"
+    )
+    nn.add_argument("--master-port", type=int, default=None, help="default: a free port")
+    _common(nn)
+    dl = sub.add_parser("data-loader", help="run FILE as one data loader (DataCtx)")
+    dl.add_argument("file", metavar="FILE")
+    dl.add_argument("--replica-index", type=int, default=0)
+    dl.add_argument("--replica-size", type=int, default=1)
+    _common(dl)
+    ew = sub.add_parser("embedding-worker", help="(runs inside each NN worker; see --help)")
+    ew.add_argument("--replica-index", type=int, default=0)
+    ew.add_argument("--replica-size", type=int, default=1)
+    _common(ew)
+    ps = sub.add_parser("embedding-parameter-server", help="start one parameter-server shard")
+    ps.add_argument("--replica-index", type=int, default=0)
+    ps.add_argument("--replica-size", type=int, default=1)
+    ps.add_argument("--num-cpus", type=float, default=0.25, help="Ray CPUs of the actor")
+    ps.add_argument(
+        "--bind-host",
+        default=None,
+        help="address of the data channel (default: the node's Ray address)",
+    )
+    _common(ps)
+    return parser
+
+
+def _role_env(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    env[_settings.PERSIA_JOB_NAME] = args.job_name or env.get(_settings.PERSIA_JOB_NAME) or "persia"
+    env.setdefault(_settings.PERSIA_RAY_NAMESPACE, "persia")
+    env[_settings.PERSIA_BACKEND] = "ray"
+    if args.embedding_config:
+        env[_settings.PERSIA_EMBEDDING_CONFIG] = os.path.abspath(args.embedding_config)
+    if args.global_config:
+        env[_settings.PERSIA_GLOBAL_CONFIG] = os.path.abspath(args.global_config)
+    return env
+
+
+def _check_replica(args: argparse.Namespace) -> None:
+    from persia.errors import ConfigError
+
+    if args.replica_size < 1 or not 0 <= args.replica_index < args.replica_size:
+        raise ConfigError(
+            f"--replica-index must be in [0, --replica-size), got {args.replica_index} of "
+            f"{args.replica_size}"
+        )
+
+
+def _wait_for_stop() -> None:
+    """Blocks until SIGTERM or SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_children(cmds: list[tuple[list[str], dict[str, str]]]) -> int:
+    """Runs the commands; the first failure stops the others. Returns the exit status."""
+    procs = [subprocess.Popen(cmd, env=env) for cmd, env in cmds]
+    status = EXIT_OK
+    try:
+        pending = list(procs)
+        while pending:
+            for p in list(pending):
+                try:
+                    rc = p.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    continue
+                pending.remove(p)
+                if rc != 0:
+                    status = EXIT_FAILED
+                    for q in pending:
+                        q.terminate()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return status
+
+
+def nn_worker(args: argparse.Namespace) -> int:
+    """``nn-worker FILE --nproc-per-node N``: N processes of FILE, ranks node_rank*N + i."""
+    from persia.errors import ConfigError
+
+    n, nodes = args.nproc_per_node, args.nnodes
+    if n < 1 or nodes < 1 or not 0 <= args.node_rank < nodes:
+        raise ConfigError(
+            f"--nproc-per-node and --nnodes must be >= 1 and --node-rank in [0, --nnodes), got "
+            f"{n}, {nodes}, {args.node_rank}"
+        )
+    world = n * nodes
+    port = args.master_port or _free_port()
+    cmds = []
+    for i in range(n):
+        env = _role_env(args)
+        env.update(
+            {
+                _settings.RANK: str(args.node_rank * n + i),
+                _settings.WORLD_SIZE: str(world),
+                _settings.LOCAL_RANK: str(i),
+                "MASTER_ADDR": args.master_addr,
+                "MASTER_PORT": str(port),
+            }
+        )
+        cmds.append(([sys.executable, args.file], env))
+    return _run_children(cmds)
+
+
+def data_loader(args: argparse.Namespace) -> int:
+    """``data-loader FILE --replica-index i --replica-size n``: FILE with REPLICA_* set."""
+    _check_replica(args)
+    env = _role_env(args)
+    env[_settings.REPLICA_INDEX] = str(args.replica_index)
+    env[_settings.REPLICA_SIZE] = str(args.replica_size)
+    return _run_children([([sys.executable, args.file], env)])
+
+
+def embedding_worker(args: argparse.Namespace) -> int:
+    """Checks the configuration files, then waits: persia's embedding worker runs inside each
+    NN worker, so this Procfile line holds no work of its own."""
+    from persia.config import load_embedding_config, load_global_config
+
+    _check_replica(args)
+    env = _role_env(args)
+    load_embedding_config(env.get(_settings.PERSIA_EMBEDDING_CONFIG))
+    load_global_config(env.get(_settings.PERSIA_GLOBAL_CONFIG))
+    print(
+        "persia-launcher embedding-worker: the embedding worker runs inside each NN worker; "
+        "waiting to be stopped",
+        flush=True,
+    )
+    _wait_for_stop()
+    return EXIT_OK
+
+
+def embedding_parameter_server(args: argparse.Namespace) -> int:
+    """Starts parameter server ``--replica-index`` of the job and holds it until stopped."""
+    import ray
+
+    from persia.cluster.ray_backend import ClusterConfig, get_with_timeout
+    from persia.cluster.ray_launch import LaunchedParameterServer, connect, job_name
+    from persia.config import load_embedding_config, load_global_config
+    from persia.embedding.optim import SGD
+    from persia.errors import BackendError
+    from persia.utils import embedding_seed
+
+    _check_replica(args)
+    env = _role_env(args)
+    os.environ.update(
+        {k: env[k] for k in (_settings.PERSIA_JOB_NAME, _settings.PERSIA_RAY_NAMESPACE)}
+    )
+    address = os.environ.get(_settings.RAY_ADDRESS, "").strip()
+    if not address:
+        raise BackendError("set RAY_ADDRESS to the Ray cluster to join", role="parameter-server")
+    emb = load_embedding_config(env.get(_settings.PERSIA_EMBEDDING_CONFIG))
+    glob = load_global_config(env.get(_settings.PERSIA_GLOBAL_CONFIG))
+    ps = glob.embedding_parameter_server_config
+    shard_kwargs: dict[str, Any] = {
+        "capacity": -(-ps.capacity // args.replica_size),
+        "optimizer": SGD(lr=0.01),  # replaced by the first NN worker's (configure)
+        "seed": embedding_seed(),
+        "dims": sorted({s.dim for s in emb.slots}),
+    }
+    connect(address)
+    bind = args.bind_host or "node"
+    name = f"persia-{job_name()}-ps-{args.replica_index}"
+    actor_cls: Any = ray.remote(LaunchedParameterServer)
+    actor = actor_cls.options(
+        name=name, num_cpus=args.num_cpus, max_restarts=0, max_concurrency=4
+    ).remote(args.replica_index, args.replica_size, shard_kwargs, bind)
+    timeout_s = ClusterConfig().resolved_timeout_s()
+    get_with_timeout(actor.ping.remote(), timeout_s, "parameter-server", args.replica_index)
+    endpoint = get_with_timeout(
+        actor.endpoint.remote(), timeout_s, "parameter-server", args.replica_index
+    )
+    print(f"persia-launcher: parameter server {name} serving on {endpoint}", flush=True)
+    try:
+        _wait_for_stop()
+    finally:
+        ray.kill(actor)
+    return EXIT_OK
+
+
+ROLES = {
+    "nn-worker": nn_worker,
+    "data-loader": data_loader,
+    "embedding-worker": embedding_worker,
+    "embedding-parameter-server": embedding_parameter_server,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``persia-launcher``."""
+    from persia.errors import ConfigError, PersiaError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return ROLES[args.role](args)
+    except ConfigError as exc:
+        print(f"persia-launcher {args.role}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PersiaError as exc:
+        print(f"persia-launcher {args.role}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
