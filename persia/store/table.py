@@ -331,10 +331,30 @@ class EmbeddingTable:
     def train_lookup_probed(self, keys: np.ndarray) -> np.ndarray:
         """Training lookup of checked ``keys``, probing and refreshing the hits in one kernel
         (for a table whose misses need no check against other dims: same result as ``probe``
-        then ``train_lookup``)."""
+        then ``train_lookup``). When the arrays have room for every key and admission admits
+        every key, missing keys get their rows and index slots in that same kernel, while their
+        probe chains are cached, and are linked (in batch order, after the hits) just after."""
         n = keys.shape[0]
         out = np.empty((n, self.dim), dtype=np.float32)
         rows = np.empty(n, dtype=np.int32)
+        if not self._use_sketch and self.rows + n <= self.values.shape[0]:
+            # room for every key and every key admitted: create rows while probing
+            made = np.empty(n, dtype=np.int32)
+            missing = K.train_probe_create_kernel(
+                self.index, self._shift, self.row_keys, self.values, keys, rows, made, out,
+                self.lru_prev, self.lru_next, self.meta,
+            )  # fmt: skip
+            if missing:
+                K.train_link_new_kernel(
+                    keys, rows, made, self.index, self._shift, self.row_keys, self.lru_prev,
+                    self.lru_next, self.meta,
+                )  # fmt: skip
+                kind, a, b = self._init_args
+                K.train_init_kernel(
+                    keys, rows, made, out, self.values, self.state, self._init_state, kind, a, b,
+                    np.uint64(self.seed),
+                )  # fmt: skip
+            return out
         missing = K.train_probe_hits_kernel(
             self.index, self._shift, self.row_keys, self.values, keys, rows, out, self.lru_prev,
             self.lru_next, self.meta,

@@ -411,3 +411,24 @@ def test_row_arrays_are_aligned_records_and_pickle():
     keys = np.arange(1000, dtype=np.uint64)
     np.testing.assert_array_equal(u.lookup(keys, True), t.lookup(keys, True))
     np.testing.assert_array_equal(u.export_rows()["keys"], t.export_rows()["keys"])
+
+
+def test_create_while_probing_path_matches_twin():
+    """With room reserved for the whole batch, a training lookup creates rows while it probes
+    (then links them in batch order): same rows, LRU order and counters as the twin, duplicates
+    of new keys within a batch included."""
+    t, n = pair(capacity=400, dim=3)
+    split, _ = pair(capacity=400, dim=3)
+    t.reserve(400)
+    split.reserve(400)
+    rng = np.random.default_rng(5)
+    universe = np.concatenate([u64(MARKERS), np.arange(1000, 1300, dtype=np.uint64)])
+    for _ in range(40):
+        keys = universe[rng.integers(0, len(universe), rng.integers(0, 30))]
+        keys = np.concatenate([keys, keys[: len(keys) // 3]])  # repeats, also of new keys
+        want = n.lookup(keys, True)
+        np.testing.assert_array_equal(t.lookup(keys, True), want)
+        np.testing.assert_array_equal(split.train_lookup(keys, split.probe(keys)), want)
+        same_export(t, n)
+    assert t.stats() == split.stats()
+    assert t.rows > 250 and t.stats()["evictions"] == 0

@@ -353,6 +353,84 @@ def train_probe_hits_kernel(
 
 
 @njit(nogil=True, cache=True)
+def train_probe_create_kernel(
+    index, shift, row_keys, values, keys, rows, made, out, lru_prev, lru_next, meta
+):  # fmt: skip
+    """``train_probe_hits_kernel`` that also creates the missing keys' rows and index entries
+    while their probe chains are in the cache (the table must have room for every key without
+    growth or eviction, and admit every key). Created rows are not linked: ``rows[i] = -1`` and
+    ``made[i]`` = the new row (or -2: created earlier in this batch) for
+    ``train_link_new_kernel`` and ``train_init_kernel``, which give the same result as
+    ``train_misses_kernel`` would have. Returns the number of keys absent before the batch."""
+    mask = index.shape[0] - 1
+    dim = values.shape[1]
+    n = keys.shape[0]
+    first_new = meta[M_NROWS]
+    missing = 0
+    slots = np.empty(GROUP, dtype=np.int64)
+    for g0 in range(0, n, GROUP):
+        g1 = min(n, g0 + GROUP)
+        for i in range(g0, g1):
+            s = home_slot(keys[i], shift)
+            slots[i - g0] = s
+            prefetch(index, s)
+        for i in range(g0, g1):
+            prefetch(row_keys, max(index[slots[i - g0]], 0))
+        for i in range(g0, g1):
+            key = keys[i]
+            s = slots[i - g0]
+            r = index[s]  # re-read: an earlier key of this group may have taken the slot
+            while r >= 0 and row_keys[r] != key:
+                s = (s + 1) & mask
+                r = index[s]
+            if r < 0:
+                r = np.int32(meta[M_NROWS])
+                meta[M_NROWS] = r + 1
+                row_keys[r] = key
+                index[s] = r
+                meta[M_MISSES] += 1
+                meta[M_ADMISSIONS] += 1
+                rows[i] = -1
+                made[i] = r
+                missing += 1
+            elif r >= first_new:
+                rows[i] = -1
+                made[i] = -2
+                missing += 1
+            else:
+                rows[i] = r
+                prefetch(values, r)
+                p = lru_prev[r]
+                nx = lru_next[r]
+                if p >= 0:
+                    prefetch(lru_next, p)
+                if nx >= 0:
+                    prefetch(lru_prev, nx)
+        for i in range(g0, g1):
+            r = rows[i]
+            if r >= 0:
+                for j in range(dim):
+                    out[i, j] = values[r, j]
+                _touch(lru_prev, lru_next, meta, r)
+    return missing
+
+
+@njit(nogil=True, cache=True)
+def train_link_new_kernel(keys, rows, made, index, shift, row_keys, lru_prev, lru_next, meta):
+    """After ``train_probe_create_kernel``: in batch order, link each created row as the newest
+    (``made[i] >= 0``) or refresh a row created earlier in the batch (``made[i] == -2``)."""
+    mask = index.shape[0] - 1
+    for i in range(keys.shape[0]):
+        if rows[i] >= 0:
+            continue
+        m = made[i]
+        if m >= 0:
+            _push_tail(lru_prev, lru_next, meta, m)
+        else:
+            _touch(lru_prev, lru_next, meta, find_row(index, mask, shift, row_keys, keys[i]))
+
+
+@njit(nogil=True, cache=True)
 def delete_slot(index, shift, row_keys, slot):
     """Empty ``index[slot]`` by backward-shift deletion (probing stays correct, no tombstones)."""
     mask = index.shape[0] - 1
