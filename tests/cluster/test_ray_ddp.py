@@ -54,3 +54,18 @@ def test_multi_worker_settings_it_cannot_honour_are_refused(ray_cluster, tmp_pat
     job = load_job(ADULT, ["training.backend=ray", f"training.checkpoint_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="checkpoint_dir"):
         run_job(job, cluster=ClusterConfig(num_nn_workers=2))
+
+
+def test_persia_train_options_become_the_cluster_config():
+    import argparse
+
+    from persia.cli.train import add_parser, cluster_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "j.yaml", "--num-nn-workers", "3", "--nn-cpus", "0.25"])
+    cfg = cluster_config(args, "ray")
+    assert (cfg.num_nn_workers, cfg.nn_num_cpus) == (3, 0.25)
+    assert cluster_config(parser.parse_args(["train", "j.yaml"]), "ray").num_nn_workers == 1
+    with pytest.raises(ConfigError, match="--num-nn-workers need --backend ray"):
+        cluster_config(parser.parse_args(["train", "j.yaml", "--num-nn-workers", "2"]), "local")
