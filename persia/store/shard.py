@@ -244,14 +244,13 @@ class Shard:
     def export_rows(self, dim: int | None = None) -> dict[int, dict[str, np.ndarray]]:
         """Copies of the rows of one dim (or all), oldest first, keyed by dim:
         ``{dim: {"keys": u64[n], "values": f32[n, dim], "state": f32[n, W]}}``."""
-        with self._lock:
-            if dim is None:
-                return {d: t.export_rows() for d, t in sorted(self._tables.items())}
+        if dim is not None:
             dim = check_positive_int(dim, "dim")
-            table = self._tables.get(dim)
-            if table is None:
-                return {}
-            return {dim: table.export_rows()}
+        with self._lock:  # only the sequential copies; the LRU ordering runs after
+            snaps = {
+                d: t.snapshot() for d, t in sorted(self._tables.items()) if dim is None or d == dim
+            }
+        return {d: EmbeddingTable.rows_from_snapshot(snap) for d, snap in snaps.items()}
 
     def import_rows(self, dim: int, keys: Any, values: Any, state: Any | None = None) -> None:
         """Insert or overwrite rows of dim ``dim`` in order (each becomes the newest, so importing

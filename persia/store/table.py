@@ -410,13 +410,36 @@ class EmbeddingTable:
     def export_rows(self) -> dict[str, np.ndarray]:
         """Copies of the live rows, oldest first: ``keys u64[n]``, ``values f32[n, dim]``,
         ``state f32[n, W]``."""
-        order = np.empty(self.rows, dtype=np.int32)
-        k = K.lru_order_kernel(self.lru_next, self.meta, order)
+        return self.rows_from_snapshot(self.snapshot())
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Raw copies of the live rows in row order with their LRU links.
+
+        Rows are kept dense (``0 .. rows - 1``), so these are sequential copies: the fast part of
+        an export, the one to do under a lock. :meth:`rows_from_snapshot` then puts the rows in
+        LRU order without touching the table.
+        """
+        n = self.rows
+        meta = np.zeros_like(self.meta)
+        meta[K.M_HEAD] = self.meta[K.M_HEAD]
+        return {
+            "keys": self.row_keys[:n].copy(),
+            "next": self.lru_next[:n].copy(),
+            "meta": meta,
+            "values": self.values[:n].copy(),
+            "state": self.state[:n].copy(),
+        }
+
+    @staticmethod
+    def rows_from_snapshot(snap: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The rows of a :meth:`snapshot`, oldest first (as :meth:`export_rows` returns them)."""
+        order = np.empty(snap["keys"].shape[0], dtype=np.int32)
+        k = K.lru_order_kernel(snap["next"], snap["meta"], order)
         order = order[:k]
         return {
-            "keys": self.row_keys[order],
-            "values": self.values[order],
-            "state": self.state[order],
+            "keys": snap["keys"][order],
+            "values": snap["values"][order],
+            "state": snap["state"][order],
         }
 
     def import_rows(self, keys: Any, values: Any, state: Any | None = None) -> None:
