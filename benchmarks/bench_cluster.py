@@ -9,6 +9,8 @@ Prints JSON lines ``{"metric", "value", "unit", ...}``:
   (26 slots, 13 dense, batch 2048) on the local backend and on the Ray backend (2 parameter-server
   actors, each transport), in the same run, plus ``ray_over_local_cost`` (per-sample cost ratio;
   the issue's target is <= 1.5).
+* ``hybrid_vs_sync_cluster``: on the Ray backend (zmq channel, 1 NN worker, 2 parameter-server
+  actors), samples/s at staleness 8 over staleness 1.
 
 Run: ``python benchmarks/bench_cluster.py`` (``--quick``: tiny sizes, a smoke test for CI).
 Needs the ``ray`` extra (``pip install -e .[ray]``).
@@ -96,7 +98,12 @@ def _embedding_file(slots: int, dim: int) -> Any:
 
 
 def training_rate(
-    backend: str, transport: str, batches: int, batch_size: int, cards: list[int]
+    backend: str,
+    transport: str,
+    batches: int,
+    batch_size: int,
+    cards: list[int],
+    staleness: int = 4,
 ) -> float:
     import torch
 
@@ -144,7 +151,7 @@ def training_rate(
         **kw,
     ) as ctx:
         start = 0.0
-        for i, b in enumerate(DataLoader(Data(), embedding_staleness=4)):
+        for i, b in enumerate(DataLoader(Data(), embedding_staleness=staleness)):
             if i == warm:
                 start = time.perf_counter()
             out, labels = ctx.forward(b)
@@ -201,6 +208,21 @@ def main(argv: list[str] | None = None) -> int:
             transport=transport,
             target=1.5,
         )
+    # The hybrid where it should pay: parameter servers in other processes (issue 6's
+    # hybrid_vs_sync_cluster: 1 NN worker, 2 parameter-server actors, the zmq channel).
+    cluster = {
+        k: training_rate("ray", "zmq", batches, batch_size, cards, staleness=k) for k in (1, 8)
+    }
+    for k, rate in cluster.items():
+        emit("samples_per_s", rate, "samples/s", backend="ray", transport="zmq", staleness=k,
+             nn_workers=1, parameter_servers=2, batch_size=batch_size, machine=MACHINE)  # fmt: skip
+    emit(
+        "hybrid_vs_sync_cluster",
+        cluster[8] / cluster[1],
+        "x",
+        of="staleness 8 / staleness 1 samples per second, Ray backend, 1 NN worker, 2 PS actors",
+        machine=MACHINE,
+    )
     return 0
 
 
