@@ -99,6 +99,22 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
         help="CPUs each NN-worker actor asks Ray for (default 0.5)",
     )
     g.add_argument(
+        "--num-data-loaders",
+        type=int,
+        default=None,
+        metavar="D",
+        help="data-loader actors reading the training input, each every D-th batch, and "
+        "streaming it to the NN workers (a multiple of --num-nn-workers; default 0: the NN "
+        "workers read it)",
+    )
+    g.add_argument(
+        "--loader-cpus",
+        type=float,
+        default=0.25,
+        metavar="CPUS",
+        help="CPUs each data-loader actor asks Ray for (default 0.25)",
+    )
+    g.add_argument(
         "--timeout-s",
         type=float,
         default=None,
@@ -111,7 +127,7 @@ def cluster_config(args: argparse.Namespace, backend: str) -> Any:
     """The ClusterConfig of the options, or None for the local backend."""
     given = [
         f"--{n.replace('_', '-')}"
-        for n in ("num_ps", "address", "timeout_s", "num_nn_workers")
+        for n in ("num_ps", "address", "timeout_s", "num_nn_workers", "num_data_loaders")
         if getattr(args, n, None) is not None
     ]
     if backend != "ray":
@@ -130,6 +146,8 @@ def cluster_config(args: argparse.Namespace, backend: str) -> Any:
         timeout_s=args.timeout_s,
         num_nn_workers=args.num_nn_workers if args.num_nn_workers is not None else 1,
         nn_num_cpus=args.nn_cpus,
+        num_data_loaders=args.num_data_loaders if args.num_data_loaders is not None else 0,
+        loader_num_cpus=args.loader_cpus,
     )
 
 

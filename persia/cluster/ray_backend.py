@@ -106,6 +106,13 @@ class ClusterConfig:
             None: a fresh one.
         attach_ps: join the running parameter servers named by ``job_name`` instead of
             starting new ones (they are not stopped at the end).
+        num_data_loaders: data-loader actors reading the job's training input for ``persia
+            train`` (0: the NN workers read it themselves); a multiple of ``num_nn_workers``
+            (see :mod:`persia.cluster.ray_loaders`).
+        loader_num_cpus: CPUs each data-loader actor asks Ray for (fractions allowed).
+        loader_resources: custom Ray resources per data-loader actor.
+        data_channel: the stream channel this NN worker pulls its training batches from
+            (set by the job runner for its NN workers; None: none).
     """
 
     num_ps: int | None = None
@@ -123,6 +130,10 @@ class ClusterConfig:
     nn_resources: dict[str, float] = field(default_factory=dict)
     job_name: str | None = None
     attach_ps: bool = False
+    num_data_loaders: int = 0
+    loader_num_cpus: float = 0.25
+    loader_resources: dict[str, float] = field(default_factory=dict)
+    data_channel: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -150,6 +161,23 @@ class ClusterConfig:
             problems.append(f"num_nn_workers must be an int >= 1, got {self.num_nn_workers!r}")
         if not (isinstance(self.nn_num_cpus, (int, float)) and self.nn_num_cpus >= 0):
             problems.append(f"nn_num_cpus must be a number >= 0, got {self.nn_num_cpus!r}")
+        if (
+            isinstance(self.num_data_loaders, bool)
+            or not isinstance(self.num_data_loaders, int)
+            or self.num_data_loaders < 0
+        ):
+            problems.append(f"num_data_loaders must be an int >= 0, got {self.num_data_loaders!r}")
+        elif (
+            isinstance(self.num_nn_workers, int)
+            and self.num_nn_workers >= 1
+            and self.num_data_loaders % self.num_nn_workers
+        ):
+            problems.append(
+                f"num_data_loaders must be a multiple of num_nn_workers={self.num_nn_workers} "
+                f"(each NN worker pulls from its own loaders), got {self.num_data_loaders}"
+            )
+        if not (isinstance(self.loader_num_cpus, (int, float)) and self.loader_num_cpus >= 0):
+            problems.append(f"loader_num_cpus must be a number >= 0, got {self.loader_num_cpus!r}")
         if self.attach_ps and not self.job_name:
             problems.append("attach_ps needs job_name (the running parameter servers' name)")
         from persia.cluster.ray_recovery import RecoveryConfig

@@ -238,9 +238,17 @@ def run_job_ddp(job: Any, cluster: ClusterConfig) -> dict[str, Any]:
         for r in range(world)
     ]
     timeout_s = cluster.resolved_timeout_s()
+    loaders: list[Any] = []
     try:
+        if cluster.num_data_loaders > 0:
+            from persia.cluster.ray_loaders import start_data_loaders
+
+            loaders = start_data_loaders(job, replace(cluster, job_name=job_name), job_name)
         master = get_with_timeout(workers[0].rendezvous.remote(), timeout_s, NN_WORKER, 0)
-        refs = [w.run.remote(job, worker_cluster, tuple(master)) for w in workers]
+        refs = [
+            w.run.remote(job, _rank_cluster(worker_cluster, job_name, r), tuple(master))
+            for r, w in enumerate(workers)
+        ]
         results: dict[int, dict[str, Any]] = {}
         pending = {ref: r for r, ref in enumerate(refs)}
         while pending:
@@ -248,7 +256,15 @@ def run_job_ddp(job: Any, cluster: ClusterConfig) -> dict[str, Any]:
             for ref in ready:
                 rank = pending.pop(ref)
                 results[rank] = get_with_timeout(ref, timeout_s, NN_WORKER, rank)
+        if loaders:
+            from persia.cluster.ray_loaders import wait_data_loaders
+
+            wait_data_loaders(loaders, timeout_s)
     finally:
+        if loaders:
+            from persia.cluster.ray_loaders import stop_data_loaders
+
+            stop_data_loaders(loaders)
         for w in workers:
             try:
                 ray.kill(w)
@@ -261,6 +277,15 @@ def run_job_ddp(job: Any, cluster: ClusterConfig) -> dict[str, Any]:
             pass
         runtime.close()
     return _merge(results, world, rows)
+
+
+def _rank_cluster(cluster: ClusterConfig, job_name: str, rank: int) -> ClusterConfig:
+    """NN worker ``rank``'s settings: with data loaders, the channel of its own loaders."""
+    if cluster.num_data_loaders == 0:
+        return cluster
+    from persia.cluster.ray_loaders import data_channel
+
+    return replace(cluster, data_channel=data_channel(job_name, rank))
 
 
 def _merge(results: dict[int, dict[str, Any]], world: int, rows: int | None) -> dict[str, Any]:

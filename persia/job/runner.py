@@ -208,10 +208,17 @@ class Position:
 
 class _TrainDataset(IterableDataset):
     def __init__(
-        self, reader: JobReader, job: JobConfig, pauses: _Pauses, start: Position | None = None
+        self,
+        reader: JobReader,
+        job: JobConfig,
+        pauses: _Pauses,
+        start: Position | None = None,
+        stream: tuple[str, float] | None = None,
     ) -> None:
         super().__init__(buffer_size=job.training.forward_buffer_size)
         self.reader, self.job, self.pauses = reader, job, pauses
+        # (channel, timeout): the batches come from data-loader actors (persia.cluster.ray_loaders)
+        self.stream = stream
         self.start = start or Position()
         # the position after each batch that ends a pause interval (read by the NN worker)
         self.positions: dict[int, Position] = {}
@@ -223,7 +230,29 @@ class _TrainDataset(IterableDataset):
         with self._lock:
             return self.positions.pop(count, None)
 
+    def _streamed(self, channel: str, timeout_s: float) -> Iterator[PersiaBatch]:
+        """The batches of the job's data-loader actors (every epoch, already rank-strided)."""
+        from persia.cluster.ray_stream import receive_batches
+
+        produced = count = 0
+        for batch in receive_batches(channel, timeout_s=timeout_s):
+            produced += batch.batch_size
+            count += 1
+            here = Position(0, count, count, produced, produced)
+            with self._lock:
+                self.last = here
+                if self.pauses.due(count):
+                    self.positions[count] = here
+            yield batch
+            if self.pauses.due(count):
+                self.pauses.wait(count)
+            if self.pauses.closed:
+                return
+
     def __iter__(self) -> Iterator[PersiaBatch]:
+        if self.stream is not None:
+            yield from self._streamed(*self.stream)
+            return
         t = self.job.training
         start = self.start
         produced = start.samples
@@ -442,6 +471,43 @@ def run_job(
         from persia.cluster.ray_ddp import run_job_ddp
 
         return run_job_ddp(job, cluster)
+    loaders: list[Any] = []
+    stream: tuple[str, float] | None = None
+    if cluster is not None and getattr(cluster, "num_data_loaders", 0) > 0:
+        if resume is not None or t.checkpoint_dir:
+            raise ConfigError(
+                "--resume and training.checkpoint_dir are not supported with num_data_loaders > 0"
+            )
+        from dataclasses import replace
+
+        from persia.cluster.ray_backend import init_ray, new_job_id
+        from persia.cluster.ray_loaders import data_channel, start_data_loaders
+
+        if cluster.data_channel is None:  # this process is the only NN worker: start them
+            init_ray(cluster.address, cluster.num_cpus)
+            cluster = replace(cluster, job_name=cluster.job_name or new_job_id())
+            loaders = start_data_loaders(job, cluster, cluster.job_name)
+            cluster = replace(cluster, data_channel=data_channel(cluster.job_name, 0))
+        stream = (cluster.data_channel, cluster.resolved_timeout_s())
+    try:
+        return _run_job(job, stderr, cluster, resume, export, loaders, stream)
+    finally:
+        if loaders:
+            from persia.cluster.ray_loaders import stop_data_loaders
+
+            stop_data_loaders(loaders)
+
+
+def _run_job(
+    job: JobConfig,
+    stderr: TextIO | None,
+    cluster: Any,
+    resume: str | Path | None,
+    export: str | Path | None,
+    loaders: list[Any],
+    stream: tuple[str, float] | None,
+) -> dict[str, Any]:
+    t = job.training
     if resume is not None and not Path(resume).is_dir():
         raise CheckpointError(f"--resume: checkpoint directory {str(resume)!r} does not exist")
     start = time.perf_counter()
@@ -486,7 +552,7 @@ def run_job(
                     f"({start_at.samples} samples trained)"
                 )
                 batches, samples = start_at.batches, start_at.samples
-            dataset = _TrainDataset(reader, job, pauses, start_at)
+            dataset = _TrainDataset(reader, job, pauses, start_at, stream)
             loader = DataLoader(
                 dataset,
                 forward_buffer_size=t.forward_buffer_size,
@@ -531,6 +597,10 @@ def run_job(
                 raise
             ctx.runtime.flush()
             train_s = time.perf_counter() - train_start - paused_s
+            if loaders:
+                from persia.cluster.ray_loaders import wait_data_loaders
+
+                wait_data_loaders(loaders, cluster.resolved_timeout_s())
             progress.close()
             final: dict[str, Any] = {"test_auc": None, "test_logloss": None, "test_samples": 0}
             if job.data.test is not None:
