@@ -70,3 +70,17 @@ def test_adult_job_fed_by_two_data_loader_actors(ray_cluster):
 
     names = [a.get("name", "") for a in ray.util.list_named_actors(all_namespaces=True)]
     assert not [n for n in names if "-loader-" in str(n)]
+
+
+def test_two_ddp_nn_workers_each_fed_by_its_own_data_loader(ray_cluster):
+    from persia.job.config import load_job
+    from persia.job.runner import run_job
+
+    job = load_job(ADULT, ["training.backend=ray", "training.progress=none"])
+    cluster = ClusterConfig(num_ps=2, num_nn_workers=2, num_data_loaders=2, timeout_s=120)
+    result = run_job(job, cluster=cluster)
+    print("2 NN workers, 2 loaders:", {k: result[k] for k in ("test_auc", "wall_s")})
+    assert result["test_auc"] >= 0.90
+    # the same batches as the NN workers' own rank-strided reading: 127 each, the tail dropped
+    assert [w["train_batches"] for w in result["nn_workers"]] == [127, 127]
+    assert result["train_samples"] == 254 * 128
