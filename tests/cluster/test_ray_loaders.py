@@ -77,7 +77,16 @@ def test_two_ddp_nn_workers_each_fed_by_its_own_data_loader(ray_cluster):
     from persia.job.runner import run_job
 
     job = load_job(ADULT, ["training.backend=ray", "training.progress=none"])
-    cluster = ClusterConfig(num_ps=2, num_nn_workers=2, num_data_loaders=2, timeout_s=120)
+    # small CPU requests: 2 PS + 2 NN workers + 2 loaders at the defaults would fill the 2-CPU
+    # test cluster exactly, and actors of an earlier test still leaving would make them wait
+    cluster = ClusterConfig(
+        num_ps=2,
+        num_nn_workers=2,
+        num_data_loaders=2,
+        nn_num_cpus=0.25,
+        loader_num_cpus=0.1,
+        timeout_s=120,
+    )
     result = run_job(job, cluster=cluster)
     print("2 NN workers, 2 loaders:", {k: result[k] for k in ("test_auc", "wall_s")})
     assert result["test_auc"] >= 0.90
