@@ -115,6 +115,21 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
         help="CPUs each data-loader actor asks Ray for (default 0.25)",
     )
     g.add_argument(
+        "--num-embedding-workers",
+        type=int,
+        default=None,
+        metavar="M",
+        help="embedding-worker actors doing the lookups and gradient aggregation for the NN "
+        "workers, round robin by batch (default 0: inside each NN worker)",
+    )
+    g.add_argument(
+        "--embedding-worker-cpus",
+        type=float,
+        default=0.25,
+        metavar="CPUS",
+        help="CPUs each embedding-worker actor asks Ray for (default 0.25)",
+    )
+    g.add_argument(
         "--timeout-s",
         type=float,
         default=None,
@@ -127,7 +142,14 @@ def cluster_config(args: argparse.Namespace, backend: str) -> Any:
     """The ClusterConfig of the options, or None for the local backend."""
     given = [
         f"--{n.replace('_', '-')}"
-        for n in ("num_ps", "address", "timeout_s", "num_nn_workers", "num_data_loaders")
+        for n in (
+            "num_ps",
+            "address",
+            "timeout_s",
+            "num_nn_workers",
+            "num_data_loaders",
+            "num_embedding_workers",
+        )
         if getattr(args, n, None) is not None
     ]
     if backend != "ray":
@@ -148,6 +170,8 @@ def cluster_config(args: argparse.Namespace, backend: str) -> Any:
         nn_num_cpus=args.nn_cpus,
         num_data_loaders=args.num_data_loaders if args.num_data_loaders is not None else 0,
         loader_num_cpus=args.loader_cpus,
+        num_embedding_workers=getattr(args, "num_embedding_workers", None) or 0,
+        ew_num_cpus=getattr(args, "embedding_worker_cpus", 0.25),
     )
 
 

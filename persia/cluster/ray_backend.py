@@ -113,6 +113,12 @@ class ClusterConfig:
         loader_resources: custom Ray resources per data-loader actor.
         data_channel: the stream channel this NN worker pulls its training batches from
             (set by the job runner for its NN workers; None: none).
+        num_embedding_workers: embedding-worker actors doing the lookups and gradient
+            aggregation for every NN worker (round robin by batch); 0: each NN worker runs
+            its embedding worker in its own process (see
+            :mod:`persia.cluster.ray_embedding_workers`).
+        ew_num_cpus: CPUs each embedding-worker actor asks Ray for (fractions allowed).
+        ew_resources: custom Ray resources per embedding-worker actor.
     """
 
     num_ps: int | None = None
@@ -134,6 +140,9 @@ class ClusterConfig:
     loader_num_cpus: float = 0.25
     loader_resources: dict[str, float] = field(default_factory=dict)
     data_channel: str | None = None
+    num_embedding_workers: int = 0
+    ew_num_cpus: float = 0.25
+    ew_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
@@ -178,6 +187,18 @@ class ClusterConfig:
             )
         if not (isinstance(self.loader_num_cpus, (int, float)) and self.loader_num_cpus >= 0):
             problems.append(f"loader_num_cpus must be a number >= 0, got {self.loader_num_cpus!r}")
+        if (
+            isinstance(self.num_embedding_workers, bool)
+            or not isinstance(self.num_embedding_workers, int)
+            or self.num_embedding_workers < 0
+        ):
+            problems.append(
+                f"num_embedding_workers must be an int >= 0, got {self.num_embedding_workers!r}"
+            )
+        if not (isinstance(self.ew_num_cpus, (int, float)) and self.ew_num_cpus >= 0):
+            problems.append(f"ew_num_cpus must be a number >= 0, got {self.ew_num_cpus!r}")
+        if self.recover and self.num_embedding_workers:
+            problems.append("recover is not supported with num_embedding_workers > 0")
         if self.attach_ps and not self.job_name:
             problems.append("attach_ps needs job_name (the running parameter servers' name)")
         from persia.cluster.ray_recovery import RecoveryConfig

@@ -271,12 +271,18 @@ def run_job_ddp(job: Any, cluster: ClusterConfig) -> dict[str, Any]:
             except Exception:  # noqa: BLE001 - already gone
                 pass
         rows = None
+        ew_stats = None
         try:
             rows = sum(int(s["rows"]) for s in runtime.store.shard_stats())
+            if cluster.num_embedding_workers > 0:
+                ew_stats = runtime.worker.stats()  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - reported by the error in flight, if any
             pass
         runtime.close()
-    return _merge(results, world, rows)
+    merged = _merge(results, world, rows)
+    if ew_stats is not None:
+        merged["embedding_workers"] = ew_stats
+    return merged
 
 
 def _rank_cluster(cluster: ClusterConfig, job_name: str, rank: int) -> ClusterConfig:

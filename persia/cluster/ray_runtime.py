@@ -63,7 +63,11 @@ class RayRuntime(Runtime):
             super().close()
         finally:
             try:
-                self.worker.servers.transport.close()
+                try:
+                    self.worker.servers.transport.close()
+                finally:
+                    if hasattr(self.worker, "close"):  # embedding-worker actors' proxy
+                        self.worker.close()
             finally:
                 if isinstance(self.store, RayStore):
                     self.store.close()
@@ -112,6 +116,7 @@ def build_ray_runtime(
     shard_kwargs["capacity"] = -(-ps.capacity // num_ps)  # as ShardedStore splits it
     init_ray(cluster.address, cluster.num_cpus)
     timeout_s = cluster.resolved_timeout_s()
+    job_name = cluster.job_name or new_job_id()
     if cluster.attach_ps:
         from persia.cluster.ray_ddp import attach_parameter_servers
 
@@ -119,9 +124,7 @@ def build_ray_runtime(
             str(cluster.job_name), num_ps, timeout_s, shard_kwargs, ps.capacity
         )
     else:
-        actors = start_parameter_servers(
-            num_ps, shard_kwargs, cluster, cluster.job_name or new_job_id()
-        )
+        actors = start_parameter_servers(num_ps, shard_kwargs, cluster, job_name)
     store = RayStore(
         actors,
         {**store_kwargs, "adopt_optimizer": optimizer is None},
@@ -133,7 +136,18 @@ def build_ray_runtime(
     except BaseException:
         store.close()
         raise
-    worker = EmbeddingWorker(slot_specs(emb), emb.feature_index_prefix_bit, client)
+    worker: Any
+    if cluster.num_embedding_workers > 0:
+        try:
+            worker = _remote_embedding_worker(
+                cluster, job_name, slot_specs(emb), emb.feature_index_prefix_bit, actors, client
+            )
+        except BaseException:
+            client.transport.close()
+            store.close()
+            raise
+    else:
+        worker = EmbeddingWorker(slot_specs(emb), emb.feature_index_prefix_bit, client)
     runtime = RayRuntime(worker, store, backward_buffer_size=backward_buffer_size)
     if cluster.recover:
         from persia.cluster.ray_recovery import enable_recovery
@@ -144,3 +158,35 @@ def build_ray_runtime(
             runtime.close()
             raise
     return runtime
+
+
+def _remote_embedding_worker(
+    cluster: ClusterConfig,
+    job_name: str,
+    slots: list[Any],
+    prefix_bits: int,
+    ps_actors: list[Any],
+    client: Any,
+) -> Any:
+    """The proxy of ``cluster.num_embedding_workers`` embedding-worker actors: started here
+    (and stopped with the runtime), or, for an NN worker attaching to its job's servers, the
+    ones its driver started."""
+    from persia.cluster.ray_embedding_workers import (
+        RemoteEmbeddingWorker,
+        attach_embedding_workers,
+        start_embedding_workers,
+    )
+
+    timeout_s = cluster.resolved_timeout_s()
+    n = cluster.num_embedding_workers
+    if cluster.attach_ps:
+        actors = attach_embedding_workers(job_name, n, timeout_s)
+        return RemoteEmbeddingWorker(actors, client, timeout_s, owned=False)
+    actors = start_embedding_workers(n, slots, prefix_bits, ps_actors, cluster, job_name)
+    try:
+        return RemoteEmbeddingWorker(actors, client, timeout_s, owned=True)
+    except BaseException:
+        from persia.cluster.ray_embedding_workers import stop_embedding_workers
+
+        stop_embedding_workers(actors)
+        raise
