@@ -22,15 +22,11 @@ from persia.cluster.ray_backend import (
 from persia.config import (
     EmbeddingFileConfig,
     GlobalConfig,
-    load_embedding_config,
-    load_global_config,
 )
 from persia.embedding import EmbeddingConfig
-from persia.embedding.optim import SGD, EmbeddingOptimizer
-from persia.store.config import Admission, Uniform
-from persia.train.local import slot_specs
+from persia.embedding.optim import EmbeddingOptimizer
+from persia.train.local import resolve_configs, slot_specs, store_options
 from persia.train.pipeline import Runtime
-from persia.utils import embedding_seed
 from persia.worker.embedding_worker import EmbeddingWorker
 
 __all__ = ["RayRuntime", "build_ray_runtime"]
@@ -90,28 +86,10 @@ def build_ray_runtime(
         from persia.cluster.ray_launch import cluster_from_env
 
         cluster = cluster_from_env() or ClusterConfig()
-    emb = (
-        embedding_config_file
-        if isinstance(embedding_config_file, EmbeddingFileConfig)
-        else load_embedding_config(embedding_config_file)
-    )
-    glob = (
-        global_config_file
-        if isinstance(global_config_file, GlobalConfig)
-        else load_global_config(global_config_file)
-    )
+    emb, glob = resolve_configs(embedding_config_file, global_config_file)
     ps = glob.embedding_parameter_server_config
     num_ps = cluster.num_ps if cluster.num_ps is not None else ps.num_hashmap_internal_shards
-    low, high = embedding_config.emb_initialization
-    store_kwargs: dict[str, Any] = {
-        "capacity": ps.capacity,
-        "optimizer": optimizer if optimizer is not None else SGD(lr=0.01),
-        "init": Uniform(float(low), float(high)),
-        "admission": Admission(probability=float(embedding_config.admit_probability)),
-        "seed": embedding_seed(),
-        "weight_bound": float(embedding_config.weight_bound),
-        "dims": sorted({s.dim for s in emb.slots}),
-    }
+    store_kwargs = store_options(embedding_config, optimizer, emb, glob)
     shard_kwargs = dict(store_kwargs)
     shard_kwargs["capacity"] = -(-ps.capacity // num_ps)  # as ShardedStore splits it
     init_ray(cluster.address, cluster.num_cpus)
