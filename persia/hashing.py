@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from numba import njit
 
 from persia.errors import BatchError, ConfigError
@@ -379,3 +380,88 @@ def hash_value(value: str | bytes | int, *, salt: int = 0) -> int:
     if isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_):
         return int(hash_ints([int(value)], salt=salt)[0])
     raise BatchError(f"value must be str, bytes or int, got {type(value).__name__}: {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole ID columns (pyarrow): the one place training readers and serving turn raw values into IDs
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
+
+
+def hash_column(arr: pa.Array, kind: str, what: str) -> np.ndarray:
+    """IDs of one pyarrow column without nulls: ``hash_ints`` when ``kind`` is "int" (values
+    cast to int64), else ``hash_strings`` (non-text values cast to strings first).
+
+    Raises:
+        BatchError: "int" requested but a value is not an int (the message starts with ``what``).
+    """
+    t = arr.type
+    if kind == "int":
+        if not pa.types.is_integer(t):
+            try:
+                arr = pc.cast(arr, pa.int64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise BatchError(f"{what}: type int, but a value is not an int ({exc})") from None
+        return hash_ints(arr)
+    if not (_is_text(t) or pa.types.is_binary(t)):
+        arr = pc.cast(arr, pa.string())
+    return hash_strings(arr)
+
+
+def ids_from_column(
+    arr: pa.Array,
+    *,
+    kind: str,
+    separator: str | None,
+    clean: Any,
+    token_id: int | None,
+    what: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(IDs ``u64[total]``, lengths ``i64[n]``) of one ID column, columnar.
+
+    Args:
+        arr: the column (strings, ints, lists of either, or strings holding several values).
+        kind: "string" or "int" (see :func:`hash_column`).
+        separator: split string values on it (multi-valued IDs); None: one value per row.
+        clean: ``pa.Array -> pa.Array`` applied to the values (trimming, missing markers to null).
+        token_id: the ID a missing value becomes (one per empty row); None: missing values are
+            dropped, so a row may have no IDs.
+        what: how errors name the column.
+    """
+    n = len(arr)
+    if pa.types.is_null(arr.type):
+        arr = arr.cast(pa.string())
+    arr = clean(arr)
+    if separator is not None and _is_text(arr.type):
+        arr = pc.split_pattern(arr, separator)
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        flat = clean(pc.list_flatten(arr))
+        parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        keep = flat.is_valid()
+        if _is_text(flat.type):
+            keep = pc.fill_null(pc.and_(keep, pc.not_equal(flat, "")), False)
+        keep_np = keep.to_numpy(zero_copy_only=False)
+        values = hash_column(flat.filter(keep), kind, what)
+        lengths = np.bincount(parents[keep_np], minlength=n).astype(np.int64)
+        if token_id is not None:
+            empty = np.flatnonzero(lengths == 0)
+            if empty.size:  # each empty row gets the single ID of the missing token
+                lengths[empty] = 1
+                pos = np.cumsum(lengths) - 1  # the single slot of each filled row
+                full = np.empty(int(lengths.sum()), dtype=np.uint64)
+                mask = np.ones(full.shape[0], dtype=bool)
+                mask[pos[empty]] = False
+                full[mask] = values
+                full[pos[empty]] = token_id
+                values = full
+        return values, lengths
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    hashed = hash_column(arr.drop_null(), kind, what)
+    if token_id is not None:
+        values = np.full(n, token_id, dtype=np.uint64)
+        values[valid] = hashed
+        return values, np.ones(n, dtype=np.int64)
+    return hashed, valid.astype(np.int64)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from persia.embedding.data import IDTypeFeature, Label, NonIDTypeFeature, PersiaBatch
 from persia.errors import BatchError, ConfigError
-from persia.hashing import hash_ints, hash_strings
+from persia.hashing import hash_strings, ids_from_column
 from persia.job.config import DataSpec, IdColumn, Source
 
 __all__ = ["MISSING_TOKEN", "Chunk", "DenseStats", "JobReader", "file_format"]
@@ -201,57 +201,14 @@ class JobReader:
         return as_float.to_numpy(zero_copy_only=False)
 
     def _ids(self, col: IdColumn, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        n = len(arr)
-        what = f"ID column {col.name!r}"
-        t = arr.type
-        if col.separator is not None and (pa.types.is_string(t) or pa.types.is_large_string(t)):
-            arr = pc.split_pattern(arr, col.separator)
-            t = arr.type
-        if pa.types.is_list(t) or pa.types.is_large_list(t):
-            flat = pc.list_flatten(arr)
-            parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
-            flat = self._clean(flat)
-            keep = flat.is_valid()
-            if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
-                keep = pc.fill_null(pc.and_(keep, pc.not_equal(flat, "")), False)
-            keep_np = keep.to_numpy(zero_copy_only=False)
-            values = self._hash(col, flat.filter(keep), what)
-            lengths = np.bincount(parents[keep_np], minlength=n).astype(np.int64)
-            if self.spec.missing_ids == "token":
-                empty = np.flatnonzero(lengths == 0)
-                if empty.size:
-                    lengths[empty] = 1
-                    pos = np.cumsum(lengths) - 1  # the single slot of each filled row
-                    full = np.empty(int(lengths.sum()), dtype=np.uint64)
-                    mask = np.ones(full.shape[0], dtype=bool)
-                    mask[pos[empty]] = False
-                    full[mask] = values
-                    full[pos[empty]] = self._token_id
-                    values = full
-            return values, lengths
-        valid = arr.is_valid().to_numpy(zero_copy_only=False)
-        hashed = self._hash(col, arr.drop_null(), what)
-        if self.spec.missing_ids == "token":
-            values = np.full(n, self._token_id, dtype=np.uint64)
-            values[valid] = hashed
-            return values, np.ones(n, dtype=np.int64)
-        return hashed, valid.astype(np.int64)
-
-    @staticmethod
-    def _hash(col: IdColumn, arr: pa.Array, what: str) -> np.ndarray:
-        t = arr.type
-        if col.type == "int":
-            if not pa.types.is_integer(t):
-                try:
-                    arr = pc.cast(arr, pa.int64())
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    raise BatchError(
-                        f"{what}: type int, but a value is not an int ({exc})"
-                    ) from None
-            return hash_ints(arr)
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)):
-            arr = pc.cast(arr, pa.string())
-        return hash_strings(arr)
+        return ids_from_column(
+            arr,
+            kind=col.type,
+            separator=col.separator,
+            clean=self._clean,
+            token_id=self._token_id if self.spec.missing_ids == "token" else None,
+            what=f"ID column {col.name!r}",
+        )
 
     def labels(self, arr: pa.Array) -> np.ndarray:
         """The label column as float32 0/1, NaN where missing.

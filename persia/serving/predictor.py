@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import torch
 
 from persia.errors import BatchError, CheckpointError
-from persia.hashing import hash_ints, hash_strings
+from persia.hashing import hash_strings, ids_from_column
 from persia.serving.export import KIND, SERVING_FORMAT, hash_check, recipe_array
 from persia.store.checkpoint import read_current
 from persia.worker import pooling
@@ -111,59 +111,16 @@ class Predictor:
                 arr = pc.if_else(pc.is_in(arr, value_set=self._markers), None, arr)
         return arr
 
-    def _hash(self, slot: Mapping[str, Any], arr: pa.Array) -> np.ndarray:
-        t = arr.type
-        if slot["type"] == "int":
-            if not pa.types.is_integer(t):
-                try:
-                    arr = pc.cast(arr, pa.int64())
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    raise BatchError(
-                        f"column {slot['column']!r}: type int, but a value is not an int ({exc})"
-                    ) from None
-            return hash_ints(arr)
-        if not (_is_text(t) or pa.types.is_binary(t)):
-            arr = pc.cast(arr, pa.string())
-        return hash_strings(arr)
-
     def _ids(self, slot: Mapping[str, Any], arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """(IDs, lengths) of one slot's column, as the training reader made them."""
-        n = len(arr)
-        token = self.meta["input"]["missing_ids"] == "token"
-        if pa.types.is_null(arr.type):
-            arr = arr.cast(pa.string())
-        arr = self._clean(arr)
-        if slot["separator"] is not None and _is_text(arr.type):
-            arr = pc.split_pattern(arr, slot["separator"])
-        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-            flat = self._clean(pc.list_flatten(arr))
-            parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
-            keep = flat.is_valid()
-            if _is_text(flat.type):
-                keep = pc.fill_null(pc.and_(keep, pc.not_equal(flat, "")), False)
-            keep_np = keep.to_numpy(zero_copy_only=False)
-            values = self._hash(slot, flat.filter(keep))
-            lengths = np.bincount(parents[keep_np], minlength=n).astype(np.int64)
-            if token:
-                empty = np.flatnonzero(lengths == 0)
-                if empty.size:
-                    # each empty sample gets the single ID of the missing token
-                    lengths[empty] = 1
-                    pos = np.cumsum(lengths) - 1  # the single slot of each filled sample
-                    full = np.empty(int(lengths.sum()), dtype=np.uint64)
-                    mask = np.ones(full.shape[0], dtype=bool)
-                    mask[pos[empty]] = False
-                    full[mask] = values
-                    full[pos[empty]] = self._token_id
-                    values = full
-            return values, lengths
-        valid = arr.is_valid().to_numpy(zero_copy_only=False)
-        hashed = self._hash(slot, arr.drop_null())
-        if token:
-            values = np.full(n, self._token_id, dtype=np.uint64)
-            values[valid] = hashed
-            return values, np.ones(n, dtype=np.int64)
-        return hashed, valid.astype(np.int64)
+        """(IDs, lengths) of one slot's column, exactly as the training reader made them."""
+        return ids_from_column(
+            arr,
+            kind=slot["type"],
+            separator=slot["separator"],
+            clean=self._clean,
+            token_id=self._token_id if self.meta["input"]["missing_ids"] == "token" else None,
+            what=f"column {slot['column']!r}",
+        )
 
     def _dense(self, table: pa.Table, n: int) -> np.ndarray:
         cols = self.meta["dense"]
