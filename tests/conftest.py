@@ -3,3 +3,17 @@ from pathlib import Path
 
 # Compiled numba kernels are cached in the checkout (same as the Makefile), before persia imports numba.
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".numba_cache"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _embedding_seed_is_per_test():
+    """``persia.utils.setup_seed`` sets the process-wide seed of new embedding rows; start every
+    test from the default (0) and restore it after, so results do not depend on test order."""
+    import persia.utils
+
+    saved = persia.utils._EMBEDDING_SEED
+    persia.utils._EMBEDDING_SEED = 0
+    yield
+    persia.utils._EMBEDDING_SEED = saved
