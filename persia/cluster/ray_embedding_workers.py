@@ -32,7 +32,6 @@ rank, within ``timeout_s``.
 from __future__ import annotations
 
 import itertools
-import json
 import secrets
 import threading
 import time
@@ -45,8 +44,8 @@ import zmq
 
 from persia.cluster.base import ParameterServerClient
 from persia.cluster.ray_backend import ClusterConfig, _bind_host, _liveness, get_with_timeout
-from persia.cluster.zmq_transport import _rebuild, decode, encode
-from persia.errors import BackendError, PersiaError
+from persia.cluster.zmq_transport import _rebuild, decode, encode, serve_requests
+from persia.errors import BackendError
 from persia.worker.embedding_worker import EmbeddingWorker, SlotSpec
 
 __all__ = [
@@ -175,32 +174,14 @@ class EmbeddingWorkerActor:
         }
 
     def _serve(self) -> None:
-        sock = self._sock
-        while not self._stop.is_set():
-            if not sock.poll(_POLL_MS):
-                continue
-            frames = sock.recv_multipart(copy=False)
-            ident, body = frames[0], frames[1:]
-            rid = None
-            try:
-                head, args = decode(body)
-                rid = head.get("id")
-                method = str(head.get("m"))
-                if method == "forward":
-                    values = self._forward(args)
-                elif method == "backward":
-                    values = self._backward(args)
-                else:
-                    raise BackendError(f"method {method!r} is not served by an embedding worker")
-                reply = encode({"id": rid}, values)
-            except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
-                err = {"id": rid, "err": type(exc).__name__, "msg": str(exc)}
-                if not isinstance(exc, PersiaError):
-                    err["err"] = "BackendError"
-                    err["msg"] = f"{type(exc).__name__}: {exc}"
-                reply = [json.dumps(err).encode()]
-            sock.send_multipart([ident, *reply], copy=False)
-        sock.close(0)
+        serve_requests(self._sock, self._stop, self._handle)
+
+    def _handle(self, method: str, args: list[Any]) -> list[Any]:
+        if method == "forward":
+            return self._forward(args)
+        if method == "backward":
+            return self._backward(args)
+        raise BackendError(f"method {method!r} is not served by an embedding worker")
 
     def _expire(self, now: float) -> None:
         old = [k for k, (_, t) in self._contexts.items() if now - t > self.context_ttl_s]

@@ -77,6 +77,34 @@ def decode(frames: list[Any]) -> tuple[dict[str, Any], list[Any]]:
     return head, values
 
 
+def serve_requests(
+    sock: Any, stop: threading.Event, handle: Callable[[str, list[Any]], list[Any]]
+) -> None:
+    """Answers requests on a ROUTER socket until ``stop`` is set, then closes the socket.
+
+    ``handle(method, args)`` returns the reply's values; any exception goes back to the caller
+    as an error reply (a PersiaError keeps its class, anything else becomes a BackendError).
+    """
+    while not stop.is_set():
+        if not sock.poll(_POLL_MS):
+            continue
+        frames = sock.recv_multipart(copy=False)
+        ident, body = frames[0], frames[1:]
+        rid = None
+        try:
+            head, args = decode(body)
+            rid = head.get("id")
+            reply = encode({"id": rid}, handle(str(head.get("m")), args))
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
+            err = {"id": rid, "err": type(exc).__name__, "msg": str(exc)}
+            if not isinstance(exc, PersiaError):
+                err["err"] = "BackendError"
+                err["msg"] = f"{type(exc).__name__}: {exc}"
+            reply = [json.dumps(err).encode()]
+        sock.send_multipart([ident, *reply], copy=False)
+    sock.close(0)
+
+
 class ZmqServer:
     """Serves ``dispatch(method, args) -> result`` on a ROUTER socket, on its own thread.
 
@@ -104,26 +132,7 @@ class ZmqServer:
         self._thread.start()
 
     def _serve(self) -> None:
-        sock = self._sock
-        while not self._stop.is_set():
-            if not sock.poll(_POLL_MS):
-                continue
-            frames = sock.recv_multipart(copy=False)
-            ident, body = frames[0], frames[1:]
-            rid = None
-            try:
-                head, args = decode(body)
-                rid = head.get("id")
-                result = self._dispatch(str(head.get("m")), args)
-                reply = encode({"id": rid}, [result])
-            except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
-                err = {"id": rid, "err": type(exc).__name__, "msg": str(exc)}
-                if not isinstance(exc, PersiaError):
-                    err["err"] = "BackendError"
-                    err["msg"] = f"{type(exc).__name__}: {exc}"
-                reply = [json.dumps(err).encode()]
-            sock.send_multipart([ident, *reply], copy=False)
-        sock.close(0)
+        serve_requests(self._sock, self._stop, lambda method, args: [self._dispatch(method, args)])
 
     def close(self) -> None:
         """Stops the thread and the socket."""

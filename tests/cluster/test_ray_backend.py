@@ -8,38 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train._jobs import ListDataset, Net, embedding_file, make_batches
+from train._jobs import ListDataset, Net, make_batches, run, train_ctx
 
 from persia.checkpoint.job import read as read_checkpoint
 from persia.checkpoint.job import restore_store
 from persia.cluster.ray_backend import ClusterConfig, RayStore
-from persia.ctx import TrainCtx, eval_ctx
+from persia.ctx import eval_ctx
 from persia.data import DataLoader
 from persia.embedding.optim import Adagrad
 from persia.errors import BackendError, ConfigError, PersiaError
 from persia.store import ShardedStore
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def train_ctx(model, **kw):
-    return TrainCtx(
-        Adagrad(lr=0.1),
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model=model,
-        embedding_config_file=embedding_file(),
-        **kw,
-    )
-
-
-def run(ctx, batches, staleness=1):
-    losses = []
-    for b in DataLoader(ListDataset(batches), embedding_staleness=staleness):
-        out, labels = ctx.forward(b)
-        loss = torch.nn.functional.binary_cross_entropy(out, labels[0])
-        ctx.backward(loss)
-        losses.append(loss.item())
-    return losses
 
 
 def test_cluster_config_lists_every_problem():

@@ -7,36 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from train._jobs import ListDataset, Net, embedding_file, make_batches
+from train._jobs import Net, make_batches, run, train_ctx
 
 from persia.cluster.ray_backend import ClusterConfig
-from persia.ctx import TrainCtx
-from persia.data import DataLoader
-from persia.embedding.optim import Adagrad
 from persia.errors import BackendError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 ADULT = ROOT / "examples" / "adult_income" / "job.yaml"
-
-
-def train_ctx(model, **kw):
-    return TrainCtx(
-        Adagrad(lr=0.1),
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model=model,
-        embedding_config_file=embedding_file(),
-        **kw,
-    )
-
-
-def run(ctx, batches, staleness=1):
-    losses = []
-    for b in DataLoader(ListDataset(batches), embedding_staleness=staleness):
-        out, labels = ctx.forward(b)
-        loss = torch.nn.functional.binary_cross_entropy(out, labels[0])
-        ctx.backward(loss)
-        losses.append(loss.item())
-    return losses
 
 
 def test_cluster_config_checks_the_embedding_worker_fields():

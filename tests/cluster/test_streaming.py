@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from train._jobs import ListDataset, Net, embedding_file, make_batches
+from train._jobs import ListDataset, Net, make_batches, train_ctx
 
 from persia.cluster.ray_backend import ClusterConfig
-from persia.ctx import DataCtx, TrainCtx
+from persia.ctx import DataCtx
 from persia.data import DataLoader, StreamingDataset
-from persia.embedding.optim import Adagrad
 from persia.errors import BackendError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,16 +62,6 @@ def train(ctx, dataset):
         ctx.backward(loss)
         losses.append(loss.item())
     return losses
-
-
-def train_ctx(model, **kw):
-    return TrainCtx(
-        Adagrad(lr=0.1),
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model=model,
-        embedding_config_file=embedding_file(),
-        **kw,
-    )
 
 
 def test_batches_from_a_data_loader_process_train_exactly_as_in_process(ray_cluster, tmp_path):

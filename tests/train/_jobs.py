@@ -76,3 +76,30 @@ class Net(torch.nn.Module):
         flat = [e.flatten(1) for e in embeddings]
         x = torch.cat([non_id[0], *flat], dim=1)
         return torch.sigmoid(self.l2(torch.tanh(self.l1(x))))
+
+
+def train_ctx(model: torch.nn.Module, **kw):
+    """A TrainCtx for these jobs: embedding Adagrad(lr=0.1), dense SGD(lr=0.1)."""
+    from persia.ctx import TrainCtx
+    from persia.embedding.optim import Adagrad
+
+    return TrainCtx(
+        Adagrad(lr=0.1),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model=model,
+        embedding_config_file=embedding_file(),
+        **kw,
+    )
+
+
+def run(ctx, batches, staleness: int = 1) -> list[float]:
+    """Trains ``batches`` in ``ctx``; returns each step's loss."""
+    from persia.data import DataLoader
+
+    losses = []
+    for b in DataLoader(ListDataset(batches), embedding_staleness=staleness):
+        out, labels = ctx.forward(b)
+        loss = torch.nn.functional.binary_cross_entropy(out, labels[0])
+        ctx.backward(loss)
+        losses.append(loss.item())
+    return losses
