@@ -30,6 +30,20 @@ def fmix64(k: int) -> int:
     return k ^ (k >> 33)
 
 
+def fmix64_inverse(h: int) -> int:
+    """The ``k`` with ``fmix64(k) == h`` (every step of the finaliser is invertible)."""
+    h ^= h >> 33
+    h = (h * pow(0xC4CEB9FE1A85EC53, -1, 1 << 64)) & MASK64
+    h ^= h >> 33
+    h = (h * pow(0xFF51AFD7ED558CCD, -1, 1 << 64)) & MASK64
+    return h ^ (h >> 33)
+
+
+def key_with_probe_hash(h: int) -> int:
+    """The key whose probe hash is ``h`` (to build keys that collide in home slot and tag)."""
+    return fmix64_inverse(h) ^ PROBE_SALT
+
+
 def mix_sm(z: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
@@ -90,45 +104,57 @@ class NaiveSketch:
         return est
 
 
+EMPTY = MASK64  # an empty index slot
+
+
+def entry(key: int, row: int) -> int:
+    """Index entry of ``key`` in ``row``: the low 32 bits of its probe hash, then the row."""
+    return ((fmix64(int(key) ^ PROBE_SALT) & 0xFFFFFFFF) << 32) | row
+
+
 class NaiveIndex:
-    """Linear-probing index of row numbers (-1 empty) keyed through ``row_keys``."""
+    """Linear-probing index of entries ``tag << 32 | row`` (``EMPTY`` = empty) keyed through
+    ``row_keys``; compares keys only (the tags are a speed-up of the kernels, not a semantic)."""
 
     def __init__(self, size: int) -> None:
-        self.slots = [-1] * size
+        self.slots = [EMPTY] * size
         self.size = size
+
+    def _row(self, s: int) -> int:
+        return -1 if self.slots[s] == EMPTY else self.slots[s] & 0xFFFFFFFF
 
     def find(self, row_keys: Any, key: int) -> int:
         s = home_slot(key, self.size)
-        while self.slots[s] >= 0:
-            if int(row_keys[self.slots[s]]) == int(key):
-                return self.slots[s]
+        while self._row(s) >= 0:
+            if int(row_keys[self._row(s)]) == int(key):
+                return self._row(s)
             s = (s + 1) % self.size
         return -1
 
     def insert(self, key: int, row: int) -> None:
         s = home_slot(key, self.size)
-        while self.slots[s] >= 0:
+        while self._row(s) >= 0:
             s = (s + 1) % self.size
-        self.slots[s] = row
+        self.slots[s] = entry(key, row)
 
     def delete(self, row_keys: Any, key: int) -> None:
         """Backward-shift deletion of ``key``."""
         s = home_slot(key, self.size)
-        while int(row_keys[self.slots[s]]) != int(key):
+        while int(row_keys[self._row(s)]) != int(key):
             s = (s + 1) % self.size
         hole, k = s, s
         while True:
             k = (k + 1) % self.size
-            r = self.slots[k]
+            r = self._row(k)
             if r < 0:
                 break
             home = home_slot(int(row_keys[r]), self.size)
             dist_home = (k - home) % self.size
             dist_hole = (k - hole) % self.size
             if dist_home >= dist_hole:  # home at or before the hole: may move back
-                self.slots[hole] = r
+                self.slots[hole] = self.slots[k]
                 hole = k
-        self.slots[hole] = -1
+        self.slots[hole] = EMPTY
 
 
 class NaiveSGD:

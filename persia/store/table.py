@@ -2,7 +2,8 @@
 
 Layout (all plain numpy arrays, so a table pickles and saves without tricks)::
 
-    index     i32[S]         open addressing, linear probing, S a power of two, -1 = empty
+    index     u64[S]         open addressing, linear probing, S a power of two; an entry is
+                             tag << 32 | row (tag: 32 bits of the key's hash), all ones = empty
     row_keys  u64[R]         key of each live row (rows 0 .. nrows-1 are live)
     values    f32[R, dim]    embeddings
     state     f32[R, W]      optimizer state (W = optimizer.state_width(dim))
@@ -16,8 +17,9 @@ boundary, so a 64-byte row (dim 16 float32) is one cache line, not two. Both are
 pickling or saving copies each array into a plain contiguous one, and the table works the same.
 
 The arrays start small and grow by 1.5x (never beyond ``capacity`` rows); the index keeps
-``S >= R / 0.35`` slots (load factor <= 0.35: fewer row-key reads per probe; at dim 16 with Adagrad
-that is 144 bytes of rows and links plus 11.4-22.9 bytes of index per row). At capacity a new key takes the
+``S >= R / 0.7`` slots (load factor <= 0.7: the tags make a probe read ``row_keys`` only for a
+likely match, so a fuller index costs little; at dim 16 with Adagrad that is 144 bytes of rows and
+links plus 11.4-22.9 bytes of index per row). At capacity a new key takes the
 row of the least recently used key, which is deleted from the index by backward-shift deletion.
 
 A table is not locked: ``persia.store.shard.Shard`` holds the lock.
@@ -46,7 +48,7 @@ COUNTERS = (
     "skipped_nonfinite",
 )
 
-_MAX_LOAD = 0.35
+_MAX_LOAD = 0.7
 _MIN_ALLOC = 16
 _MAX_ROWS = 2**31 - 1
 
@@ -235,7 +237,7 @@ class EmbeddingTable:
         self.row_keys, self.lru_prev, self.lru_next = row_keys, lru_prev, lru_next
 
     def _set_index(self, size: int) -> None:
-        self.index = aligned_full((size,), -1, np.int32)
+        self.index = aligned_full((size,), K.EMPTY, np.uint64)
         self._shift = np.uint64(64 - (size.bit_length() - 1))
         K.rebuild_index_kernel(self.index, self._shift, self.row_keys, int(self.meta[K.M_NROWS]))
 

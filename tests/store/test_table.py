@@ -125,7 +125,7 @@ def test_sketch_and_admit_draw_match_twin():
 def test_delete_slot_matches_twin(keys, data):
     """Backward-shift deletion on a crowded 16-slot index, against the twin, exactly."""
     row_keys = u64(keys)
-    index = np.full(16, -1, np.int32)
+    index = np.full(16, K.EMPTY, np.uint64)
     shift = np.uint64(60)
     K.rebuild_index_kernel(index, shift, row_keys, len(keys))
     twin = naive.NaiveIndex(16)
@@ -134,13 +134,40 @@ def test_delete_slot_matches_twin(keys, data):
     assert index.tolist() == twin.slots
     order = data.draw(st.permutations(list(range(len(keys)))))
     for r in order:
-        slot = index.tolist().index(r)
+        slot = [e & 0xFFFFFFFF for e in index.tolist()].index(r)
         K.delete_slot(index, shift, row_keys, slot)
         twin.delete(row_keys, keys[r])
         assert index.tolist() == twin.slots
         rows = np.empty(len(keys), np.int32)
         K.probe_kernel(index, shift, row_keys, row_keys, rows)
         assert rows.tolist() == [twin.find(row_keys, k) for k in keys]
+
+
+def test_tag_collisions_are_confirmed_by_key():
+    """Keys whose probe hashes share the 32-bit tag (and home slots) are told apart by their
+    keys in every operation; an absent key with a present key's tag is absent."""
+    tag = 0x5EED5EED
+    # home slot = top bits, tag = low 32 bits; the middle bits tell the keys apart
+    # 6 present, 4 absent; home 15 wraps around to slot 0
+    homes = [(3, 1), (3, 2), (3, 3), (4, 1), (15, 1), (15, 2), (3, 4), (4, 2), (15, 3), (0, 1)]
+    keys = [naive.key_with_probe_hash((top << 60) | (mid << 32) | tag) for top, mid in homes]
+    assert all(naive.fmix64(k ^ int(K.PROBE_SALT)) & 0xFFFFFFFF == tag for k in keys)
+    present, absent = u64(keys[:6]), u64(keys[6:])
+    t, n = pair(capacity=6, dim=2)
+    assert t.index.shape[0] == 16  # home = top 4 bits: the chosen tops collide
+    np.testing.assert_array_equal(t.lookup(present, True), n.lookup(present, True))
+    np.testing.assert_array_equal(t.lookup(absent, False), np.zeros((4, 2), np.float32))
+    np.testing.assert_array_equal(t.lookup(present[::-1], False), n.lookup(present[::-1], False))
+    assert (t.probe(absent) == -1).all()
+    assert sorted(t.probe(present).tolist()) == list(range(6))
+    g = np.full((10, 2), 0.25, np.float32)
+    both = np.concatenate([present, absent])
+    assert t.apply_gradients(both, g).tolist() == n.apply_gradients(both, g).tolist()
+    t.lookup(absent, True)  # evicts the 4 oldest (same home and tag as the new keys)
+    n.lookup(absent, True)
+    same_export(t, n)
+    everything = np.concatenate([present, absent])
+    np.testing.assert_array_equal(t.lookup(everything, False), n.lookup(everything, False))
 
 
 # ------------------------------------------------------------------------------------ table
