@@ -380,10 +380,10 @@ def train_probe_hits_kernel(
     ``rows[i]`` = row of ``keys[i]`` or -1; every found row is gathered into ``out[i]`` and made
     the newest, in batch order (absent keys' output is not written). Returns the number absent.
 
-    Per group of keys: hash and prefetch the home slots; read them and prefetch the home entries'
-    key records (which hold their links; no branch on slot values still in flight); probe by tag
-    and key, and for a hit prefetch its values and its LRU neighbours' links; gather and relink in
-    order. A hit costs five random cache lines (slot, record, values, two neighbours). Reading
+    Per group of keys: hash and prefetch the home slots; read them and prefetch each home entry's
+    key record (which holds its links) and, when its tag is the key's, its values (no branch on
+    slot values still in flight); probe by tag and key, and for a hit prefetch its values (if not
+    yet) and its LRU neighbours' links; gather and relink in order. A hit costs five random cache lines (slot, record, values, two neighbours). Reading
     the home entry's record first, rather than scanning the tags first as the evaluation lookup
     does, measured faster here: the record is needed for its links anyway."""
     mask = index.shape[0] - 1
@@ -395,8 +395,11 @@ def train_probe_hits_kernel(
     for g0 in range(0, n, GROUP):
         g1 = min(n, g0 + GROUP)
         _hash_group(index, shift, keys, g0, g1, slots, tags)
-        for i in range(g0, g1):  # the home entries' records (no branch on values in flight)
-            prefetch(row_keys, max(entry_row(index[slots[i - g0]]), 0))
+        for i in range(g0, g1):  # no branch on slot values still in flight:
+            e = index[slots[i - g0]]
+            prefetch(row_keys, max(entry_row(e), 0))  # the home entry's record
+            r = entry_row(e) if (e ^ tags[i - g0]) <= _LO32 else np.int32(0)
+            prefetch(values, max(r, 0))  # and its values when its tag is the key's
         for i in range(g0, g1):
             s = find_slot(index, mask, slots[i - g0], tags[i - g0], row_keys, keys[i])
             r = entry_row(index[s])
@@ -440,8 +443,11 @@ def train_probe_create_kernel(
     for g0 in range(0, n, GROUP):
         g1 = min(n, g0 + GROUP)
         _hash_group(index, shift, keys, g0, g1, slots, tags)
-        for i in range(g0, g1):  # the home entries' records (no branch on values in flight)
-            prefetch(row_keys, max(entry_row(index[slots[i - g0]]), 0))
+        for i in range(g0, g1):  # no branch on slot values still in flight:
+            e = index[slots[i - g0]]
+            prefetch(row_keys, max(entry_row(e), 0))  # the home entry's record
+            r = entry_row(e) if (e ^ tags[i - g0]) <= _LO32 else np.int32(0)
+            prefetch(values, max(r, 0))  # and its values when its tag is the key's
         for i in range(g0, g1):
             key = keys[i]
             tag = tags[i - g0]
