@@ -3,6 +3,7 @@
     python benchmarks/bench_e2e.py --quick          # CI: small tables, < 2 minutes
     python benchmarks/bench_e2e.py                  # full: Criteo's 33.8M rows, all contenders
     python benchmarks/bench_e2e.py --sweep --chart benchmarks/e2e.png   # + AUC vs staleness
+    python benchmarks/bench_e2e.py --chart-from a.jsonl b.jsonl --chart e2e.png  # saved runs
 
 Every contender trains one fixed model (bottom MLP 13-512-256-64-16, the 26 pooled dim-16
 embeddings concatenated with it, top MLP 512-256-1), batch 2048, element-wise Adagrad on the
@@ -221,6 +222,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-torchrec", action="store_true")
     p.add_argument("--json-out", type=Path, default=None, help="also write every line here")
     p.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
+    p.add_argument(
+        "--chart-from",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="run nothing: the median runs and ratios of earlier --json-out files (and --chart)",
+    )
     p.add_argument("--repeat", type=int, default=1, help="run everything N times (median)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per contender")
     args = p.parse_args(argv)
@@ -238,8 +246,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def from_saved(paths: list[Path], chart: Path | None) -> int:
+    """The median run of each system in earlier ``--json-out`` files, their ratio lines, and the
+    chart: to draw one chart from several invocations (the contenders and the staleness sweep)."""
+    done: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        for n, text in enumerate(path.read_text().splitlines(), 1):
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not a JSON line ({e.msg})") from None
+            if "system" in rec and "error" not in rec:
+                done.setdefault(rec["system"], []).append(rec)
+    if not done:
+        raise SystemExit(f"no contender runs in {', '.join(map(str, paths))}")
+    results = {label: _median_run(rs) for label, rs in done.items()}
+    for r in results.values():
+        print(json.dumps({**r, "median_of": len(done[r["system"]])}), flush=True)
+    for line in ratios(results, {}):
+        print(json.dumps(line), flush=True)
+    if chart:
+        from _e2e_chart import write_chart
+
+        write_chart(chart, results)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.chart_from:
+        return from_saved(args.chart_from, args.chart)
     notes: dict[str, str] = {}
     have_torchrec = not args.no_torchrec and torchrec_available(args.torchrec_path)
     if not have_torchrec:
