@@ -42,7 +42,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from persia.cluster.simlink import parse_link  # noqa: E402
 from persia.datasets.synthetic import CRITEO_CARDINALITIES  # noqa: E402
+from persia.errors import ConfigError  # noqa: E402
 
 #: Where ``make bench-torchrec-install`` puts TorchRec and fbgemm (outside the venv's packages).
 TORCHREC_DIR = ROOT / ".venv" / "bench-torchrec"
@@ -118,7 +120,7 @@ def plan(args: argparse.Namespace, have_torchrec: bool) -> list[dict[str, Any]]:
                 }
             )
     if args.links:
-        for name, link in LINKS.items():
+        for name, link in {**LINKS, **args.link}.items():
             runs.append(persia(f"persia-sync@{name}", 1, link=link))
             runs.append(persia(f"persia-hybrid@{name}", args.staleness, link=link))
     if args.sweep:
@@ -179,7 +181,8 @@ def ratios(results: dict[str, dict[str, Any]], notes: dict[str, str]) -> list[di
         gap("auc_gap_hybrid_vs_sync", "persia-hybrid", "persia-sync"),
         gap("auc_gap_hybrid_vs_torch", "persia-hybrid", "torch-embeddingbag"),
     ]
-    for name in LINKS:
+    extra = [n.split("@", 1)[1] for n in results if n.startswith("persia-hybrid@")]
+    for name in list(LINKS) + sorted(set(extra) - set(LINKS)):
         out.append(
             ratio(
                 f"hybrid_vs_sync_{name}",
@@ -216,6 +219,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-rowwise", dest="rowwise", action="store_false")
     p.add_argument("--no-links", dest="links", action="store_false")
+    p.add_argument(
+        "--link",
+        action="append",
+        default=[],
+        metavar="NAME=BANDWIDTH:LATENCY",
+        help="one more simulated link, e.g. free=100000gbit:0us (runs persia-sync@NAME and\n"
+        "persia-hybrid@NAME; repeatable)",
+    )
     p.add_argument("--sweep", action="store_true", help="also staleness 2, 4, 16 (AUC chart)")
     p.add_argument("--only", default=None, help="comma-separated labels to run (debugging)")
     p.add_argument("--torchrec-path", type=Path, default=TORCHREC_DIR)
@@ -232,6 +243,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="run everything N times (median)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per contender")
     args = p.parse_args(argv)
+    links = {}
+    for item in args.link:
+        name, _, spec = item.partition("=")
+        if not name or not spec:
+            p.error(f"--link must look like NAME=BANDWIDTH:LATENCY, got {item!r}")
+        try:
+            parse_link(spec)
+        except ConfigError as e:
+            p.error(f"--link {item!r}: {e}")
+        links[name] = spec
+    args.link = links
     quick = args.quick
     if args.steps is None:
         args.steps = 15 if quick else 200

@@ -54,3 +54,21 @@ def test_chart_from_rejects_a_broken_file(tmp_path):
     empty.write_text('{"metric": "x", "value": 1}\n')
     with pytest.raises(SystemExit, match="no contender runs"):
         bench_e2e.main(["--chart-from", str(empty)])
+
+
+def test_extra_links_are_planned_and_checked():
+    args = bench_e2e.parse_args(["--quick", "--link", "free=100000gbit:0us"])
+    labels = [r["label"] for r in bench_e2e.plan(args, False)]
+    assert "persia-hybrid@free" in labels and "persia-sync@free" in labels
+    assert "persia-hybrid@1gbit" in labels  # the standard links stay
+    spec = next(r for r in bench_e2e.plan(args, False) if r["label"] == "persia-hybrid@free")
+    assert spec["link"] == "100000gbit:0us"
+    for bad in ("free", "=1gbit:1us", "x=fast:1us"):
+        with pytest.raises(SystemExit):
+            bench_e2e.parse_args(["--link", bad])
+    results = {
+        "persia-hybrid@free": run("persia-hybrid@free", 30.0, 0.8),
+        "persia-sync@free": run("persia-sync@free", 20.0, 0.8),
+    }
+    ratio = {r["metric"]: r for r in bench_e2e.ratios(results, {})}["hybrid_vs_sync_free"]
+    assert ratio["value"] == pytest.approx(1.5)
