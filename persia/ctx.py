@@ -353,6 +353,14 @@ class EmbeddingCtx(BaseCtx):
             config,
         )
 
+    def _plain_model(self) -> Any:
+        """The model without its ``DistributedDataParallel`` wrapper (several NN workers), so
+        that a checkpoint's dense state has the same keys whatever the number of workers."""
+        model = self.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model.module
+        return model
+
     def _dump_job(
         self,
         dst_dir: str | os.PathLike,
@@ -371,11 +379,11 @@ class EmbeddingCtx(BaseCtx):
         dst.mkdir(parents=True, exist_ok=True)
         if jit_filename is not None:
             tmp = dst / (jit_filename + ".tmp")
-            torch.jit.save(torch.jit.script(self.model), str(tmp))
+            torch.jit.save(torch.jit.script(self._plain_model()), str(tmp))
             os.replace(tmp, dst / jit_filename)
         self.runtime.flush()
         store = self.runtime.store
-        model_state = self.model.state_dict()
+        model_state = self._plain_model().state_dict()
         delta = getattr(self, "_delta_writer", None)
         delta_seq = delta.last_seq if delta is not None else None
         if blocking:
@@ -418,8 +426,13 @@ class EmbeddingCtx(BaseCtx):
         map_location: str | None = None,
         dense_filename: str = "dense.pt",
         blocking: bool = True,
+        *,
+        embeddings: bool = True,
     ) -> Any:
         """Loads the dense model and the embeddings saved by :meth:`dump_checkpoint`.
+
+        ``embeddings=False`` (a persia extension) loads the dense part only: with several NN
+        workers sharing the parameter servers, one of them restores the rows.
 
         Every file is verified (sizes, CRC-32, format version, dims, optimizer state width)
         before anything changes; rows re-shard to this job's shard count. A directory in the
@@ -441,15 +454,17 @@ class EmbeddingCtx(BaseCtx):
             raise CheckpointError(f"checkpoint directory {str(src)!r} does not exist")
         if not checkpoint.is_job_checkpoint(src) and (src / dense_filename).is_file():
             state = torch.load(src / dense_filename, map_location=map_location, weights_only=True)
-            self.model.load_state_dict(state)
-            self.load_embedding(src, blocking=blocking)
+            self._plain_model().load_state_dict(state)
+            if embeddings:
+                self.load_embedding(src, blocking=blocking)
             return None
         ckpt = checkpoint.read(src)
         state = ckpt.dense_model_state(map_location)
         self.runtime.flush()
-        checkpoint.restore_store(self.runtime.store, ckpt)
+        if embeddings:
+            checkpoint.restore_store(self.runtime.store, ckpt)
         try:
-            self.model.load_state_dict(state)
+            self._plain_model().load_state_dict(state)
         except (RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{ckpt.path}: the dense model does not match: {exc}") from exc
         return ckpt
@@ -691,13 +706,17 @@ class TrainCtx(EmbeddingCtx):
         dense_model_filename: str = "dense.pt",
         opt_filename: str = "opt.pt",
         blocking: bool = True,
+        *,
+        embeddings: bool = True,
     ) -> Any:
-        """Loads what :meth:`dump_checkpoint` saved, the dense optimizer's state included."""
+        """Loads what :meth:`dump_checkpoint` saved, the dense optimizer's state included
+        (``embeddings=False``: everything but the embedding rows)."""
         ckpt = super().load_checkpoint(
             src_dir,
             map_location=map_location,
             dense_filename=dense_model_filename,
             blocking=blocking,
+            embeddings=embeddings,
         )
         if ckpt is not None:
             opt_state = ckpt.dense_optimizer_state(map_location)

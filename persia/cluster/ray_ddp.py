@@ -13,6 +13,12 @@
   DistributedDataParallel over a gloo group whose master is rank 0's node address and a free
   port there. A trailing group of fewer than W batches is dropped, so every rank trains the
   same number of batches (DDP's allreduce needs every rank at every step);
+* checkpoints (``training.checkpoint_dir``): at each checkpoint every NN worker applies its
+  pending gradients, then rank 0 writes the checkpoint (dense model unwrapped from DDP, the
+  shared embedding rows, the data position and the number of NN workers) while the others wait
+  at a barrier. ``--resume`` needs as many NN workers as wrote the checkpoint: rank 0 restores the
+  rows, every rank the dense model and optimizer, and each skips its own share of the batches
+  already trained. The checkpoint directory must be reachable from every NN worker's node;
 * the driver waits for all of them; the first failure (an exception, a dead actor) stops every
   NN worker and ends the job with that error (a dead one as :class:`BackendError` naming
   ``nn-worker`` and its rank).
@@ -33,7 +39,7 @@ from persia.cluster.ray_backend import (
     init_ray,
     new_job_id,
 )
-from persia.errors import BackendError, ConfigError
+from persia.errors import BackendError, CheckpointError, ConfigError
 
 __all__ = ["NN_WORKER", "NNWorker", "attach_parameter_servers", "run_job_ddp"]
 
@@ -128,8 +134,15 @@ class NNWorker:
             host = ray.util.get_node_ip_address()
         return host, _free_port(host)
 
-    def run(self, job: Any, cluster: ClusterConfig, master: tuple[str, int]) -> dict[str, Any]:
-        """Joins the gloo group and runs the job's training loop as rank ``self.rank``."""
+    def run(
+        self,
+        job: Any,
+        cluster: ClusterConfig,
+        master: tuple[str, int],
+        resume: str | None = None,
+    ) -> dict[str, Any]:
+        """Joins the gloo group and runs the job's training loop as rank ``self.rank`` (from
+        checkpoint ``resume``, if given)."""
         _settings.ensure_numba_cache_dir()
         os.environ[_settings.RANK] = str(self.rank)
         os.environ[_settings.WORLD_SIZE] = str(self.world_size)
@@ -160,7 +173,7 @@ class NNWorker:
                     self.rank,
                 ) from exc
         try:
-            return run_job(job, cluster=cluster)
+            return run_job(job, cluster=cluster, resume=resume)
         finally:
             dist.destroy_process_group()
 
@@ -186,7 +199,7 @@ def _ifname_of(address: str) -> str | None:
     return None
 
 
-def run_job_ddp(job: Any, cluster: ClusterConfig) -> dict[str, Any]:
+def run_job_ddp(job: Any, cluster: ClusterConfig, resume: Any = None) -> dict[str, Any]:
     """Trains ``job`` with ``cluster.num_nn_workers`` NN-worker actors (see the module doc).
 
     Returns:
@@ -196,8 +209,10 @@ def run_job_ddp(job: Any, cluster: ClusterConfig) -> dict[str, Any]:
         ``nn_workers`` each worker's own result fields (rank, samples, staleness).
 
     Raises:
-        ConfigError: settings the multi-worker path does not support (checkpoints, resume,
-            export, evaluation in the middle of training).
+        ConfigError: settings the multi-worker path does not support (evaluation in the middle
+            of training; ``--export`` is refused by ``run_job``).
+        CheckpointError: ``resume`` is not a directory, or (raised by the workers) not a
+            checkpoint written by as many NN workers.
         BackendError: a dead NN worker or parameter server.
     """
     import ray
@@ -206,13 +221,14 @@ def run_job_ddp(job: Any, cluster: ClusterConfig) -> dict[str, Any]:
     from persia.job.runner import embedding_configs, embedding_optimizer, job_hyper
 
     t = job.training
-    problems = []
-    if t.checkpoint_dir:
-        problems.append("training.checkpoint_dir is not supported with num_nn_workers > 1")
     if t.eval_every_batches and job.data.test is not None:
-        problems.append("training.eval_every_batches is not supported with num_nn_workers > 1")
-    if problems:
-        raise ConfigError(problems, source="num_nn_workers")
+        raise ConfigError(
+            "training.eval_every_batches is not supported with num_nn_workers > 1",
+            source="num_nn_workers",
+        )
+    if resume is not None and not os.path.isdir(resume):
+        raise CheckpointError(f"--resume: checkpoint directory {str(resume)!r} does not exist")
+    resume = str(resume) if resume is not None else None
     world = cluster.num_nn_workers
     init_ray(cluster.address, cluster.num_cpus)
     job_name = cluster.job_name or new_job_id()
@@ -246,7 +262,7 @@ def run_job_ddp(job: Any, cluster: ClusterConfig) -> dict[str, Any]:
             loaders = start_data_loaders(job, replace(cluster, job_name=job_name), job_name)
         master = get_with_timeout(workers[0].rendezvous.remote(), timeout_s, NN_WORKER, 0)
         refs = [
-            w.run.remote(job, _rank_cluster(worker_cluster, job_name, r), tuple(master))
+            w.run.remote(job, _rank_cluster(worker_cluster, job_name, r), tuple(master), resume)
             for r, w in enumerate(workers)
         ]
         results: dict[int, dict[str, Any]] = {}

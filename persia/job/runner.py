@@ -406,12 +406,63 @@ def _pause_work(
         and t.checkpoint_every_batches
         and batches % t.checkpoint_every_batches == 0
     ):
-        ctx.dump_checkpoint(
-            t.checkpoint_dir,
-            position=position.to_dict() if position is not None else None,
-            config=job_to_dict(job),
-        )
+        _dump(ctx, job, position)
         progress.note(f"checkpoint at batch {batches}: {t.checkpoint_dir}")
+
+
+def _dump(ctx: TrainCtx, job: JobConfig, position: Position | None) -> None:
+    """Writes the job's checkpoint to ``training.checkpoint_dir``, with the data position and
+    the number of NN workers (a checkpoint resumes with as many: each one's position counts its
+    own rank-strided batches).
+
+    With several NN workers (one DDP group sharing the parameter servers) every worker applies
+    its pending gradients, then rank 0 writes the checkpoint (the allreduced dense model is the
+    same on every rank) while the others wait: no rank trains on until it is written."""
+    directory = job.training.checkpoint_dir
+    if directory is None:
+        return
+    world = env.get_world_size()
+    saved = {**position.to_dict(), "nn_workers": world} if position is not None else None
+    if world == 1:
+        ctx.dump_checkpoint(directory, position=saved, config=job_to_dict(job))
+        return
+    import torch.distributed as dist
+
+    ctx.runtime.flush()
+    dist.barrier()
+    try:
+        if env.get_rank() == 0:
+            ctx.dump_checkpoint(directory, position=saved, config=job_to_dict(job))
+    finally:
+        dist.barrier()
+
+
+def _resume(ctx: TrainCtx, resume: str | Path) -> Position:
+    """Loads checkpoint ``resume`` into ``ctx`` and returns its data position. With several NN
+    workers rank 0 restores the shared embedding rows and every rank the dense model and
+    optimizer; no rank starts training before all have loaded.
+
+    Raises:
+        CheckpointError: not a checkpoint with a data position, or written by another number
+            of NN workers.
+    """
+    world = env.get_world_size()
+    where = str(resume)
+    info = ctx.load_checkpoint(resume, embeddings=env.get_rank() == 0)
+    saved = info.position if info is not None and info.position is not None else {}
+    position = Position.from_dict(saved, where)
+    written_by = saved.get("nn_workers", 1)
+    if written_by != world:
+        raise CheckpointError(
+            f"{where}: written by {written_by} NN worker(s), resumed with {world}: a checkpoint "
+            f"resumes with as many NN workers as wrote it (each one's data position counts its "
+            f"own share of the batches)"
+        )
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return position
 
 
 def _jsonable(value: Any) -> Any:
@@ -466,11 +517,11 @@ def run_job(
     if cluster is not None and t.backend != "ray":
         raise ConfigError(f"cluster settings need training.backend 'ray', got {t.backend!r}")
     if cluster is not None and getattr(cluster, "num_nn_workers", 1) > 1:
-        if resume is not None or export is not None:
-            raise ConfigError("--resume and --export are not supported with num_nn_workers > 1")
+        if export is not None:
+            raise ConfigError("--export is not supported with num_nn_workers > 1")
         from persia.cluster.ray_ddp import run_job_ddp
 
-        return run_job_ddp(job, cluster)
+        return run_job_ddp(job, cluster, resume=resume)
     loaders: list[Any] = []
     stream: tuple[str, float] | None = None
     if cluster is not None and getattr(cluster, "num_data_loaders", 0) > 0:
@@ -544,11 +595,9 @@ def _run_job(
             cluster=cluster,
         ) as ctx:
             if resume is not None:
-                info = ctx.load_checkpoint(resume)
-                where = str(resume)
-                start_at = Position.from_dict(info.position if info is not None else {}, where)
+                start_at = _resume(ctx, resume)
                 progress.note(
-                    f"resumed from {where} at epoch {start_at.epoch} batch {start_at.batch} "
+                    f"resumed from {resume} at epoch {start_at.epoch} batch {start_at.batch} "
                     f"({start_at.samples} samples trained)"
                 )
                 batches, samples = start_at.batches, start_at.samples
@@ -608,9 +657,7 @@ def _run_job(
                     ctx, reader, job.data.test, t.eval_batch_size, t.eval_max_samples, logits
                 )
             if t.checkpoint_dir:
-                ctx.dump_checkpoint(
-                    t.checkpoint_dir, position=dataset.last.to_dict(), config=job_to_dict(job)
-                )
+                _dump(ctx, job, dataset.last)
             if export is not None:
                 from persia.serving import export_from_ctx
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from persia.cluster.ray_backend import ClusterConfig
-from persia.errors import ConfigError
+from persia.errors import CheckpointError, ConfigError
 from persia.job.runner import _rank_strided
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,9 +51,55 @@ def test_multi_worker_settings_it_cannot_honour_are_refused(ray_cluster, tmp_pat
     from persia.job.config import load_job
     from persia.job.runner import run_job
 
-    job = load_job(ADULT, ["training.backend=ray", f"training.checkpoint_dir={tmp_path}"])
-    with pytest.raises(ConfigError, match="checkpoint_dir"):
+    job = load_job(ADULT, ["training.backend=ray", "training.eval_every_batches=10"])
+    with pytest.raises(ConfigError, match="eval_every_batches"):
         run_job(job, cluster=ClusterConfig(num_nn_workers=2))
+    with pytest.raises(ConfigError, match="--export"):
+        run_job(job, cluster=ClusterConfig(num_nn_workers=2), export=tmp_path / "x")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run_job(load_job(ADULT, ["training.backend=ray"]),
+                cluster=ClusterConfig(num_nn_workers=2), resume=tmp_path / "none")  # fmt: skip
+
+
+def test_two_nn_workers_checkpoint_and_resume(ray_cluster, tmp_path):
+    """Rank 0 writes the checkpoint of a 2-worker job (dense state without DDP's prefix, the
+    data position, the worker count); 2 workers resume from it and train the rest of the epoch;
+    1 worker may not resume it (its position counts each rank's own batches)."""
+    from persia import checkpoint
+    from persia.job.config import load_job
+    from persia.job.runner import run_job
+
+    ckpt = tmp_path / "ckpt"
+    common = ["training.backend=ray", "training.progress=none", f"training.checkpoint_dir={ckpt}"]
+    cluster = ClusterConfig(num_ps=2, num_nn_workers=2, timeout_s=120)
+    # 100 batches of 128: 50 per rank, a checkpoint after 25 of them and one at the end
+    first = load_job(ADULT, common + ["training.max_samples=12800",
+                                      "training.checkpoint_every_batches=25"])  # fmt: skip
+    result = run_job(first, cluster=cluster)
+    assert [w["train_batches"] for w in result["nn_workers"]] == [50, 50]
+    saved = checkpoint.read(ckpt)
+    assert saved.position["nn_workers"] == 2
+    assert (saved.position["epoch"], saved.position["batch"]) == (0, 50)
+    assert saved.position["samples"] == 50 * 128
+    state = saved.dense_model_state()
+    assert state and not any(k.startswith("module.") for k in state)
+    assert saved.meta["rows"] == result["embedding_rows"]
+
+    resumed = run_job(load_job(ADULT, common), cluster=cluster, resume=ckpt)
+    # the epoch's 255 batches: 127 per rank, 50 of them already trained
+    assert [w["train_batches"] for w in resumed["nn_workers"]] == [77, 77]
+    assert resumed["resumed_from"]["batch"] == 50
+    assert resumed["test_auc"] >= 0.90
+    assert checkpoint.read(ckpt).position["batch"] == 127
+
+    with pytest.raises(CheckpointError, match="written by 2 NN worker"):
+        run_job(load_job(ADULT, ["training.progress=none"]), resume=ckpt)
+
+    # the 2-worker checkpoint exports for serving like a one-worker one
+    from persia.serving.export import export_from_checkpoint
+
+    out = export_from_checkpoint(tmp_path / "served", load_job(ADULT, []), ckpt)
+    assert out.is_dir() and any(out.iterdir())
 
 
 def test_persia_train_options_become_the_cluster_config():
