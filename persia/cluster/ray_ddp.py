@@ -39,7 +39,7 @@ from persia.cluster.ray_backend import (
     init_ray,
     new_job_id,
 )
-from persia.errors import BackendError, CheckpointError, ConfigError
+from persia.errors import BackendError, CheckpointError
 
 __all__ = ["NN_WORKER", "NNWorker", "attach_parameter_servers", "run_job_ddp"]
 
@@ -203,14 +203,12 @@ def run_job_ddp(job: Any, cluster: ClusterConfig, resume: Any = None) -> dict[st
     """Trains ``job`` with ``cluster.num_nn_workers`` NN-worker actors (see the module doc).
 
     Returns:
-        Rank 0's result (test metrics are computed by every rank on the same model; rank 0's
-        are reported) with ``train_samples`` / ``train_batches`` summed over the workers,
-        ``staleness_max`` the largest of any worker, ``samples_per_s`` the sum, and
-        ``nn_workers`` each worker's own result fields (rank, samples, staleness).
+        Rank 0's result (test metrics, final and ``evals`` during training, are computed by
+        every rank on the same model between barriers; rank 0's are reported) with ``train_samples`` / ``train_batches`` summed over
+        the workers, ``staleness_max`` the largest of any worker, ``samples_per_s`` the sum,
+        and ``nn_workers`` each worker's own result fields (rank, samples, staleness).
 
     Raises:
-        ConfigError: settings the multi-worker path does not support (evaluation in the middle
-            of training; ``--export`` is refused by ``run_job``).
         CheckpointError: ``resume`` is not a directory, or (raised by the workers) not a
             checkpoint written by as many NN workers.
         BackendError: a dead NN worker or parameter server.
@@ -220,12 +218,6 @@ def run_job_ddp(job: Any, cluster: ClusterConfig, resume: Any = None) -> dict[st
     from persia.cluster.ray_runtime import build_ray_runtime
     from persia.job.runner import embedding_configs, embedding_optimizer, job_hyper
 
-    t = job.training
-    if t.eval_every_batches and job.data.test is not None:
-        raise ConfigError(
-            "training.eval_every_batches is not supported with num_nn_workers > 1",
-            source="num_nn_workers",
-        )
     if resume is not None and not os.path.isdir(resume):
         raise CheckpointError(f"--resume: checkpoint directory {str(resume)!r} does not exist")
     resume = str(resume) if resume is not None else None

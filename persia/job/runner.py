@@ -14,6 +14,7 @@ batches before it has been applied (the runtime is flushed first).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -395,7 +396,13 @@ def _pause_work(
     """The evaluation and / or checkpoint due after ``batches`` training batches."""
     t = job.training
     if job.data.test is not None and t.eval_every_batches and batches % t.eval_every_batches == 0:
-        result = evaluate(ctx, reader, job.data.test, t.eval_batch_size, t.eval_max_samples, logits)
+        # with several NN workers every rank evaluates the same (allreduced) model on the same
+        # batches (DDP's forward may sync buffers: a collective every rank must join), after
+        # every rank applied its gradients, and none trains on before all are done
+        with _all_ranks_wait():
+            result = evaluate(
+                ctx, reader, job.data.test, t.eval_batch_size, t.eval_max_samples, logits
+            )
         evals.append({"batch": batches, "samples": samples, **result})
         progress.note(
             f"eval at batch {batches}: test_auc {result['test_auc']} "
@@ -426,13 +433,23 @@ def _dump(ctx: TrainCtx, job: JobConfig, position: Position | None) -> None:
     if world == 1:
         ctx.dump_checkpoint(directory, position=saved, config=job_to_dict(job))
         return
-    import torch.distributed as dist
-
     ctx.runtime.flush()
-    dist.barrier()
-    try:
+    with _all_ranks_wait():
         if env.get_rank() == 0:
             ctx.dump_checkpoint(directory, position=saved, config=job_to_dict(job))
+
+
+@contextlib.contextmanager
+def _all_ranks_wait() -> Iterator[None]:
+    """With several NN workers: a barrier before and after the body; nothing with one."""
+    if env.get_world_size() == 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    try:
+        yield
     finally:
         dist.barrier()
 

@@ -51,9 +51,7 @@ def test_multi_worker_settings_it_cannot_honour_are_refused(ray_cluster, tmp_pat
     from persia.job.config import load_job
     from persia.job.runner import run_job
 
-    job = load_job(ADULT, ["training.backend=ray", "training.eval_every_batches=10"])
-    with pytest.raises(ConfigError, match="eval_every_batches"):
-        run_job(job, cluster=ClusterConfig(num_nn_workers=2))
+    job = load_job(ADULT, ["training.backend=ray"])
     with pytest.raises(ConfigError, match="--export"):
         run_job(job, cluster=ClusterConfig(num_nn_workers=2), export=tmp_path / "x")
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -62,9 +60,10 @@ def test_multi_worker_settings_it_cannot_honour_are_refused(ray_cluster, tmp_pat
 
 
 def test_two_nn_workers_checkpoint_and_resume(ray_cluster, tmp_path):
-    """Rank 0 writes the checkpoint of a 2-worker job (dense state without DDP's prefix, the
-    data position, the worker count); 2 workers resume from it and train the rest of the epoch;
-    1 worker may not resume it (its position counts each rank's own batches)."""
+    """The ranks evaluate during training and rank 0 writes the checkpoint of a 2-worker job (dense state
+    without DDP's prefix, the data position, the worker count); 2 workers resume from it and
+    train the rest of the epoch; 1 worker may not resume it (its position counts each rank's
+    own batches)."""
     from persia import checkpoint
     from persia.job.config import load_job
     from persia.job.runner import run_job
@@ -73,10 +72,14 @@ def test_two_nn_workers_checkpoint_and_resume(ray_cluster, tmp_path):
     common = ["training.backend=ray", "training.progress=none", f"training.checkpoint_dir={ckpt}"]
     cluster = ClusterConfig(num_ps=2, num_nn_workers=2, timeout_s=120)
     # 100 batches of 128: 50 per rank, a checkpoint after 25 of them and one at the end
-    first = load_job(ADULT, common + ["training.max_samples=12800",
-                                      "training.checkpoint_every_batches=25"])  # fmt: skip
+    first = load_job(ADULT, common + ["training.max_samples=12800", "training.eval_max_samples=4096",
+                                      "training.checkpoint_every_batches=25",
+                                      "training.eval_every_batches=25"])  # fmt: skip
     result = run_job(first, cluster=cluster)
     assert [w["train_batches"] for w in result["nn_workers"]] == [50, 50]
+    # evaluated (by both ranks, between barriers) after each rank's batches 25 and 50
+    assert [e["batch"] for e in result["evals"]] == [25, 50]
+    assert all(0.5 < e["test_auc"] <= 1.0 for e in result["evals"])
     saved = checkpoint.read(ckpt)
     assert saved.position["nn_workers"] == 2
     assert (saved.position["epoch"], saved.position["batch"]) == (0, 50)
