@@ -353,9 +353,10 @@ class EmbeddingCtx(BaseCtx):
             config,
         )
 
-    def _plain_model(self) -> Any:
-        """The model without its ``DistributedDataParallel`` wrapper (several NN workers), so
-        that a checkpoint's dense state has the same keys whatever the number of workers."""
+    def unwrapped_model(self) -> Any:
+        """The model without its ``DistributedDataParallel`` wrapper (several NN workers; a
+        persia extension): what checkpoints save and exports script, so that the files are the
+        same whatever the number of workers."""
         model = self.model
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return model.module
@@ -379,11 +380,11 @@ class EmbeddingCtx(BaseCtx):
         dst.mkdir(parents=True, exist_ok=True)
         if jit_filename is not None:
             tmp = dst / (jit_filename + ".tmp")
-            torch.jit.save(torch.jit.script(self._plain_model()), str(tmp))
+            torch.jit.save(torch.jit.script(self.unwrapped_model()), str(tmp))
             os.replace(tmp, dst / jit_filename)
         self.runtime.flush()
         store = self.runtime.store
-        model_state = self._plain_model().state_dict()
+        model_state = self.unwrapped_model().state_dict()
         delta = getattr(self, "_delta_writer", None)
         delta_seq = delta.last_seq if delta is not None else None
         if blocking:
@@ -454,7 +455,7 @@ class EmbeddingCtx(BaseCtx):
             raise CheckpointError(f"checkpoint directory {str(src)!r} does not exist")
         if not checkpoint.is_job_checkpoint(src) and (src / dense_filename).is_file():
             state = torch.load(src / dense_filename, map_location=map_location, weights_only=True)
-            self._plain_model().load_state_dict(state)
+            self.unwrapped_model().load_state_dict(state)
             if embeddings:
                 self.load_embedding(src, blocking=blocking)
             return None
@@ -464,7 +465,7 @@ class EmbeddingCtx(BaseCtx):
         if embeddings:
             checkpoint.restore_store(self.runtime.store, ckpt)
         try:
-            self._plain_model().load_state_dict(state)
+            self.unwrapped_model().load_state_dict(state)
         except (RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{ckpt.path}: the dense model does not match: {exc}") from exc
         return ckpt

@@ -19,6 +19,8 @@
   at a barrier. ``--resume`` needs as many NN workers as wrote the checkpoint: rank 0 restores the
   rows, every rank the dense model and optimizer, and each skips its own share of the batches
   already trained. The checkpoint directory must be reachable from every NN worker's node;
+* ``--export DIR``: rank 0 writes the serving export at the end, once every rank's gradients are
+  applied (DIR on rank 0's node);
 * the driver waits for all of them; the first failure (an exception, a dead actor) stops every
   NN worker and ends the job with that error (a dead one as :class:`BackendError` naming
   ``nn-worker`` and its rank).
@@ -140,9 +142,10 @@ class NNWorker:
         cluster: ClusterConfig,
         master: tuple[str, int],
         resume: str | None = None,
+        export: str | None = None,
     ) -> dict[str, Any]:
         """Joins the gloo group and runs the job's training loop as rank ``self.rank`` (from
-        checkpoint ``resume``, if given)."""
+        checkpoint ``resume``, if given; rank 0 exports to ``export`` at the end)."""
         _settings.ensure_numba_cache_dir()
         os.environ[_settings.RANK] = str(self.rank)
         os.environ[_settings.WORLD_SIZE] = str(self.world_size)
@@ -173,7 +176,7 @@ class NNWorker:
                     self.rank,
                 ) from exc
         try:
-            return run_job(job, cluster=cluster, resume=resume)
+            return run_job(job, cluster=cluster, resume=resume, export=export)
         finally:
             dist.destroy_process_group()
 
@@ -199,7 +202,9 @@ def _ifname_of(address: str) -> str | None:
     return None
 
 
-def run_job_ddp(job: Any, cluster: ClusterConfig, resume: Any = None) -> dict[str, Any]:
+def run_job_ddp(
+    job: Any, cluster: ClusterConfig, resume: Any = None, export: Any = None
+) -> dict[str, Any]:
     """Trains ``job`` with ``cluster.num_nn_workers`` NN-worker actors (see the module doc).
 
     Returns:
@@ -221,6 +226,7 @@ def run_job_ddp(job: Any, cluster: ClusterConfig, resume: Any = None) -> dict[st
     if resume is not None and not os.path.isdir(resume):
         raise CheckpointError(f"--resume: checkpoint directory {str(resume)!r} does not exist")
     resume = str(resume) if resume is not None else None
+    export = str(export) if export is not None else None
     world = cluster.num_nn_workers
     init_ray(cluster.address, cluster.num_cpus)
     job_name = cluster.job_name or new_job_id()
@@ -254,7 +260,9 @@ def run_job_ddp(job: Any, cluster: ClusterConfig, resume: Any = None) -> dict[st
             loaders = start_data_loaders(job, replace(cluster, job_name=job_name), job_name)
         master = get_with_timeout(workers[0].rendezvous.remote(), timeout_s, NN_WORKER, 0)
         refs = [
-            w.run.remote(job, _rank_cluster(worker_cluster, job_name, r), tuple(master), resume)
+            w.run.remote(
+                job, _rank_cluster(worker_cluster, job_name, r), tuple(master), resume, export
+            )
             for r, w in enumerate(workers)
         ]
         results: dict[int, dict[str, Any]] = {}

@@ -534,11 +534,9 @@ def run_job(
     if cluster is not None and t.backend != "ray":
         raise ConfigError(f"cluster settings need training.backend 'ray', got {t.backend!r}")
     if cluster is not None and getattr(cluster, "num_nn_workers", 1) > 1:
-        if export is not None:
-            raise ConfigError("--export is not supported with num_nn_workers > 1")
         from persia.cluster.ray_ddp import run_job_ddp
 
-        return run_job_ddp(job, cluster, resume=resume)
+        return run_job_ddp(job, cluster, resume=resume, export=export)
     loaders: list[Any] = []
     stream: tuple[str, float] | None = None
     if cluster is not None and getattr(cluster, "num_data_loaders", 0) > 0:
@@ -678,7 +676,10 @@ def _run_job(
             if export is not None:
                 from persia.serving import export_from_ctx
 
-                export_from_ctx(export, ctx, job, stats)
+                # several NN workers: rank 0 exports once every rank's gradients are applied
+                with _all_ranks_wait():
+                    if env.get_rank() == 0:
+                        export_from_ctx(export, ctx, job, stats)
             report = loader.staleness_report()
             rows = sum(ctx.get_embedding_size())
     finally:

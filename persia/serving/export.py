@@ -262,7 +262,8 @@ def export_from_ctx(out: str | os.PathLike[str], ctx: Any, job: Any, stats: Any)
             rows.setdefault(int(dim), []).append((part["keys"], part["values"]))
     if ctx.model is None:
         raise ConfigError("export: the context has no model")
-    return export(out, model=ctx.model, rows=rows, meta=serving_meta(job, stats.mean, stats.std))
+    model = ctx.unwrapped_model()  # not DDP's wrapper (several NN workers)
+    return export(out, model=model, rows=rows, meta=serving_meta(job, stats.mean, stats.std))
 
 
 def export_from_checkpoint(

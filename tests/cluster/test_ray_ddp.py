@@ -51,9 +51,6 @@ def test_multi_worker_settings_it_cannot_honour_are_refused(ray_cluster, tmp_pat
     from persia.job.config import load_job
     from persia.job.runner import run_job
 
-    job = load_job(ADULT, ["training.backend=ray"])
-    with pytest.raises(ConfigError, match="--export"):
-        run_job(job, cluster=ClusterConfig(num_nn_workers=2), export=tmp_path / "x")
     with pytest.raises(CheckpointError, match="does not exist"):
         run_job(load_job(ADULT, ["training.backend=ray"]),
                 cluster=ClusterConfig(num_nn_workers=2), resume=tmp_path / "none")  # fmt: skip
@@ -88,7 +85,9 @@ def test_two_nn_workers_checkpoint_and_resume(ray_cluster, tmp_path):
     assert state and not any(k.startswith("module.") for k in state)
     assert saved.meta["rows"] == result["embedding_rows"]
 
-    resumed = run_job(load_job(ADULT, common), cluster=cluster, resume=ckpt)
+    served = tmp_path / "served_at_end"
+    resumed = run_job(load_job(ADULT, common), cluster=cluster, resume=ckpt, export=served)
+    assert resumed["export_dir"] == str(served)
     # the epoch's 255 batches: 127 per rank, 50 of them already trained
     assert [w["train_batches"] for w in resumed["nn_workers"]] == [77, 77]
     assert resumed["resumed_from"]["batch"] == 50
@@ -98,11 +97,23 @@ def test_two_nn_workers_checkpoint_and_resume(ray_cluster, tmp_path):
     with pytest.raises(CheckpointError, match="written by 2 NN worker"):
         run_job(load_job(ADULT, ["training.progress=none"]), resume=ckpt)
 
-    # the 2-worker checkpoint exports for serving like a one-worker one
+    # rank 0's export at the end and an export of the 2-worker checkpoint serve the same model
+    import numpy as np
+
+    import persia.serving
     from persia.serving.export import export_from_checkpoint
 
-    out = export_from_checkpoint(tmp_path / "served", load_job(ADULT, []), ckpt)
-    assert out.is_dir() and any(out.iterdir())
+    export_from_checkpoint(tmp_path / "served", load_job(ADULT, []), ckpt)
+    request = [
+        {"workclass": "Private", "education": "Bachelors", "marital_status": "Never-married",
+         "occupation": "Adm-clerical", "relationship": "Not-in-family", "race": "White",
+         "gender": "Male", "native_country": "United-States", "age": 39, "education_num": 13,
+         "capital_gain": 2174, "capital_loss": 0, "hours_per_week": 40}
+    ]  # fmt: skip
+    a = persia.serving.load(served).predict(request)
+    b = persia.serving.load(tmp_path / "served").predict(request)
+    assert a.shape == (1,) and 0.0 < float(a[0]) < 1.0
+    np.testing.assert_array_equal(a, b)
 
 
 def test_persia_train_options_become_the_cluster_config():
