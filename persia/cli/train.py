@@ -59,6 +59,13 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
         help="where the roles run (default: training.backend of the job, local)",
     )
     g.add_argument(
+        "--recover",
+        action="store_true",
+        default=None,
+        help="restore a dead parameter-server shard from the last checkpoint plus incremental "
+        "deltas and keep training (one NN worker; see docs/cluster.md, Recovery)",
+    )
+    g.add_argument(
         "--num-ps",
         type=int,
         default=None,
@@ -149,6 +156,7 @@ def cluster_config(args: argparse.Namespace, backend: str) -> Any:
             "num_nn_workers",
             "num_data_loaders",
             "num_embedding_workers",
+            "recover",
         )
         if getattr(args, n, None) is not None
     ]
@@ -172,6 +180,7 @@ def cluster_config(args: argparse.Namespace, backend: str) -> Any:
         loader_num_cpus=args.loader_cpus,
         num_embedding_workers=getattr(args, "num_embedding_workers", None) or 0,
         ew_num_cpus=getattr(args, "embedding_worker_cpus", 0.25),
+        recover=bool(getattr(args, "recover", None)),
     )
 
 

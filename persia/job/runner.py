@@ -62,8 +62,11 @@ __all__ = [
 _logger = get_default_logger()
 
 
-def embedding_configs(job: JobConfig) -> tuple[EmbeddingFileConfig, GlobalConfig]:
-    """The job's slots and server settings as PERSIA's two configs."""
+def embedding_configs(
+    job: JobConfig, incremental_dir: str | None = None
+) -> tuple[EmbeddingFileConfig, GlobalConfig]:
+    """The job's slots and server settings as PERSIA's two configs (with incremental updates
+    written to ``incremental_dir`` when given: what parameter-server recovery reads)."""
     emb = job.embedding
     slots = {
         s.name: {"dim": s.dim, "pooling": s.pooling, "sample_fixed_size": s.sample_fixed_size}
@@ -79,6 +82,11 @@ def embedding_configs(job: JobConfig) -> tuple[EmbeddingFileConfig, GlobalConfig
             "embedding_parameter_server_config": {
                 "capacity": emb.capacity,
                 "num_hashmap_internal_shards": emb.shards,
+                **(
+                    {"enable_incremental_update": True, "incremental_dir": incremental_dir}
+                    if incremental_dir is not None
+                    else {}
+                ),
             },
         },
         source=job.source,
@@ -534,6 +542,11 @@ def run_job(
     if cluster is not None and t.backend != "ray":
         raise ConfigError(f"cluster settings need training.backend 'ray', got {t.backend!r}")
     if cluster is not None and getattr(cluster, "num_nn_workers", 1) > 1:
+        if getattr(cluster, "recover", False):
+            raise ConfigError(
+                f"--recover works with one NN worker, got num_nn_workers={cluster.num_nn_workers} "
+                "(each would restore its own copy of a dead shard)"
+            )
         from persia.cluster.ray_ddp import run_job_ddp
 
         return run_job_ddp(job, cluster, resume=resume, export=export)
@@ -555,9 +568,33 @@ def run_job(
             loaders = start_data_loaders(job, cluster, cluster.job_name)
             cluster = replace(cluster, data_channel=data_channel(cluster.job_name, 0))
         stream = (cluster.data_channel, cluster.resolved_timeout_s())
+    scratch: str | None = None
+    incremental_dir: str | None = None
+    if cluster is not None and getattr(cluster, "recover", False):
+        # recovery restores a dead shard from the newest checkpoint in training.checkpoint_dir
+        # (if any) plus the deltas written since: kept beside the checkpoints, or in a scratch
+        # folder for this run
+        from dataclasses import replace
+
+        from persia.cluster.ray_recovery import RecoveryConfig
+
+        recover = cluster.recover if isinstance(cluster.recover, RecoveryConfig) else None
+        if recover is None or (recover.checkpoint_dir is None and t.checkpoint_dir):
+            base = recover or RecoveryConfig()
+            cluster = replace(cluster, recover=replace(base, checkpoint_dir=t.checkpoint_dir))
+        if t.checkpoint_dir:
+            incremental_dir = str(Path(t.checkpoint_dir) / "incremental")
+        else:
+            import tempfile
+
+            scratch = incremental_dir = tempfile.mkdtemp(prefix="persia-deltas-")
     try:
-        return _run_job(job, stderr, cluster, resume, export, loaders, stream)
+        return _run_job(job, stderr, cluster, resume, export, loaders, stream, incremental_dir)
     finally:
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
         if loaders:
             from persia.cluster.ray_loaders import stop_data_loaders
 
@@ -572,6 +609,7 @@ def _run_job(
     export: str | Path | None,
     loaders: list[Any],
     stream: tuple[str, float] | None,
+    incremental_dir: str | None = None,
 ) -> dict[str, Any]:
     t = job.training
     if resume is not None and not Path(resume).is_dir():
@@ -584,7 +622,7 @@ def _run_job(
     model = build_model(job.model.type, job.model.args, len(job.data.dense), slot_dims)
     logits = job.model.builtin or job.model.output == "logits"
     loss_fn: torch.nn.Module = torch.nn.BCEWithLogitsLoss() if logits else torch.nn.BCELoss()
-    emb_file, global_file = embedding_configs(job)
+    emb_file, global_file = embedding_configs(job, incremental_dir)
     emb_opt = embedding_optimizer(job)
     dense_opt = dense_optimizer(job, model)
     hyper = job_hyper(job)
@@ -682,6 +720,8 @@ def _run_job(
                         export_from_ctx(export, ctx, job, stats)
             report = loader.staleness_report()
             rows = sum(ctx.get_embedding_size())
+            recovery = getattr(ctx.runtime, "recovery", None)
+            recovered = _jsonable(recovery.report()) if recovery is not None else None
     finally:
         pauses.close()
         progress.close()
@@ -713,6 +753,8 @@ def _run_job(
         ),
         "export_dir": str(export) if export is not None else None,
     }
+    if recovered is not None:  # --recover: parameter-server shards restored during the job
+        result["recovery"] = recovered
     return result
 
 

@@ -51,6 +51,9 @@ def test_multi_worker_settings_it_cannot_honour_are_refused(ray_cluster, tmp_pat
     from persia.job.config import load_job
     from persia.job.runner import run_job
 
+    with pytest.raises(ConfigError, match="--recover works with one NN worker"):
+        run_job(load_job(ADULT, ["training.backend=ray"]),
+                cluster=ClusterConfig(num_nn_workers=2, recover=True))  # fmt: skip
     with pytest.raises(CheckpointError, match="does not exist"):
         run_job(load_job(ADULT, ["training.backend=ray"]),
                 cluster=ClusterConfig(num_nn_workers=2), resume=tmp_path / "none")  # fmt: skip
@@ -129,3 +132,7 @@ def test_persia_train_options_become_the_cluster_config():
     assert cluster_config(parser.parse_args(["train", "j.yaml"]), "ray").num_nn_workers == 1
     with pytest.raises(ConfigError, match="--num-nn-workers need --backend ray"):
         cluster_config(parser.parse_args(["train", "j.yaml", "--num-nn-workers", "2"]), "local")
+    assert cluster_config(parser.parse_args(["train", "j.yaml"]), "ray").recover is False
+    assert cluster_config(parser.parse_args(["train", "j.yaml", "--recover"]), "ray").recover
+    with pytest.raises(ConfigError, match="--recover need --backend ray"):
+        cluster_config(parser.parse_args(["train", "j.yaml", "--recover"]), "local")

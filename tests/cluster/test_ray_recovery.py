@@ -180,3 +180,48 @@ def test_one_shard_restored_from_checkpoint_and_deltas_equals_the_live_shard(
         np.testing.assert_array_equal(got["values"][back], want["values"][order])
         np.testing.assert_array_equal(got["state"][back], want["state"][order])
     writer.close()
+
+
+def test_run_job_with_recover_restores_a_shard_killed_during_training(ray_cluster, tmp_path):
+    """`persia train --recover` (run_job with ClusterConfig(recover=True)): deltas beside the
+    job's checkpoints, a shard killed after the first checkpoint is restored, training goes on."""
+    import threading
+    import time
+    from pathlib import Path
+
+    import ray
+
+    from persia.cluster.ray_ddp import _namespace_of
+    from persia.job.config import load_job
+    from persia.job.runner import run_job
+
+    adult = Path(__file__).resolve().parents[2] / "examples" / "adult_income" / "job.yaml"
+    ckpt = tmp_path / "ckpt"
+    job = load_job(
+        adult,
+        ["training.backend=ray", "training.progress=none", "training.epochs=3",
+         f"training.checkpoint_dir={ckpt}", "training.checkpoint_every_batches=100"],
+    )  # fmt: skip
+    name = "persia-recover-cli-ps-1"
+    killed = threading.Event()
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (ckpt / "CURRENT").exists():
+            time.sleep(0.05)
+        if (ckpt / "CURRENT").exists():
+            ray.kill(ray.get_actor(name, namespace=_namespace_of(name)))
+            killed.set()
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = run_job(
+        job, cluster=ClusterConfig(num_ps=2, timeout_s=60, recover=True, job_name="recover-cli")
+    )
+    killer.join(timeout=5)
+    assert killed.is_set()
+    assert result["recovery"]["recoveries"] == 1
+    assert result["recovery"]["events"][0]["rank"] == 1
+    assert result["train_batches"] == 3 * 255
+    assert result["test_auc"] >= 0.89
+    assert any((ckpt / "incremental").iterdir())  # the deltas recovery read, beside the checkpoints
