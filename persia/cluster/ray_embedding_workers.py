@@ -44,7 +44,7 @@ import zmq
 
 from persia.cluster.base import ParameterServerClient
 from persia.cluster.ray_backend import ClusterConfig, _bind_host, _liveness, get_with_timeout
-from persia.cluster.zmq_transport import _rebuild, decode, encode, serve_requests
+from persia.cluster.zmq_transport import ZmqTransport, serve_requests
 from persia.errors import BackendError
 from persia.worker.embedding_worker import EmbeddingWorker, SlotSpec
 
@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 EMBEDDING_WORKER = "embedding-worker"
-_POLL_MS = 200
 _KINDS = {"sum": 0, "raw": 1}
 
 
@@ -326,15 +325,17 @@ class RemoteEmbeddingWorker:
         self.servers = servers
         self.timeout_s = float(timeout_s)
         self._owned = owned
-        self._endpoints = [
+        endpoints = [
             str(get_with_timeout(a.endpoint.remote(), self.timeout_s, EMBEDDING_WORKER, r))
             for r, a in enumerate(self.actors)
         ]
-        self._liveness = _liveness({EMBEDDING_WORKER: self.actors})
-        self._ctx = zmq.Context()
-        self._local = threading.local()
-        self._all: list[zmq.Socket] = []
-        self._lock = threading.Lock()
+        # requests go over the transport's DEALER client (one socket per thread and actor,
+        # late replies skipped, a dead actor found while a reply is late)
+        self._channel = ZmqTransport(
+            {EMBEDDING_WORKER: endpoints},
+            self.timeout_s,
+            liveness=_liveness({EMBEDDING_WORKER: self.actors}),
+        )
         self._closed = False
         self._ids = itertools.count(1)
         # unique among every NN worker sharing these actors
@@ -342,55 +343,8 @@ class RemoteEmbeddingWorker:
         self._next = 0
         self.nonfinite_gradients = 0  # counted by the actors; see their stats()
 
-    # ------------------------------------------------------------------ channel
-    def _socket(self, rank: int) -> zmq.Socket:
-        socks = getattr(self._local, "socks", None)
-        if socks is None:
-            socks = self._local.socks = {}
-        sock = socks.get(rank)
-        if sock is None:
-            with self._lock:
-                if self._closed:
-                    raise BackendError("the channel is closed", EMBEDDING_WORKER, rank)
-                sock = self._ctx.socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(self._endpoints[rank])
-                self._all.append(sock)
-            socks[rank] = sock
-        return sock
-
-    def _drop(self, rank: int) -> None:
-        sock = self._local.socks.pop(rank, None)
-        if sock is not None:
-            with self._lock:
-                if sock in self._all:
-                    self._all.remove(sock)
-            sock.close(0)
-
     def _call(self, rank: int, method: str, args: list[Any]) -> list[Any]:
-        sock = self._socket(rank)
-        rid = next(self._ids)
-        sock.send_multipart(encode({"id": rid, "m": method}, args), copy=False)
-        waited = 0.0
-        while True:
-            if sock.poll(_POLL_MS):
-                head, values = decode(sock.recv_multipart(copy=False))
-                if head.get("id") != rid:
-                    continue  # a late reply to a call that timed out
-                if "err" in head:
-                    raise _rebuild(head, EMBEDDING_WORKER, rank)
-                return values
-            waited += _POLL_MS / 1000
-            if waited >= self.timeout_s:
-                self._drop(rank)
-                raise BackendError(
-                    f"no reply to {method} within {self.timeout_s:g} s", EMBEDDING_WORKER, rank
-                )
-            try:
-                self._liveness(EMBEDDING_WORKER, rank)
-            except BackendError:
-                self._drop(rank)
-                raise
+        return self._channel.call_values(EMBEDDING_WORKER, rank, method, args)
 
     # --------------------------------------------------------- EmbeddingWorker API
     def forward(self, batch: Any, training: bool) -> RemoteLookup:
@@ -442,14 +396,10 @@ class RemoteEmbeddingWorker:
 
     def close(self) -> None:
         """Closes the channel and stops the actors this proxy started (once)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            for s in self._all:
-                s.close(0)
-            self._all.clear()
-        self._ctx.term()
+        if self._closed:
+            return
+        self._closed = True
+        self._channel.close()
         if self._owned:
             self._owned = False
             stop_embedding_workers(self.actors)

@@ -201,9 +201,15 @@ class ZmqTransport(Transport):
             sock.close(0)
 
     def call(self, role: str, rank: int, method: str, *args: Any) -> Any:
+        values = self.call_values(role, rank, method, list(args))
+        return values[0] if values else None
+
+    def call_values(self, role: str, rank: int, method: str, args: list[Any]) -> list[Any]:
+        """One request whose reply is a list of values (the servers of
+        :func:`serve_requests` whose handler returns several, e.g. the embedding workers)."""
         sock = self._socket(role, rank)
         rid = next(self._ids)
-        sock.send_multipart(encode({"id": rid, "m": method}, list(args)), copy=False)
+        sock.send_multipart(encode({"id": rid, "m": method}, args), copy=False)
         waited = 0.0
         while True:
             if sock.poll(_POLL_MS):
@@ -212,7 +218,7 @@ class ZmqTransport(Transport):
                     continue  # a late reply to a call that timed out
                 if "err" in head:
                     raise _rebuild(head, role, rank)
-                return values[0] if values else None
+                return values
             waited += _POLL_MS / 1000
             if waited >= self.timeout_s:
                 self._drop(role, rank)
@@ -225,7 +231,10 @@ class ZmqTransport(Transport):
                     raise
 
     def close(self) -> None:
+        """Closes every socket (idempotent)."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             for s in self._all:
                 s.close(0)
