@@ -239,6 +239,19 @@ class _TrainDataset(IterableDataset):
         with self._lock:
             return self.positions.pop(count, None)
 
+    def _reached(self, count: int, here: Position) -> None:
+        """Global batch ``count`` is about to be yielded, ``here`` the position after it."""
+        with self._lock:
+            self.last = here
+            if self.pauses.due(count):
+                self.positions[count] = here
+
+    def _stop_after(self, count: int) -> bool:
+        """After yielding batch ``count``: wait there if it is a pause point; True to stop."""
+        if self.pauses.due(count):
+            self.pauses.wait(count)
+        return self.pauses.closed
+
     def _streamed(self, channel: str, timeout_s: float) -> Iterator[PersiaBatch]:
         """The batches of the job's data-loader actors (every epoch, already rank-strided)."""
         from persia.cluster.ray_stream import receive_batches
@@ -247,15 +260,9 @@ class _TrainDataset(IterableDataset):
         for batch in receive_batches(channel, timeout_s=timeout_s):
             produced += batch.batch_size
             count += 1
-            here = Position(0, count, count, produced, produced)
-            with self._lock:
-                self.last = here
-                if self.pauses.due(count):
-                    self.positions[count] = here
+            self._reached(count, Position(0, count, count, produced, produced))
             yield batch
-            if self.pauses.due(count):
-                self.pauses.wait(count)
-            if self.pauses.closed:
+            if self._stop_after(count):
                 return
 
     def __iter__(self) -> Iterator[PersiaBatch]:
@@ -294,15 +301,9 @@ class _TrainDataset(IterableDataset):
                     continue
                 produced += batch.batch_size
                 count += 1
-                here = Position(epoch, in_epoch, count, produced, epoch_samples)
-                with self._lock:
-                    self.last = here
-                    if self.pauses.due(count):
-                        self.positions[count] = here
+                self._reached(count, Position(epoch, in_epoch, count, produced, epoch_samples))
                 yield batch
-                if self.pauses.due(count):
-                    self.pauses.wait(count)
-                if self.pauses.closed:
+                if self._stop_after(count):
                     return
 
 
