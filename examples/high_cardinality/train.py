@@ -21,7 +21,7 @@ import torch
 
 from persia.config import parse_embedding_config, parse_global_config
 from persia.ctx import TrainCtx, eval_ctx
-from persia.data import DataLoader, IterableDataset
+from persia.data import DataLoader
 from persia.datasets import SyntheticStream
 from persia.embedding import EmbeddingConfig
 from persia.embedding.optim import Adagrad
@@ -29,17 +29,6 @@ from persia.metrics import roc_auc
 from persia.utils import setup_seed
 
 DIM = 8
-
-
-class Stream(IterableDataset):
-    def __init__(self, stream, names, start, count, batch_size, train) -> None:
-        super().__init__()
-        self.args = (stream, names, start, count, batch_size, train)
-
-    def __iter__(self):
-        stream, names, start, count, batch_size, train = self.args
-        for b in stream.batches(start, count, batch_size):
-            yield b.to_persia_batch(names, requires_grad=train)
 
 
 class Model(torch.nn.Module):
@@ -112,7 +101,7 @@ def run(
         global_config_file=glob_cfg,
     ) as ctx:
         loader = DataLoader(
-            Stream(stream, names, 0, batches, batch_size, True), embedding_staleness=staleness
+            stream.dataset(names, 0, batches, batch_size), embedding_staleness=staleness
         )
         for batch in loader:
             logits, labels = ctx.forward(batch)
@@ -120,7 +109,7 @@ def run(
             ctx.backward(loss)
         train_s = time.perf_counter() - start
         stats = ctx.runtime.store.stats()
-        test = DataLoader(Stream(stream, names, *held_out, batch_size, False))
+        test = DataLoader(stream.dataset(names, *held_out, batch_size, requires_grad=False))
         ys, ps = [], []
         model.eval()
         with eval_ctx(model=model) as ectx, torch.no_grad():

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from persia.data import IterableDataset
 from persia.embedding.data import IDTypeFeature, Label, NonIDTypeFeature, PersiaBatch
 from persia.errors import ConfigError
 from persia.hashing import hash_ints
@@ -188,6 +189,19 @@ class SyntheticStream:
         for i in range(start, start + count):
             yield self.batch(i, batch_size)
 
+    def dataset(
+        self,
+        slot_names: Sequence[str],
+        start: int,
+        count: int,
+        batch_size: int,
+        requires_grad: bool = True,
+    ) -> IterableDataset:
+        """Batches ``start .. start + count - 1`` as :class:`PersiaBatch` es, in a
+        :class:`persia.data.IterableDataset` for :class:`persia.data.DataLoader`
+        (``requires_grad=False`` for evaluation)."""
+        return _StreamDataset(self, list(slot_names), start, count, batch_size, requires_grad)
+
     def teacher_auc(self, start: int, count: int, batch_size: int) -> float:
         """AUC of the teacher's own logits on those batches: the ceiling."""
         from persia.metrics import roc_auc
@@ -197,3 +211,25 @@ class SyntheticStream:
             ys.append(b.labels[:, 0])
             ps.append(b.logits)
         return roc_auc(np.concatenate(ys), np.concatenate(ps))
+
+
+class _StreamDataset(IterableDataset):
+    """:meth:`SyntheticStream.dataset`: a range of the stream's batches as PersiaBatches."""
+
+    def __init__(
+        self,
+        stream: SyntheticStream,
+        slot_names: list[str],
+        start: int,
+        count: int,
+        batch_size: int,
+        requires_grad: bool,
+    ) -> None:
+        super().__init__()
+        self.stream, self.slot_names = stream, slot_names
+        self.start, self.count, self.batch_size = start, count, batch_size
+        self.requires_grad = requires_grad
+
+    def __iter__(self) -> Iterator[PersiaBatch]:
+        for b in self.stream.batches(self.start, self.count, self.batch_size):
+            yield b.to_persia_batch(self.slot_names, requires_grad=self.requires_grad)

@@ -10,7 +10,7 @@ from persia.cluster.ray_backend import ClusterConfig
 from persia.cluster.ray_recovery import RecoveryConfig, restore_shard_rows
 from persia.config import parse_embedding_config, parse_global_config
 from persia.ctx import TrainCtx, eval_ctx
-from persia.data import DataLoader, IterableDataset
+from persia.data import DataLoader
 from persia.datasets import SyntheticStream
 from persia.embedding import EmbeddingConfig
 from persia.embedding.optim import Adagrad
@@ -21,17 +21,6 @@ from persia.store.delta import DeltaWriter
 from persia.utils import setup_seed
 
 DIM = 8
-
-
-class Stream(IterableDataset):
-    def __init__(self, stream, names, start, count, batch_size, train) -> None:
-        super().__init__()
-        self.args = (stream, names, start, count, batch_size, train)
-
-    def __iter__(self):
-        stream, names, start, count, batch_size, train = self.args
-        for b in stream.batches(start, count, batch_size):
-            yield b.to_persia_batch(names, requires_grad=train)
 
 
 class Model(torch.nn.Module):
@@ -80,9 +69,7 @@ def high_cardinality_job(tmp, kill_at, batches=160, batch_size=512, interval_s=1
         backend="ray",
         cluster=cluster,
     ) as ctx:
-        loader = DataLoader(
-            Stream(stream, names, 0, batches, batch_size, True), embedding_staleness=1
-        )
+        loader = DataLoader(stream.dataset(names, 0, batches, batch_size), embedding_staleness=1)
         for i, batch in enumerate(loader):
             logits, labels = ctx.forward(batch)
             ctx.backward(
@@ -100,7 +87,9 @@ def high_cardinality_job(tmp, kill_at, batches=160, batch_size=512, interval_s=1
         ys, ps = [], []
         model.eval()
         with eval_ctx(model=model) as ectx, torch.no_grad():
-            for batch in DataLoader(Stream(stream, names, 1_000_000, 16, batch_size, False)):
+            for batch in DataLoader(
+                stream.dataset(names, 1_000_000, 16, batch_size, requires_grad=False)
+            ):
                 logits, labels = ectx.forward(batch)
                 ps.append(logits.numpy())
                 ys.append(labels[0].numpy()[:, 0])

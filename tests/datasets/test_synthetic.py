@@ -116,3 +116,17 @@ def test_validation_names_the_field(kwargs, message):
     kwargs = {"cardinalities": SMALL, **kwargs}
     with pytest.raises(ConfigError, match=message):
         SyntheticStream(**kwargs)
+
+
+def test_dataset_yields_the_range_as_persia_batches():
+    stream = SyntheticStream([50, 7], num_dense=3, seed=4)
+    names = stream.slot_names()
+    got = list(stream.dataset(names, 2, 3, 16, requires_grad=False))
+    assert len(got) == 3
+    for pb, i in zip(got, range(2, 5), strict=True):
+        want = stream.batch(i, 16).to_persia_batch(names, requires_grad=False)
+        assert pb.batch_size == 16 and not pb.requires_grad
+        for a, b in zip(pb.id_type_features, want.id_type_features, strict=True):
+            assert a.name == b.name
+            np.testing.assert_array_equal(a.values, b.values)
+    assert list(stream.dataset(names, 0, 1, 8))[0].requires_grad
