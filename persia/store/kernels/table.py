@@ -432,7 +432,11 @@ def train_probe_create_kernel(
     growth or eviction, and admit every key). Created rows are not linked: ``rows[i] = -1`` and
     ``made[i]`` = the new row (or -2: created earlier in this batch) for
     ``train_link_new_kernel`` and ``train_init_kernel``, which give the same result as
-    ``train_misses_kernel`` would have. Returns the number of keys absent before the batch."""
+    ``train_misses_kernel`` would have. Returns the number of keys absent before the batch.
+
+    Its prefetch, hit and gather-and-relink loops repeat ``train_probe_hits_kernel``'s on
+    purpose: the same loops as shared ``inline="always"`` helpers measured 8-9% slower in both
+    kernels (interleaved A/B in one process, 1M held keys among 8M: 110 -> 121 ms)."""
     mask = index.shape[0] - 1
     dim = values.shape[1]
     n = keys.shape[0]
