@@ -172,40 +172,63 @@ class ShardedStore:
         (hyper-parameters such as the learning rate may differ).
         """
         arrays, meta = read_current(directory, kind=KIND)
-        saved_opt = meta.get("optimizer", {})
-        if self.adopt_optimizer:
-            from persia.embedding.optim import EmbeddingOptimizer
+        self.replace_rows(arrays, meta, str(directory))
 
+    def replace_rows(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], where: str) -> None:
+        """Replaces every row by those of checkpoint arrays ``s{i}.d{dim}.keys / values /
+        state`` (``meta``: ``dims``, ``num_shards``, ``optimizer``), re-sharding N ->
+        ``num_shards``. The optimizer must keep as many state columns per row (its
+        hyper-parameters may differ); with ``adopt_optimizer`` the store takes the saved one.
+        The store is unchanged when this raises.
+
+        Raises:
+            CheckpointError: another optimizer state width, a dim the store does not declare,
+                or rows the store refuses (``where`` names the checkpoint).
+        """
+        from persia.embedding.optim import EmbeddingOptimizer
+
+        dims = meta.get("dims", [])
+        optimizer = self.optimizer
+        saved = meta.get("optimizer", {})
+        if self.adopt_optimizer:
             try:
-                self.optimizer = EmbeddingOptimizer.from_dict(saved_opt)
+                optimizer = EmbeddingOptimizer.from_dict(saved)
             except Exception as exc:
-                raise CheckpointError(f"{directory}: bad optimizer in manifest: {exc}") from exc
+                raise CheckpointError(f"{where}: bad optimizer in manifest: {exc}") from exc
         problems = []
-        for dim in meta.get("dims", []):
-            want = self.optimizer.state_width(dim)
-            for i in range(int(meta["num_shards"])):
-                state = arrays.get(f"s{i}.d{dim}.state")
-                if state is not None and state.shape[1] != want:
+        for dim in dims:
+            want = optimizer.state_width(dim)
+            for name, arr in arrays.items():
+                if name.endswith(f".d{dim}.state") and arr.shape[1] != want:
                     problems.append(
-                        f"dim {dim}: checkpoint optimizer {saved_opt.get('type')} keeps "
-                        f"{state.shape[1]} state columns, this store's {self.optimizer.name} "
-                        f"needs {want}"
+                        f"dim {dim}: the checkpoint's optimizer {saved.get('type')} keeps "
+                        f"{arr.shape[1]} state columns, this store's {optimizer.name} needs {want}"
                     )
                     break
             if self.dims is not None and dim not in self.dims:
-                problems.append(f"checkpoint holds dim {dim}, the store only {list(self.dims)}")
+                problems.append(f"the checkpoint holds dim {dim}, the store only {list(self.dims)}")
         if problems:
-            raise CheckpointError(f"{directory}: cannot load: " + "; ".join(problems))
-        shards = self._new_shards(self.num_shards)
-        for dim in meta.get("dims", []):
-            parts = [i for i in range(int(meta["num_shards"])) if f"s{i}.d{dim}.keys" in arrays]
-            for i in parts:
-                keys = arrays[f"s{i}.d{dim}.keys"]
-                values = arrays[f"s{i}.d{dim}.values"]
-                state = arrays[f"s{i}.d{dim}.state"]
-                where = shard_of(keys, self.num_shards)
-                for s, shard in enumerate(shards):
-                    sel = np.flatnonzero(where == s)
-                    if sel.size:
-                        shard.import_rows(dim, keys[sel], values[sel], state[sel])
+            raise CheckpointError(f"{where}: cannot load: " + "; ".join(problems))
+        old_optimizer = self.optimizer
+        self.optimizer = optimizer
+        try:
+            shards = self._new_shards(self.num_shards)
+            for dim in dims:
+                for i in range(int(meta["num_shards"])):
+                    keys = arrays.get(f"s{i}.d{dim}.keys")
+                    if keys is None:
+                        continue
+                    values = arrays[f"s{i}.d{dim}.values"]
+                    state = arrays[f"s{i}.d{dim}.state"]
+                    to = shard_of(keys, self.num_shards)
+                    for s, shard in enumerate(shards):
+                        sel = np.flatnonzero(to == s)
+                        if sel.size:
+                            shard.import_rows(dim, keys[sel], values[sel], state[sel])
+        except StoreError as exc:
+            self.optimizer = old_optimizer
+            raise CheckpointError(f"{where}: rows cannot be loaded: {exc}") from exc
+        except BaseException:
+            self.optimizer = old_optimizer
+            raise
         self._replace_shards(shards)
