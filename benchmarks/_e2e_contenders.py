@@ -313,9 +313,9 @@ def run_torchrec(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
     """persia's embedded backend through its PERSIA-compatible API, staleness ``spec["staleness"]``."""
-    from persia.config import parse_embedding_config, parse_global_config
     from persia.ctx import TrainCtx, eval_ctx
     from persia.data import DataLoader, IterableDataset
+    from persia.embedding.config import parse_embedding_config, parse_global_config
     from persia.embedding.optim import Adagrad
 
     stream = make_stream(spec)
@@ -374,7 +374,7 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
             for shard in shards:
                 shard.reserve(rows // len(shards) + rows // (10 * len(shards)) + 1024, DIM)
         if spec.get("link"):
-            from persia.cluster.simlink import SimLinkTransport, parse_link
+            from persia.rpc.simlink import SimLinkTransport, parse_link
 
             bandwidth, latency = parse_link(spec["link"])
             servers = ctx.runtime.worker.servers

@@ -53,7 +53,7 @@ class Echo:
 def transport_rtts(sizes: dict[str, int], reps: int) -> None:
     import ray
 
-    from persia.cluster.zmq_transport import ZmqServer, ZmqTransport
+    from persia.rpc.zmq_transport import ZmqServer, ZmqTransport
 
     server = ZmqServer(lambda m, a: a[0])
     zmq_t = ZmqTransport({"echo": [server.endpoint]}, timeout_s=30)
@@ -87,7 +87,7 @@ def transport_rtts(sizes: dict[str, int], reps: int) -> None:
 
 
 def _embedding_file(slots: int, dim: int) -> Any:
-    from persia.config import parse_embedding_config
+    from persia.embedding.config import parse_embedding_config
 
     return parse_embedding_config(
         {
@@ -107,7 +107,7 @@ def training_rate(
 ) -> float:
     import torch
 
-    from persia.cluster.ray_backend import ClusterConfig
+    from persia.backends.ray.backend import ClusterConfig
     from persia.ctx import TrainCtx
     from persia.data import DataLoader, IterableDataset
     from persia.datasets.synthetic import SyntheticStream
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("bench_cluster: the ray extra is not installed; skipped", file=sys.stderr)
         return 0
-    from persia.cluster.ray_backend import init_ray
+    from persia.backends.ray.backend import init_ray
 
     init_ray(num_cpus=2)
     if args.quick:

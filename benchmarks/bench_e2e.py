@@ -20,7 +20,7 @@ Criteo-shaped stream (:class:`persia.datasets.SyntheticStream`), each in its own
 * ``dense-only``: the model alone on pre-built embedding tensors: the ceiling.
 
 With ``--links`` (default on) persia-sync and persia-hybrid also run with a simulated network link
-between the embedding worker and the parameter servers (:mod:`persia.cluster.simlink`): 10 Gbit/s
+between the embedding worker and the parameter servers (:mod:`persia.rpc.simlink`): 10 Gbit/s
 with 50 us and 1 Gbit/s with 100 us one-way latency.
 
 Output: one JSON line per run (``system``, ``samples_per_s``, ``auc``, ``logloss``,
@@ -42,9 +42,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from persia.cluster.simlink import parse_link  # noqa: E402
 from persia.datasets.synthetic import CRITEO_CARDINALITIES  # noqa: E402
 from persia.errors import ConfigError  # noqa: E402
+from persia.rpc.simlink import parse_link  # noqa: E402
 
 #: Where ``make bench-torchrec-install`` puts TorchRec and fbgemm (outside the venv's packages).
 TORCHREC_DIR = ROOT / ".venv" / "bench-torchrec"

@@ -36,7 +36,7 @@ from persia.embedding import EmbeddingConfig, get_default_embedding_config
 from persia.embedding.optim import EmbeddingOptimizer
 from persia.errors import CheckpointError, PersiaError
 from persia.logger import get_default_logger, warn_once
-from persia.train.pipeline import Runtime, TrainingBatch
+from persia.runtime.pipeline import Runtime, TrainingBatch
 
 __all__ = [
     "PreprocessMode",
@@ -127,14 +127,14 @@ class DataCtx(BaseCtx):
 
     Needs the cluster backend: the process joins the Ray cluster named by ``RAY_ADDRESS`` (or
     the one this process is already connected to) and serves the NN workers iterating
-    ``StreamingDataset`` (see :mod:`persia.cluster.ray_stream`); ``REPLICA_INDEX`` /
+    ``StreamingDataset`` (see :mod:`persia.backends.ray.stream`); ``REPLICA_INDEX`` /
     ``REPLICA_SIZE`` say which of the data loaders this is. Leaving the context tells the NN
     workers this loader is done. In one process, feed a ``DataLoader`` from an
     ``IterableDataset`` instead.
 
     Args:
         replica_index, replica_size, channel, consumers, bind_host, timeout_s: see
-            :class:`persia.cluster.ray_stream.StreamSender` (persia extensions).
+            :class:`persia.backends.ray.stream.StreamSender` (persia extensions).
     """
 
     def __init__(
@@ -162,7 +162,7 @@ class DataCtx(BaseCtx):
     def _enter(self) -> None:
         if self._sender is None:
             try:
-                from persia.cluster.ray_stream import StreamSender
+                from persia.backends.ray.stream import StreamSender
             except ImportError as exc:
                 from persia.errors import BackendError
 
@@ -198,7 +198,7 @@ class EmbeddingCtx(BaseCtx):
             ``$PERSIA_GLOBAL_CONFIG``, else built-in defaults).
         backend: ``"local"`` (every role in this process) or ``"ray"`` (parameter servers as
             Ray actors, see docs/cluster.md); default ``$PERSIA_BACKEND``, else ``"local"``.
-        cluster: a :class:`persia.cluster.ray_backend.ClusterConfig` (ray backend only).
+        cluster: a :class:`persia.backends.ray.backend.ClusterConfig` (ray backend only).
     """
 
     def __init__(
@@ -252,7 +252,7 @@ class EmbeddingCtx(BaseCtx):
 
     def _build_runtime(self, optimizer: EmbeddingOptimizer | None) -> Runtime:
         if self.backend == "ray":
-            from persia.cluster.ray_runtime import build_ray_runtime
+            from persia.backends.ray.runtime import build_ray_runtime
 
             return build_ray_runtime(
                 embedding_config=self.embedding_config,
@@ -261,7 +261,7 @@ class EmbeddingCtx(BaseCtx):
                 global_config_file=self.global_config_file,
                 cluster=self.cluster,
             )
-        from persia.train.local import build_local_runtime
+        from persia.runtime.local import build_local_runtime
 
         return build_local_runtime(
             embedding_config=self.embedding_config,
@@ -592,7 +592,7 @@ class TrainCtx(EmbeddingCtx):
         self.world_size = env.get_world_size()
         self.rank = env.get_rank()
         if self.world_size > 1:
-            from persia.train.distributed import wrap_ddp
+            from persia.runtime.distributed import wrap_ddp
 
             self.model = wrap_ddp(self.model, distributed_option, self.device)
 
@@ -609,7 +609,7 @@ class TrainCtx(EmbeddingCtx):
     def _start_incremental_update(self) -> None:
         """With ``enable_incremental_update`` in ``global_config.yml``, write deltas of the
         changed rows (``incremental_buffer_size`` rows each) under ``incremental_dir``."""
-        from persia.config import GlobalConfig, load_global_config
+        from persia.embedding.config import GlobalConfig, load_global_config
 
         source = self.global_config_file
         glob = source if isinstance(source, GlobalConfig) else load_global_config(source)

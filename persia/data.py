@@ -4,7 +4,7 @@
 takes a staleness permit for each training batch, looks its embeddings up (de-duplication,
 routing, gather, pooling: :class:`persia.worker.EmbeddingWorker`) and queues the result, so the
 lookups of the next batches overlap the dense compute of the current one. The permit comes back
-when the batch's embedding gradients have been applied (see :mod:`persia.train.staleness`).
+when the batch's embedding gradients have been applied (see :mod:`persia.runtime.staleness`).
 
 Must be created inside a context (``with TrainCtx(...)`` or ``with eval_ctx(...)``), as in PERSIA.
 """
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from persia.embedding.data import PersiaBatch
 from persia.errors import BackendError, BatchError, PersiaError
 from persia.logger import get_default_logger
-from persia.train.staleness import StalenessGate, StalenessReport
+from persia.runtime.staleness import StalenessGate, StalenessReport
 
 if TYPE_CHECKING:
-    from persia.train.pipeline import TrainingBatch
+    from persia.runtime.pipeline import TrainingBatch
 
 __all__ = ["IterableDataset", "StreamingDataset", "DataLoader"]
 
@@ -52,7 +52,7 @@ class StreamingDataset(IterableDataset):
 
     This needs the cluster backend (``backend="ray"`` or ``RAY_ADDRESS`` set), which runs data
     loaders in other processes: the batches of every loader of the stream are received until
-    each has finished (see :mod:`persia.cluster.ray_stream`); the embedded backend has no other
+    each has finished (see :mod:`persia.backends.ray.stream`); the embedded backend has no other
     process to receive from.
 
     Args:
@@ -76,7 +76,7 @@ class StreamingDataset(IterableDataset):
 
         ctx = cnt_ctx()
         if getattr(ctx, "backend", None) == "ray" or os.environ.get(_settings.RAY_ADDRESS):
-            from persia.cluster.ray_stream import receive_batches
+            from persia.backends.ray.stream import receive_batches
 
             yield from receive_batches(self.channel, self.timeout_s)
             return

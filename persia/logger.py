@@ -3,7 +3,7 @@
 persia logs through the ``"persia"`` logger hierarchy. The first call of :func:`get_default_logger`
 or :func:`get_logger` gives the ``"persia"`` logger one stream handler with a one-line format::
 
-    2024-01-01 12:00:00,000 WARNING  [config.py:42] persia.config: ...
+    2024-01-01 12:00:00,000 WARNING  [config.py:42] persia.embedding.config: ...
 
 Calling either function again never adds a second handler. Records still propagate to the root
 logger, so ``logging.basicConfig`` or pytest's ``caplog`` see them too.
@@ -136,7 +136,7 @@ def get_default_logger(name: str | None = None, **kwargs) -> logging.Logger:
 def get_logger(name: str, log_level: int | None = None) -> logging.Logger:
     """The logger ``name`` (``logging.getLogger``), as PERSIA's ``get_logger``.
 
-    Loggers under ``"persia"`` (``"persia.config"``, ...) get their output through the ``"persia"``
+    Loggers under ``"persia"`` (``"persia.embedding.config"``, ...) get their output through the ``"persia"``
     logger, which is configured (one stream handler, INFO) the first time.
 
     Args:

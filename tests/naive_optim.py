@@ -1,4 +1,4 @@
-"""Plain NumPy twins of the optimizer kernels in persia/store/kernels/optim.py.
+"""Plain NumPy twins of the optimizer kernels in persia/embedding/kernels.py.
 
 One Python loop over the gradient rows, NumPy float32 over dim, written straight from the formulas
 in persia/embedding/optim.py. Each twin updates ``values`` and ``state`` in place and returns

@@ -1,4 +1,4 @@
-"""persia.config: PERSIA's YAML files, strict validation listing every problem, warnings."""
+"""persia.embedding.config: PERSIA's YAML files, strict validation listing every problem, warnings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from persia import _settings
-from persia.config import (
+from persia.embedding.config import (
     GlobalConfig,
     load_embedding_config,
     load_global_config,

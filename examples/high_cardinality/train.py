@@ -19,11 +19,11 @@ import time
 import numpy as np
 import torch
 
-from persia.config import parse_embedding_config, parse_global_config
 from persia.ctx import TrainCtx, eval_ctx
 from persia.data import DataLoader
 from persia.datasets import SyntheticStream
 from persia.embedding import EmbeddingConfig
+from persia.embedding.config import parse_embedding_config, parse_global_config
 from persia.embedding.optim import Adagrad
 from persia.metrics import roc_auc
 from persia.utils import setup_seed

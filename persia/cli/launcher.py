@@ -199,7 +199,7 @@ def data_loader(args: argparse.Namespace) -> int:
 def embedding_worker(args: argparse.Namespace) -> int:
     """Checks the configuration files, then waits: persia's embedding worker runs inside each
     NN worker, so this Procfile line holds no work of its own."""
-    from persia.config import load_embedding_config, load_global_config
+    from persia.embedding.config import load_embedding_config, load_global_config
 
     _check_replica(args)
     env = _role_env(args)
@@ -218,9 +218,9 @@ def embedding_parameter_server(args: argparse.Namespace) -> int:
     """Starts parameter server ``--replica-index`` of the job and holds it until stopped."""
     import ray
 
-    from persia.cluster.ray_backend import ClusterConfig, get_with_timeout
-    from persia.cluster.ray_launch import LaunchedParameterServer, connect, job_name
-    from persia.config import load_embedding_config, load_global_config
+    from persia.backends.ray.backend import ClusterConfig, get_with_timeout
+    from persia.backends.ray.launch import LaunchedParameterServer, connect, job_name
+    from persia.embedding.config import load_embedding_config, load_global_config
     from persia.embedding.optim import SGD
     from persia.errors import BackendError
     from persia.utils import embedding_seed

@@ -166,7 +166,7 @@ def cluster_config(args: argparse.Namespace, backend: str) -> Any:
 
             raise ConfigError(f"{', '.join(given)} need --backend ray (or training.backend: ray)")
         return None
-    from persia.cluster.ray_backend import ClusterConfig
+    from persia.backends.ray.backend import ClusterConfig
 
     return ClusterConfig(
         num_ps=args.num_ps,

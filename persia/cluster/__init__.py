@@ -1,7 +1,3 @@
-"""Backends: where the roles run. ``local`` (every role in the user's process, the default) and,
-later, ``ray``. Both sit behind the small interfaces in :mod:`persia.cluster.base`."""
-
-from persia.cluster.base import ParameterServerClient, Transport
-from persia.cluster.local import LocalTransport, local_parameter_servers
-
-__all__ = ["ParameterServerClient", "Transport", "LocalTransport", "local_parameter_servers"]
+"""Old import paths of the Ray backend, kept for scripts written against persia 0.1:
+``persia.cluster.ray_backend.ClusterConfig`` and ``persia.cluster.ray_recovery.RecoveryConfig``.
+The backend lives in :mod:`persia.backends.ray`; the transports in :mod:`persia.rpc`."""

@@ -70,7 +70,7 @@ ADAM_MAX_STEP = 2**24
 def _kernels() -> ModuleType:
     """The numba kernels, imported on first use: ``persia.store`` may import this module (the
     layers point embedding -> store), so importing ``persia.store`` here at load time could cycle."""
-    from persia.store.kernels import optim
+    from persia.embedding import kernels as optim
 
     return optim
 

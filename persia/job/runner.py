@@ -29,15 +29,15 @@ import numpy as np
 import torch
 
 from persia import env
-from persia.config import (
+from persia.ctx import TrainCtx
+from persia.data import DataLoader, IterableDataset
+from persia.embedding import EmbeddingConfig
+from persia.embedding.config import (
     EmbeddingFileConfig,
     GlobalConfig,
     parse_embedding_config,
     parse_global_config,
 )
-from persia.ctx import TrainCtx
-from persia.data import DataLoader, IterableDataset
-from persia.embedding import EmbeddingConfig
 from persia.embedding.data import PersiaBatch
 from persia.embedding.optim import SGD, Adagrad, Adam, EmbeddingOptimizer
 from persia.errors import CheckpointError, ConfigError
@@ -226,7 +226,7 @@ class _TrainDataset(IterableDataset):
     ) -> None:
         super().__init__(buffer_size=job.training.forward_buffer_size)
         self.reader, self.job, self.pauses = reader, job, pauses
-        # (channel, timeout): the batches come from data-loader actors (persia.cluster.ray_loaders)
+        # (channel, timeout): the batches come from data-loader actors (persia.backends.ray.loaders)
         self.stream = stream
         self.start = start or Position()
         # the position after each batch that ends a pause interval (read by the NN worker)
@@ -254,7 +254,7 @@ class _TrainDataset(IterableDataset):
 
     def _streamed(self, channel: str, timeout_s: float) -> Iterator[PersiaBatch]:
         """The batches of the job's data-loader actors (every epoch, already rank-strided)."""
-        from persia.cluster.ray_stream import receive_batches
+        from persia.backends.ray.stream import receive_batches
 
         produced = count = 0
         for batch in receive_batches(channel, timeout_s=timeout_s):
@@ -292,7 +292,7 @@ class _TrainDataset(IterableDataset):
                 max_samples=left,
             )
             world = env.get_world_size()
-            if world > 1:  # one of several NN workers (persia.cluster.ray_ddp): its batches
+            if world > 1:  # one of several NN workers (persia.backends.ray.ddp): its batches
                 source = _rank_strided(source, env.get_rank(), world)
             for batch in source:
                 in_epoch += 1
@@ -526,7 +526,7 @@ def run_job(
     """Trains and tests the job; returns the result (what ``persia train`` prints as JSON).
 
     ``training.backend: ray`` runs the parameter servers as Ray actors, placed and reached as
-    ``cluster`` (a :class:`persia.cluster.ray_backend.ClusterConfig`, default settings if None)
+    ``cluster`` (a :class:`persia.backends.ray.backend.ClusterConfig`, default settings if None)
     says.
 
     ``resume`` is a checkpoint directory written by a job like this one: its embeddings (with
@@ -548,7 +548,7 @@ def run_job(
                 f"--recover works with one NN worker, got num_nn_workers={cluster.num_nn_workers} "
                 "(each would restore its own copy of a dead shard)"
             )
-        from persia.cluster.ray_ddp import run_job_ddp
+        from persia.backends.ray.ddp import run_job_ddp
 
         return run_job_ddp(job, cluster, resume=resume, export=export)
     loaders: list[Any] = []
@@ -560,8 +560,8 @@ def run_job(
             )
         from dataclasses import replace
 
-        from persia.cluster.ray_backend import init_ray, new_job_id
-        from persia.cluster.ray_loaders import data_channel, start_data_loaders
+        from persia.backends.ray.backend import init_ray, new_job_id
+        from persia.backends.ray.loaders import data_channel, start_data_loaders
 
         if cluster.data_channel is None:  # this process is the only NN worker: start them
             init_ray(cluster.address, cluster.num_cpus)
@@ -577,7 +577,7 @@ def run_job(
         # folder for this run
         from dataclasses import replace
 
-        from persia.cluster.ray_recovery import RecoveryConfig
+        from persia.backends.ray.recovery import RecoveryConfig
 
         recover = cluster.recover if isinstance(cluster.recover, RecoveryConfig) else None
         if recover is None or (recover.checkpoint_dir is None and t.checkpoint_dir):
@@ -597,7 +597,7 @@ def run_job(
 
             shutil.rmtree(scratch, ignore_errors=True)
         if loaders:
-            from persia.cluster.ray_loaders import stop_data_loaders
+            from persia.backends.ray.loaders import stop_data_loaders
 
             stop_data_loaders(loaders)
 
@@ -701,7 +701,7 @@ def _run_job(
             ctx.runtime.flush()
             train_s = time.perf_counter() - train_start - paused_s
             if loaders:
-                from persia.cluster.ray_loaders import wait_data_loaders
+                from persia.backends.ray.loaders import wait_data_loaders
 
                 wait_data_loaders(loaders, cluster.resolved_timeout_s())
             progress.close()

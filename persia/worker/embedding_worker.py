@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from persia.cluster.base import ParameterServerClient
 from persia.embedding.data import PersiaBatch
 from persia.errors import BatchError
 from persia.hashing import hash_ints
+from persia.rpc.base import ParameterServerClient
 from persia.worker import pooling
 
 POOLINGS = ("sum", "mean", "sqrt", "raw")

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train._jobs import ListDataset, Net, embedding_file, make_batches
+from runtime._jobs import ListDataset, Net, embedding_file, make_batches
 
 from persia import checkpoint
-from persia.config import parse_global_config
 from persia.ctx import TrainCtx, eval_ctx
 from persia.data import DataLoader
+from persia.embedding.config import parse_global_config
 from persia.embedding.optim import SGD, Adagrad, Adam
 from persia.errors import CheckpointError
 from persia.store import ShardedStore

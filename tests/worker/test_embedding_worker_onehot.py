@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from persia.cluster.local import local_parameter_servers
 from persia.datasets.synthetic import SyntheticStream
 from persia.embedding.optim import Adagrad
+from persia.rpc.local import local_parameter_servers
 from persia.store import ShardedStore
 from persia.store.config import Admission, Uniform
 from persia.worker.embedding_worker import EmbeddingWorker, SlotSpec

@@ -1,0 +1,615 @@
+"""The cluster backend on Ray: parameter-server shards as Ray actors behind the Transport.
+
+What runs where (one NN worker):
+
+* N **parameter-server actors** (:class:`ParameterServer`), each wrapping one
+  :class:`persia.store.Shard`; placed by Ray resources (``ClusterConfig.ps_num_cpus``,
+  ``ps_memory_bytes``, ``ps_resources``), fractional CPUs by default so that a whole small job
+  fits on a 2-CPU node.
+* The embedding worker and the applier thread stay in the NN-worker process (the existing
+  :class:`persia.worker.EmbeddingWorker` and :class:`persia.runtime.pipeline.Runtime`); they reach
+  the shards through a :class:`persia.rpc.base.Transport`: either :class:`RayTransport`
+  (Ray actor calls) or the zero-copy ZeroMQ channel of :mod:`persia.rpc.zmq_transport`
+  (the default for the hot path, ``ClusterConfig.transport``).
+
+Failures: every call waits at most ``timeout_s`` (``PERSIA_RAY_TIMEOUT_S``, default 60 s); a dead
+or unreachable actor raises :class:`persia.errors.BackendError` naming the role and rank. Errors
+raised by the store itself (``StoreError``, ...) come back as themselves.
+
+Ray's files: a Ray cluster started here keeps its logs, sockets and session files under
+``PERSIA_RAY_TEMP_DIR`` (default ``<system temp>/persia-ray-<uid>``), and, when Ray's token
+authentication is on and no token is configured (``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH``),
+its token goes to ``auth_token`` in that folder (mode 0600), not to ``~/.ray``. Only modules named
+``persia/backends/ray/`` import Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from persia import _settings
+from persia.errors import BackendError, ConfigError, PersiaError
+from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
+
+if TYPE_CHECKING:
+    from persia.backends.ray.recovery import RecoveryConfig
+
+__all__ = [
+    "ClusterConfig",
+    "ParameterServer",
+    "RayTransport",
+    "RayStore",
+    "init_ray",
+    "ray_temp_dir",
+    "start_parameter_servers",
+]
+
+_INIT_LOCK = threading.Lock()
+TRANSPORTS = ("zmq", "ray")
+
+
+def _default_timeout_s() -> float:
+    raw = os.environ.get(_settings.PERSIA_RAY_TIMEOUT_S, "").strip()
+    if not raw:
+        return 60.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"environment variable {_settings.PERSIA_RAY_TIMEOUT_S}: expected seconds, got {raw!r}"
+        ) from None
+    if not value > 0:
+        raise ConfigError(f"environment variable {_settings.PERSIA_RAY_TIMEOUT_S}: must be > 0")
+    return value
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How the cluster backend places and reaches its roles.
+
+    Attributes:
+        num_ps: parameter-server actors (shards); None: ``num_hashmap_internal_shards`` of
+            ``global_config.yml``.
+        address: Ray cluster to join (``ray://...`` or ``host:port``); None: ``RAY_ADDRESS``,
+            else a local cluster is started.
+        ps_num_cpus: CPUs each parameter-server actor asks Ray for (fractions allowed).
+        ps_memory_bytes: memory each parameter-server actor asks Ray for (None: no request).
+        ps_resources: custom Ray resources per parameter-server actor, e.g. ``{"ps_host": 1}``
+            to pin them to nodes started with ``--resources='{"ps_host": 4}'``.
+        transport: ``"zmq"`` (zero-copy ZeroMQ channel, the default) or ``"ray"`` (actor calls)
+            for the per-batch lookups and gradients.
+        bind_host: address the parameter servers' ZeroMQ sockets bind to; None: the node's Ray
+            address (loopback on a local cluster).
+        timeout_s: the longest a call to a role may take before :class:`BackendError`; None:
+            ``PERSIA_RAY_TIMEOUT_S``, else 60.
+        num_cpus: CPUs of a local cluster started here (None: Ray's count of this machine).
+        recover: restore a dead parameter-server shard from the last full checkpoint plus the
+            incremental deltas and go on training (True, or a
+            :class:`persia.backends.ray.recovery.RecoveryConfig`); False: a dead shard ends the
+            job with :class:`BackendError`. Needs ``enable_incremental_update``.
+        num_nn_workers: NN-worker processes (Ray actors) forming one DDP group; 1: this
+            process is the only NN worker (see :mod:`persia.backends.ray.ddp`).
+        nn_num_cpus: CPUs each NN-worker actor asks Ray for (fractions allowed).
+        nn_resources: custom Ray resources per NN-worker actor (e.g. ``{"gpu_host": 1}``).
+        job_name: the name of the parameter-server actors (``persia-<job_name>-ps-<rank>``);
+            None: a fresh one.
+        attach_ps: join the running parameter servers named by ``job_name`` instead of
+            starting new ones (they are not stopped at the end).
+        num_data_loaders: data-loader actors reading the job's training input for ``persia
+            train`` (0: the NN workers read it themselves); a multiple of ``num_nn_workers``
+            (see :mod:`persia.backends.ray.loaders`).
+        loader_num_cpus: CPUs each data-loader actor asks Ray for (fractions allowed).
+        loader_resources: custom Ray resources per data-loader actor.
+        data_channel: the stream channel this NN worker pulls its training batches from
+            (set by the job runner for its NN workers; None: none).
+        num_embedding_workers: embedding-worker actors doing the lookups and gradient
+            aggregation for every NN worker (round robin by batch); 0: each NN worker runs
+            its embedding worker in its own process (see
+            :mod:`persia.backends.ray.embedding_workers`).
+        ew_num_cpus: CPUs each embedding-worker actor asks Ray for (fractions allowed).
+        ew_resources: custom Ray resources per embedding-worker actor.
+    """
+
+    num_ps: int | None = None
+    address: str | None = None
+    ps_num_cpus: float = 0.25
+    ps_memory_bytes: int | None = None
+    ps_resources: dict[str, float] = field(default_factory=dict)
+    transport: str = "zmq"
+    bind_host: str | None = None
+    timeout_s: float | None = None
+    num_cpus: int | None = None
+    recover: bool | RecoveryConfig = False
+    num_nn_workers: int = 1
+    nn_num_cpus: float = 0.5
+    nn_resources: dict[str, float] = field(default_factory=dict)
+    job_name: str | None = None
+    attach_ps: bool = False
+    num_data_loaders: int = 0
+    loader_num_cpus: float = 0.25
+    loader_resources: dict[str, float] = field(default_factory=dict)
+    data_channel: str | None = None
+    num_embedding_workers: int = 0
+    ew_num_cpus: float = 0.25
+    ew_resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_ps is not None and (
+            isinstance(self.num_ps, bool) or not isinstance(self.num_ps, int) or self.num_ps < 1
+        ):
+            problems.append(f"num_ps must be an int >= 1, got {self.num_ps!r}")
+        if not (isinstance(self.ps_num_cpus, (int, float)) and self.ps_num_cpus >= 0):
+            problems.append(f"ps_num_cpus must be a number >= 0, got {self.ps_num_cpus!r}")
+        if self.ps_memory_bytes is not None and not (
+            isinstance(self.ps_memory_bytes, int) and self.ps_memory_bytes > 0
+        ):
+            problems.append(f"ps_memory_bytes must be an int > 0, got {self.ps_memory_bytes!r}")
+        if self.transport not in TRANSPORTS:
+            problems.append(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.timeout_s is not None and not (
+            isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0
+        ):
+            problems.append(f"timeout_s must be > 0, got {self.timeout_s!r}")
+        if (
+            isinstance(self.num_nn_workers, bool)
+            or not isinstance(self.num_nn_workers, int)
+            or self.num_nn_workers < 1
+        ):
+            problems.append(f"num_nn_workers must be an int >= 1, got {self.num_nn_workers!r}")
+        if not (isinstance(self.nn_num_cpus, (int, float)) and self.nn_num_cpus >= 0):
+            problems.append(f"nn_num_cpus must be a number >= 0, got {self.nn_num_cpus!r}")
+        if (
+            isinstance(self.num_data_loaders, bool)
+            or not isinstance(self.num_data_loaders, int)
+            or self.num_data_loaders < 0
+        ):
+            problems.append(f"num_data_loaders must be an int >= 0, got {self.num_data_loaders!r}")
+        elif (
+            isinstance(self.num_nn_workers, int)
+            and self.num_nn_workers >= 1
+            and self.num_data_loaders % self.num_nn_workers
+        ):
+            problems.append(
+                f"num_data_loaders must be a multiple of num_nn_workers={self.num_nn_workers} "
+                f"(each NN worker pulls from its own loaders), got {self.num_data_loaders}"
+            )
+        if not (isinstance(self.loader_num_cpus, (int, float)) and self.loader_num_cpus >= 0):
+            problems.append(f"loader_num_cpus must be a number >= 0, got {self.loader_num_cpus!r}")
+        if (
+            isinstance(self.num_embedding_workers, bool)
+            or not isinstance(self.num_embedding_workers, int)
+            or self.num_embedding_workers < 0
+        ):
+            problems.append(
+                f"num_embedding_workers must be an int >= 0, got {self.num_embedding_workers!r}"
+            )
+        if not (isinstance(self.ew_num_cpus, (int, float)) and self.ew_num_cpus >= 0):
+            problems.append(f"ew_num_cpus must be a number >= 0, got {self.ew_num_cpus!r}")
+        if self.recover and self.num_embedding_workers:
+            problems.append("recover is not supported with num_embedding_workers > 0")
+        if self.attach_ps and not self.job_name:
+            problems.append("attach_ps needs job_name (the running parameter servers' name)")
+        from persia.backends.ray.recovery import RecoveryConfig
+
+        if not isinstance(self.recover, (bool, RecoveryConfig)):
+            problems.append(f"recover must be a bool or a RecoveryConfig, got {self.recover!r}")
+        if problems:
+            raise ConfigError(problems, source="ClusterConfig")
+
+    def resolved_timeout_s(self) -> float:
+        """``timeout_s``, else ``PERSIA_RAY_TIMEOUT_S``, else 60."""
+        return float(self.timeout_s) if self.timeout_s is not None else _default_timeout_s()
+
+
+# ------------------------------------------------------------------------------ Ray itself
+def ray_temp_dir() -> Path:
+    """Where a Ray cluster started by persia keeps its files (``PERSIA_RAY_TEMP_DIR``)."""
+    raw = os.environ.get(_settings.PERSIA_RAY_TEMP_DIR, "").strip()
+    if raw:
+        return Path(raw)
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"persia-ray-{uid}"
+
+
+def _place_auth_token(folder: Path) -> None:
+    """Points Ray's token authentication at ``folder/auth_token`` unless the user chose."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return
+    path = folder / "auth_token"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connects this process to Ray once: ``address``, else ``RAY_ADDRESS``, else a new local
+    cluster whose files live under :func:`ray_temp_dir`."""
+    import ray
+
+    with _INIT_LOCK:
+        if ray.is_initialized():
+            return
+        address = address or os.environ.get(_settings.RAY_ADDRESS) or None
+        runtime_env = {"env_vars": _forwarded_env()}
+        if address is not None:
+            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+            return
+        folder = ray_temp_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        _place_auth_token(folder)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _temp_dir=str(folder),
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+
+
+def _forwarded_env() -> dict[str, str]:
+    """The variables every actor gets from the driver (numba cache, deep checks)."""
+    _settings.ensure_numba_cache_dir()
+    names = (_settings.NUMBA_CACHE_DIR, _settings.PERSIA_DEEP_CHECKS, _settings.OMP_WAIT_POLICY)
+    return {n: os.environ[n] for n in names if n in os.environ}
+
+
+def _ray_exceptions() -> tuple[Any, Any, Any]:
+    import ray.exceptions as rex
+
+    died = (rex.RayActorError, rex.ActorUnavailableError, rex.ActorDiedError)
+    return died, rex.GetTimeoutError, rex.RayTaskError
+
+
+def get_with_timeout(ref: Any, timeout_s: float, role: str, rank: int | None) -> Any:
+    """``ray.get`` that turns Ray's failures into :class:`BackendError` naming the role.
+
+    A :class:`PersiaError` raised inside the actor comes back as itself.
+    """
+    import ray
+
+    died, timeout, task_error = _ray_exceptions()
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except died as exc:
+        raise BackendError(
+            f"actor is dead or unreachable ({type(exc).__name__})", role, rank
+        ) from exc
+    except timeout:
+        raise BackendError(f"no reply within {timeout_s:g} s", role, rank) from None
+    except task_error as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, PersiaError):
+            raise cause from None
+        raise BackendError(f"failed: {cause!r}", role, rank) from exc
+
+
+# --------------------------------------------------------------------- the parameter server
+class ParameterServer:
+    """One parameter-server shard as a Ray actor (created through :func:`start_parameter_servers`).
+
+    Args:
+        rank: this shard's index.
+        shard_kwargs: :class:`persia.store.Shard`'s arguments (capacity, optimizer, init, ...).
+        bind_host: where the ZeroMQ channel binds (None: no channel).
+    """
+
+    def __init__(self, rank: int, shard_kwargs: dict[str, Any], bind_host: str | None) -> None:
+        from persia._settings import ensure_numba_cache_dir
+
+        ensure_numba_cache_dir()
+        from persia.store import Shard
+
+        self.rank = rank
+        self._kwargs = dict(shard_kwargs)
+        self.shard = Shard(**self._kwargs)
+        self._server = None
+        if bind_host is not None:
+            from persia.rpc.zmq_transport import ZmqServer
+
+            if bind_host == "node":
+                import ray
+
+                bind_host = ray.util.get_node_ip_address()
+            self._server = ZmqServer(self._dispatch, bind_host)
+
+    def _dispatch(self, method: str, args: list[Any]) -> Any:
+        if method not in ("lookup", "apply_gradients"):
+            raise BackendError(f"method {method!r} is not served on the data channel")
+        return getattr(self.shard, method)(*args)
+
+    def endpoint(self) -> str | None:
+        """The ZeroMQ channel's address (``tcp://host:port``), or None."""
+        return None if self._server is None else self._server.endpoint
+
+    def ping(self) -> int:
+        return self.rank
+
+    def lookup(self, keys: np.ndarray, dim: int, training: bool) -> np.ndarray:
+        return self.shard.lookup(keys, dim, training)
+
+    def apply_gradients(self, keys: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        return self.shard.apply_gradients(keys, grads)
+
+    def stats(self) -> dict[str, Any]:
+        return self.shard.stats()
+
+    def export_rows(self) -> dict[int, dict[str, np.ndarray]]:
+        return self.shard.export_rows()
+
+    def replace_rows(
+        self, parts: dict[int, dict[str, np.ndarray]], optimizer: dict[str, Any] | None = None
+    ) -> None:
+        """Drops every row, then imports ``{dim: {"keys", "values", "state"}}`` in order;
+        ``optimizer`` (``to_dict()`` form) replaces the shard's optimizer when given."""
+        from persia.embedding.optim import EmbeddingOptimizer
+        from persia.store import Shard
+
+        kwargs = dict(self._kwargs)
+        if optimizer is not None:
+            kwargs["optimizer"] = EmbeddingOptimizer.from_dict(optimizer)
+        fresh = Shard(**kwargs)
+        for dim, part in parts.items():
+            fresh.import_rows(dim, part["keys"], part["values"], part["state"])
+        self.shard = fresh
+        self._kwargs = kwargs
+
+    # change tracking for incremental updates (persia.store.delta), as on a local Shard
+    def track_changes(self, enabled: bool = True) -> None:
+        self.shard.track_changes(enabled)
+
+    def tracking_changes(self) -> bool:
+        return self.shard.tracking_changes
+
+    def changed_count(self) -> int:
+        return self.shard.changed_count
+
+    def take_changes(self) -> dict[int, dict[str, np.ndarray]]:
+        return self.shard.take_changes()
+
+    def import_rows(
+        self, dim: int, keys: np.ndarray, values: np.ndarray, state: np.ndarray | None = None
+    ) -> None:
+        self.shard.import_rows(dim, keys, values, state)
+
+    def clear(self) -> None:
+        from persia.store import Shard
+
+        self.shard = Shard(**self._kwargs)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+def start_parameter_servers(
+    n: int, shard_kwargs: dict[str, Any], cluster: ClusterConfig, job: str, first_rank: int = 0
+) -> list[Any]:
+    """Starts ``n`` parameter-server actors (ranks ``first_rank`` on) and waits until each
+    answers (or BackendError)."""
+    import ray
+
+    options: dict[str, Any] = {"num_cpus": cluster.ps_num_cpus, "max_restarts": 0}
+    if cluster.ps_memory_bytes is not None:
+        options["memory"] = cluster.ps_memory_bytes
+    if cluster.ps_resources:
+        options["resources"] = dict(cluster.ps_resources)
+    if cluster.transport == "zmq":
+        # Threads: the Ray control calls (stats, export) run beside the ZeroMQ thread.
+        options["max_concurrency"] = 4
+    actor_cls = ray.remote(ParameterServer)
+    bind = _bind_host(cluster) if cluster.transport == "zmq" else None
+    actors: list[Any] = [
+        actor_cls.options(name=f"persia-{job}-ps-{i}", **options).remote(i, shard_kwargs, bind)
+        for i in range(first_rank, first_rank + n)
+    ]
+    timeout = cluster.resolved_timeout_s()
+    for i, a in enumerate(actors, first_rank):
+        get_with_timeout(a.ping.remote(), timeout, PARAMETER_SERVER, i)
+    return actors
+
+
+def _bind_host(cluster: ClusterConfig) -> str:
+    """Loopback on a cluster started here; the node's Ray address on a joined one."""
+    if cluster.bind_host:
+        return cluster.bind_host
+    joined = cluster.address or os.environ.get(_settings.RAY_ADDRESS)
+    return "node" if joined else "127.0.0.1"  # "node": resolved inside the actor
+
+
+# ----------------------------------------------------------------------------- transport
+class RayTransport(Transport):
+    """Role calls as Ray actor method calls (``ray.get`` with a timeout).
+
+    Args:
+        roles: role name -> actor handles, by rank.
+        timeout_s: the longest one call may take.
+    """
+
+    def __init__(self, roles: dict[str, list[Any]], timeout_s: float) -> None:
+        self._roles = {k: list(v) for k, v in roles.items()}
+        self.timeout_s = timeout_s
+
+    def replicas(self, role: str) -> int:
+        return len(self._roles.get(role, []))
+
+    def actor(self, role: str, rank: int) -> Any:
+        try:
+            return self._roles[role][rank]
+        except (KeyError, IndexError):
+            raise BackendError(
+                f"no such replica (have {self.replicas(role)})", role, rank
+            ) from None
+
+    def call(self, role: str, rank: int, method: str, *args: Any) -> Any:
+        ref = getattr(self.actor(role, rank), method).remote(*args)
+        return get_with_timeout(ref, self.timeout_s, role, rank)
+
+
+# -------------------------------------------------------------------------- store facade
+class RemoteShard:
+    """A parameter-server actor seen as a :class:`persia.store.Shard` (control path, Ray calls)."""
+
+    def __init__(self, actor: Any, rank: int, timeout_s: float) -> None:
+        self.actor = actor
+        self.rank = rank
+        self.timeout_s = timeout_s
+
+    def _call(self, method: str, *args: Any) -> Any:
+        ref = getattr(self.actor, method).remote(*args)
+        return get_with_timeout(ref, self.timeout_s, PARAMETER_SERVER, self.rank)
+
+    def lookup(self, keys: np.ndarray, dim: int, training: bool) -> np.ndarray:
+        return self._call("lookup", keys, dim, training)
+
+    def apply_gradients(self, keys: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        return self._call("apply_gradients", keys, grads)
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("stats")
+
+    def export_rows(self, dim: int | None = None) -> dict[int, dict[str, np.ndarray]]:
+        parts = self._call("export_rows")
+        return parts if dim is None else {dim: parts[dim]}
+
+    # change tracking, so that a DeltaWriter works over the actors as over local shards
+    def track_changes(self, enabled: bool = True) -> None:
+        self._call("track_changes", enabled)
+
+    @property
+    def tracking_changes(self) -> bool:
+        return bool(self._call("tracking_changes"))
+
+    @property
+    def changed_count(self) -> int:
+        return int(self._call("changed_count"))
+
+    def take_changes(self) -> dict[int, dict[str, np.ndarray]]:
+        return self._call("take_changes")
+
+    def import_rows(self, dim: int, keys: Any, values: Any, state: Any | None = None) -> None:
+        self._call("import_rows", dim, keys, values, state)
+
+
+def _sharded_store_base() -> type:
+    from persia.store import ShardedStore
+
+    return ShardedStore
+
+
+class RayStore(_sharded_store_base()):  # type: ignore[misc]
+    """A :class:`persia.store.ShardedStore` whose shards are parameter-server actors.
+
+    Every store-level operation (stats, clear, dump, load, job checkpoints) works as on the
+    embedded store, so checkpoints move between backends and shard counts. Rows of a dump or a
+    load pass through this process (no shared filesystem needed; the table must fit in its
+    memory once).
+
+    Args:
+        actors: the parameter-server actors, by rank.
+        store_kwargs: :class:`persia.store.ShardedStore`'s arguments except ``num_shards``.
+        timeout_s: the longest one control call may take.
+        owned: :meth:`close` stops the actors.
+    """
+
+    def __init__(
+        self, actors: list[Any], store_kwargs: dict[str, Any], timeout_s: float, owned: bool
+    ) -> None:
+        super().__init__(num_shards=len(actors), **store_kwargs)
+        self.actors = list(actors)
+        self.timeout_s = timeout_s
+        self._owned = owned
+        self.shards = [RemoteShard(a, i, timeout_s) for i, a in enumerate(self.actors)]
+
+    def shard_stats(self) -> list[dict[str, Any]]:
+        """Each shard's stats, asked of all actors at once."""
+        refs = [a.stats.remote() for a in self.actors]
+        return [
+            get_with_timeout(r, self.timeout_s, PARAMETER_SERVER, i) for i, r in enumerate(refs)
+        ]
+
+    @property
+    def rows(self) -> int:
+        return sum(int(s["rows"]) for s in self.shard_stats())
+
+    def _replace_shards(self, shards: list[Any]) -> None:
+        # ``shards`` are fresh local Shard objects (ShardedStore.clear / load, checkpoint
+        # restores): their rows replace each actor's.
+        refs = [
+            a.replace_rows.remote(s.export_rows(), self.optimizer.to_dict())
+            for a, s in zip(self.actors, shards, strict=True)
+        ]
+        for i, r in enumerate(refs):
+            get_with_timeout(r, self.timeout_s, PARAMETER_SERVER, i)
+
+    def close(self) -> None:
+        """Stops the actors this store started."""
+        if not self._owned:
+            return
+        import ray
+
+        self._owned = False
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+def _liveness(roles: dict[str, list[Any]]) -> Any:
+    """A ``(role, rank) -> None`` check that raises BackendError once Ray knows an actor dead."""
+
+    def check(role: str, rank: int) -> None:
+        import ray
+
+        ref = roles[role][rank].ping.remote()
+        ready, _ = ray.wait([ref], timeout=0.5)
+        if ready:
+            get_with_timeout(ref, 1.0, role, rank)
+
+    return check
+
+
+def new_job_id() -> str:
+    """A short unique name for one job's actors."""
+    return f"{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def parameter_server_client(
+    actors: list[Any], cluster: ClusterConfig, timeout_s: float
+) -> ParameterServerClient:
+    """A client over the PS actors, through the configured transport."""
+    from persia.store import shard_of
+
+    transport: Transport
+    if cluster.transport == "zmq":
+        from persia.rpc.zmq_transport import ZmqTransport
+
+        endpoints = [
+            get_with_timeout(a.endpoint.remote(), timeout_s, PARAMETER_SERVER, i)
+            for i, a in enumerate(actors)
+        ]
+        transport = ZmqTransport(
+            {PARAMETER_SERVER: endpoints}, timeout_s, liveness=_liveness({PARAMETER_SERVER: actors})
+        )
+    else:
+        transport = RayTransport({PARAMETER_SERVER: actors}, timeout_s)
+    return ParameterServerClient(transport, shard_of)

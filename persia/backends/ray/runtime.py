@@ -1,0 +1,170 @@
+"""The NN worker's runtime on the cluster backend: the embedded pipeline over remote shards.
+
+:func:`build_ray_runtime` is :func:`persia.runtime.local.build_local_runtime` with the store
+replaced by parameter-server actors (:mod:`persia.backends.ray.backend`): the same embedding
+worker, lookup thread, applier thread and staleness gate run in this process, so the staleness
+bound holds per NN worker across the network and is measured the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from persia.backends.ray.backend import (
+    ClusterConfig,
+    RayStore,
+    init_ray,
+    new_job_id,
+    parameter_server_client,
+    start_parameter_servers,
+)
+from persia.embedding import EmbeddingConfig
+from persia.embedding.config import (
+    EmbeddingFileConfig,
+    GlobalConfig,
+)
+from persia.embedding.optim import EmbeddingOptimizer
+from persia.runtime.local import resolve_configs, slot_specs, store_options
+from persia.runtime.pipeline import Runtime
+from persia.worker.embedding_worker import EmbeddingWorker
+
+__all__ = ["RayRuntime", "build_ray_runtime"]
+
+
+class RayRuntime(Runtime):
+    """A :class:`Runtime` whose store is a set of parameter-server actors; closing it stops
+    the actors it started and the data channel.
+
+    With ``ClusterConfig(recover=...)``, ``recovery`` is the
+    :class:`persia.backends.ray.recovery.ShardRecovery` that restores dead shards; the training
+    context flushes its incremental deltas every :attr:`delta_interval_s` and hands its writer to
+    :meth:`attach_delta_writer`.
+    """
+
+    recovery: Any = None
+
+    @property
+    def delta_interval_s(self) -> float | None:
+        """How often incremental deltas must be flushed (None: no time trigger needed)."""
+        return None if self.recovery is None else self.recovery.flush_interval_s
+
+    def attach_delta_writer(self, writer: Any) -> None:
+        """Tells the recovery (if any) which :class:`persia.store.delta.DeltaWriter` runs."""
+        if self.recovery is not None:
+            self.recovery.attach_writer(writer)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            try:
+                try:
+                    self.worker.servers.transport.close()
+                finally:
+                    if hasattr(self.worker, "close"):  # embedding-worker actors' proxy
+                        self.worker.close()
+            finally:
+                if isinstance(self.store, RayStore):
+                    self.store.close()
+
+
+def build_ray_runtime(
+    embedding_config: EmbeddingConfig,
+    optimizer: EmbeddingOptimizer | None,
+    embedding_config_file: str | os.PathLike | EmbeddingFileConfig | None = None,
+    global_config_file: str | os.PathLike | GlobalConfig | None = None,
+    backward_buffer_size: int = 10,
+    cluster: ClusterConfig | None = None,
+) -> RayRuntime:
+    """Starts the parameter-server actors of one job and a runtime over them.
+
+    ``cluster.num_ps`` shards (default: ``num_hashmap_internal_shards``) hold ``capacity`` rows
+    in all, as in the embedded backend; a local Ray cluster is started unless one is named.
+    """
+    if cluster is None:  # a process of persia-launcher nn-worker joins its job's servers
+        from persia.backends.ray.launch import cluster_from_env
+
+        cluster = cluster_from_env() or ClusterConfig()
+    emb, glob = resolve_configs(embedding_config_file, global_config_file)
+    ps = glob.embedding_parameter_server_config
+    num_ps = cluster.num_ps if cluster.num_ps is not None else ps.num_hashmap_internal_shards
+    store_kwargs = store_options(embedding_config, optimizer, emb, glob)
+    shard_kwargs = dict(store_kwargs)
+    shard_kwargs["capacity"] = -(-ps.capacity // num_ps)  # as ShardedStore splits it
+    init_ray(cluster.address, cluster.num_cpus)
+    timeout_s = cluster.resolved_timeout_s()
+    job_name = cluster.job_name or new_job_id()
+    if cluster.attach_ps:
+        from persia.backends.ray.ddp import attach_parameter_servers
+
+        actors = attach_parameter_servers(
+            str(cluster.job_name), num_ps, timeout_s, shard_kwargs, ps.capacity
+        )
+    else:
+        actors = start_parameter_servers(num_ps, shard_kwargs, cluster, job_name)
+    store = RayStore(
+        actors,
+        {**store_kwargs, "adopt_optimizer": optimizer is None},
+        timeout_s,
+        owned=not cluster.attach_ps,
+    )
+    try:
+        client = parameter_server_client(actors, cluster, timeout_s)
+    except BaseException:
+        store.close()
+        raise
+    worker: Any
+    if cluster.num_embedding_workers > 0:
+        try:
+            worker = _remote_embedding_worker(
+                cluster, job_name, slot_specs(emb), emb.feature_index_prefix_bit, actors, client
+            )
+        except BaseException:
+            client.transport.close()
+            store.close()
+            raise
+    else:
+        worker = EmbeddingWorker(slot_specs(emb), emb.feature_index_prefix_bit, client)
+    runtime = RayRuntime(worker, store, backward_buffer_size=backward_buffer_size)
+    if cluster.recover:
+        from persia.backends.ray.recovery import enable_recovery
+
+        try:
+            enable_recovery(runtime, cluster, glob, shard_kwargs)
+        except BaseException:
+            runtime.close()
+            raise
+    return runtime
+
+
+def _remote_embedding_worker(
+    cluster: ClusterConfig,
+    job_name: str,
+    slots: list[Any],
+    prefix_bits: int,
+    ps_actors: list[Any],
+    client: Any,
+) -> Any:
+    """The proxy of ``cluster.num_embedding_workers`` embedding-worker actors: started here
+    (and stopped with the runtime), or, for an NN worker attaching to its job's servers, the
+    ones its driver started."""
+    from persia.backends.ray.embedding_workers import (
+        RemoteEmbeddingWorker,
+        attach_embedding_workers,
+        start_embedding_workers,
+    )
+
+    timeout_s = cluster.resolved_timeout_s()
+    n = cluster.num_embedding_workers
+    if cluster.attach_ps:
+        actors = attach_embedding_workers(job_name, n, timeout_s)
+        return RemoteEmbeddingWorker(actors, client, timeout_s, owned=False)
+    actors = start_embedding_workers(n, slots, prefix_bits, ps_actors, cluster, job_name)
+    try:
+        return RemoteEmbeddingWorker(actors, client, timeout_s, owned=True)
+    except BaseException:
+        from persia.backends.ray.embedding_workers import stop_embedding_workers
+
+        stop_embedding_workers(actors)
+        raise

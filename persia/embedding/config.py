@@ -1,0 +1,817 @@
+"""PERSIA's two YAML files, loaded strictly into frozen dataclasses.
+
+``embedding_config.yml`` (:func:`load_embedding_config` -> :class:`EmbeddingFileConfig`)::
+
+    feature_index_prefix_bit: 12       # default 12 (PERSIA's code said 8, its examples use 12)
+    slots_config:                      # required: one entry per slot (ID-type feature)
+      workclass:
+        dim: 8                         # required, > 0
+        embedding_summation: true      # default true; false = "raw" (padded sequence + mask)
+        sqrt_scaling: false            # default false; true = sum * 1/sqrt(n)
+        sample_fixed_size: 10          # default 10; sequence length of raw slots
+        hash_stack_config:             # default off (both 0)
+          hash_stack_rounds: 0
+          embedding_size: 0
+        pooling: sum                   # persia extension: sum | mean | sqrt | raw
+    feature_groups:                    # default {}: slots of one group share one key prefix
+      group1: [workclass, education]
+
+``pooling`` is derived from PERSIA's keys (``embedding_summation: false`` -> ``raw``;
+``sqrt_scaling: true`` -> ``sqrt``; else ``sum``) unless the persia extension key ``pooling`` is
+given (``mean`` exists only there); ``pooling`` contradicting the PERSIA keys given beside it is an
+error.
+
+**Key prefixes** (PERSIA's rule, kept so that keys match): the feature groups in file order, then
+every slot that is in no group, in file order, each as a group of its own, are numbered
+``g = 0, 1, ...``. A slot's prefix is ``g + 1`` (:meth:`EmbeddingFileConfig.prefix_of`, the value
+:func:`persia.worker.pooling.add_prefix` takes); PERSIA's shifted form is
+``index_prefix = (g + 1) << (64 - bits)`` (``SlotConfig.index_prefix``), and the key of ID ``x``
+is ``(x & key_mask) | index_prefix`` with ``key_mask = 2**(64 - bits) - 1`` (PERSIA wrote
+``x % 2**(64 - bits) + index_prefix``: the same value). The number of groups must be at most
+``2**bits - 1``. ``index_prefix`` may not be set by hand (PERSIA refused it too).
+
+``global_config.yml`` (:func:`load_global_config` -> :class:`GlobalConfig`)::
+
+    common_config:
+      job_type: Train                  # Train | Infer (any case)
+      checkpointing_config: {num_workers: 4}
+      metrics_config: {enable_metrics: false, push_interval_seconds: 10, job_name: ...}
+      infer_config: {servers: [host:port, ...], embedding_checkpoint: /path}
+    embedding_worker_config:
+      forward_buffer_size: 1000
+    embedding_parameter_server_config:
+      capacity: 1000000000             # rows per parameter server before LRU eviction
+      num_hashmap_internal_shards: 1   # shards of the table (PERSIA's default was 100)
+      enable_incremental_update: false # deltas of changed rows (incremental_buffer_size rows each)
+      incremental_dir: /workspace/incremental_dir/  # where TrainCtx writes them
+
+Every key PERSIA's own configs and docs use is accepted. Keys persia builds on are used; keys of
+features persia has not built (metrics, PERSIA's I/O tuning knobs) are
+accepted with a one-time warning when set to something other than PERSIA's default; PERSIA's
+misspellings and old names (``push_interval_sec``, ``slot_config``, ``intent``,
+``shard_server_config``, ...) are accepted with a warning naming the right key. Anything else
+(an unknown key, a wrong type, a bad value) is an error, and one :class:`~persia.errors.ConfigError`
+lists every problem of the file at once, each as ``path: expected ..., got ...``.
+
+Files are found by explicit argument, else the ``PERSIA_EMBEDDING_CONFIG`` /
+``PERSIA_GLOBAL_CONFIG`` environment variables (as PERSIA's launcher sets them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from persia import _settings
+from persia.errors import ConfigError
+from persia.logger import get_logger, warn_once
+from persia.utils import load_yaml
+
+__all__ = [
+    "POOLINGS",
+    "DEFAULT_FEATURE_INDEX_PREFIX_BIT",
+    "HashStackConfig",
+    "SlotConfig",
+    "EmbeddingFileConfig",
+    "CheckpointingConfig",
+    "MetricsConfig",
+    "InferConfig",
+    "CommonConfig",
+    "EmbeddingWorkerConfig",
+    "EmbeddingParameterServerConfig",
+    "GlobalConfig",
+    "parse_embedding_config",
+    "parse_global_config",
+    "load_embedding_config",
+    "load_global_config",
+]
+
+_log = get_logger("persia.embedding.config")
+
+#: Pooling of a slot's IDs per sample: sum; mean; sum * 1/sqrt(n); raw (padded sequence + mask).
+POOLINGS = ("sum", "mean", "sqrt", "raw")
+JOB_TYPES = ("train", "infer")
+#: Default of ``feature_index_prefix_bit``: 12, as PERSIA's examples and persia's worker use
+#: (2**12 - 1 groups, 52 ID bits); PERSIA's code defaulted to 8.
+DEFAULT_FEATURE_INDEX_PREFIX_BIT = 12
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------------------------
+# The dataclasses
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HashStackConfig:
+    """PERSIA's hash stacking: each ID maps to ``hash_stack_rounds`` IDs in ``[0, embedding_size)``
+    whose embeddings are summed. Both 0: off."""
+
+    hash_stack_rounds: int = 0
+    embedding_size: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether hash stacking is on."""
+        return self.hash_stack_rounds > 0
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    """One slot of ``slots_config``, with its computed group and key prefix.
+
+    ``prefix`` is the group number ``g + 1`` (in ``[1, 2**feature_index_prefix_bit)``), the value
+    :func:`persia.worker.pooling.add_prefix` takes; ``index_prefix`` is PERSIA's form of the same,
+    already shifted into the top bits: ``prefix << (64 - feature_index_prefix_bit)``.
+    """
+
+    name: str
+    dim: int
+    embedding_summation: bool = True
+    sample_fixed_size: int = 10
+    sqrt_scaling: bool = False
+    hash_stack_config: HashStackConfig = HashStackConfig()
+    pooling: str = "sum"
+    capacity: int | None = None
+    group: str = ""
+    prefix: int = 0
+    index_prefix: int = 0
+
+
+@dataclass(frozen=True)
+class EmbeddingFileConfig:
+    """The content of ``embedding_config.yml``.
+
+    Attributes:
+        feature_index_prefix_bit: top bits of a key that hold the slot/group prefix.
+        slots: the slots, in file order.
+        feature_groups: the groups as written, ``(group, (slot, ...))`` in file order.
+        source: the file it came from, if any.
+        warnings: the warnings the file produced (also logged once).
+    """
+
+    feature_index_prefix_bit: int
+    slots: tuple[SlotConfig, ...]
+    feature_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    source: str | None = field(default=None, compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        """The slot names, in file order."""
+        return tuple(s.name for s in self.slots)
+
+    def slot(self, name: str) -> SlotConfig:
+        """The slot ``name``; ConfigError naming the known slots if there is none."""
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise ConfigError(
+            f"unknown slot {name!r}: not in slots_config (slots: {', '.join(self.slot_names)})",
+            source=self.source,
+        )
+
+    def prefix_of(self, name: str) -> int:
+        """The key prefix of slot ``name``: its group number ``g + 1``, not shifted.
+
+        The key of ID ``x`` is ``(prefix << (64 - feature_index_prefix_bit)) | (x & key_mask)``
+        (``SlotConfig.index_prefix`` holds the shifted form).
+        """
+        return self.slot(name).prefix
+
+    def group_of(self, name: str) -> str:
+        """The feature group of slot ``name`` (its own name when it is in no group)."""
+        return self.slot(name).group
+
+    @property
+    def key_mask(self) -> int:
+        """``2**(64 - feature_index_prefix_bit) - 1``: the bits of an ID kept in its key."""
+        return (1 << (64 - self.feature_index_prefix_bit)) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that :func:`parse_embedding_config` reads back to an equal config."""
+        slots: dict[str, Any] = {}
+        for s in self.slots:
+            entry: dict[str, Any] = {
+                "dim": s.dim,
+                "embedding_summation": s.embedding_summation,
+                "sample_fixed_size": s.sample_fixed_size,
+                "sqrt_scaling": s.sqrt_scaling,
+                "pooling": s.pooling,
+            }
+            if s.hash_stack_config.enabled:
+                entry["hash_stack_config"] = {
+                    "hash_stack_rounds": s.hash_stack_config.hash_stack_rounds,
+                    "embedding_size": s.hash_stack_config.embedding_size,
+                }
+            if s.capacity is not None:
+                entry["capacity"] = s.capacity
+            slots[s.name] = entry
+        return {
+            "feature_index_prefix_bit": self.feature_index_prefix_bit,
+            "slots_config": slots,
+            "feature_groups": {g: list(members) for g, members in self.feature_groups},
+        }
+
+
+@dataclass(frozen=True)
+class CheckpointingConfig:
+    """``common_config.checkpointing_config``."""
+
+    num_workers: int = 4
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``common_config.metrics_config`` (metrics are not built yet: accepted, no effect)."""
+
+    enable_metrics: bool = False
+    push_interval_seconds: int = 10
+    job_name: str = "persia_default_jobname"
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """``common_config.infer_config``: the servers and checkpoint of an inference job."""
+
+    servers: tuple[str, ...] = ()
+    embedding_checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class CommonConfig:
+    """``common_config``."""
+
+    job_type: str = "train"
+    checkpointing_config: CheckpointingConfig = CheckpointingConfig()
+    metrics_config: MetricsConfig = MetricsConfig()
+    infer_config: InferConfig | None = None
+
+
+@dataclass(frozen=True)
+class EmbeddingWorkerConfig:
+    """``embedding_worker_config``."""
+
+    forward_buffer_size: int = 1000
+
+
+@dataclass(frozen=True)
+class EmbeddingParameterServerConfig:
+    """``embedding_parameter_server_config``."""
+
+    capacity: int = 1_000_000_000
+    num_hashmap_internal_shards: int = 1
+    full_amount_manager_buffer_size: int = 1000
+    enable_incremental_update: bool = False
+    incremental_buffer_size: int = 1_000_000
+    incremental_dir: str = "/workspace/incremental_dir/"
+    incremental_channel_capacity: int = 1000
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    """The content of ``global_config.yml``; ``GlobalConfig()`` holds the defaults."""
+
+    common_config: CommonConfig = CommonConfig()
+    embedding_worker_config: EmbeddingWorkerConfig = EmbeddingWorkerConfig()
+    embedding_parameter_server_config: EmbeddingParameterServerConfig = (
+        EmbeddingParameterServerConfig()
+    )
+    source: str | None = field(default=None, compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (PERSIA's key names) that :func:`parse_global_config` reads back."""
+        common = self.common_config
+        out: dict[str, Any] = {
+            "common_config": {
+                "job_type": common.job_type.capitalize(),
+                "checkpointing_config": {"num_workers": common.checkpointing_config.num_workers},
+                "metrics_config": dict(vars(common.metrics_config)),
+            },
+            "embedding_worker_config": dict(vars(self.embedding_worker_config)),
+            "embedding_parameter_server_config": dict(vars(self.embedding_parameter_server_config)),
+        }
+        if common.infer_config is not None:
+            out["common_config"]["infer_config"] = {
+                "servers": list(common.infer_config.servers),
+                "embedding_checkpoint": common.infer_config.embedding_checkpoint,
+            }
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# A small strict reader that collects every problem
+# --------------------------------------------------------------------------------------------
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+class _Reader:
+    """Reads typed values out of nested dicts, collecting problems and warnings."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.warnings: list[tuple[str, str]] = []  # (key for warn_once, message)
+
+    def bad(self, path: str, expected: str, got: object) -> None:
+        shown = "nothing" if got is _MISSING else repr(got)
+        self.problems.append(f"{path or '<top level>'}: expected {expected}, got {shown}")
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append((path, f"{path}: {message}"))
+
+    def mapping(self, value: object, path: str) -> dict | None:
+        """``value`` as a dict (None -> empty), or None after reporting a problem."""
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.bad(path, "a mapping", value)
+            return None
+        return dict(value)
+
+    def keys(
+        self,
+        d: dict,
+        path: str,
+        known: Iterable[str],
+        renamed: Mapping[str, str] | None = None,
+    ) -> dict:
+        """``d`` with old names mapped to the right ones; unknown keys reported."""
+        known = tuple(known)
+        renamed = renamed or {}
+        out: dict = {}
+        for key, value in d.items():
+            where = _join(path, key)
+            if key in renamed:
+                right = renamed[key]
+                if right in d:
+                    self.problems.append(
+                        f"{where}: old name of {_join(path, right)}; give only one of them"
+                    )
+                    continue
+                self.warn(
+                    where,
+                    f"accepted as {_join(path, right)} (PERSIA's misspelling or old name; "
+                    f"the right key is {right!r})",
+                )
+                out[right] = value
+            elif key in known:
+                out[key] = value
+            else:
+                self.problems.append(f"{where}: unknown key; expected one of {', '.join(known)}")
+        return out
+
+    def int_(
+        self,
+        d: dict,
+        key: str,
+        path: str,
+        default: Any,
+        minimum: int = 1,
+        maximum: int | None = None,
+    ) -> Any:
+        value = d.get(key, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                self.bad(_join(path, key), f"an int >= {minimum} (required)", value)
+            return default
+        low_ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        if not low_ok or (maximum is not None and value > maximum):
+            bound = (
+                f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+            )
+            if minimum == 1 and maximum is None:
+                bound = "an int > 0"
+            self.bad(_join(path, key), bound, value)
+            return default
+        return value
+
+    def bool_(self, d: dict, key: str, path: str, default: bool) -> bool:
+        value = d.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.bad(_join(path, key), "true or false", value)
+            return default
+        return value
+
+    def str_(self, d: dict, key: str, path: str, default: Any, choices: Iterable[str] = ()) -> Any:
+        value = d.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        choices = tuple(choices)
+        if not isinstance(value, str) or not value:
+            self.bad(_join(path, key), "a non-empty string", value)
+            return default
+        if choices and value.lower() not in choices:
+            self.bad(_join(path, key), f"one of {', '.join(choices)}", value)
+            return default
+        return value.lower() if choices else value
+
+    def no_effect(self, d: dict, key: str, path: str, value: object, default: object, why: str):
+        """Warns when a key of an unbuilt feature is set to something other than its default."""
+        if key in d and value != default:
+            self.warn(_join(path, key), f"accepted, but has no effect: {why}")
+
+    def finish(self, source: str | None) -> tuple[str, ...]:
+        """Raises the collected problems, else logs the warnings once and returns them."""
+        if self.problems:
+            raise ConfigError(self.problems, source=source)
+        for key, message in self.warnings:
+            warn_once(_log, f"{source}:{key}", message if not source else f"{source}: {message}")
+        return tuple(message for _, message in self.warnings)
+
+
+# --------------------------------------------------------------------------------------------
+# embedding_config.yml
+# --------------------------------------------------------------------------------------------
+
+_SLOT_KEYS = (
+    "dim",
+    "embedding_summation",
+    "sample_fixed_size",
+    "sqrt_scaling",
+    "hash_stack_config",
+    "index_prefix",
+    "capacity",
+    "pooling",
+)
+
+
+def _parse_slot(r: _Reader, name: str, raw: object, path: str) -> SlotConfig | None:
+    spec = r.mapping(raw, path)
+    if spec is None:
+        return None
+    spec = r.keys(spec, path, _SLOT_KEYS)
+    dim = r.int_(spec, "dim", path, _MISSING)
+    summation = r.bool_(spec, "embedding_summation", path, True)
+    sqrt_scaling = r.bool_(spec, "sqrt_scaling", path, False)
+    fixed = r.int_(spec, "sample_fixed_size", path, 10)
+
+    hs_path = _join(path, "hash_stack_config")
+    hs = r.mapping(spec.get("hash_stack_config"), hs_path) or {}
+    hs = r.keys(hs, hs_path, ("hash_stack_rounds", "embedding_size"))
+    rounds = r.int_(hs, "hash_stack_rounds", hs_path, 0, minimum=0)
+    size = r.int_(hs, "embedding_size", hs_path, 0, minimum=0)
+    if (rounds > 0) != (size > 0):
+        r.bad(
+            hs_path,
+            "hash_stack_rounds and embedding_size both > 0 (on) or both 0 (off)",
+            {"hash_stack_rounds": rounds, "embedding_size": size},
+        )
+
+    if "index_prefix" in spec and spec["index_prefix"] != 0:
+        r.bad(
+            _join(path, "index_prefix"),
+            "0 or no value (persia computes prefixes from feature_groups, as PERSIA did)",
+            spec["index_prefix"],
+        )
+    capacity = None
+    if "capacity" in spec:
+        capacity = r.int_(spec, "capacity", path, None)
+        r.warn(
+            _join(path, "capacity"),
+            "accepted, but has no effect: persia bounds the whole table with "
+            "embedding_parameter_server_config.capacity",
+        )
+
+    derived = "raw" if not summation else ("sqrt" if sqrt_scaling else "sum")
+    pooling = derived
+    if "pooling" in spec:
+        given = r.str_(spec, "pooling", path, None, choices=POOLINGS)
+        if given is not None:
+            pooling = given
+            where = _join(path, "pooling")
+            if "embedding_summation" in spec and summation != (given != "raw"):
+                r.bad(where, f"a pooling that agrees with embedding_summation: {summation}", given)
+            if "sqrt_scaling" in spec and sqrt_scaling and given != "sqrt":
+                r.bad(where, "sqrt (sqrt_scaling is true)", given)
+            summation, sqrt_scaling = given != "raw", given == "sqrt"
+    elif not summation and sqrt_scaling:
+        r.warn(
+            _join(path, "sqrt_scaling"),
+            "accepted, but has no effect: embedding_summation is false (raw slot)",
+        )
+        sqrt_scaling = False
+    if dim is _MISSING:
+        return None
+    return SlotConfig(
+        name=name,
+        dim=dim,
+        embedding_summation=summation,
+        sample_fixed_size=fixed,
+        sqrt_scaling=sqrt_scaling,
+        hash_stack_config=HashStackConfig(rounds, size),
+        pooling=pooling,
+        capacity=capacity,
+    )
+
+
+def parse_embedding_config(data: object, source: str | None = None) -> EmbeddingFileConfig:
+    """Validates an in-memory ``embedding_config.yml`` document.
+
+    Args:
+        data: the parsed YAML (a dict).
+        source: where it came from, for messages.
+
+    Returns:
+        The config, slots with their pooling, group and key prefix computed.
+
+    Raises:
+        ConfigError: listing every problem.
+    """
+    r = _Reader()
+    top = r.mapping(data, "")
+    if top is None:
+        raise ConfigError(r.problems, source=source)
+    top = r.keys(
+        top,
+        "",
+        ("feature_index_prefix_bit", "slots_config", "feature_groups"),
+        renamed={"slot_config": "slots_config", "slot_configs": "slots_config"},
+    )
+    bits = r.int_(
+        top, "feature_index_prefix_bit", "", DEFAULT_FEATURE_INDEX_PREFIX_BIT, minimum=1, maximum=63
+    )
+
+    slots: list[SlotConfig] = []
+    raw_slots = top.get("slots_config", _MISSING)
+    slot_map: dict = {}
+    if raw_slots is _MISSING:
+        r.bad("slots_config", "a mapping of slot name -> slot config (required)", _MISSING)
+    else:
+        parsed = r.mapping(raw_slots, "slots_config")
+        if parsed == {}:
+            r.bad("slots_config", "at least one slot", raw_slots)
+        slot_map = parsed or {}
+    for name, spec in slot_map.items():
+        path = _join("slots_config", name)
+        if not isinstance(name, str) or not name:
+            r.bad(path, "a non-empty slot name", name)
+            continue
+        slot = _parse_slot(r, name, spec, path)
+        if slot is not None:
+            slots.append(slot)
+    known = set(slot_map)
+
+    groups: list[tuple[str, tuple[str, ...]]] = []
+    group_of: dict[str, str] = {}
+    for gname, members in (r.mapping(top.get("feature_groups"), "feature_groups") or {}).items():
+        path = _join("feature_groups", gname)
+        if not isinstance(gname, str) or not gname:
+            r.bad(path, "a non-empty group name", gname)
+            continue
+        if not isinstance(members, list) or not members:
+            r.bad(path, "a non-empty list of slot names", members)
+            continue
+        kept: list[str] = []
+        for member in members:
+            if not isinstance(member, str) or member not in known:
+                r.problems.append(f"{path}: unknown slot {member!r} (not in slots_config)")
+            elif member in group_of:
+                where = "this group" if group_of[member] == gname else f"group {group_of[member]!r}"
+                r.problems.append(f"{path}: slot {member!r} is already in {where}")
+            else:
+                group_of[member] = gname
+                kept.append(member)
+        groups.append((gname, tuple(kept)))
+    group_names = {g for g, _ in groups}
+    for slot in slots:
+        if slot.name not in group_of and slot.name in group_names:
+            r.problems.append(
+                f"feature_groups.{slot.name}: a group may not share its name with a slot that "
+                "is in no group"
+            )
+
+    order = [g for g, _ in groups] + [s.name for s in slots if s.name not in group_of]
+    if isinstance(bits, int) and len(order) > (1 << bits) - 1:
+        r.bad(
+            "feature_index_prefix_bit",
+            f"enough bits for {len(order)} prefixes (feature groups + ungrouped slots); "
+            f"{bits} bits give {(1 << bits) - 1}",
+            bits,
+        )
+    warnings = r.finish(source)
+    index = {g: i for i, g in enumerate(order)}
+    shift = 64 - bits
+    final = []
+    for slot in slots:
+        group = group_of.get(slot.name, slot.name)
+        prefix = index[group] + 1
+        final.append(replace(slot, group=group, prefix=prefix, index_prefix=prefix << shift))
+    return EmbeddingFileConfig(bits, tuple(final), tuple(groups), source, warnings)
+
+
+# --------------------------------------------------------------------------------------------
+# global_config.yml
+# --------------------------------------------------------------------------------------------
+
+_METRICS_WHY = "metrics are not built yet"
+_INCREMENTAL_WHY = "persia writes deltas without a channel between threads"
+_TUNING_WHY = "a knob of PERSIA's own server internals; persia has no equivalent"
+
+
+def _parse_common(r: _Reader, raw: object) -> CommonConfig:
+    path = "common_config"
+    d = r.mapping(raw, path) or {}
+    d = r.keys(
+        d,
+        path,
+        (
+            "job_type",
+            "checkpointing_config",
+            "metrics_config",
+            "infer_config",
+            "num_embedding_io_workers",
+        ),
+        renamed={"intent": "job_type"},
+    )
+    job_type = r.str_(d, "job_type", path, "train", choices=JOB_TYPES)
+    io_workers = r.int_(d, "num_embedding_io_workers", path, None)
+    r.no_effect(d, "num_embedding_io_workers", path, io_workers, None, _TUNING_WHY)
+
+    cpath = _join(path, "checkpointing_config")
+    c = r.keys(r.mapping(d.get("checkpointing_config"), cpath) or {}, cpath, ("num_workers",))
+    workers = r.int_(c, "num_workers", cpath, 4)
+    r.no_effect(c, "num_workers", cpath, workers, 4, "checkpoints are written by one thread")
+
+    mpath = _join(path, "metrics_config")
+    m = r.mapping(d.get("metrics_config"), mpath) or {}
+    m = r.keys(
+        m,
+        mpath,
+        ("enable_metrics", "push_interval_seconds", "job_name"),
+        renamed={"push_interval_sec": "push_interval_seconds"},
+    )
+    metrics = MetricsConfig(
+        enable_metrics=r.bool_(m, "enable_metrics", mpath, False),
+        push_interval_seconds=r.int_(m, "push_interval_seconds", mpath, 10),
+        job_name=r.str_(m, "job_name", mpath, "persia_default_jobname"),
+    )
+    for key, default in vars(MetricsConfig()).items():
+        r.no_effect(m, key, mpath, getattr(metrics, key), default, _METRICS_WHY)
+
+    infer = None
+    if "infer_config" in d:
+        ipath = _join(path, "infer_config")
+        i = r.mapping(d.get("infer_config"), ipath) or {}
+        i = r.keys(
+            i,
+            ipath,
+            ("servers", "embedding_checkpoint"),
+            renamed={"initial_sparse_checkpoint": "embedding_checkpoint"},
+        )
+        servers = i.get("servers", [])
+        if not isinstance(servers, list) or not all(isinstance(s, str) and s for s in servers):
+            r.bad(_join(ipath, "servers"), "a list of 'host:port' strings", servers)
+            servers = []
+        infer = InferConfig(tuple(servers), r.str_(i, "embedding_checkpoint", ipath, None))
+    return CommonConfig(job_type, CheckpointingConfig(workers), metrics, infer)
+
+
+def _parse_worker(r: _Reader, raw: object) -> EmbeddingWorkerConfig:
+    path = "embedding_worker_config"
+    d = r.mapping(raw, path) or {}
+    d = r.keys(d, path, ("forward_buffer_size", "buffered_data_expired_sec"))
+    expired = r.int_(d, "buffered_data_expired_sec", path, 1000)
+    r.no_effect(d, "buffered_data_expired_sec", path, expired, 1000, _TUNING_WHY)
+    return EmbeddingWorkerConfig(r.int_(d, "forward_buffer_size", path, 1000))
+
+
+_PS_TUNING_INTS = {
+    "embedding_recycle_pool_capacity": 1_000_000,
+    "num_persistence_workers": 4,
+    "num_signs_per_file": 1_000_000,
+    "num_embedding_io_workers": None,
+}
+
+
+def _parse_server(r: _Reader, raw: object) -> EmbeddingParameterServerConfig:
+    path = "embedding_parameter_server_config"
+    d = r.mapping(raw, path) or {}
+    own = tuple(vars(EmbeddingParameterServerConfig()))
+    d = r.keys(d, path, own + tuple(_PS_TUNING_INTS) + ("storage", "local_buffer_dir"))
+    default = EmbeddingParameterServerConfig()
+    cfg = EmbeddingParameterServerConfig(
+        capacity=r.int_(d, "capacity", path, default.capacity),
+        num_hashmap_internal_shards=r.int_(
+            d, "num_hashmap_internal_shards", path, default.num_hashmap_internal_shards
+        ),
+        full_amount_manager_buffer_size=r.int_(
+            d, "full_amount_manager_buffer_size", path, default.full_amount_manager_buffer_size
+        ),
+        enable_incremental_update=r.bool_(d, "enable_incremental_update", path, False),
+        incremental_buffer_size=r.int_(
+            d, "incremental_buffer_size", path, default.incremental_buffer_size
+        ),
+        incremental_dir=r.str_(d, "incremental_dir", path, default.incremental_dir),
+        incremental_channel_capacity=r.int_(
+            d, "incremental_channel_capacity", path, default.incremental_channel_capacity
+        ),
+    )
+    r.no_effect(
+        d,
+        "full_amount_manager_buffer_size",
+        path,
+        cfg.full_amount_manager_buffer_size,
+        default.full_amount_manager_buffer_size,
+        _TUNING_WHY,
+    )
+    # enable_incremental_update, incremental_buffer_size (rows per delta) and incremental_dir are
+    # honoured by TrainCtx (persia.store.delta); the channel capacity has no equivalent
+    r.no_effect(
+        d,
+        "incremental_channel_capacity",
+        path,
+        cfg.incremental_channel_capacity,
+        default.incremental_channel_capacity,
+        _INCREMENTAL_WHY,
+    )
+    if cfg.incremental_buffer_size < 1:
+        r.bad(f"{path}.incremental_buffer_size", "an int >= 1", cfg.incremental_buffer_size)
+    for key, key_default in _PS_TUNING_INTS.items():
+        r.no_effect(d, key, path, r.int_(d, key, path, key_default), key_default, _TUNING_WHY)
+    storage = r.str_(d, "storage", path, "ceph", choices=("ceph", "hdfs"))
+    r.no_effect(d, "storage", path, storage, "ceph", _TUNING_WHY)
+    buffer_dir = r.str_(d, "local_buffer_dir", path, "/workspace/buffer_dir/")
+    r.no_effect(d, "local_buffer_dir", path, buffer_dir, "/workspace/buffer_dir/", _TUNING_WHY)
+    return cfg
+
+
+def parse_global_config(data: object, source: str | None = None) -> GlobalConfig:
+    """Validates an in-memory ``global_config.yml`` document (``None`` or ``{}``: defaults).
+
+    Args:
+        data: the parsed YAML.
+        source: where it came from, for messages.
+
+    Returns:
+        The config.
+
+    Raises:
+        ConfigError: listing every problem.
+    """
+    r = _Reader()
+    top = r.mapping(data, "")
+    if top is None:
+        raise ConfigError(r.problems, source=source)
+    top = r.keys(
+        top,
+        "",
+        ("common_config", "embedding_worker_config", "embedding_parameter_server_config"),
+        renamed={
+            "middleware_config": "embedding_worker_config",
+            "shard_server_config": "embedding_parameter_server_config",
+        },
+    )
+    common = _parse_common(r, top.get("common_config"))
+    worker = _parse_worker(r, top.get("embedding_worker_config"))
+    server = _parse_server(r, top.get("embedding_parameter_server_config"))
+    warnings = r.finish(source)
+    return GlobalConfig(common, worker, server, source, warnings)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def _path_from(path: str | os.PathLike | None, variable: str) -> Path | None:
+    if path is not None:
+        return Path(path)
+    value = os.environ.get(variable, "").strip()
+    return Path(value) if value else None
+
+
+def load_embedding_config(path: str | os.PathLike | None = None) -> EmbeddingFileConfig:
+    """Loads ``embedding_config.yml`` from ``path``, else from ``$PERSIA_EMBEDDING_CONFIG``.
+
+    Raises:
+        ConfigError: no path given and the variable unset; file missing or not YAML; any
+            problem in its content (all listed).
+    """
+    found = _path_from(path, _settings.PERSIA_EMBEDDING_CONFIG)
+    if found is None:
+        raise ConfigError(
+            "no embedding config: pass its path or set the environment variable "
+            f"{_settings.PERSIA_EMBEDDING_CONFIG}"
+        )
+    return parse_embedding_config(load_yaml(found), source=str(found))
+
+
+def load_global_config(path: str | os.PathLike | None = None) -> GlobalConfig:
+    """Loads ``global_config.yml`` from ``path``, else ``$PERSIA_GLOBAL_CONFIG``, else defaults.
+
+    Raises:
+        ConfigError: file missing or not YAML; any problem in its content (all listed).
+    """
+    found = _path_from(path, _settings.PERSIA_GLOBAL_CONFIG)
+    if found is None:
+        return GlobalConfig()
+    return parse_global_config(load_yaml(found), source=str(found))
