@@ -34,8 +34,9 @@ import torch
 from persia import env
 from persia.embedding import EmbeddingConfig, get_default_embedding_config
 from persia.embedding.optim import EmbeddingOptimizer
-from persia.errors import CheckpointError, PersiaError
+from persia.errors import BackendError, CheckpointError, PersiaError
 from persia.logger import get_default_logger, warn_once
+from persia.runtime import registry
 from persia.runtime.pipeline import Runtime, TrainingBatch
 
 __all__ = [
@@ -162,15 +163,12 @@ class DataCtx(BaseCtx):
     def _enter(self) -> None:
         if self._sender is None:
             try:
-                from persia.backends.ray.stream import StreamSender
+                self._sender = registry.backend("ray").stream_sender(**self._sender_kwargs)
             except ImportError as exc:
-                from persia.errors import BackendError
-
                 raise BackendError(
                     f"DataCtx needs the cluster backend (pip install persia[ray]): {exc}",
                     role="data-loader",
                 ) from exc
-            self._sender = StreamSender(**self._sender_kwargs)
 
     def _exit(self) -> None:
         sender, self._sender = self._sender, None
@@ -217,8 +215,9 @@ class EmbeddingCtx(BaseCtx):
         from persia import _settings
 
         self.backend = backend or os.environ.get(_settings.PERSIA_BACKEND, "").strip() or "local"
-        if self.backend not in ("local", "ray"):
-            raise PersiaError(f"backend must be 'local' or 'ray', got {self.backend!r}")
+        if self.backend not in registry.names():
+            allowed = " or ".join(repr(n) for n in registry.names())
+            raise PersiaError(f"backend must be {allowed}, got {self.backend!r}")
         if cluster is not None and self.backend != "ray":
             raise PersiaError("cluster= needs backend='ray'")
         self.cluster = cluster
@@ -250,24 +249,17 @@ class EmbeddingCtx(BaseCtx):
         if self._runtime is not None:
             self._runtime.training_allowed = self._saved_training_allowed
 
-    def _build_runtime(self, optimizer: EmbeddingOptimizer | None) -> Runtime:
-        if self.backend == "ray":
-            from persia.backends.ray.runtime import build_ray_runtime
-
-            return build_ray_runtime(
-                embedding_config=self.embedding_config,
-                optimizer=optimizer,
-                embedding_config_file=self.embedding_config_file,
-                global_config_file=self.global_config_file,
-                cluster=self.cluster,
-            )
-        from persia.runtime.local import build_local_runtime
-
-        return build_local_runtime(
+    def _build_runtime(
+        self, optimizer: EmbeddingOptimizer | None, backward_buffer_size: int = 10
+    ) -> Runtime:
+        """The runtime of this context, built by its backend (:mod:`persia.runtime.registry`)."""
+        return registry.backend(self.backend).build_runtime(
             embedding_config=self.embedding_config,
             optimizer=optimizer,
             embedding_config_file=self.embedding_config_file,
             global_config_file=self.global_config_file,
+            backward_buffer_size=backward_buffer_size,
+            cluster=self.cluster,
         )
 
     @property
@@ -600,7 +592,7 @@ class TrainCtx(EmbeddingCtx):
         global _LAST_RUNTIME
         if _LAST_RUNTIME is not None and not _LAST_RUNTIME._closed:
             _LAST_RUNTIME.close()
-        self._runtime = self._build_runtime(self.embedding_optimizer)
+        self._runtime = self._build_runtime(self.embedding_optimizer, self.backward_buffer_size)
         self._owns_runtime = True
         _LAST_RUNTIME = self._runtime
         self._saved_training_allowed = True

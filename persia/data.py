@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from persia.embedding.data import PersiaBatch
 from persia.errors import BackendError, BatchError, PersiaError
 from persia.logger import get_default_logger
+from persia.runtime import registry
 from persia.runtime.staleness import StalenessGate, StalenessReport
 
 if TYPE_CHECKING:
@@ -76,9 +77,7 @@ class StreamingDataset(IterableDataset):
 
         ctx = cnt_ctx()
         if getattr(ctx, "backend", None) == "ray" or os.environ.get(_settings.RAY_ADDRESS):
-            from persia.backends.ray.stream import receive_batches
-
-            yield from receive_batches(self.channel, self.timeout_s)
+            yield from registry.backend("ray").receive_batches(self.channel, self.timeout_s)
             return
         raise BackendError(
             "StreamingDataset receives batches from data-loader processes and needs the cluster "

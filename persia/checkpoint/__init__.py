@@ -13,6 +13,7 @@ from persia.checkpoint.job import (
     is_job_checkpoint,
     read,
     restore_store,
+    restore_with_deltas,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "is_job_checkpoint",
     "read",
     "restore_store",
+    "restore_with_deltas",
 ]

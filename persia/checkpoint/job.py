@@ -42,6 +42,7 @@ import numpy as np
 from persia.checkpoint._generation import GenerationWriter
 from persia.errors import CheckpointError
 from persia.store.checkpoint import current_generation, read_current
+from persia.store.delta import DeltaReader
 
 __all__ = [
     "KIND",
@@ -307,3 +308,28 @@ def restore_store(store: Any, ckpt: JobCheckpoint) -> None:
             the store refuses.
     """
     store.replace_rows(ckpt.arrays, ckpt.meta, str(ckpt.path))
+
+
+def restore_with_deltas(
+    store: Any,
+    checkpoint_dir: str | os.PathLike[str] | None,
+    delta_dir: str | os.PathLike[str],
+) -> dict[str, Any]:
+    """Load the full job checkpoint (if given) into ``store``, then every complete delta after it.
+
+    Returns:
+        ``{"applied": [seq, ...], "last_seq": int, "lost_window_s": float | None}``: the
+        lost-update window is the time since the newest applied delta was flushed (the changes
+        after it are what a crash lost).
+    """
+    after = 0
+    if checkpoint_dir is not None:
+        ckpt = read(checkpoint_dir)
+        restore_store(store, ckpt)
+        after = int(ckpt.meta.get("delta_seq") or 0)
+    reader = DeltaReader(delta_dir, after_seq=after)
+    applied = reader.apply_pending(store)
+    lost = None
+    if reader.last_flushed_unix_s is not None:
+        lost = max(0.0, time.time() - reader.last_flushed_unix_s)
+    return {"applied": applied, "last_seq": reader.last_seq, "lost_window_s": lost}

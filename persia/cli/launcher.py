@@ -216,10 +216,11 @@ def embedding_worker(args: argparse.Namespace) -> int:
 
 def embedding_parameter_server(args: argparse.Namespace) -> int:
     """Starts parameter server ``--replica-index`` of the job and holds it until stopped."""
-    import ray
-
-    from persia.backends.ray.backend import ClusterConfig, get_with_timeout
-    from persia.backends.ray.launch import LaunchedParameterServer, connect, job_name
+    from persia.backends.ray.launch import (
+        connect,
+        start_parameter_server,
+        stop_parameter_server,
+    )
     from persia.embedding.config import load_embedding_config, load_global_config
     from persia.embedding.optim import SGD
     from persia.errors import BackendError
@@ -243,22 +244,14 @@ def embedding_parameter_server(args: argparse.Namespace) -> int:
         "dims": sorted({s.dim for s in emb.slots}),
     }
     connect(address)
-    bind = args.bind_host or "node"
-    name = f"persia-{job_name()}-ps-{args.replica_index}"
-    actor_cls: Any = ray.remote(LaunchedParameterServer)
-    actor = actor_cls.options(
-        name=name, num_cpus=args.num_cpus, max_restarts=0, max_concurrency=4
-    ).remote(args.replica_index, args.replica_size, shard_kwargs, bind)
-    timeout_s = ClusterConfig().resolved_timeout_s()
-    get_with_timeout(actor.ping.remote(), timeout_s, "parameter-server", args.replica_index)
-    endpoint = get_with_timeout(
-        actor.endpoint.remote(), timeout_s, "parameter-server", args.replica_index
+    actor, name, endpoint = start_parameter_server(
+        args.replica_index, args.replica_size, shard_kwargs, args.bind_host or "node", args.num_cpus
     )
     print(f"persia-launcher: parameter server {name} serving on {endpoint}", flush=True)
     try:
         _wait_for_stop()
     finally:
-        ray.kill(actor)
+        stop_parameter_server(actor)
     return EXIT_OK
 
 

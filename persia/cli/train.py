@@ -216,12 +216,14 @@ def run(args: argparse.Namespace) -> int:
     logger.info(
         f"persia train {args.job}: model {job.model.type}, {len(job.embedding.slots)} slots"
     )
-    result = run_job(
-        job,
-        cluster=cluster,
-        resume=getattr(args, "resume", None),
-        export=getattr(args, "export", None),
-    )
+    options = {"cluster": cluster, "resume": getattr(args, "resume", None)}
+    export = getattr(args, "export", None)
+    if export is not None:
+        from persia.serving import run_and_export
+
+        result = run_and_export(job, export, **options)
+    else:
+        result = run_job(job, **options)
     for line in summary_lines(result):
         logger.info(line)
     sys.stdout.write(dumps(result) + "\n")

@@ -20,7 +20,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -46,6 +46,7 @@ from persia.job.models import build_model
 from persia.job.readers import JobReader
 from persia.logger import get_default_logger
 from persia.metrics import log_loss, roc_auc
+from persia.runtime import registry
 from persia.utils import setup_seed
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "job_to_dict",
     "Position",
     "run_job",
+    "train_loop",
 ]
 
 _logger = get_default_logger()
@@ -222,11 +224,11 @@ class _TrainDataset(IterableDataset):
         job: JobConfig,
         pauses: _Pauses,
         start: Position | None = None,
-        stream: tuple[str, float] | None = None,
+        stream: Callable[[], Iterable[PersiaBatch]] | None = None,
     ) -> None:
         super().__init__(buffer_size=job.training.forward_buffer_size)
         self.reader, self.job, self.pauses = reader, job, pauses
-        # (channel, timeout): the batches come from data-loader actors (persia.backends.ray.loaders)
+        # the batches come from the backend's data loaders (persia.backends.ray.loaders)
         self.stream = stream
         self.start = start or Position()
         # the position after each batch that ends a pause interval (read by the NN worker)
@@ -252,12 +254,10 @@ class _TrainDataset(IterableDataset):
             self.pauses.wait(count)
         return self.pauses.closed
 
-    def _streamed(self, channel: str, timeout_s: float) -> Iterator[PersiaBatch]:
-        """The batches of the job's data-loader actors (every epoch, already rank-strided)."""
-        from persia.backends.ray.stream import receive_batches
-
+    def _streamed(self, stream: Callable[[], Iterable[PersiaBatch]]) -> Iterator[PersiaBatch]:
+        """The batches of the job's data loaders (every epoch, already rank-strided)."""
         produced = count = 0
-        for batch in receive_batches(channel, timeout_s=timeout_s):
+        for batch in stream():
             produced += batch.batch_size
             count += 1
             self._reached(count, Position(0, count, count, produced, produced))
@@ -267,7 +267,7 @@ class _TrainDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[PersiaBatch]:
         if self.stream is not None:
-            yield from self._streamed(*self.stream)
+            yield from self._streamed(self.stream)
             return
         t = self.job.training
         start = self.start
@@ -521,97 +521,67 @@ def run_job(
     stderr: TextIO | None = None,
     cluster: Any = None,
     resume: str | Path | None = None,
-    export: str | Path | None = None,
+    on_trained: Callable[[TrainCtx, JobConfig, Any], Any] | None = None,
+    export: Any = None,
 ) -> dict[str, Any]:
     """Trains and tests the job; returns the result (what ``persia train`` prints as JSON).
 
-    ``training.backend: ray`` runs the parameter servers as Ray actors, placed and reached as
-    ``cluster`` (a :class:`persia.backends.ray.backend.ClusterConfig`, default settings if None)
-    says.
+    The backend named by ``training.backend`` runs :func:`train_loop` (through the backend
+    registry, :mod:`persia.runtime.registry`): ``local`` right here, ``ray`` with the parameter
+    servers (and, as ``cluster`` says, embedding workers, data loaders and several NN workers)
+    as Ray actors; ``cluster`` is a :class:`persia.backends.ray.ClusterConfig` (default settings
+    if None).
 
     ``resume`` is a checkpoint directory written by a job like this one: its embeddings (with
     optimizer state), dense model and dense optimizer are loaded, and training continues at
-    the data position saved with it. ``export`` writes the trained model for serving
-    (:func:`persia.serving.export`) to that directory at the end.
+    the data position saved with it. ``on_trained(ctx, job, reader_stats)`` runs at the end of
+    training, once (on rank 0 between barriers with several NN workers): the serving export
+    (:func:`persia.serving.run_and_export`) is such a hook.
 
     Raises:
         ConfigError: a setting that only shows up when the job is built (model arguments, ...).
         BatchError: data that cannot be read as configured.
         CheckpointError: ``resume`` is not a readable checkpoint of this job.
     """
+    if export is not None:
+        raise ConfigError(
+            "run_job(export=...) moved to persia.serving.run_and_export(job, export_dir, ...) "
+            "(the job floor does not import serving); persia train --export is unchanged"
+        )
     t = job.training
     if cluster is not None and t.backend != "ray":
         raise ConfigError(f"cluster settings need training.backend 'ray', got {t.backend!r}")
-    if cluster is not None and getattr(cluster, "num_nn_workers", 1) > 1:
-        if getattr(cluster, "recover", False):
-            raise ConfigError(
-                f"--recover works with one NN worker, got num_nn_workers={cluster.num_nn_workers} "
-                "(each would restore its own copy of a dead shard)"
-            )
-        from persia.backends.ray.ddp import run_job_ddp
-
-        return run_job_ddp(job, cluster, resume=resume, export=export)
-    loaders: list[Any] = []
-    stream: tuple[str, float] | None = None
-    if cluster is not None and getattr(cluster, "num_data_loaders", 0) > 0:
-        if resume is not None or t.checkpoint_dir:
-            raise ConfigError(
-                "--resume and training.checkpoint_dir are not supported with num_data_loaders > 0"
-            )
-        from dataclasses import replace
-
-        from persia.backends.ray.backend import init_ray, new_job_id
-        from persia.backends.ray.loaders import data_channel, start_data_loaders
-
-        if cluster.data_channel is None:  # this process is the only NN worker: start them
-            init_ray(cluster.address, cluster.num_cpus)
-            cluster = replace(cluster, job_name=cluster.job_name or new_job_id())
-            loaders = start_data_loaders(job, cluster, cluster.job_name)
-            cluster = replace(cluster, data_channel=data_channel(cluster.job_name, 0))
-        stream = (cluster.data_channel, cluster.resolved_timeout_s())
-    scratch: str | None = None
-    incremental_dir: str | None = None
-    if cluster is not None and getattr(cluster, "recover", False):
-        # recovery restores a dead shard from the newest checkpoint in training.checkpoint_dir
-        # (if any) plus the deltas written since: kept beside the checkpoints, or in a scratch
-        # folder for this run
-        from dataclasses import replace
-
-        from persia.backends.ray.recovery import RecoveryConfig
-
-        recover = cluster.recover if isinstance(cluster.recover, RecoveryConfig) else None
-        if recover is None or (recover.checkpoint_dir is None and t.checkpoint_dir):
-            base = recover or RecoveryConfig()
-            cluster = replace(cluster, recover=replace(base, checkpoint_dir=t.checkpoint_dir))
-        if t.checkpoint_dir:
-            incremental_dir = str(Path(t.checkpoint_dir) / "incremental")
-        else:
-            import tempfile
-
-            scratch = incremental_dir = tempfile.mkdtemp(prefix="persia-deltas-")
-    try:
-        return _run_job(job, stderr, cluster, resume, export, loaders, stream, incremental_dir)
-    finally:
-        if scratch is not None:
-            import shutil
-
-            shutil.rmtree(scratch, ignore_errors=True)
-        if loaders:
-            from persia.backends.ray.loaders import stop_data_loaders
-
-            stop_data_loaders(loaders)
+    options: dict[str, Any] = {"stderr": stderr, "resume": resume, "on_trained": on_trained}
+    if cluster is not None:
+        options["cluster"] = cluster
+    return registry.backend(t.backend).run_job(train_loop, job, **options)
 
 
-def _run_job(
+def train_loop(
     job: JobConfig,
-    stderr: TextIO | None,
-    cluster: Any,
-    resume: str | Path | None,
-    export: str | Path | None,
-    loaders: list[Any],
-    stream: tuple[str, float] | None,
+    *,
+    stderr: TextIO | None = None,
+    cluster: Any = None,
+    resume: str | Path | None = None,
+    on_trained: Callable[[TrainCtx, JobConfig, Any], Any] | None = None,
+    stream: Callable[[], Iterable[PersiaBatch]] | None = None,
+    on_data_end: Callable[[], None] | None = None,
     incremental_dir: str | None = None,
 ) -> dict[str, Any]:
+    """The training loop of one NN worker, as a plain function that a backend calls.
+
+    Args:
+        job: the validated job.
+        stderr: where progress goes (default: ``sys.stderr``).
+        cluster: the backend's settings, handed to :class:`TrainCtx` (None: the backend's
+            defaults).
+        resume: a checkpoint directory to continue from.
+        on_trained: called as ``on_trained(ctx, job, reader_stats)`` after training and testing,
+            by rank 0 between barriers (the serving export).
+        stream: the batches of the backend's data loaders (None: read ``data.train`` here).
+        on_data_end: called once the stream is exhausted (waits for the data loaders).
+        incremental_dir: where the parameter servers' incremental deltas go (recovery).
+    """
     t = job.training
     if resume is not None and not Path(resume).is_dir():
         raise CheckpointError(f"--resume: checkpoint directory {str(resume)!r} does not exist")
@@ -700,10 +670,8 @@ def _run_job(
                 raise
             ctx.runtime.flush()
             train_s = time.perf_counter() - train_start - paused_s
-            if loaders:
-                from persia.backends.ray.loaders import wait_data_loaders
-
-                wait_data_loaders(loaders, cluster.resolved_timeout_s())
+            if on_data_end is not None:
+                on_data_end()
             progress.close()
             final: dict[str, Any] = {"test_auc": None, "test_logloss": None, "test_samples": 0}
             if job.data.test is not None:
@@ -712,13 +680,11 @@ def _run_job(
                 )
             if t.checkpoint_dir:
                 _dump(ctx, job, dataset.last)
-            if export is not None:
-                from persia.serving import export_from_ctx
-
-                # several NN workers: rank 0 exports once every rank's gradients are applied
+            if on_trained is not None:
+                # several NN workers: rank 0 runs it once every rank's gradients are applied
                 with _all_ranks_wait():
                     if env.get_rank() == 0:
-                        export_from_ctx(export, ctx, job, stats)
+                        on_trained(ctx, job, stats)
             report = loader.staleness_report()
             rows = sum(ctx.get_embedding_size())
             recovery = getattr(ctx.runtime, "recovery", None)
@@ -752,7 +718,7 @@ def _run_job(
         "resumed_from": (
             {"checkpoint": str(resume), **start_at.to_dict()} if resume is not None else None
         ),
-        "export_dir": str(export) if export is not None else None,
+        "export_dir": None,
     }
     if recovered is not None:  # --recover: parameter-server shards restored during the job
         result["recovery"] = recovered

@@ -1,8 +1,14 @@
-"""Builds the embedded backend's runtime: store shards, embedding worker, applier thread."""
+"""The embedded (local) backend: every role in this process.
+
+:func:`build_runtime` builds one context's store shards, embedding worker and applier thread;
+:func:`run_job` runs a job's training loop right here. Streams between processes need the
+cluster backend. The functions are those of :class:`persia.runtime.registry.Backend`.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from persia.embedding import EmbeddingConfig
@@ -13,6 +19,7 @@ from persia.embedding.config import (
     load_global_config,
 )
 from persia.embedding.optim import SGD, EmbeddingOptimizer
+from persia.errors import BackendError, ConfigError
 from persia.rpc.local import local_parameter_servers
 from persia.runtime.pipeline import Runtime
 from persia.store import ShardedStore
@@ -99,3 +106,46 @@ def build_local_runtime(
         slot_specs(emb), emb.feature_index_prefix_bit, local_parameter_servers(store)
     )
     return Runtime(worker, store, backward_buffer_size=backward_buffer_size)
+
+
+def build_runtime(
+    embedding_config: EmbeddingConfig,
+    optimizer: EmbeddingOptimizer | None,
+    embedding_config_file: str | os.PathLike | EmbeddingFileConfig | None = None,
+    global_config_file: str | os.PathLike | GlobalConfig | None = None,
+    backward_buffer_size: int = 10,
+    cluster: Any = None,
+) -> Runtime:
+    """:func:`build_local_runtime` as the registry calls it (``cluster`` must be None)."""
+    if cluster is not None:
+        raise ConfigError("cluster settings need the 'ray' backend, got 'local'")
+    return build_local_runtime(
+        embedding_config,
+        optimizer,
+        embedding_config_file,
+        global_config_file,
+        backward_buffer_size=backward_buffer_size,
+    )
+
+
+def run_job(train_fn: Callable[..., dict[str, Any]], job: Any, **options: Any) -> dict[str, Any]:
+    """Runs the job's training loop in this process."""
+    if options.get("cluster") is not None:
+        raise ConfigError("cluster settings need training.backend 'ray', got 'local'")
+    return train_fn(job, **options)
+
+
+_NO_STREAMS = (
+    "data-loader streams between processes need the cluster backend (backend='ray' or "
+    "RAY_ADDRESS); in one process, subclass IterableDataset and yield PersiaBatch objects"
+)
+
+
+def stream_sender(**options: Any) -> Any:
+    """Refused: the embedded backend has no other process to send to."""
+    raise BackendError(_NO_STREAMS, role="data-loader")
+
+
+def receive_batches(channel: str | None, timeout_s: float) -> Iterator[Any]:
+    """Refused: the embedded backend has no other process to receive from."""
+    raise BackendError(_NO_STREAMS, role="data-loader")

@@ -74,7 +74,8 @@ class Runtime:
         self.worker = worker
         self.store = store
         self.training_allowed = True
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, backward_buffer_size))
+        self.backward_buffer_size = max(1, backward_buffer_size)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.backward_buffer_size)
         self._error: BaseException | None = None
         self._closed = False
         self._pending = 0

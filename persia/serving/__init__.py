@@ -16,6 +16,7 @@ from persia.serving.export import (
     export,
     export_from_checkpoint,
     export_from_ctx,
+    run_and_export,
     serving_meta,
 )
 from persia.serving.predictor import Predictor, load
@@ -28,5 +29,6 @@ __all__ = [
     "export_from_checkpoint",
     "export_from_ctx",
     "load",
+    "run_and_export",
     "serving_meta",
 ]

@@ -20,6 +20,7 @@ model's output kind and what the predicted probability means (the label's positi
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -264,6 +265,21 @@ def export_from_ctx(out: str | os.PathLike[str], ctx: Any, job: Any, stats: Any)
         raise ConfigError("export: the context has no model")
     model = ctx.unwrapped_model()  # not DDP's wrapper (several NN workers)
     return export(out, model=model, rows=rows, meta=serving_meta(job, stats.mean, stats.std))
+
+
+def run_and_export(job: Any, out: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+    """Trains ``job`` (:func:`persia.job.runner.run_job` with ``options``) and exports the trained
+    model to ``out`` at the end (``persia train --export``): on rank 0 with several NN workers,
+    once every rank's gradients are applied.
+
+    Returns:
+        The job's result, with ``export_dir``.
+    """
+    from persia.job.runner import run_job
+
+    result = run_job(job, on_trained=functools.partial(export_from_ctx, str(out)), **options)
+    result["export_dir"] = str(out)
+    return result
 
 
 def export_from_checkpoint(

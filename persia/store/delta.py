@@ -43,7 +43,7 @@ import numpy as np
 from persia.errors import CheckpointError, StoreError
 from persia.store.checkpoint import list_generations, read_generation, write_generation
 
-__all__ = ["KIND", "DeltaInfo", "DeltaWriter", "DeltaReader", "apply_rows", "restore"]
+__all__ = ["KIND", "DeltaInfo", "DeltaWriter", "DeltaReader", "apply_rows"]
 
 KIND = "persia-delta"
 _KEEP_ALL = 1 << 40
@@ -294,30 +294,3 @@ class DeltaReader:
             self.last_flushed_unix_s = float(flushed) if isinstance(flushed, (int, float)) else None
             applied.append(int(seq))
         return applied
-
-
-def restore(
-    store: Any,
-    checkpoint_dir: str | os.PathLike[str] | None,
-    delta_dir: str | os.PathLike[str],
-) -> dict[str, Any]:
-    """Load the full job checkpoint (if given) into ``store``, then every complete delta after it.
-
-    Returns:
-        ``{"applied": [seq, ...], "last_seq": int, "lost_window_s": float | None}``: the
-        lost-update window is the time since the newest applied delta was flushed (the changes
-        after it are what a crash lost).
-    """
-    after = 0
-    if checkpoint_dir is not None:
-        from persia import checkpoint
-
-        ckpt = checkpoint.read(checkpoint_dir)
-        checkpoint.restore_store(store, ckpt)
-        after = int(ckpt.meta.get("delta_seq") or 0)
-    reader = DeltaReader(delta_dir, after_seq=after)
-    applied = reader.apply_pending(store)
-    lost = None
-    if reader.last_flushed_unix_s is not None:
-        lost = max(0.0, time.time() - reader.last_flushed_unix_s)
-    return {"applied": applied, "last_seq": reader.last_seq, "lost_window_s": lost}

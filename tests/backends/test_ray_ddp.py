@@ -67,6 +67,7 @@ def test_two_nn_workers_checkpoint_and_resume(ray_cluster, tmp_path):
     from persia import checkpoint
     from persia.job.config import load_job
     from persia.job.runner import run_job
+    from persia.serving import run_and_export
 
     ckpt = tmp_path / "ckpt"
     common = ["training.backend=ray", "training.progress=none", f"training.checkpoint_dir={ckpt}"]
@@ -89,7 +90,7 @@ def test_two_nn_workers_checkpoint_and_resume(ray_cluster, tmp_path):
     assert saved.meta["rows"] == result["embedding_rows"]
 
     served = tmp_path / "served_at_end"
-    resumed = run_job(load_job(ADULT, common), cluster=cluster, resume=ckpt, export=served)
+    resumed = run_and_export(load_job(ADULT, common), served, cluster=cluster, resume=ckpt)
     assert resumed["export_dir"] == str(served)
     # the epoch's 255 batches: 127 per rank, 50 of them already trained
     assert [w["train_batches"] for w in resumed["nn_workers"]] == [77, 77]

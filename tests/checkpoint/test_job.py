@@ -266,7 +266,7 @@ def test_concurrent_training_threads_see_short_pauses(tmp_path):
 
 
 def test_train_ctx_writes_deltas_when_the_global_config_says_so(tmp_path):
-    from persia.store.delta import restore
+    from persia.checkpoint import restore_with_deltas as restore
 
     glob = parse_global_config(
         {

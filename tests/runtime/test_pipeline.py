@@ -45,6 +45,16 @@ def train(ctx, loader, steps=None):
     return losses
 
 
+@pytest.mark.parametrize("size", [1, 3])
+def test_backward_buffer_size_reaches_the_runtime(size):
+    """TrainCtx(backward_buffer_size=n) bounds the gradient queue of its runtime at n (it was
+    validated and then dropped: the runtime always buffered 10)."""
+    with train_ctx(Net(), backward_buffer_size=size) as ctx:
+        assert ctx.runtime.backward_buffer_size == size
+        assert ctx.runtime._queue.maxsize == size
+        train(ctx, DataLoader(ListDataset(make_batches(4)), embedding_staleness=2))
+
+
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_never_more_than_k_batches_in_flight(k):
     """Instrument the worker: count lookups and applied gradients as they happen."""

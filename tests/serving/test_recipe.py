@@ -12,7 +12,7 @@ import torch
 from persia import serving
 from persia.job.config import JobConfig, parse_job
 from persia.job.readers import JobReader
-from persia.job.runner import run_job
+from persia.serving import run_and_export
 
 CSV = """\
 tags,uid,x,z,y
@@ -45,7 +45,7 @@ def test_multi_valued_int_raw_and_missing(tmp_path: Path, missing_ids: str, pool
     }
     job: JobConfig = parse_job(raw, base_dir=tmp_path)
     out = tmp_path / "export"
-    result = run_job(job, export=out)
+    result = run_and_export(job, out)
     p = serving.load(out)
     reader = JobReader(job.data)
     assert job.data.test is not None

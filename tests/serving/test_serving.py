@@ -85,11 +85,11 @@ def _raw_test_table(job: JobConfig) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from persia.job.runner import run_job
+    from persia.serving import run_and_export
 
     tmp = tmp_path_factory.mktemp("serving")
     job = _job(tmp)
-    result = run_job(job, export=tmp / "export")
+    result = run_and_export(job, tmp / "export")
     return {"tmp": tmp, "job": job, "result": result, "export": tmp / "export"}
 
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from persia import checkpoint
+from persia.checkpoint import restore_with_deltas as restore
 from persia.embedding.optim import Adam
 from persia.errors import CheckpointError, StoreError
 from persia.store import ShardedStore
-from persia.store.delta import DeltaReader, DeltaWriter, restore
+from persia.store.delta import DeltaReader, DeltaWriter
 
 
 def new_store(shards: int) -> ShardedStore:

@@ -5,8 +5,8 @@
 * the driver (this process) starts the job's parameter-server actors once, named
   ``persia-<job>-ps-<rank>``, and keeps them until every NN worker is done;
 * W :class:`NNWorker` actors (``ClusterConfig.nn_num_cpus`` each, fractional by default, plus
-  ``nn_resources`` for placement) each run the job's training loop
-  (:func:`persia.job.runner.run_job`) with ``RANK`` / ``WORLD_SIZE`` set: each one joins the
+  ``nn_resources`` for placement) each run the job's training loop (the function handed to
+  :func:`run_job_ddp`, :func:`persia.job.runner.train_loop`) with ``RANK`` / ``WORLD_SIZE`` set: each one joins the
   parameter servers by name (``ClusterConfig.attach_ps``), has its own embedding worker, lookup
   thread, applier and staleness gate (the staleness bound holds per NN worker), reads the
   batches ``i`` with ``i % W == rank`` of each epoch, and wraps the dense model in
@@ -19,8 +19,8 @@
   at a barrier. ``--resume`` needs as many NN workers as wrote the checkpoint: rank 0 restores the
   rows, every rank the dense model and optimizer, and each skips its own share of the batches
   already trained. The checkpoint directory must be reachable from every NN worker's node;
-* ``--export DIR``: rank 0 writes the serving export at the end, once every rank's gradients are
-  applied (DIR on rank 0's node);
+* ``--export DIR`` (an ``on_trained`` hook): rank 0 runs it at the end, once every rank's
+  gradients are applied (DIR on rank 0's node);
 * the driver waits for all of them; the first failure (an exception, a dead actor) stops every
   NN worker and ends the job with that error (a dead one as :class:`BackendError` naming
   ``nn-worker`` and its rank).
@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -138,14 +139,14 @@ class NNWorker:
 
     def run(
         self,
+        train_fn: Callable[..., dict[str, Any]],
         job: Any,
         cluster: ClusterConfig,
         master: tuple[str, int],
-        resume: str | None = None,
-        export: str | None = None,
+        options: dict[str, Any],
     ) -> dict[str, Any]:
-        """Joins the gloo group and runs the job's training loop as rank ``self.rank`` (from
-        checkpoint ``resume``, if given; rank 0 exports to ``export`` at the end)."""
+        """Joins the gloo group and runs ``train_fn(job, cluster=cluster, **options)`` as rank
+        ``self.rank`` (options: ``resume``, ``on_trained``, ...)."""
         _settings.ensure_numba_cache_dir()
         os.environ[_settings.RANK] = str(self.rank)
         os.environ[_settings.WORLD_SIZE] = str(self.world_size)
@@ -158,8 +159,6 @@ class NNWorker:
         if not os.environ["GLOO_SOCKET_IFNAME"]:
             del os.environ["GLOO_SOCKET_IFNAME"]
         import torch.distributed as dist
-
-        from persia.job.runner import run_job
 
         if not dist.is_initialized():
             try:
@@ -175,8 +174,13 @@ class NNWorker:
                     NN_WORKER,
                     self.rank,
                 ) from exc
+        options = dict(options)
+        if cluster.num_data_loaders > 0:  # this rank's own loaders (see _rank_cluster)
+            from persia.backends.ray.jobs import stream_of
+
+            options["stream"] = stream_of(cluster)
         try:
-            return run_job(job, cluster=cluster, resume=resume, export=export)
+            return train_fn(job, cluster=cluster, **options)
         finally:
             dist.destroy_process_group()
 
@@ -203,9 +207,15 @@ def _ifname_of(address: str) -> str | None:
 
 
 def run_job_ddp(
-    job: Any, cluster: ClusterConfig, resume: Any = None, export: Any = None
+    train_fn: Callable[..., dict[str, Any]],
+    job: Any,
+    cluster: ClusterConfig,
+    resume: Any = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Trains ``job`` with ``cluster.num_nn_workers`` NN-worker actors (see the module doc).
+    """Trains ``job`` with ``cluster.num_nn_workers`` NN-worker actors, each running
+    ``train_fn`` (see the module doc); ``options`` go to ``train_fn`` (``on_trained``, ...;
+    ``stderr`` stays with the driver).
 
     Returns:
         Rank 0's result (test metrics, final and ``evals`` during training, are computed by
@@ -226,7 +236,8 @@ def run_job_ddp(
     if resume is not None and not os.path.isdir(resume):
         raise CheckpointError(f"--resume: checkpoint directory {str(resume)!r} does not exist")
     resume = str(resume) if resume is not None else None
-    export = str(export) if export is not None else None
+    options.pop("stderr", None)  # the workers' progress goes to their own logs
+    options["resume"] = resume
     world = cluster.num_nn_workers
     init_ray(cluster.address, cluster.num_cpus)
     job_name = cluster.job_name or new_job_id()
@@ -240,15 +251,17 @@ def run_job_ddp(
         cluster=replace(cluster, job_name=job_name, attach_ps=False),
     )
     worker_cluster = replace(cluster, job_name=job_name, attach_ps=True, num_nn_workers=1)
-    options: dict[str, Any] = {"num_cpus": cluster.nn_num_cpus, "max_restarts": 0}
+    actor_options: dict[str, Any] = {"num_cpus": cluster.nn_num_cpus, "max_restarts": 0}
     if cluster.nn_resources:
-        options["resources"] = dict(cluster.nn_resources)
+        actor_options["resources"] = dict(cluster.nn_resources)
     master_host = cluster.bind_host
     if master_host is None and not (cluster.address or os.environ.get(_settings.RAY_ADDRESS)):
         master_host = "127.0.0.1"
     actor_cls: Any = ray.remote(NNWorker)
     workers: list[Any] = [
-        actor_cls.options(name=f"persia-{job_name}-nn-{r}", **options).remote(r, world, master_host)
+        actor_cls.options(name=f"persia-{job_name}-nn-{r}", **actor_options).remote(
+            r, world, master_host
+        )
         for r in range(world)
     ]
     timeout_s = cluster.resolved_timeout_s()
@@ -261,7 +274,7 @@ def run_job_ddp(
         master = get_with_timeout(workers[0].rendezvous.remote(), timeout_s, NN_WORKER, 0)
         refs = [
             w.run.remote(
-                job, _rank_cluster(worker_cluster, job_name, r), tuple(master), resume, export
+                train_fn, job, _rank_cluster(worker_cluster, job_name, r), tuple(master), options
             )
             for r, w in enumerate(workers)
         ]

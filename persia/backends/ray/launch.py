@@ -29,6 +29,8 @@ __all__ = [
     "connect",
     "job_name",
     "namespace",
+    "start_parameter_server",
+    "stop_parameter_server",
 ]
 
 
@@ -99,3 +101,43 @@ class LaunchedParameterServer(ParameterServer):
         self.shard = Shard(**self._kwargs)
         self._configured = True
         return True
+
+
+def start_parameter_server(
+    replica_index: int,
+    replica_size: int,
+    shard_kwargs: dict[str, Any],
+    bind_host: str,
+    num_cpus: float,
+) -> tuple[Any, str, str]:
+    """Starts parameter server ``replica_index`` of the job (``persia-launcher
+    embedding-parameter-server``) once :func:`connect` joined the cluster.
+
+    Returns:
+        (the actor, its name ``persia-<job>-ps-<i>``, the endpoint its data channel serves on).
+
+    Raises:
+        BackendError: the actor did not come up within the cluster timeout.
+    """
+    import ray
+
+    from persia.backends.ray.backend import get_with_timeout
+
+    name = f"persia-{job_name()}-ps-{replica_index}"
+    actor_cls: Any = ray.remote(LaunchedParameterServer)
+    actor = actor_cls.options(
+        name=name, num_cpus=num_cpus, max_restarts=0, max_concurrency=4
+    ).remote(replica_index, replica_size, shard_kwargs, bind_host)
+    timeout_s = ClusterConfig().resolved_timeout_s()
+    get_with_timeout(actor.ping.remote(), timeout_s, "parameter-server", replica_index)
+    endpoint = get_with_timeout(
+        actor.endpoint.remote(), timeout_s, "parameter-server", replica_index
+    )
+    return actor, name, str(endpoint)
+
+
+def stop_parameter_server(actor: Any) -> None:
+    """Stops an actor of :func:`start_parameter_server`."""
+    import ray
+
+    ray.kill(actor)
