@@ -2,9 +2,10 @@
 
 ``DataLoader(dataset, embedding_staleness=k)`` iterates the user's dataset on a background thread,
 takes a staleness permit for each training batch, looks its embeddings up (de-duplication,
-routing, gather, pooling: :class:`persia.worker.EmbeddingWorker`) and queues the result, so the
-lookups of the next batches overlap the dense compute of the current one. The permit comes back
-when the batch's embedding gradients have been applied (see :mod:`persia.runtime.staleness`).
+routing, gather, pooling: :class:`persia.worker.embedding_worker.EmbeddingWorker`) and queues the
+result, so the lookups of the next batches overlap the dense compute of the current one. The
+permit comes back when the batch's embedding gradients have been applied (see
+:mod:`persia.runtime.staleness`).
 
 Must be created inside a context (``with TrainCtx(...)`` or ``with eval_ctx(...)``), as in PERSIA.
 """

@@ -14,7 +14,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-# Load train.py by path: a module named "train" may already be imported (e.g. tests/train).
+# Load train.py by path: a module named "train" may already be imported (e.g. by another test).
 _spec = importlib.util.spec_from_file_location(
     "adult_income_train", Path(__file__).resolve().parent / "train.py"
 )

@@ -1,7 +1,7 @@
 """Embedding hyperparameters (PERSIA-compatible API): :class:`EmbeddingConfig`.
 
 The per-slot layout (dims, pooling, feature groups) comes from ``embedding_config.yml``
-(:func:`persia.config.load_embedding_config`); the optimizers live in
+(:func:`persia.embedding.config.load_embedding_config`); the optimizers live in
 :mod:`persia.embedding.optim`; the batch types in :mod:`persia.embedding.data`.
 """
 

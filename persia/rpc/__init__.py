@@ -1,5 +1,11 @@
-"""Backends: where the roles run. ``local`` (every role in the user's process, the default) and,
-later, ``ray``. Both sit behind the small interfaces in :mod:`persia.rpc.base`."""
+"""The RPC floor: how the embedding worker reaches the parameter-server shards, on any backend.
+
+:mod:`persia.rpc.base` holds the two interfaces (``Transport``, ``ParameterServerClient``); the
+transports are :mod:`persia.rpc.local` (in-process, the local backend),
+:mod:`persia.rpc.zmq_transport` (zero-copy ZeroMQ, the cluster backend's default) and
+:mod:`persia.rpc.simlink` (a simulated link, for benchmarks). No Ray here: the Ray transport is
+in :mod:`persia.backends.ray.backend`.
+"""
 
 from persia.rpc.base import ParameterServerClient, Transport
 from persia.rpc.local import LocalTransport, local_parameter_servers

@@ -1,6 +1,6 @@
 """The embedding worker: from a batch's IDs to pooled embeddings, and back to one gradient per key.
 
-Forward, per batch (DESIGN.md, "Roles" item 2):
+Forward, per batch (docs/ARCHITECTURE.md, "The path of one training batch", step 2):
 
 1. per slot, put the slot's prefix in the top bits of every ID (so slots never collide) -> keys;
 2. per embedding dim, concatenate the keys of all slots of that dim and de-duplicate them once;
@@ -9,7 +9,7 @@ Forward, per batch (DESIGN.md, "Roles" item 2):
 4. pool per sample (sum, mean, sqrt, or raw: a padded sequence plus a mask channel).
 
 Backward: per dim, a segment sum of the per-sample gradients into one gradient per unique key
-(undoing the pooling's scaling), non-finite rows counted and dropped, one batched
+(undoing the pooling's scaling), non-finite rows counted (the shards skip them), one batched
 ``apply_gradients`` per shard.
 
 The worker is stateless between batches: what backward needs travels in :class:`Lookup`.

@@ -130,7 +130,7 @@ def test_ray_backend_and_bad_override_are_clean_errors(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     job = str(ROOT / "examples/criteo/job.yaml")
-    # cluster options without the ray backend (the ray backend itself: tests/cluster)
+    # cluster options without the ray backend (the ray backend itself: tests/backends)
     assert main(["train", job, "--num-ps", "2"]) == EXIT_BAD_INPUT
     assert "--num-ps need --backend ray" in capsys.readouterr().err
     assert main(["train", job, "--set", "training.staleness"]) == EXIT_BAD_INPUT

@@ -1,4 +1,5 @@
-"""The local backend at staleness 1 against a plain-PyTorch reference (STYLE.md's core test).
+"""The local backend at staleness 1 against a plain-PyTorch reference (docs/ARCHITECTURE.md,
+"Staleness").
 
 Reference: one ``nn.EmbeddingBag(sparse=True)`` per slot, initialised with the very rows persia
 creates (same key, same seed), trained by torch.optim.Adagrad / SGD, with the same dense model

@@ -7,10 +7,11 @@ What runs where (one NN worker):
   ``ps_memory_bytes``, ``ps_resources``), fractional CPUs by default so that a whole small job
   fits on a 2-CPU node.
 * The embedding worker and the applier thread stay in the NN-worker process (the existing
-  :class:`persia.worker.EmbeddingWorker` and :class:`persia.runtime.pipeline.Runtime`); they reach
-  the shards through a :class:`persia.rpc.base.Transport`: either :class:`RayTransport`
-  (Ray actor calls) or the zero-copy ZeroMQ channel of :mod:`persia.rpc.zmq_transport`
-  (the default for the hot path, ``ClusterConfig.transport``).
+  :class:`persia.worker.embedding_worker.EmbeddingWorker` and
+  :class:`persia.runtime.pipeline.Runtime`); they reach the shards through a
+  :class:`persia.rpc.base.Transport`: either :class:`RayTransport` (Ray actor calls) or the
+  zero-copy ZeroMQ channel of :mod:`persia.rpc.zmq_transport` (the default for the hot path,
+  ``ClusterConfig.transport``).
 
 Failures: every call waits at most ``timeout_s`` (``PERSIA_RAY_TIMEOUT_S``, default 60 s); a dead
 or unreachable actor raises :class:`persia.errors.BackendError` naming the role and rank. Errors

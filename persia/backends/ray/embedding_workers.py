@@ -1,10 +1,10 @@
 """Embedding workers as Ray actors (``ClusterConfig(num_embedding_workers=M)``).
 
-Each :class:`EmbeddingWorkerActor` runs the ordinary :class:`persia.worker.EmbeddingWorker`
-(prefix, de-duplication, routing, pooling, gradient aggregation) over its own
-:class:`persia.rpc.base.ParameterServerClient` to the job's parameter-server actors, and
-serves it on a ZeroMQ ROUTER socket (the wire format of :mod:`persia.rpc.zmq_transport`:
-numeric arrays plus a JSON header, no pickle).
+Each :class:`EmbeddingWorkerActor` runs the ordinary
+:class:`persia.worker.embedding_worker.EmbeddingWorker` (prefix, de-duplication, routing,
+pooling, gradient aggregation) over its own :class:`persia.rpc.base.ParameterServerClient` to the
+job's parameter-server actors, and serves it on a ZeroMQ ROUTER socket (the wire format of
+:mod:`persia.rpc.zmq_transport`: numeric arrays plus a JSON header, no pickle).
 
 In the NN worker, :class:`RemoteEmbeddingWorker` has the two methods the training runtime uses
 (``forward(batch, training) -> lookup``, ``backward(lookup, summed_grad, raw_grads) -> counts``):

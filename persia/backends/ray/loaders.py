@@ -1,7 +1,7 @@
 """Data loaders as Ray actors of ``persia train JOB --backend ray --num-data-loaders D``.
 
 Each of the D :class:`DataLoaderActor` actors reads the job's training input with the job's own
-reader (:class:`persia.job.reader.JobReader`, same batch size, seeds and ``max_samples`` as the
+reader (:class:`persia.job.readers.JobReader`, same batch size, seeds and ``max_samples`` as the
 NN worker would use) and keeps the batches ``i`` with ``i % D == d`` of every epoch (rank-strided
 over the job's batches), then hands them to an NN worker through the stream machinery of
 :mod:`persia.backends.ray.stream` (``PersiaBatch.to_arrays`` over ZeroMQ, no pickle).
