@@ -33,21 +33,20 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from persia import _settings
-from persia.errors import BackendError, ConfigError, PersiaError
+from persia.backends.ray.config import TRANSPORTS, ClusterConfig, RoleSpec
+from persia.errors import BackendError, PersiaError
 from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
 
-if TYPE_CHECKING:
-    from persia.backends.ray.recovery import RecoveryConfig
-
 __all__ = [
+    "TRANSPORTS",
     "ClusterConfig",
+    "RoleSpec",
     "ParameterServer",
     "RayTransport",
     "RayStore",
@@ -57,161 +56,6 @@ __all__ = [
 ]
 
 _INIT_LOCK = threading.Lock()
-TRANSPORTS = ("zmq", "ray")
-
-
-def _default_timeout_s() -> float:
-    raw = os.environ.get(_settings.PERSIA_RAY_TIMEOUT_S, "").strip()
-    if not raw:
-        return 60.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(
-            f"environment variable {_settings.PERSIA_RAY_TIMEOUT_S}: expected seconds, got {raw!r}"
-        ) from None
-    if not value > 0:
-        raise ConfigError(f"environment variable {_settings.PERSIA_RAY_TIMEOUT_S}: must be > 0")
-    return value
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """How the cluster backend places and reaches its roles.
-
-    Attributes:
-        num_ps: parameter-server actors (shards); None: ``num_hashmap_internal_shards`` of
-            ``global_config.yml``.
-        address: Ray cluster to join (``ray://...`` or ``host:port``); None: ``RAY_ADDRESS``,
-            else a local cluster is started.
-        ps_num_cpus: CPUs each parameter-server actor asks Ray for (fractions allowed).
-        ps_memory_bytes: memory each parameter-server actor asks Ray for (None: no request).
-        ps_resources: custom Ray resources per parameter-server actor, e.g. ``{"ps_host": 1}``
-            to pin them to nodes started with ``--resources='{"ps_host": 4}'``.
-        transport: ``"zmq"`` (zero-copy ZeroMQ channel, the default) or ``"ray"`` (actor calls)
-            for the per-batch lookups and gradients.
-        bind_host: address the parameter servers' ZeroMQ sockets bind to; None: the node's Ray
-            address (loopback on a local cluster).
-        timeout_s: the longest a call to a role may take before :class:`BackendError`; None:
-            ``PERSIA_RAY_TIMEOUT_S``, else 60.
-        num_cpus: CPUs of a local cluster started here (None: Ray's count of this machine).
-        recover: restore a dead parameter-server shard from the last full checkpoint plus the
-            incremental deltas and go on training (True, or a
-            :class:`persia.backends.ray.recovery.RecoveryConfig`); False: a dead shard ends the
-            job with :class:`BackendError`. Needs ``enable_incremental_update``.
-        num_nn_workers: NN-worker processes (Ray actors) forming one DDP group; 1: this
-            process is the only NN worker (see :mod:`persia.backends.ray.ddp`).
-        nn_num_cpus: CPUs each NN-worker actor asks Ray for (fractions allowed).
-        nn_resources: custom Ray resources per NN-worker actor (e.g. ``{"gpu_host": 1}``).
-        job_name: the name of the parameter-server actors (``persia-<job_name>-ps-<rank>``);
-            None: a fresh one.
-        attach_ps: join the running parameter servers named by ``job_name`` instead of
-            starting new ones (they are not stopped at the end).
-        num_data_loaders: data-loader actors reading the job's training input for ``persia
-            train`` (0: the NN workers read it themselves); a multiple of ``num_nn_workers``
-            (see :mod:`persia.backends.ray.loaders`).
-        loader_num_cpus: CPUs each data-loader actor asks Ray for (fractions allowed).
-        loader_resources: custom Ray resources per data-loader actor.
-        data_channel: the stream channel this NN worker pulls its training batches from
-            (set by the job runner for its NN workers; None: none).
-        num_embedding_workers: embedding-worker actors doing the lookups and gradient
-            aggregation for every NN worker (round robin by batch); 0: each NN worker runs
-            its embedding worker in its own process (see
-            :mod:`persia.backends.ray.embedding_workers`).
-        ew_num_cpus: CPUs each embedding-worker actor asks Ray for (fractions allowed).
-        ew_resources: custom Ray resources per embedding-worker actor.
-    """
-
-    num_ps: int | None = None
-    address: str | None = None
-    ps_num_cpus: float = 0.25
-    ps_memory_bytes: int | None = None
-    ps_resources: dict[str, float] = field(default_factory=dict)
-    transport: str = "zmq"
-    bind_host: str | None = None
-    timeout_s: float | None = None
-    num_cpus: int | None = None
-    recover: bool | RecoveryConfig = False
-    num_nn_workers: int = 1
-    nn_num_cpus: float = 0.5
-    nn_resources: dict[str, float] = field(default_factory=dict)
-    job_name: str | None = None
-    attach_ps: bool = False
-    num_data_loaders: int = 0
-    loader_num_cpus: float = 0.25
-    loader_resources: dict[str, float] = field(default_factory=dict)
-    data_channel: str | None = None
-    num_embedding_workers: int = 0
-    ew_num_cpus: float = 0.25
-    ew_resources: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.num_ps is not None and (
-            isinstance(self.num_ps, bool) or not isinstance(self.num_ps, int) or self.num_ps < 1
-        ):
-            problems.append(f"num_ps must be an int >= 1, got {self.num_ps!r}")
-        if not (isinstance(self.ps_num_cpus, (int, float)) and self.ps_num_cpus >= 0):
-            problems.append(f"ps_num_cpus must be a number >= 0, got {self.ps_num_cpus!r}")
-        if self.ps_memory_bytes is not None and not (
-            isinstance(self.ps_memory_bytes, int) and self.ps_memory_bytes > 0
-        ):
-            problems.append(f"ps_memory_bytes must be an int > 0, got {self.ps_memory_bytes!r}")
-        if self.transport not in TRANSPORTS:
-            problems.append(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
-        if self.timeout_s is not None and not (
-            isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0
-        ):
-            problems.append(f"timeout_s must be > 0, got {self.timeout_s!r}")
-        if (
-            isinstance(self.num_nn_workers, bool)
-            or not isinstance(self.num_nn_workers, int)
-            or self.num_nn_workers < 1
-        ):
-            problems.append(f"num_nn_workers must be an int >= 1, got {self.num_nn_workers!r}")
-        if not (isinstance(self.nn_num_cpus, (int, float)) and self.nn_num_cpus >= 0):
-            problems.append(f"nn_num_cpus must be a number >= 0, got {self.nn_num_cpus!r}")
-        if (
-            isinstance(self.num_data_loaders, bool)
-            or not isinstance(self.num_data_loaders, int)
-            or self.num_data_loaders < 0
-        ):
-            problems.append(f"num_data_loaders must be an int >= 0, got {self.num_data_loaders!r}")
-        elif (
-            isinstance(self.num_nn_workers, int)
-            and self.num_nn_workers >= 1
-            and self.num_data_loaders % self.num_nn_workers
-        ):
-            problems.append(
-                f"num_data_loaders must be a multiple of num_nn_workers={self.num_nn_workers} "
-                f"(each NN worker pulls from its own loaders), got {self.num_data_loaders}"
-            )
-        if not (isinstance(self.loader_num_cpus, (int, float)) and self.loader_num_cpus >= 0):
-            problems.append(f"loader_num_cpus must be a number >= 0, got {self.loader_num_cpus!r}")
-        if (
-            isinstance(self.num_embedding_workers, bool)
-            or not isinstance(self.num_embedding_workers, int)
-            or self.num_embedding_workers < 0
-        ):
-            problems.append(
-                f"num_embedding_workers must be an int >= 0, got {self.num_embedding_workers!r}"
-            )
-        if not (isinstance(self.ew_num_cpus, (int, float)) and self.ew_num_cpus >= 0):
-            problems.append(f"ew_num_cpus must be a number >= 0, got {self.ew_num_cpus!r}")
-        if self.recover and self.num_embedding_workers:
-            problems.append("recover is not supported with num_embedding_workers > 0")
-        if self.attach_ps and not self.job_name:
-            problems.append("attach_ps needs job_name (the running parameter servers' name)")
-        from persia.backends.ray.recovery import RecoveryConfig
-
-        if not isinstance(self.recover, (bool, RecoveryConfig)):
-            problems.append(f"recover must be a bool or a RecoveryConfig, got {self.recover!r}")
-        if problems:
-            raise ConfigError(problems, source="ClusterConfig")
-
-    def resolved_timeout_s(self) -> float:
-        """``timeout_s``, else ``PERSIA_RAY_TIMEOUT_S``, else 60."""
-        return float(self.timeout_s) if self.timeout_s is not None else _default_timeout_s()
 
 
 # ------------------------------------------------------------------------------ Ray itself

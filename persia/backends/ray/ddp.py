@@ -32,7 +32,6 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from persia import _settings
@@ -248,9 +247,9 @@ def run_job_ddp(
         embedding_optimizer(job),
         emb_file,
         global_file,
-        cluster=replace(cluster, job_name=job_name, attach_ps=False),
+        cluster=cluster.replace(job_name=job_name).wired(attach_ps=False),
     )
-    worker_cluster = replace(cluster, job_name=job_name, attach_ps=True, num_nn_workers=1)
+    worker_cluster = cluster.replace(job_name=job_name, num_nn_workers=1).wired(attach_ps=True)
     actor_options: dict[str, Any] = {"num_cpus": cluster.nn_num_cpus, "max_restarts": 0}
     if cluster.nn_resources:
         actor_options["resources"] = dict(cluster.nn_resources)
@@ -270,7 +269,7 @@ def run_job_ddp(
         if cluster.num_data_loaders > 0:
             from persia.backends.ray.loaders import start_data_loaders
 
-            loaders = start_data_loaders(job, replace(cluster, job_name=job_name), job_name)
+            loaders = start_data_loaders(job, cluster.replace(job_name=job_name), job_name)
         master = get_with_timeout(workers[0].rendezvous.remote(), timeout_s, NN_WORKER, 0)
         refs = [
             w.run.remote(
@@ -320,7 +319,7 @@ def _rank_cluster(cluster: ClusterConfig, job_name: str, rank: int) -> ClusterCo
         return cluster
     from persia.backends.ray.loaders import data_channel
 
-    return replace(cluster, data_channel=data_channel(job_name, rank))
+    return cluster.wired(data_channel=data_channel(job_name, rank))
 
 
 def _merge(results: dict[int, dict[str, Any]], world: int, rows: int | None) -> dict[str, Any]:

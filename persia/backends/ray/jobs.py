@@ -40,8 +40,7 @@ def run_job(
     ``incremental_dir`` (recovery).
 
     Raises:
-        ConfigError: a combination the backend does not support (recovery with several NN
-            workers; checkpoints or ``--resume`` with data-loader actors).
+        ConfigError: checkpoints or ``--resume`` with data-loader actors.
     """
     t = job.training
     if cluster is not None and cluster.num_data_loaders > 0:
@@ -49,12 +48,7 @@ def run_job(
             raise ConfigError(
                 "--resume and training.checkpoint_dir are not supported with num_data_loaders > 0"
             )
-    if cluster is not None and cluster.num_nn_workers > 1:
-        if cluster.recover:
-            raise ConfigError(
-                f"--recover works with one NN worker, got num_nn_workers={cluster.num_nn_workers} "
-                "(each would restore its own copy of a dead shard)"
-            )
+    if cluster is not None and cluster.num_nn_workers > 1:  # (ClusterConfig refuses recover)
         from persia.backends.ray.ddp import run_job_ddp
 
         return run_job_ddp(train_fn, job, cluster, **options)
@@ -96,9 +90,9 @@ def _with_data_loaders(
     if cluster.data_channel is None:  # this process is the only NN worker: start them
         init_ray(cluster.address, cluster.num_cpus)
         job_name = cluster.job_name or new_job_id()
-        cluster = replace(cluster, job_name=job_name)
+        cluster = cluster.replace(job_name=job_name)
         loaders = start_data_loaders(job, cluster, job_name)
-        cluster = replace(cluster, data_channel=data_channel(job_name, 0))
+        cluster = cluster.wired(data_channel=data_channel(job_name, 0))
         timeout_s = cluster.resolved_timeout_s()
         options["on_data_end"] = lambda: wait_data_loaders(loaders, timeout_s)
     options["stream"] = stream_of(cluster)
@@ -113,7 +107,7 @@ def _with_recovery(job: Any, cluster: ClusterConfig) -> tuple[ClusterConfig, str
     recover = cluster.recover if isinstance(cluster.recover, RecoveryConfig) else None
     if recover is None or (recover.checkpoint_dir is None and t.checkpoint_dir):
         base = recover or RecoveryConfig()
-        cluster = replace(cluster, recover=replace(base, checkpoint_dir=t.checkpoint_dir))
+        cluster = cluster.replace(recover=replace(base, checkpoint_dir=t.checkpoint_dir))
     if t.checkpoint_dir:
         return cluster, str(Path(t.checkpoint_dir) / "incremental"), None
     scratch = tempfile.mkdtemp(prefix="persia-deltas-")

@@ -50,7 +50,7 @@ def cluster_from_env() -> ClusterConfig | None:
     name = os.environ.get(_settings.PERSIA_JOB_NAME, "").strip()
     if not name:
         return None
-    return ClusterConfig(job_name=name, attach_ps=True)
+    return ClusterConfig(job_name=name).wired(attach_ps=True)
 
 
 def connect(address: str | None) -> None:

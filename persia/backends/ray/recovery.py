@@ -37,7 +37,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ from persia.backends.ray.backend import (
     parameter_server_client,
     start_parameter_servers,
 )
+from persia.backends.ray.config import RecoveryConfig
 from persia.errors import BackendError, CheckpointError, ConfigError
 from persia.rpc.base import PARAMETER_SERVER, Transport
 
@@ -66,37 +66,6 @@ __all__ = [
 ]
 
 _DEAD_CHECK_S = 2.0
-
-
-@dataclass(frozen=True)
-class RecoveryConfig:
-    """How a dead parameter-server shard is restored.
-
-    Attributes:
-        checkpoint_dir: where the job's full checkpoints go (``ctx.dump_checkpoint(dir)``); the
-            newest one written after the job started (and after its last load) is the base of a
-            restore. None: restore from the deltas alone (the job must start empty).
-        delta_interval_s: the flush interval T: deltas are flushed every T / 2 so that a
-            recovery loses at most about T seconds of the dead shard's updates.
-        max_recoveries: how many restores one job may do before a dead shard is an error again.
-    """
-
-    checkpoint_dir: str | os.PathLike[str] | None = None
-    delta_interval_s: float = 1.0
-    max_recoveries: int = 3
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not (isinstance(self.delta_interval_s, (int, float)) and self.delta_interval_s > 0):
-            problems.append(f"delta_interval_s must be > 0, got {self.delta_interval_s!r}")
-        if (
-            isinstance(self.max_recoveries, bool)
-            or not isinstance(self.max_recoveries, int)
-            or self.max_recoveries < 1
-        ):
-            problems.append(f"max_recoveries must be an int >= 1, got {self.max_recoveries!r}")
-        if problems:
-            raise ConfigError(problems, source="RecoveryConfig")
 
 
 def _gen_number(path: Path) -> int:
