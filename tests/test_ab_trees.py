@@ -1,0 +1,46 @@
+"""benchmarks/ab_trees.py: alternates two trees, tags every line, summarises medians."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree(path: Path, rate: float) -> Path:
+    (path / "benchmarks").mkdir(parents=True)
+    (path / "benchmarks" / "bench_x.py").write_text(
+        "import json, os, sys\n"
+        f"print(json.dumps({{'metric': 'rows_per_s', 'value': {rate}, 'cwd': os.getcwd(),"
+        " 'path': os.environ['PYTHONPATH'], 'args': sys.argv[1:]}))\n"
+        f"print(json.dumps({{'system': 'persia-sync', 'cpu_ms_per_step': {100 / rate}}}))\n"
+        "print('not json')\n"
+    )
+    return path
+
+
+def test_alternates_the_trees_and_summarises(tmp_path):
+    base, new = _tree(tmp_path / "base", 10.0), _tree(tmp_path / "new", 12.0)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab_trees.py"), "--base", str(base),
+         "--new", str(new), "--rounds", "2", "--", "benchmarks/bench_x.py", "--flag"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    lines = [json.loads(x) for x in out.splitlines()]
+    runs = [x for x in lines if x.get("metric") == "rows_per_s"]
+    assert [(x["tree"], x["round"]) for x in runs] == [
+        ("base", 1),
+        ("new", 1),
+        ("new", 2),
+        ("base", 2),
+    ]
+    for x in runs:
+        tree = base if x["tree"] == "base" else new
+        assert x["cwd"] == str(tree) and x["path"] == str(tree) and x["args"] == ["--flag"]
+    summary = {(x["summary"], x["field"]): x for x in lines if "summary" in x}
+    assert summary["rows_per_s", "value"]["new_over_base"] == 1.2
+    assert abs(summary["persia-sync", "cpu_ms_per_step"]["new_over_base"] - 10 / 12) < 1e-9
+    assert summary["rows_per_s", "value"]["runs"] == [2, 2]
