@@ -436,12 +436,11 @@ class EmbeddingCtx(BaseCtx):
         workers sharing the parameter servers, one of them restores the rows.
 
         Every file is verified (sizes, CRC-32, format version, dims, optimizer state width)
-        before anything changes; rows re-shard to this job's shard count. A directory in the
-        older layout (``dense.pt`` + ``embeddings/``) still loads.
+        before anything changes; rows re-shard to this job's shard count. ``dense_filename`` and
+        ``blocking`` are kept for PERSIA's signature (loads are blocking).
 
         Returns:
-            The :class:`persia.checkpoint.JobCheckpoint` (its ``position``, ``config``), or None
-            for the older layout.
+            The :class:`persia.checkpoint.JobCheckpoint` (its ``position``, ``config``).
 
         Raises:
             CheckpointError: missing, truncated, tampered or mismatching checkpoint.
@@ -453,12 +452,6 @@ class EmbeddingCtx(BaseCtx):
         src = Path(src_dir)
         if not src.is_dir():
             raise CheckpointError(f"checkpoint directory {str(src)!r} does not exist")
-        if not checkpoint.is_job_checkpoint(src) and (src / dense_filename).is_file():
-            state = torch.load(src / dense_filename, map_location=map_location, weights_only=True)
-            self.unwrapped_model().load_state_dict(state)
-            if embeddings:
-                self.load_embedding(src, blocking=blocking)
-            return None
         ckpt = checkpoint.read(src)
         state = ckpt.dense_model_state(map_location)
         self.runtime.flush()
@@ -711,7 +704,8 @@ class TrainCtx(EmbeddingCtx):
         embeddings: bool = True,
     ) -> Any:
         """Loads what :meth:`dump_checkpoint` saved, the dense optimizer's state included
-        (``embeddings=False``: everything but the embedding rows)."""
+        (``embeddings=False``: everything but the embedding rows). The file name arguments are
+        PERSIA's and kept for compatibility (see :meth:`EmbeddingCtx.load_checkpoint`)."""
         ckpt = super().load_checkpoint(
             src_dir,
             map_location=map_location,
@@ -719,17 +713,10 @@ class TrainCtx(EmbeddingCtx):
             blocking=blocking,
             embeddings=embeddings,
         )
-        if ckpt is not None:
-            opt_state = ckpt.dense_optimizer_state(map_location)
-            if opt_state is not None:
-                self.dense_optimizer.load_state_dict(opt_state)
-            return ckpt
-        path = Path(src_dir) / opt_filename
-        if path.is_file():
-            self.dense_optimizer.load_state_dict(
-                torch.load(path, map_location=map_location, weights_only=True)
-            )
-        return None
+        opt_state = ckpt.dense_optimizer_state(map_location)
+        if opt_state is not None:
+            self.dense_optimizer.load_state_dict(opt_state)
+        return ckpt
 
 
 def eval_ctx(*args: Any, **kwargs: Any) -> EmbeddingCtx:
