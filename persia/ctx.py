@@ -464,14 +464,35 @@ class EmbeddingCtx(BaseCtx):
         return ckpt
 
     def dump_embedding(self, dst_dir: str | os.PathLike, blocking: bool = True) -> None:
-        """Saves every embedding row with its optimizer state under ``dst_dir/embeddings``."""
+        """Saves every embedding row with its optimizer state to ``dst_dir``.
+
+        ``dst_dir`` becomes a job checkpoint (:func:`persia.checkpoint.dump`) without dense
+        state: :meth:`load_embedding` reads it back into any shard count. The write is blocking
+        whatever ``blocking`` says (kept for PERSIA's signature).
+        """
+        from persia import checkpoint
+
         self.runtime.flush()
-        self.runtime.store.dump(Path(dst_dir) / "embeddings")
+        delta = getattr(self, "_delta_writer", None)
+        checkpoint.dump(
+            dst_dir, self.runtime.store, delta_seq=delta.last_seq if delta is not None else None
+        )
 
     def load_embedding(self, src_dir: str | os.PathLike, blocking: bool = True) -> None:
-        """Replaces the embeddings by those saved under ``src_dir/embeddings``."""
+        """Replaces every embedding row by those of the job checkpoint in ``src_dir``.
+
+        ``src_dir`` is what :meth:`dump_embedding` or :meth:`dump_checkpoint` wrote; only the
+        rows are loaded (the dense state, if any, is left alone). Verified like
+        :meth:`load_checkpoint`: the store is unchanged when this raises.
+
+        Raises:
+            CheckpointError: missing, truncated, tampered or mismatching checkpoint.
+        """
+        from persia import checkpoint
+
+        ckpt = checkpoint.read(src_dir)
         self.runtime.flush()
-        self.runtime.store.load(Path(src_dir) / "embeddings")
+        checkpoint.restore_store(self.runtime.store, ckpt)
 
     def wait_for_dump_embedding(self) -> None:
         """Waits for a ``dump_checkpoint(..., blocking=False)`` and raises its error, if any."""
