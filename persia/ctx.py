@@ -216,7 +216,7 @@ class EmbeddingCtx(BaseCtx):
         super().__init__(*args, **kwargs)
         from persia import _settings
 
-        self.backend = backend or os.environ.get(_settings.PERSIA_BACKEND, "").strip() or "local"
+        self.backend = backend or _settings.backend()
         if self.backend not in ("local", "ray"):
             raise PersiaError(f"backend must be 'local' or 'ray', got {self.backend!r}")
         if cluster is not None and self.backend != "ray":
