@@ -1,13 +1,19 @@
 """Every environment variable persia reads, declared once, with its default and unit.
 
-Read these through the functions here, never with ``os.environ`` elsewhere in the package.
+Read these through the functions here, never with ``os.environ`` elsewhere in the package
+(``tests/test_settings.py`` checks it). Writes for child processes or for libraries that read
+the environment themselves (``torch.distributed``'s ``MASTER_ADDR``, Ray's
+``RAY_AUTH_TOKEN_PATH``, ...) stay where they happen, using the names declared here.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+
+from persia.errors import ConfigError
 
 #: PERSIA-compatible: path of embedding_config.yml (set by PERSIA's launcher).
 PERSIA_EMBEDDING_CONFIG = "PERSIA_EMBEDDING_CONFIG"
@@ -23,10 +29,12 @@ WORLD_SIZE = "WORLD_SIZE"
 LOCAL_RANK = "LOCAL_RANK"
 #: Backend of TrainCtx / eval_ctx when not given in code: "local" (default) or "ray".
 PERSIA_BACKEND = "PERSIA_BACKEND"
+DEFAULT_BACKEND = "local"
 #: Ray's own variable: address of an existing Ray cluster to join (else a local one is started).
 RAY_ADDRESS = "RAY_ADDRESS"
 #: Seconds a call to a cluster role may take before it fails with BackendError (default 60).
 PERSIA_RAY_TIMEOUT_S = "PERSIA_RAY_TIMEOUT_S"
+DEFAULT_RAY_TIMEOUT_S = 60.0
 #: Folder of a locally started Ray cluster's logs, sockets and auth token
 #: (default ``<system temp>/persia-ray-<uid>``).
 PERSIA_RAY_TEMP_DIR = "PERSIA_RAY_TEMP_DIR"
@@ -44,6 +52,19 @@ PERSIA_STREAM_CONSUMERS = "PERSIA_STREAM_CONSUMERS"
 #: Name shared by the roles of one job started by persia-launcher (their actors'
 #: ``persia-<name>-...``); set: TrainCtx(backend="ray") attaches to its parameter servers.
 PERSIA_JOB_NAME = "PERSIA_JOB_NAME"
+#: Ray's own variables for its token authentication. When none is set, a Ray cluster started
+#: by persia gets a fresh token in :func:`ray_temp_dir` (persia then sets RAY_AUTH_TOKEN_PATH).
+RAY_AUTH_TOKEN = "RAY_AUTH_TOKEN"
+RAY_AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
+#: Ray's own: "disabled" turns token authentication off.
+RAY_AUTH_MODE = "RAY_AUTH_MODE"
+#: torch.distributed's gloo interface; when unset, an NN worker sets it to the interface of
+#: the rendezvous address (set to "": unset, gloo chooses).
+GLOO_SOCKET_IFNAME = "GLOO_SOCKET_IFNAME"
+#: torch.distributed's rendezvous address and port; written (never read) by persia's NN-worker
+#: actors before they join their process group.
+MASTER_ADDR = "MASTER_ADDR"
+MASTER_PORT = "MASTER_PORT"
 
 
 def ensure_numba_cache_dir() -> str:
@@ -90,3 +111,94 @@ def env_int(name: str, default: int) -> int:
     """An integer environment variable, or ``default`` when unset or empty."""
     value = os.environ.get(name, "")
     return int(value) if value.strip() else default
+
+
+def env_raw(name: str) -> str:
+    """The value of ``name`` as set (``""`` when unset), e.g. for an error message."""
+    return os.environ.get(name, "")
+
+
+def env_path(name: str) -> Path | None:
+    """A path variable (``PERSIA_EMBEDDING_CONFIG``, ``PERSIA_GLOBAL_CONFIG``); None when unset or
+    blank."""
+    value = os.environ.get(name, "").strip()
+    return Path(value) if value else None
+
+
+def env_values(names: Iterable[str]) -> dict[str, str]:
+    """The variables among ``names`` that are set, with their values (e.g. to forward them)."""
+    return {n: os.environ[n] for n in names if n in os.environ}
+
+
+def environment() -> dict[str, str]:
+    """A copy of this process's whole environment (the base of a child process's)."""
+    return dict(os.environ)
+
+
+def backend() -> str:
+    """``PERSIA_BACKEND`` (surrounding blanks ignored), else ``DEFAULT_BACKEND``."""
+    return os.environ.get(PERSIA_BACKEND, "").strip() or DEFAULT_BACKEND
+
+
+def ray_address() -> str | None:
+    """``RAY_ADDRESS`` (surrounding blanks ignored); None when unset or blank."""
+    return os.environ.get(RAY_ADDRESS, "").strip() or None
+
+
+def ray_timeout_s() -> float:
+    """``PERSIA_RAY_TIMEOUT_S`` in seconds, else ``DEFAULT_RAY_TIMEOUT_S``.
+
+    Raises:
+        ConfigError: a value that is not a number, or not > 0.
+    """
+    raw = os.environ.get(PERSIA_RAY_TIMEOUT_S, "").strip()
+    if not raw:
+        return DEFAULT_RAY_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"environment variable {PERSIA_RAY_TIMEOUT_S}: expected seconds, got {raw!r}"
+        ) from None
+    if not value > 0:
+        raise ConfigError(f"environment variable {PERSIA_RAY_TIMEOUT_S}: must be > 0")
+    return value
+
+
+def ray_temp_dir() -> Path:
+    """``PERSIA_RAY_TEMP_DIR``, else ``<system temp>/persia-ray-<uid>``."""
+    raw = os.environ.get(PERSIA_RAY_TEMP_DIR, "").strip()
+    if raw:
+        return Path(raw)
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"persia-ray-{uid}"
+
+
+def ray_auth_chosen() -> bool:
+    """Whether the user configured Ray's token authentication: ``RAY_AUTH_TOKEN`` or
+    ``RAY_AUTH_TOKEN_PATH`` set, or ``RAY_AUTH_MODE=disabled``."""
+    if os.environ.get(RAY_AUTH_TOKEN) or os.environ.get(RAY_AUTH_TOKEN_PATH):
+        return True
+    return os.environ.get(RAY_AUTH_MODE, "").lower() == "disabled"
+
+
+def ray_namespace() -> str | None:
+    """``PERSIA_RAY_NAMESPACE`` (surrounding blanks ignored); None when unset or blank (each
+    caller applies its default)."""
+    return os.environ.get(PERSIA_RAY_NAMESPACE, "").strip() or None
+
+
+def job_name() -> str | None:
+    """``PERSIA_JOB_NAME`` (surrounding blanks ignored); None when unset or blank."""
+    return os.environ.get(PERSIA_JOB_NAME, "").strip() or None
+
+
+def stream_channel() -> str | None:
+    """``PERSIA_STREAM_CHANNEL`` as set; None when unset or empty (the caller's default is
+    ``"default"``)."""
+    return os.environ.get(PERSIA_STREAM_CHANNEL) or None
+
+
+def gloo_socket_ifname() -> str | None:
+    """``GLOO_SOCKET_IFNAME`` as set (``""`` when set empty); None when unset."""
+    return os.environ.get(GLOO_SOCKET_IFNAME)

@@ -214,7 +214,7 @@ class EmbeddingCtx(BaseCtx):
         super().__init__(*args, **kwargs)
         from persia import _settings
 
-        self.backend = backend or os.environ.get(_settings.PERSIA_BACKEND, "").strip() or "local"
+        self.backend = backend or _settings.backend()
         if self.backend not in registry.names():
             allowed = " or ".join(repr(n) for n in registry.names())
             raise PersiaError(f"backend must be {allowed}, got {self.backend!r}")
@@ -428,12 +428,11 @@ class EmbeddingCtx(BaseCtx):
         workers sharing the parameter servers, one of them restores the rows.
 
         Every file is verified (sizes, CRC-32, format version, dims, optimizer state width)
-        before anything changes; rows re-shard to this job's shard count. A directory in the
-        older layout (``dense.pt`` + ``embeddings/``) still loads.
+        before anything changes; rows re-shard to this job's shard count. ``dense_filename`` and
+        ``blocking`` are kept for PERSIA's signature (loads are blocking).
 
         Returns:
-            The :class:`persia.checkpoint.JobCheckpoint` (its ``position``, ``config``), or None
-            for the older layout.
+            The :class:`persia.checkpoint.JobCheckpoint` (its ``position``, ``config``).
 
         Raises:
             CheckpointError: missing, truncated, tampered or mismatching checkpoint.
@@ -445,12 +444,6 @@ class EmbeddingCtx(BaseCtx):
         src = Path(src_dir)
         if not src.is_dir():
             raise CheckpointError(f"checkpoint directory {str(src)!r} does not exist")
-        if not checkpoint.is_job_checkpoint(src) and (src / dense_filename).is_file():
-            state = torch.load(src / dense_filename, map_location=map_location, weights_only=True)
-            self.unwrapped_model().load_state_dict(state)
-            if embeddings:
-                self.load_embedding(src, blocking=blocking)
-            return None
         ckpt = checkpoint.read(src)
         state = ckpt.dense_model_state(map_location)
         self.runtime.flush()
@@ -463,14 +456,35 @@ class EmbeddingCtx(BaseCtx):
         return ckpt
 
     def dump_embedding(self, dst_dir: str | os.PathLike, blocking: bool = True) -> None:
-        """Saves every embedding row with its optimizer state under ``dst_dir/embeddings``."""
+        """Saves every embedding row with its optimizer state to ``dst_dir``.
+
+        ``dst_dir`` becomes a job checkpoint (:func:`persia.checkpoint.dump`) without dense
+        state: :meth:`load_embedding` reads it back into any shard count. The write is blocking
+        whatever ``blocking`` says (kept for PERSIA's signature).
+        """
+        from persia import checkpoint
+
         self.runtime.flush()
-        self.runtime.store.dump(Path(dst_dir) / "embeddings")
+        delta = getattr(self, "_delta_writer", None)
+        checkpoint.dump(
+            dst_dir, self.runtime.store, delta_seq=delta.last_seq if delta is not None else None
+        )
 
     def load_embedding(self, src_dir: str | os.PathLike, blocking: bool = True) -> None:
-        """Replaces the embeddings by those saved under ``src_dir/embeddings``."""
+        """Replaces every embedding row by those of the job checkpoint in ``src_dir``.
+
+        ``src_dir`` is what :meth:`dump_embedding` or :meth:`dump_checkpoint` wrote; only the
+        rows are loaded (the dense state, if any, is left alone). Verified like
+        :meth:`load_checkpoint`: the store is unchanged when this raises.
+
+        Raises:
+            CheckpointError: missing, truncated, tampered or mismatching checkpoint.
+        """
+        from persia import checkpoint
+
+        ckpt = checkpoint.read(src_dir)
         self.runtime.flush()
-        self.runtime.store.load(Path(src_dir) / "embeddings")
+        checkpoint.restore_store(self.runtime.store, ckpt)
 
     def wait_for_dump_embedding(self) -> None:
         """Waits for a ``dump_checkpoint(..., blocking=False)`` and raises its error, if any."""
@@ -703,7 +717,8 @@ class TrainCtx(EmbeddingCtx):
         embeddings: bool = True,
     ) -> Any:
         """Loads what :meth:`dump_checkpoint` saved, the dense optimizer's state included
-        (``embeddings=False``: everything but the embedding rows)."""
+        (``embeddings=False``: everything but the embedding rows). The file name arguments are
+        PERSIA's and kept for compatibility (see :meth:`EmbeddingCtx.load_checkpoint`)."""
         ckpt = super().load_checkpoint(
             src_dir,
             map_location=map_location,
@@ -711,17 +726,10 @@ class TrainCtx(EmbeddingCtx):
             blocking=blocking,
             embeddings=embeddings,
         )
-        if ckpt is not None:
-            opt_state = ckpt.dense_optimizer_state(map_location)
-            if opt_state is not None:
-                self.dense_optimizer.load_state_dict(opt_state)
-            return ckpt
-        path = Path(src_dir) / opt_filename
-        if path.is_file():
-            self.dense_optimizer.load_state_dict(
-                torch.load(path, map_location=map_location, weights_only=True)
-            )
-        return None
+        opt_state = ckpt.dense_optimizer_state(map_location)
+        if opt_state is not None:
+            self.dense_optimizer.load_state_dict(opt_state)
+        return ckpt
 
 
 def eval_ctx(*args: Any, **kwargs: Any) -> EmbeddingCtx:

@@ -71,13 +71,12 @@ class StreamingDataset(IterableDataset):
         self.timeout_s = timeout_s
 
     def __iter__(self) -> Iterator[PersiaBatch]:
-        import os
 
         from persia import _settings
         from persia.ctx import cnt_ctx
 
         ctx = cnt_ctx()
-        if getattr(ctx, "backend", None) == "ray" or os.environ.get(_settings.RAY_ADDRESS):
+        if getattr(ctx, "backend", None) == "ray" or _settings.ray_address():
             yield from registry.backend("ray").receive_batches(self.channel, self.timeout_s)
             return
         raise BackendError(

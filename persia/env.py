@@ -14,7 +14,6 @@ size) raises :class:`~persia.errors.ConfigError` naming the variable and its val
 
 from __future__ import annotations
 
-import os
 import sys
 
 from persia import _settings
@@ -49,7 +48,7 @@ def _env(name: str, default: int, minimum: int) -> int:
 
 
 def _raw(name: str) -> str:
-    return os.environ.get(name, "")
+    return _settings.env_raw(name)
 
 
 def get_world_size() -> int:

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _role_env(args: argparse.Namespace) -> dict[str, str]:
-    env = dict(os.environ)
+    env = _settings.environment()
     env[_settings.PERSIA_JOB_NAME] = args.job_name or env.get(_settings.PERSIA_JOB_NAME) or "persia"
     env.setdefault(_settings.PERSIA_RAY_NAMESPACE, "persia")
     env[_settings.PERSIA_BACKEND] = "ray"
@@ -228,10 +228,10 @@ def embedding_parameter_server(args: argparse.Namespace) -> int:
 
     _check_replica(args)
     env = _role_env(args)
-    os.environ.update(
+    os.environ.update(  # a write: this process's own Ray calls read them (via persia._settings)
         {k: env[k] for k in (_settings.PERSIA_JOB_NAME, _settings.PERSIA_RAY_NAMESPACE)}
     )
-    address = os.environ.get(_settings.RAY_ADDRESS, "").strip()
+    address = _settings.ray_address()
     if not address:
         raise BackendError("set RAY_ADDRESS to the Ray cluster to join", role="parameter-server")
     emb = load_embedding_config(env.get(_settings.PERSIA_EMBEDDING_CONFIG))

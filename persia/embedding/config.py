@@ -785,8 +785,7 @@ def parse_global_config(data: object, source: str | None = None) -> GlobalConfig
 def _path_from(path: str | os.PathLike | None, variable: str) -> Path | None:
     if path is not None:
         return Path(path)
-    value = os.environ.get(variable, "").strip()
-    return Path(value) if value else None
+    return _settings.env_path(variable)
 
 
 def load_embedding_config(path: str | os.PathLike | None = None) -> EmbeddingFileConfig:

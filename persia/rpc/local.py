@@ -13,7 +13,7 @@ class LocalTransport(Transport):
 
     Args:
         roles: role name -> list of replica objects. The lists are used as given, not copied,
-            so an owner that replaces its replicas in place (``ShardedStore.load``) is seen.
+            so an owner that replaces its replicas in place (``ShardedStore.replace_rows``) is seen.
     """
 
     def __init__(self, roles: dict[str, list[Any]]) -> None:

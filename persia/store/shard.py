@@ -10,11 +10,8 @@ Every key keeps the dim it was created with: a lookup (or gradient) for a key he
 dim raises ``StoreError``. This is checked only for the keys missing from the asked dim's table, so
 hits cost nothing extra.
 
-Checkpoints (``dump`` / ``load``): one generation of ``persia.store.checkpoint`` of kind
-``"shard"``; arrays ``keys_<dim>``, ``values_<dim>``, ``state_<dim>`` per dim (rows oldest first, so
-loading restores the LRU order); meta ``{"shard_format": 1, "dims", "optimizer": to_dict(), "init",
-"admission", "seed", "weight_bound", "capacity", "counts": {dim: counters}}``. Embeddings and
-optimizer state load bit-exactly; the admission sketch starts empty.
+Checkpoints are store-wide (:mod:`persia.checkpoint`), built on :meth:`Shard.export_rows` /
+:meth:`Shard.import_rows` (rows oldest first, so an import restores the LRU order).
 
 Thread safety: every public method takes the shard's lock for its whole duration; the kernels
 release the GIL, so different shards run in parallel on different threads.
@@ -22,20 +19,16 @@ release the GIL, so different shards run in parallel on different threads.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from persia.errors import CheckpointError, StoreError
-from persia.store import checkpoint
+from persia.errors import StoreError
 from persia.store.config import Admission, Init, Uniform
 from persia.store.kernels import table as K
 from persia.store.table import (
-    COUNTERS,
     EmbeddingTable,
     Optimizer,
     check_grads,
@@ -339,81 +332,3 @@ class Shard:
             total["skipped_absent"] += self._absent_no_table
             total["dims"] = per
             return total
-
-    # ---------------------------------------------------------------------------- checkpoints
-    def dump(self, directory: str | os.PathLike[str], keep: int = 2) -> Path:
-        """Write the shard as a new checkpoint generation in ``directory`` (see the module
-        docstring) and return the generation's folder."""
-        with self._lock:
-            arrays: dict[str, np.ndarray] = {}
-            counts: dict[str, dict[str, int]] = {}
-            for d, t in sorted(self._tables.items()):
-                for name, arr in t.export_rows().items():
-                    arrays[f"{name}_{d}"] = arr
-                st = t.stats()
-                counts[str(d)] = {k: st[k] for k in COUNTERS}
-            meta = {
-                "shard_format": 1,
-                "dims": sorted(self._tables),
-                "optimizer": self.optimizer.to_dict(),
-                "init": self.init.to_dict(),
-                "admission": self.admission.to_dict(),
-                "seed": int(self.seed),
-                "weight_bound": float(self.weight_bound),
-                "capacity": self.capacity,
-                "counts": counts,
-            }
-        return checkpoint.write_generation(directory, arrays, meta, kind="shard", keep=keep)
-
-    def load(self, directory: str | os.PathLike[str]) -> None:
-        """Replace the shard's rows with the current generation in ``directory``.
-
-        Raises:
-            CheckpointError: a missing or corrupt checkpoint, or one of another optimizer (type or
-                state width) or of dims this shard does not accept. The shard is unchanged then.
-        """
-        arrays, meta = checkpoint.read_current(directory, kind="shard")
-        where = str(directory)
-        if meta.get("shard_format") != 1:
-            raise CheckpointError(
-                f"{where}: shard_format must be 1, got {meta.get('shard_format')!r}"
-            )
-        mine = self.optimizer.to_dict()
-        theirs = meta.get("optimizer", {})
-        if not isinstance(theirs, dict) or theirs.get("type") != mine.get("type"):
-            raise CheckpointError(
-                f"{where}: optimizer must be {mine.get('type')!r}, the checkpoint has {theirs!r}"
-            )
-        dims = meta.get("dims")
-        if not isinstance(dims, list) or not all(isinstance(d, int) and d > 0 for d in dims):
-            raise CheckpointError(f"{where}: meta 'dims' must be a list of ints > 0, got {dims!r}")
-        if self.declared_dims is not None and not set(dims) <= set(self.declared_dims):
-            raise CheckpointError(
-                f"{where}: dims {dims} are not all among this shard's dims "
-                f"{list(self.declared_dims)}"
-            )
-        for d in dims:
-            width = self.optimizer.state_width(d)
-            for name, shape in (("keys", (None,)), ("values", (None, d)), ("state", (None, width))):
-                arr = arrays.get(f"{name}_{d}")
-                if arr is None or arr.ndim != len(shape) or arr.shape[1:] != shape[1:]:
-                    got = None if arr is None else arr.shape
-                    raise CheckpointError(
-                        f"{where}: array {name}_{d} must have shape (n, ...{shape[1:]}), got {got}"
-                    )
-        with self._lock:
-            old = self._tables
-            self._tables = {}
-            try:
-                all_dims = sorted(set(dims) | set(self.declared_dims or ()))
-                for d, cap in split_capacity(self.capacity, all_dims).items():
-                    self._tables[d] = self._new_table(d, cap)
-                counts = meta.get("counts", {})
-                for d in dims:
-                    t = self._tables[d]
-                    t.import_rows(arrays[f"keys_{d}"], arrays[f"values_{d}"], arrays[f"state_{d}"])
-                    c = counts.get(str(d), {}) if isinstance(counts, dict) else {}
-                    t.restore_counters({k: int(v) for k, v in c.items() if k in COUNTERS})
-            except StoreError as e:
-                self._tables = old
-                raise CheckpointError(f"{where}: rows cannot be loaded: {e}") from e

@@ -1,33 +1,25 @@
-"""N parameter-server shards behind one object: routing, batched calls, store-wide checkpoints.
+"""N parameter-server shards behind one object: routing, batched calls, row replacement.
 
 Key -> shard by :func:`persia.store.shard.shard_of` (a fixed hash whose bits are independent of
 the tables' probe hash), so the same key lands on the same shard in every process, and a
-checkpoint made with N shards loads into M.
-
-Checkpoint layout (one generation of :mod:`persia.store.checkpoint`, kind ``persia-store``):
-arrays ``s{shard}.d{dim}.keys`` / ``.values`` / ``.state`` (rows oldest first) for every shard
-and dim, and meta ``{"num_shards", "dims", "optimizer", "init", "seed", "weight_bound",
-"capacity", "rows"}``. All shards switch together with the generation pointer, so a crash at any
-moment leaves the previous store checkpoint loadable.
+checkpoint made with N shards loads into M. Checkpoints are written and read by
+:mod:`persia.checkpoint`; :meth:`ShardedStore.replace_rows` takes their arrays
+``s{shard}.d{dim}.keys`` / ``.values`` / ``.state``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from persia.errors import CheckpointError, StoreError
-from persia.store.checkpoint import read_current, write_generation
 from persia.store.config import Admission, Init, Uniform
 from persia.store.shard import Shard, shard_of
 from persia.store.table import check_grads, check_keys, check_positive_int
 
 __all__ = ["ShardedStore"]
-
-KIND = "persia-store"
 
 
 class ShardedStore:
@@ -37,8 +29,8 @@ class ShardedStore:
         num_shards: how many shards (> 0).
         capacity: rows over all shards and dims; each shard holds ``ceil(capacity / num_shards)``.
         optimizer, init, admission, seed, weight_bound, dims: as for :class:`Shard`.
-        adopt_optimizer: :meth:`load` takes the checkpoint's optimizer instead of requiring a
-            matching one (an evaluation or serving store that trains nothing).
+        adopt_optimizer: :meth:`replace_rows` takes the checkpoint's optimizer instead of requiring
+            a matching one (an evaluation or serving store that trains nothing).
     """
 
     def __init__(
@@ -144,36 +136,6 @@ class ShardedStore:
         self.shards[:] = shards
 
     # ---------------------------------------------------------------------- checkpoints
-    def dump(self, directory: str | os.PathLike) -> None:
-        """Writes every row with its optimizer state as one new checkpoint generation."""
-        arrays: dict[str, np.ndarray] = {}
-        rows = 0
-        for i, shard in enumerate(self.shards):
-            for dim, part in shard.export_rows().items():
-                for name in ("keys", "values", "state"):
-                    arrays[f"s{i}.d{dim}.{name}"] = part[name]
-                rows += int(part["keys"].shape[0])
-        meta = {
-            "num_shards": self.num_shards,
-            "dims": sorted({int(k.split(".")[1][1:]) for k in arrays}),
-            "optimizer": self.optimizer.to_dict(),
-            "init": self.init.to_dict(),
-            "seed": int(self.seed),
-            "weight_bound": float(self.weight_bound),
-            "capacity": int(self.capacity),
-            "rows": rows,
-        }
-        write_generation(directory, arrays, meta, kind=KIND)
-
-    def load(self, directory: str | os.PathLike) -> None:
-        """Replaces every row by a checkpoint's, re-sharding N -> ``num_shards`` as needed.
-
-        The checkpoint's optimizer state must have the width this store's optimizer expects
-        (hyper-parameters such as the learning rate may differ).
-        """
-        arrays, meta = read_current(directory, kind=KIND)
-        self.replace_rows(arrays, meta, str(directory))
-
     def replace_rows(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], where: str) -> None:
         """Replaces every row by those of checkpoint arrays ``s{i}.d{dim}.keys / values /
         state`` (``meta``: ``dims``, ``num_shards``, ``optimizer``), re-sharding N ->

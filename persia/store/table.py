@@ -35,18 +35,7 @@ from persia.errors import StoreError
 from persia.store.config import Admission, Init, Normal, Uniform
 from persia.store.kernels import table as K
 
-__all__ = ["EmbeddingTable", "Optimizer", "check_keys", "check_grads", "COUNTERS"]
-
-#: the counters of ``EmbeddingTable.stats`` that a checkpoint keeps
-COUNTERS = (
-    "evictions",
-    "misses",
-    "admissions",
-    "rejections",
-    "applied",
-    "skipped_absent",
-    "skipped_nonfinite",
-)
+__all__ = ["EmbeddingTable", "Optimizer", "check_keys", "check_grads"]
 
 _MAX_LOAD = 0.7
 _MIN_ALLOC = 16
@@ -482,17 +471,3 @@ class EmbeddingTable:
             "skipped_nonfinite": self.skipped_nonfinite,
             "bytes_used": self.bytes_used,
         }
-
-    def restore_counters(self, counts: dict[str, int]) -> None:
-        """Set the counters named in ``counts`` (from a checkpoint's ``stats``)."""
-        slots = {
-            "evictions": K.M_EVICTIONS,
-            "misses": K.M_MISSES,
-            "admissions": K.M_ADMISSIONS,
-            "rejections": K.M_REJECTIONS,
-        }
-        for name, value in counts.items():
-            if name in slots:
-                self.meta[slots[name]] = value
-            elif name in ("applied", "skipped_absent", "skipped_nonfinite"):
-                setattr(self, name, int(value))

@@ -128,6 +128,29 @@ def test_non_blocking_dump_while_training_continues(tmp_path):
     assert ckpt.meta["num_shards"] == 3 and ckpt.dense_optimizer_state() is not None
 
 
+def test_dump_embedding_writes_a_job_checkpoint_without_dense_state(tmp_path):
+    model = Net()
+    with make_ctx(model, 2) as ctx:
+        train(ctx, make_batches(6), staleness=2)
+        ctx.dump_embedding(tmp_path / "emb")
+        ctx.dump_checkpoint(tmp_path / "full")
+        rows = rows_by_key(ctx.runtime.store)
+    ckpt = checkpoint.read(tmp_path / "emb")
+    assert ckpt.meta["dense"] == {"model": False, "optimizer": False}
+    assert ckpt.meta["num_shards"] == 2 and ckpt.meta["rows"] > 0
+    model_b = Net()
+    with make_ctx(model_b, 3) as ctx_b:
+        with pytest.raises(CheckpointError, match="holds no dense model"):
+            ctx_b.load_checkpoint(tmp_path / "emb")
+        ctx_b.load_embedding(tmp_path / "emb")
+        assert_same_rows(rows_by_key(ctx_b.runtime.store), rows)
+        ctx_b.clear_embeddings()
+        ctx_b.load_embedding(tmp_path / "full")  # the rows of a full checkpoint also load
+        assert_same_rows(rows_by_key(ctx_b.runtime.store), rows)
+        with pytest.raises(CheckpointError):
+            ctx_b.load_embedding(tmp_path / "missing")
+
+
 def filled_store(shards: int, optimizer=None, n: int = 3000, seed: int = 0) -> ShardedStore:
     store = ShardedStore(shards, 100_000, optimizer or Adam(lr=0.1), dims=[4, 8])
     rng = np.random.default_rng(seed)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import tempfile
 import threading
 import time
 import uuid
@@ -61,18 +60,12 @@ _INIT_LOCK = threading.Lock()
 # ------------------------------------------------------------------------------ Ray itself
 def ray_temp_dir() -> Path:
     """Where a Ray cluster started by persia keeps its files (``PERSIA_RAY_TEMP_DIR``)."""
-    raw = os.environ.get(_settings.PERSIA_RAY_TEMP_DIR, "").strip()
-    if raw:
-        return Path(raw)
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"persia-ray-{uid}"
+    return _settings.ray_temp_dir()
 
 
 def _place_auth_token(folder: Path) -> None:
     """Points Ray's token authentication at ``folder/auth_token`` unless the user chose."""
-    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+    if _settings.ray_auth_chosen():
         return
     path = folder / "auth_token"
     if not path.is_file():
@@ -80,7 +73,7 @@ def _place_auth_token(folder: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    os.environ[_settings.RAY_AUTH_TOKEN_PATH] = str(path)  # a write: Ray reads it
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -91,7 +84,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     with _INIT_LOCK:
         if ray.is_initialized():
             return
-        address = address or os.environ.get(_settings.RAY_ADDRESS) or None
+        address = address or _settings.ray_address()
         runtime_env = {"env_vars": _forwarded_env()}
         if address is not None:
             ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
@@ -113,7 +106,7 @@ def _forwarded_env() -> dict[str, str]:
     """The variables every actor gets from the driver (numba cache, deep checks)."""
     _settings.ensure_numba_cache_dir()
     names = (_settings.NUMBA_CACHE_DIR, _settings.PERSIA_DEEP_CHECKS, _settings.OMP_WAIT_POLICY)
-    return {n: os.environ[n] for n in names if n in os.environ}
+    return _settings.env_values(names)
 
 
 def _ray_exceptions() -> tuple[Any, Any, Any]:
@@ -276,7 +269,7 @@ def _bind_host(cluster: ClusterConfig) -> str:
     """Loopback on a cluster started here; the node's Ray address on a joined one."""
     if cluster.bind_host:
         return cluster.bind_host
-    joined = cluster.address or os.environ.get(_settings.RAY_ADDRESS)
+    joined = cluster.address or _settings.ray_address()
     return "node" if joined else "127.0.0.1"  # "node": resolved inside the actor
 
 

@@ -37,18 +37,7 @@ TRANSPORTS = ("zmq", "ray")
 
 def default_timeout_s() -> float:
     """``PERSIA_RAY_TIMEOUT_S``, else 60 seconds."""
-    raw = os.environ.get(_settings.PERSIA_RAY_TIMEOUT_S, "").strip()
-    if not raw:
-        return 60.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(
-            f"environment variable {_settings.PERSIA_RAY_TIMEOUT_S}: expected seconds, got {raw!r}"
-        ) from None
-    if not value > 0:
-        raise ConfigError(f"environment variable {_settings.PERSIA_RAY_TIMEOUT_S}: must be > 0")
-    return value
+    return _settings.ray_timeout_s()
 
 
 @dataclass(frozen=True)

@@ -102,8 +102,7 @@ def attach_parameter_servers(
 def _namespace_of(name: str) -> str | None:
     """The Ray namespace to look ``name`` up in: ``PERSIA_RAY_NAMESPACE`` if set, else the
     caller's own."""
-    raw = os.environ.get(_settings.PERSIA_RAY_NAMESPACE, "").strip()
-    return raw or None
+    return _settings.ray_namespace()
 
 
 def _free_port(host: str) -> int:
@@ -147,16 +146,21 @@ class NNWorker:
         """Joins the gloo group and runs ``train_fn(job, cluster=cluster, **options)`` as rank
         ``self.rank`` (options: ``resume``, ``on_trained``, ...)."""
         _settings.ensure_numba_cache_dir()
+        # Writes, for torch.distributed and persia.env in this actor (reads: persia._settings).
         os.environ[_settings.RANK] = str(self.rank)
         os.environ[_settings.WORLD_SIZE] = str(self.world_size)
         os.environ[_settings.LOCAL_RANK] = str(self.rank)
-        os.environ["MASTER_ADDR"] = master[0]
-        os.environ["MASTER_PORT"] = str(master[1])
+        os.environ[_settings.MASTER_ADDR] = master[0]
+        os.environ[_settings.MASTER_PORT] = str(master[1])
         # A gloo group binds on the interface of the master's address (never loopback by
-        # accident on a multi-node cluster).
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", _ifname_of(master[0]) or "")
-        if not os.environ["GLOO_SOCKET_IFNAME"]:
-            del os.environ["GLOO_SOCKET_IFNAME"]
+        # accident on a multi-node cluster); a variable set empty is removed (gloo chooses).
+        ifname = _settings.gloo_socket_ifname()
+        if ifname is None:
+            ifname = _ifname_of(master[0])
+            if ifname:
+                os.environ[_settings.GLOO_SOCKET_IFNAME] = ifname
+        elif not ifname:
+            del os.environ[_settings.GLOO_SOCKET_IFNAME]
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -254,7 +258,7 @@ def run_job_ddp(
     if cluster.nn_resources:
         actor_options["resources"] = dict(cluster.nn_resources)
     master_host = cluster.bind_host
-    if master_host is None and not (cluster.address or os.environ.get(_settings.RAY_ADDRESS)):
+    if master_host is None and not (cluster.address or _settings.ray_address()):
         master_host = "127.0.0.1"
     actor_cls: Any = ray.remote(NNWorker)
     workers: list[Any] = [

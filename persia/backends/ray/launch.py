@@ -17,7 +17,6 @@ name (``PERSIA_JOB_NAME``, default ``persia``):
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from persia import _settings
@@ -36,18 +35,18 @@ __all__ = [
 
 def namespace() -> str:
     """``PERSIA_RAY_NAMESPACE``, default ``persia``."""
-    return os.environ.get(_settings.PERSIA_RAY_NAMESPACE, "").strip() or "persia"
+    return _settings.ray_namespace() or "persia"
 
 
 def job_name() -> str:
     """``PERSIA_JOB_NAME``, default ``persia``."""
-    return os.environ.get(_settings.PERSIA_JOB_NAME, "").strip() or "persia"
+    return _settings.job_name() or "persia"
 
 
 def cluster_from_env() -> ClusterConfig | None:
     """The ClusterConfig of a process started by ``persia-launcher nn-worker``: attach to the
     parameter servers of ``PERSIA_JOB_NAME`` (None when that variable is not set)."""
-    name = os.environ.get(_settings.PERSIA_JOB_NAME, "").strip()
+    name = _settings.job_name()
     if not name:
         return None
     return ClusterConfig(job_name=name).wired(attach_ps=True)

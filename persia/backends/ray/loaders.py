@@ -134,7 +134,6 @@ class DataLoaderActor:
 def start_data_loaders(job: Any, cluster: Any, job_name: str) -> list[tuple[Any, Any]]:
     """Starts ``cluster.num_data_loaders`` loader actors for ``job``; returns (actor, the ref
     of its run) pairs for :func:`wait_data_loaders`."""
-    import os
 
     import ray
 
@@ -144,7 +143,7 @@ def start_data_loaders(job: Any, cluster: Any, job_name: str) -> list[tuple[Any,
     size = cluster.num_data_loaders
     check_loader_config(size, world)
     bind_host = cluster.bind_host
-    if bind_host is None and not (cluster.address or os.environ.get(_settings.RAY_ADDRESS)):
+    if bind_host is None and not (cluster.address or _settings.ray_address()):
         bind_host = "127.0.0.1"  # a local cluster started by persia: loopback only
     options: dict[str, Any] = {"num_cpus": cluster.loader_num_cpus, "max_restarts": 0}
     if cluster.loader_resources:

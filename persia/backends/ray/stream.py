@@ -19,7 +19,6 @@ did (``PERSIA_STREAM_CONSUMERS``, default 1), or after ``linger_s`` without requ
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -38,7 +37,7 @@ _POLL_MS = 100
 
 def stream_namespace() -> str:
     """The Ray namespace in which loaders and NN workers meet (``PERSIA_RAY_NAMESPACE``)."""
-    return os.environ.get(_settings.PERSIA_RAY_NAMESPACE, "").strip() or "persia"
+    return _settings.ray_namespace() or "persia"
 
 
 def _env_count(name: str, default: int, minimum: int) -> int:
@@ -46,7 +45,7 @@ def _env_count(name: str, default: int, minimum: int) -> int:
         value = _settings.env_int(name, default)
     except ValueError:
         raise ConfigError(
-            f"environment variable {name}: expected an integer, got {os.environ.get(name)!r}"
+            f"environment variable {name}: expected an integer, got {_settings.env_raw(name)!r}"
         ) from None
     if value < minimum:
         raise ConfigError(f"environment variable {name}: expected >= {minimum}, got {value}")
@@ -72,7 +71,7 @@ def _connect_ray() -> None:
 
     if ray.is_initialized():
         return
-    if not os.environ.get(_settings.RAY_ADDRESS, "").strip():
+    if not _settings.ray_address():
         raise BackendError(
             "a data loader joins the job's Ray cluster: set RAY_ADDRESS (persia-launcher does)",
             role=DATA_LOADER,
@@ -119,7 +118,7 @@ class StreamSender:
             raise ConfigError(
                 f"replica_index must be in [0, replica_size={self.size}), got {self.index}"
             )
-        self.channel = channel or os.environ.get(_settings.PERSIA_STREAM_CHANNEL) or "default"
+        self.channel = channel or _settings.stream_channel() or "default"
         self.consumers = (
             consumers
             if consumers is not None
@@ -131,7 +130,7 @@ class StreamSender:
         import ray
 
         if bind_host is None:
-            joined = os.environ.get(_settings.RAY_ADDRESS, "").strip()
+            joined = _settings.ray_address()
             bind_host = ray.util.get_node_ip_address() if joined else "127.0.0.1"
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -244,7 +243,7 @@ def receive_batches(channel: str | None = None, timeout_s: float = 600.0, stop: 
         BackendError: no loader appears, or none sends anything, within ``timeout_s``.
         BatchError: a received batch fails :meth:`PersiaBatch.from_arrays`' checks.
     """
-    channel = channel or os.environ.get(_settings.PERSIA_STREAM_CHANNEL) or "default"
+    channel = channel or _settings.stream_channel() or "default"
     _connect_ray()
     endpoints = _find_loaders(channel, timeout_s)
     ctx = zmq.Context()
