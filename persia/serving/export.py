@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from persia.errors import CheckpointError, ConfigError
-from persia.hashing import hash_ints, hash_strings
+from persia.hashing import MISSING_TOKEN, hash_ints, hash_strings
 from persia.store.checkpoint import write_generation
 
 __all__ = [
@@ -52,8 +52,6 @@ KIND = "persia-serving"
 #: Version of the meta layout; :func:`persia.serving.load` refuses other versions.
 SERVING_FORMAT = 1
 HASH_NAME = "persia.hashing: FNV-1a-64 of the UTF-8 text (ints: 8 little-endian bytes), splitmix64"
-#: The token whose ID stands for a missing ID value under ``missing.ids: token`` (as the reader).
-MISSING_TOKEN = "<missing>"
 _CHECK_STRINGS = ("persia", "", MISSING_TOKEN, ">50K")
 _CHECK_INTS = (0, 1, 7, 2**40 + 3)
 
