@@ -30,8 +30,8 @@ PERSIA_RAY_TIMEOUT_S = "PERSIA_RAY_TIMEOUT_S"
 #: Folder of a locally started Ray cluster's logs, sockets and auth token
 #: (default ``<system temp>/persia-ray-<uid>``).
 PERSIA_RAY_TEMP_DIR = "PERSIA_RAY_TEMP_DIR"
-#: Ray namespace in which the roles of one job find each other by name (persia-launcher sets
-#: it, default "persia"; unset: the process's own namespace).
+#: Ray namespace in which persia's processes join Ray and the roles of one job find each other
+#: by name (default "persia": persia.backends.ray.naming).
 PERSIA_RAY_NAMESPACE = "PERSIA_RAY_NAMESPACE"
 #: PERSIA-compatible: this data loader's index and the number of data loaders (set by
 #: persia-launcher data-loader --replica-index / --replica-size; defaults 0 and 1).

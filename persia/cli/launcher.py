@@ -32,6 +32,7 @@ import threading
 from typing import Any
 
 from persia import _settings
+from persia.backends.ray.naming import DEFAULT_NAMESPACE
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _role_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     env[_settings.PERSIA_JOB_NAME] = args.job_name or env.get(_settings.PERSIA_JOB_NAME) or "persia"
-    env.setdefault(_settings.PERSIA_RAY_NAMESPACE, "persia")
+    env.setdefault(_settings.PERSIA_RAY_NAMESPACE, DEFAULT_NAMESPACE)
     env[_settings.PERSIA_BACKEND] = "ray"
     if args.embedding_config:
         env[_settings.PERSIA_EMBEDDING_CONFIG] = os.path.abspath(args.embedding_config)
@@ -220,6 +221,7 @@ def embedding_parameter_server(args: argparse.Namespace) -> int:
 
     from persia.backends.ray.backend import ClusterConfig, get_with_timeout
     from persia.backends.ray.launch import LaunchedParameterServer, connect, job_name
+    from persia.backends.ray.naming import namespace, ps_actor_name
     from persia.embedding.config import load_embedding_config, load_global_config
     from persia.embedding.optim import SGD
     from persia.errors import BackendError
@@ -244,10 +246,10 @@ def embedding_parameter_server(args: argparse.Namespace) -> int:
     }
     connect(address)
     bind = args.bind_host or "node"
-    name = f"persia-{job_name()}-ps-{args.replica_index}"
+    name = ps_actor_name(job_name(), args.replica_index)
     actor_cls: Any = ray.remote(LaunchedParameterServer)
     actor = actor_cls.options(
-        name=name, num_cpus=args.num_cpus, max_restarts=0, max_concurrency=4
+        name=name, namespace=namespace(), num_cpus=args.num_cpus, max_restarts=0, max_concurrency=4
     ).remote(args.replica_index, args.replica_size, shard_kwargs, bind)
     timeout_s = ClusterConfig().resolved_timeout_s()
     get_with_timeout(actor.ping.remote(), timeout_s, "parameter-server", args.replica_index)

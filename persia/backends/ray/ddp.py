@@ -41,6 +41,7 @@ from persia.backends.ray.backend import (
     init_ray,
     new_job_id,
 )
+from persia.backends.ray.naming import namespace, nn_actor_name, ps_actor_name
 from persia.errors import BackendError, CheckpointError
 
 __all__ = ["NN_WORKER", "NNWorker", "attach_parameter_servers", "run_job_ddp"]
@@ -71,10 +72,10 @@ def attach_parameter_servers(
     deadline = time.monotonic() + timeout_s
     i = 0
     while i < num_ps:
-        name = f"persia-{job_name}-ps-{i}"
+        name = ps_actor_name(job_name, i)
         while True:
             try:
-                actor = ray.get_actor(name, namespace=_namespace_of(name))
+                actor = ray.get_actor(name, namespace=namespace())
                 break
             except ValueError:
                 if time.monotonic() > deadline:
@@ -97,13 +98,6 @@ def attach_parameter_servers(
             if hasattr(actor, "configure"):
                 get_with_timeout(actor.configure.remote(kwargs), timeout_s, PARAMETER_SERVER, rank)
     return actors
-
-
-def _namespace_of(name: str) -> str | None:
-    """The Ray namespace to look ``name`` up in: ``PERSIA_RAY_NAMESPACE`` if set, else the
-    caller's own."""
-    raw = os.environ.get(_settings.PERSIA_RAY_NAMESPACE, "").strip()
-    return raw or None
 
 
 def _free_port(host: str) -> int:
@@ -248,7 +242,9 @@ def run_job_ddp(
         master_host = "127.0.0.1"
     actor_cls: Any = ray.remote(NNWorker)
     workers: list[Any] = [
-        actor_cls.options(name=f"persia-{job_name}-nn-{r}", **options).remote(r, world, master_host)
+        actor_cls.options(name=nn_actor_name(job_name, r), namespace=namespace(), **options).remote(
+            r, world, master_host
+        )
         for r in range(world)
     ]
     timeout_s = cluster.resolved_timeout_s()

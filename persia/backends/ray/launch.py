@@ -22,6 +22,7 @@ from typing import Any
 
 from persia import _settings
 from persia.backends.ray.backend import ClusterConfig, ParameterServer
+from persia.backends.ray.naming import namespace
 
 __all__ = [
     "LaunchedParameterServer",
@@ -30,11 +31,6 @@ __all__ = [
     "job_name",
     "namespace",
 ]
-
-
-def namespace() -> str:
-    """``PERSIA_RAY_NAMESPACE``, default ``persia``."""
-    return os.environ.get(_settings.PERSIA_RAY_NAMESPACE, "").strip() or "persia"
 
 
 def job_name() -> str:
