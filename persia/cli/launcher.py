@@ -222,10 +222,9 @@ def embedding_parameter_server(args: argparse.Namespace) -> int:
     from persia.backends.ray.backend import ClusterConfig, get_with_timeout
     from persia.backends.ray.launch import LaunchedParameterServer, connect, job_name
     from persia.backends.ray.naming import namespace, ps_actor_name
-    from persia.embedding.config import load_embedding_config, load_global_config
-    from persia.embedding.optim import SGD
+    from persia.embedding.config import load_spec
     from persia.errors import BackendError
-    from persia.utils import embedding_seed
+    from persia.store.build import shard_options
 
     _check_replica(args)
     env = _role_env(args)
@@ -235,15 +234,11 @@ def embedding_parameter_server(args: argparse.Namespace) -> int:
     address = os.environ.get(_settings.RAY_ADDRESS, "").strip()
     if not address:
         raise BackendError("set RAY_ADDRESS to the Ray cluster to join", role="parameter-server")
-    emb = load_embedding_config(env.get(_settings.PERSIA_EMBEDDING_CONFIG))
-    glob = load_global_config(env.get(_settings.PERSIA_GLOBAL_CONFIG))
-    ps = glob.embedding_parameter_server_config
-    shard_kwargs: dict[str, Any] = {
-        "capacity": -(-ps.capacity // args.replica_size),
-        "optimizer": SGD(lr=0.01),  # replaced by the first NN worker's (configure)
-        "seed": embedding_seed(),
-        "dims": sorted({s.dim for s in emb.slots}),
-    }
+    spec = load_spec(
+        env.get(_settings.PERSIA_EMBEDDING_CONFIG), env.get(_settings.PERSIA_GLOBAL_CONFIG)
+    )
+    # no optimizer yet: an SGD placeholder, replaced by the first NN worker's (configure)
+    shard_kwargs = shard_options(spec, args.replica_size)
     connect(address)
     bind = args.bind_host or "node"
     name = ps_actor_name(job_name(), args.replica_index)

@@ -73,11 +73,8 @@ def serving_meta(job: Any, mean: np.ndarray, std: np.ndarray) -> dict[str, Any]:
         job: the job the model was trained with.
         mean, std: per dense column, the training files' statistics after ``log1p``.
     """
-    from persia.job.runner import embedding_configs
-
     data, emb = job.data, job.embedding
-    emb_file, _ = embedding_configs(job)
-    bits = int(emb_file.feature_index_prefix_bit)
+    bits = int(emb.feature_index_prefix_bit)
     slots = []
     for col, slot in zip(data.ids, emb.slots, strict=True):
         slots.append(
@@ -89,7 +86,7 @@ def serving_meta(job: Any, mean: np.ndarray, std: np.ndarray) -> dict[str, Any]:
                 "dim": int(slot.dim),
                 "pooling": slot.pooling,
                 "sample_fixed_size": int(slot.sample_fixed_size),
-                "prefix": int(emb_file.prefix_of(slot.name)),
+                "prefix": int(slot.prefix),
                 "prefix_bits": bits,
             }
         )
