@@ -38,8 +38,8 @@ DEFAULT_RAY_TIMEOUT_S = 60.0
 #: Folder of a locally started Ray cluster's logs, sockets and auth token
 #: (default ``<system temp>/persia-ray-<uid>``).
 PERSIA_RAY_TEMP_DIR = "PERSIA_RAY_TEMP_DIR"
-#: Ray namespace in which the roles of one job find each other by name (persia-launcher sets
-#: it, default "persia"; unset: the process's own namespace).
+#: Ray namespace in which persia's processes join Ray and the roles of one job find each other
+#: by name (default "persia": persia.backends.ray.naming).
 PERSIA_RAY_NAMESPACE = "PERSIA_RAY_NAMESPACE"
 #: PERSIA-compatible: this data loader's index and the number of data loaders (set by
 #: persia-launcher data-loader --replica-index / --replica-size; defaults 0 and 1).
@@ -183,8 +183,8 @@ def ray_auth_chosen() -> bool:
 
 
 def ray_namespace() -> str | None:
-    """``PERSIA_RAY_NAMESPACE`` (surrounding blanks ignored); None when unset or blank (each
-    caller applies its default)."""
+    """``PERSIA_RAY_NAMESPACE`` (surrounding blanks ignored); None when unset or blank (the Ray
+    backend then uses its default, ``persia``: ``persia.backends.ray.naming.namespace``)."""
     return os.environ.get(PERSIA_RAY_NAMESPACE, "").strip() or None
 
 

@@ -60,7 +60,20 @@ from numba import njit
 
 from persia.errors import BatchError, ConfigError
 
-__all__ = ["hash_strings", "hash_ints", "hash_value", "mix64_py", "FNV_OFFSET", "FNV_PRIME"]
+__all__ = [
+    "hash_strings",
+    "hash_ints",
+    "hash_value",
+    "mix64_py",
+    "FNV_OFFSET",
+    "FNV_PRIME",
+    "MISSING_TOKEN",
+]
+
+#: The token hashed in place of a missing ID value under the job file's ``missing.ids: token``:
+#: by the job's readers when training and by serving's request recipe (one definition, so that
+#: training and serving give a missing value the same ID).
+MISSING_TOKEN = "<missing>"
 
 MASK64 = (1 << 64) - 1
 #: 64-bit FNV-1a offset basis and prime.

@@ -29,9 +29,9 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any
 
 from persia import _settings
+from persia.backends.ray.naming import DEFAULT_NAMESPACE
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _role_env(args: argparse.Namespace) -> dict[str, str]:
     env = _settings.environment()
     env[_settings.PERSIA_JOB_NAME] = args.job_name or env.get(_settings.PERSIA_JOB_NAME) or "persia"
-    env.setdefault(_settings.PERSIA_RAY_NAMESPACE, "persia")
+    env.setdefault(_settings.PERSIA_RAY_NAMESPACE, DEFAULT_NAMESPACE)
     env[_settings.PERSIA_BACKEND] = "ray"
     if args.embedding_config:
         env[_settings.PERSIA_EMBEDDING_CONFIG] = os.path.abspath(args.embedding_config)
@@ -221,10 +221,9 @@ def embedding_parameter_server(args: argparse.Namespace) -> int:
         start_parameter_server,
         stop_parameter_server,
     )
-    from persia.embedding.config import load_embedding_config, load_global_config
-    from persia.embedding.optim import SGD
+    from persia.embedding.config import load_spec
     from persia.errors import BackendError
-    from persia.utils import embedding_seed
+    from persia.store.build import shard_options
 
     _check_replica(args)
     env = _role_env(args)
@@ -234,15 +233,11 @@ def embedding_parameter_server(args: argparse.Namespace) -> int:
     address = _settings.ray_address()
     if not address:
         raise BackendError("set RAY_ADDRESS to the Ray cluster to join", role="parameter-server")
-    emb = load_embedding_config(env.get(_settings.PERSIA_EMBEDDING_CONFIG))
-    glob = load_global_config(env.get(_settings.PERSIA_GLOBAL_CONFIG))
-    ps = glob.embedding_parameter_server_config
-    shard_kwargs: dict[str, Any] = {
-        "capacity": -(-ps.capacity // args.replica_size),
-        "optimizer": SGD(lr=0.01),  # replaced by the first NN worker's (configure)
-        "seed": embedding_seed(),
-        "dims": sorted({s.dim for s in emb.slots}),
-    }
+    spec = load_spec(
+        env.get(_settings.PERSIA_EMBEDDING_CONFIG), env.get(_settings.PERSIA_GLOBAL_CONFIG)
+    )
+    # no optimizer yet: an SGD placeholder, replaced by the first NN worker's (configure)
+    shard_kwargs = shard_options(spec, args.replica_size)
     connect(address)
     actor, name, endpoint = start_parameter_server(
         args.replica_index, args.replica_size, shard_kwargs, args.bind_host or "node", args.num_cpus

@@ -60,14 +60,24 @@ Files are found by explicit argument, else the ``PERSIA_EMBEDDING_CONFIG`` /
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from persia import _settings
+from persia.embedding import EmbeddingConfig
+from persia.embedding._problems import MISSING, Problems, join
+from persia.embedding.optim import EmbeddingOptimizer, optimizer_spec
+from persia.embedding.spec import (
+    DEFAULT_FEATURE_INDEX_PREFIX_BIT,
+    POOLINGS,
+    EmbeddingSpec,
+    SlotSpec,
+    prefix_bits_expected,
+    prefix_order,
+)
 from persia.errors import ConfigError
-from persia.logger import get_logger, warn_once
+from persia.logger import get_logger
 from persia.utils import load_yaml
 
 __all__ = [
@@ -87,17 +97,14 @@ __all__ = [
     "parse_global_config",
     "load_embedding_config",
     "load_global_config",
+    "embedding_spec",
+    "load_spec",
+    "persia_configs",
 ]
 
 _log = get_logger("persia.embedding.config")
 
-#: Pooling of a slot's IDs per sample: sum; mean; sum * 1/sqrt(n); raw (padded sequence + mask).
-POOLINGS = ("sum", "mean", "sqrt", "raw")
 JOB_TYPES = ("train", "infer")
-#: Default of ``feature_index_prefix_bit``: 12, as PERSIA's examples and persia's worker use
-#: (2**12 - 1 groups, 52 ID bits); PERSIA's code defaulted to 8.
-DEFAULT_FEATURE_INDEX_PREFIX_BIT = 12
-_MISSING = object()
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,131 +311,6 @@ class GlobalConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# A small strict reader that collects every problem
-# --------------------------------------------------------------------------------------------
-
-
-def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-class _Reader:
-    """Reads typed values out of nested dicts, collecting problems and warnings."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-        self.warnings: list[tuple[str, str]] = []  # (key for warn_once, message)
-
-    def bad(self, path: str, expected: str, got: object) -> None:
-        shown = "nothing" if got is _MISSING else repr(got)
-        self.problems.append(f"{path or '<top level>'}: expected {expected}, got {shown}")
-
-    def warn(self, path: str, message: str) -> None:
-        self.warnings.append((path, f"{path}: {message}"))
-
-    def mapping(self, value: object, path: str) -> dict | None:
-        """``value`` as a dict (None -> empty), or None after reporting a problem."""
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            self.bad(path, "a mapping", value)
-            return None
-        return dict(value)
-
-    def keys(
-        self,
-        d: dict,
-        path: str,
-        known: Iterable[str],
-        renamed: Mapping[str, str] | None = None,
-    ) -> dict:
-        """``d`` with old names mapped to the right ones; unknown keys reported."""
-        known = tuple(known)
-        renamed = renamed or {}
-        out: dict = {}
-        for key, value in d.items():
-            where = _join(path, key)
-            if key in renamed:
-                right = renamed[key]
-                if right in d:
-                    self.problems.append(
-                        f"{where}: old name of {_join(path, right)}; give only one of them"
-                    )
-                    continue
-                self.warn(
-                    where,
-                    f"accepted as {_join(path, right)} (PERSIA's misspelling or old name; "
-                    f"the right key is {right!r})",
-                )
-                out[right] = value
-            elif key in known:
-                out[key] = value
-            else:
-                self.problems.append(f"{where}: unknown key; expected one of {', '.join(known)}")
-        return out
-
-    def int_(
-        self,
-        d: dict,
-        key: str,
-        path: str,
-        default: Any,
-        minimum: int = 1,
-        maximum: int | None = None,
-    ) -> Any:
-        value = d.get(key, _MISSING)
-        if value is _MISSING:
-            if default is _MISSING:
-                self.bad(_join(path, key), f"an int >= {minimum} (required)", value)
-            return default
-        low_ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-        if not low_ok or (maximum is not None and value > maximum):
-            bound = (
-                f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
-            )
-            if minimum == 1 and maximum is None:
-                bound = "an int > 0"
-            self.bad(_join(path, key), bound, value)
-            return default
-        return value
-
-    def bool_(self, d: dict, key: str, path: str, default: bool) -> bool:
-        value = d.get(key, _MISSING)
-        if value is _MISSING:
-            return default
-        if not isinstance(value, bool):
-            self.bad(_join(path, key), "true or false", value)
-            return default
-        return value
-
-    def str_(self, d: dict, key: str, path: str, default: Any, choices: Iterable[str] = ()) -> Any:
-        value = d.get(key, _MISSING)
-        if value is _MISSING:
-            return default
-        choices = tuple(choices)
-        if not isinstance(value, str) or not value:
-            self.bad(_join(path, key), "a non-empty string", value)
-            return default
-        if choices and value.lower() not in choices:
-            self.bad(_join(path, key), f"one of {', '.join(choices)}", value)
-            return default
-        return value.lower() if choices else value
-
-    def no_effect(self, d: dict, key: str, path: str, value: object, default: object, why: str):
-        """Warns when a key of an unbuilt feature is set to something other than its default."""
-        if key in d and value != default:
-            self.warn(_join(path, key), f"accepted, but has no effect: {why}")
-
-    def finish(self, source: str | None) -> tuple[str, ...]:
-        """Raises the collected problems, else logs the warnings once and returns them."""
-        if self.problems:
-            raise ConfigError(self.problems, source=source)
-        for key, message in self.warnings:
-            warn_once(_log, f"{source}:{key}", message if not source else f"{source}: {message}")
-        return tuple(message for _, message in self.warnings)
-
-
-# --------------------------------------------------------------------------------------------
 # embedding_config.yml
 # --------------------------------------------------------------------------------------------
 
@@ -444,17 +326,17 @@ _SLOT_KEYS = (
 )
 
 
-def _parse_slot(r: _Reader, name: str, raw: object, path: str) -> SlotConfig | None:
+def _parse_slot(r: Problems, name: str, raw: object, path: str) -> SlotConfig | None:
     spec = r.mapping(raw, path)
     if spec is None:
         return None
     spec = r.keys(spec, path, _SLOT_KEYS)
-    dim = r.int_(spec, "dim", path, _MISSING)
+    dim = r.int_(spec, "dim", path, MISSING)
     summation = r.bool_(spec, "embedding_summation", path, True)
     sqrt_scaling = r.bool_(spec, "sqrt_scaling", path, False)
     fixed = r.int_(spec, "sample_fixed_size", path, 10)
 
-    hs_path = _join(path, "hash_stack_config")
+    hs_path = join(path, "hash_stack_config")
     hs = r.mapping(spec.get("hash_stack_config"), hs_path) or {}
     hs = r.keys(hs, hs_path, ("hash_stack_rounds", "embedding_size"))
     rounds = r.int_(hs, "hash_stack_rounds", hs_path, 0, minimum=0)
@@ -468,7 +350,7 @@ def _parse_slot(r: _Reader, name: str, raw: object, path: str) -> SlotConfig | N
 
     if "index_prefix" in spec and spec["index_prefix"] != 0:
         r.bad(
-            _join(path, "index_prefix"),
+            join(path, "index_prefix"),
             "0 or no value (persia computes prefixes from feature_groups, as PERSIA did)",
             spec["index_prefix"],
         )
@@ -476,7 +358,7 @@ def _parse_slot(r: _Reader, name: str, raw: object, path: str) -> SlotConfig | N
     if "capacity" in spec:
         capacity = r.int_(spec, "capacity", path, None)
         r.warn(
-            _join(path, "capacity"),
+            join(path, "capacity"),
             "accepted, but has no effect: persia bounds the whole table with "
             "embedding_parameter_server_config.capacity",
         )
@@ -487,7 +369,7 @@ def _parse_slot(r: _Reader, name: str, raw: object, path: str) -> SlotConfig | N
         given = r.str_(spec, "pooling", path, None, choices=POOLINGS)
         if given is not None:
             pooling = given
-            where = _join(path, "pooling")
+            where = join(path, "pooling")
             if "embedding_summation" in spec and summation != (given != "raw"):
                 r.bad(where, f"a pooling that agrees with embedding_summation: {summation}", given)
             if "sqrt_scaling" in spec and sqrt_scaling and given != "sqrt":
@@ -495,11 +377,11 @@ def _parse_slot(r: _Reader, name: str, raw: object, path: str) -> SlotConfig | N
             summation, sqrt_scaling = given != "raw", given == "sqrt"
     elif not summation and sqrt_scaling:
         r.warn(
-            _join(path, "sqrt_scaling"),
+            join(path, "sqrt_scaling"),
             "accepted, but has no effect: embedding_summation is false (raw slot)",
         )
         sqrt_scaling = False
-    if dim is _MISSING:
+    if dim is MISSING:
         return None
     return SlotConfig(
         name=name,
@@ -526,7 +408,7 @@ def parse_embedding_config(data: object, source: str | None = None) -> Embedding
     Raises:
         ConfigError: listing every problem.
     """
-    r = _Reader()
+    r = Problems()
     top = r.mapping(data, "")
     if top is None:
         raise ConfigError(r.problems, source=source)
@@ -541,17 +423,17 @@ def parse_embedding_config(data: object, source: str | None = None) -> Embedding
     )
 
     slots: list[SlotConfig] = []
-    raw_slots = top.get("slots_config", _MISSING)
+    raw_slots = top.get("slots_config", MISSING)
     slot_map: dict = {}
-    if raw_slots is _MISSING:
-        r.bad("slots_config", "a mapping of slot name -> slot config (required)", _MISSING)
+    if raw_slots is MISSING:
+        r.bad("slots_config", "a mapping of slot name -> slot config (required)", MISSING)
     else:
         parsed = r.mapping(raw_slots, "slots_config")
         if parsed == {}:
             r.bad("slots_config", "at least one slot", raw_slots)
         slot_map = parsed or {}
     for name, spec in slot_map.items():
-        path = _join("slots_config", name)
+        path = join("slots_config", name)
         if not isinstance(name, str) or not name:
             r.bad(path, "a non-empty slot name", name)
             continue
@@ -563,7 +445,7 @@ def parse_embedding_config(data: object, source: str | None = None) -> Embedding
     groups: list[tuple[str, tuple[str, ...]]] = []
     group_of: dict[str, str] = {}
     for gname, members in (r.mapping(top.get("feature_groups"), "feature_groups") or {}).items():
-        path = _join("feature_groups", gname)
+        path = join("feature_groups", gname)
         if not isinstance(gname, str) or not gname:
             r.bad(path, "a non-empty group name", gname)
             continue
@@ -573,10 +455,10 @@ def parse_embedding_config(data: object, source: str | None = None) -> Embedding
         kept: list[str] = []
         for member in members:
             if not isinstance(member, str) or member not in known:
-                r.problems.append(f"{path}: unknown slot {member!r} (not in slots_config)")
+                r.add(f"{path}: unknown slot {member!r} (not in slots_config)")
             elif member in group_of:
                 where = "this group" if group_of[member] == gname else f"group {group_of[member]!r}"
-                r.problems.append(f"{path}: slot {member!r} is already in {where}")
+                r.add(f"{path}: slot {member!r} is already in {where}")
             else:
                 group_of[member] = gname
                 kept.append(member)
@@ -584,26 +466,23 @@ def parse_embedding_config(data: object, source: str | None = None) -> Embedding
     group_names = {g for g, _ in groups}
     for slot in slots:
         if slot.name not in group_of and slot.name in group_names:
-            r.problems.append(
+            r.add(
                 f"feature_groups.{slot.name}: a group may not share its name with a slot that "
                 "is in no group"
             )
 
-    order = [g for g, _ in groups] + [s.name for s in slots if s.name not in group_of]
-    if isinstance(bits, int) and len(order) > (1 << bits) - 1:
-        r.bad(
-            "feature_index_prefix_bit",
-            f"enough bits for {len(order)} prefixes (feature groups + ungrouped slots); "
-            f"{bits} bits give {(1 << bits) - 1}",
-            bits,
-        )
-    warnings = r.finish(source)
-    index = {g: i for i, g in enumerate(order)}
+    order = prefix_order((s.name for s in slots), groups)
+    if isinstance(bits, int):
+        expected = prefix_bits_expected(len(order), bits)
+        if expected is not None:
+            r.bad("feature_index_prefix_bit", expected, bits)
+    warnings = r.finish(source, _log)
+    number = {g: i + 1 for i, g in enumerate(order)}
     shift = 64 - bits
     final = []
     for slot in slots:
         group = group_of.get(slot.name, slot.name)
-        prefix = index[group] + 1
+        prefix = number[group]
         final.append(replace(slot, group=group, prefix=prefix, index_prefix=prefix << shift))
     return EmbeddingFileConfig(bits, tuple(final), tuple(groups), source, warnings)
 
@@ -617,7 +496,7 @@ _INCREMENTAL_WHY = "persia writes deltas without a channel between threads"
 _TUNING_WHY = "a knob of PERSIA's own server internals; persia has no equivalent"
 
 
-def _parse_common(r: _Reader, raw: object) -> CommonConfig:
+def _parse_common(r: Problems, raw: object) -> CommonConfig:
     path = "common_config"
     d = r.mapping(raw, path) or {}
     d = r.keys(
@@ -636,12 +515,12 @@ def _parse_common(r: _Reader, raw: object) -> CommonConfig:
     io_workers = r.int_(d, "num_embedding_io_workers", path, None)
     r.no_effect(d, "num_embedding_io_workers", path, io_workers, None, _TUNING_WHY)
 
-    cpath = _join(path, "checkpointing_config")
+    cpath = join(path, "checkpointing_config")
     c = r.keys(r.mapping(d.get("checkpointing_config"), cpath) or {}, cpath, ("num_workers",))
     workers = r.int_(c, "num_workers", cpath, 4)
     r.no_effect(c, "num_workers", cpath, workers, 4, "checkpoints are written by one thread")
 
-    mpath = _join(path, "metrics_config")
+    mpath = join(path, "metrics_config")
     m = r.mapping(d.get("metrics_config"), mpath) or {}
     m = r.keys(
         m,
@@ -659,7 +538,7 @@ def _parse_common(r: _Reader, raw: object) -> CommonConfig:
 
     infer = None
     if "infer_config" in d:
-        ipath = _join(path, "infer_config")
+        ipath = join(path, "infer_config")
         i = r.mapping(d.get("infer_config"), ipath) or {}
         i = r.keys(
             i,
@@ -669,13 +548,13 @@ def _parse_common(r: _Reader, raw: object) -> CommonConfig:
         )
         servers = i.get("servers", [])
         if not isinstance(servers, list) or not all(isinstance(s, str) and s for s in servers):
-            r.bad(_join(ipath, "servers"), "a list of 'host:port' strings", servers)
+            r.bad(join(ipath, "servers"), "a list of 'host:port' strings", servers)
             servers = []
         infer = InferConfig(tuple(servers), r.str_(i, "embedding_checkpoint", ipath, None))
     return CommonConfig(job_type, CheckpointingConfig(workers), metrics, infer)
 
 
-def _parse_worker(r: _Reader, raw: object) -> EmbeddingWorkerConfig:
+def _parse_worker(r: Problems, raw: object) -> EmbeddingWorkerConfig:
     path = "embedding_worker_config"
     d = r.mapping(raw, path) or {}
     d = r.keys(d, path, ("forward_buffer_size", "buffered_data_expired_sec"))
@@ -692,7 +571,7 @@ _PS_TUNING_INTS = {
 }
 
 
-def _parse_server(r: _Reader, raw: object) -> EmbeddingParameterServerConfig:
+def _parse_server(r: Problems, raw: object) -> EmbeddingParameterServerConfig:
     path = "embedding_parameter_server_config"
     d = r.mapping(raw, path) or {}
     own = tuple(vars(EmbeddingParameterServerConfig()))
@@ -757,7 +636,7 @@ def parse_global_config(data: object, source: str | None = None) -> GlobalConfig
     Raises:
         ConfigError: listing every problem.
     """
-    r = _Reader()
+    r = Problems()
     top = r.mapping(data, "")
     if top is None:
         raise ConfigError(r.problems, source=source)
@@ -773,7 +652,7 @@ def parse_global_config(data: object, source: str | None = None) -> GlobalConfig
     common = _parse_common(r, top.get("common_config"))
     worker = _parse_worker(r, top.get("embedding_worker_config"))
     server = _parse_server(r, top.get("embedding_parameter_server_config"))
-    warnings = r.finish(source)
+    warnings = r.finish(source, _log)
     return GlobalConfig(common, worker, server, source, warnings)
 
 
@@ -814,3 +693,132 @@ def load_global_config(path: str | os.PathLike | None = None) -> GlobalConfig:
     if found is None:
         return GlobalConfig()
     return parse_global_config(load_yaml(found), source=str(found))
+
+
+# --------------------------------------------------------------------------------------------
+# To and from the embedding-layer spec
+# --------------------------------------------------------------------------------------------
+
+
+def embedding_spec(
+    embedding_file: EmbeddingFileConfig,
+    global_file: GlobalConfig | None = None,
+    embedding_config: EmbeddingConfig | None = None,
+    optimizer: EmbeddingOptimizer | None = None,
+) -> EmbeddingSpec:
+    """The embedding layer a PERSIA script describes: its two YAML files plus what it passes in
+    Python (the rows' hyperparameters, the embedding optimizer).
+
+    Args:
+        embedding_file: ``embedding_config.yml``: slots, groups, prefix bits.
+        global_file: ``global_config.yml`` (None: defaults): capacity, shards, incremental
+            updates.
+        embedding_config: initialisation, admission, weight bound (None: defaults).
+        optimizer: the embedding optimizer (None: none; the store adopts a checkpoint's).
+
+    Raises:
+        ConfigError: an optimizer the spec cannot name.
+    """
+    glob = global_file if global_file is not None else GlobalConfig()
+    hyper = embedding_config if embedding_config is not None else EmbeddingConfig()
+    ps = glob.embedding_parameter_server_config
+    name, args = optimizer_spec(optimizer) if optimizer is not None else (None, {})
+    slots = tuple(
+        SlotSpec(
+            name=s.name,
+            dim=s.dim,
+            pooling=s.pooling,
+            prefix=s.prefix,
+            sample_fixed_size=s.sample_fixed_size,
+            hash_stack_rounds=s.hash_stack_config.hash_stack_rounds,
+            hash_stack_size=s.hash_stack_config.embedding_size,
+            group=s.group,
+        )
+        for s in embedding_file.slots
+    )
+    low, high = hyper.emb_initialization
+    return EmbeddingSpec(
+        slots=slots,
+        optimizer=name,
+        optimizer_args=args,
+        capacity=ps.capacity,
+        shards=ps.num_hashmap_internal_shards,
+        admit_probability=hyper.admit_probability,
+        init=(low, high),
+        weight_bound=hyper.weight_bound,
+        feature_index_prefix_bit=embedding_file.feature_index_prefix_bit,
+        feature_groups=embedding_file.feature_groups,
+        incremental=ps.enable_incremental_update,
+        incremental_dir=ps.incremental_dir,
+        incremental_buffer_size=ps.incremental_buffer_size,
+    )
+
+
+def load_spec(
+    embedding_config_file: str | os.PathLike | EmbeddingFileConfig | None = None,
+    global_config_file: str | os.PathLike | GlobalConfig | None = None,
+    embedding_config: EmbeddingConfig | None = None,
+    optimizer: EmbeddingOptimizer | None = None,
+) -> EmbeddingSpec:
+    """:func:`embedding_spec` of the YAML files given as paths, parsed objects, or None (the
+    ``PERSIA_EMBEDDING_CONFIG`` / ``PERSIA_GLOBAL_CONFIG`` variables, as PERSIA's launcher sets
+    them; no global file: defaults).
+
+    Raises:
+        ConfigError: as :func:`load_embedding_config` / :func:`load_global_config`.
+    """
+    emb = (
+        embedding_config_file
+        if isinstance(embedding_config_file, EmbeddingFileConfig)
+        else load_embedding_config(embedding_config_file)
+    )
+    glob = (
+        global_config_file
+        if isinstance(global_config_file, GlobalConfig)
+        else load_global_config(global_config_file)
+    )
+    return embedding_spec(emb, glob, embedding_config, optimizer)
+
+
+def persia_configs(
+    spec: EmbeddingSpec, source: str | None = None
+) -> tuple[EmbeddingFileConfig, GlobalConfig]:
+    """The spec's slots and server settings as PERSIA's two files (what PERSIA's context classes
+    take); :func:`embedding_spec` of them gives ``spec`` back, less its optimizer and the rows'
+    hyperparameters (passed beside the files in Python)."""
+    slots: dict[str, Any] = {}
+    for s in spec.slots:
+        entry: dict[str, Any] = {
+            "dim": s.dim,
+            "pooling": s.pooling,
+            "sample_fixed_size": s.sample_fixed_size,
+        }
+        if s.hash_stack_rounds > 0:
+            entry["hash_stack_config"] = {
+                "hash_stack_rounds": s.hash_stack_rounds,
+                "embedding_size": s.hash_stack_size,
+            }
+        slots[s.name] = entry
+    embedding_file = parse_embedding_config(
+        {
+            "feature_index_prefix_bit": spec.feature_index_prefix_bit,
+            "slots_config": slots,
+            "feature_groups": {g: list(members) for g, members in spec.feature_groups},
+        },
+        source=source,
+    )
+    server: dict[str, Any] = {
+        "capacity": spec.capacity,
+        "num_hashmap_internal_shards": spec.shards,
+    }
+    if spec.incremental:
+        server.update(
+            enable_incremental_update=True,
+            incremental_dir=spec.incremental_dir,
+            incremental_buffer_size=spec.incremental_buffer_size,
+        )
+    global_file = parse_global_config(
+        {"common_config": {"job_type": "Train"}, "embedding_parameter_server_config": server},
+        source=source,
+    )
+    return embedding_file, global_file

@@ -51,7 +51,8 @@ from __future__ import annotations
 import abc
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -61,7 +62,14 @@ from persia.errors import ConfigError, StoreError
 if TYPE_CHECKING:
     from types import ModuleType
 
-__all__ = ["EmbeddingOptimizer", "SGD", "Adam", "Adagrad"]
+__all__ = [
+    "EmbeddingOptimizer",
+    "SGD",
+    "Adam",
+    "Adagrad",
+    "build_optimizer",
+    "optimizer_spec",
+]
 
 #: The per-row step count of Adam, stored as float32, stops at this value (t + 1 == t beyond).
 ADAM_MAX_STEP = 2**24
@@ -444,3 +452,51 @@ class Adam(EmbeddingOptimizer):
             bound,
             np.float32(ADAM_MAX_STEP),
         )
+
+
+#: Name in an :class:`~persia.embedding.spec.EmbeddingSpec` -> (class, fixed fields).
+_BY_NAME: dict[str, tuple[type[EmbeddingOptimizer], dict[str, Any]]] = {
+    "sgd": (SGD, {}),
+    "adagrad": (Adagrad, {}),
+    "rowwise_adagrad": (Adagrad, {"vectorwise_shared": True}),
+    "adam": (Adam, {}),
+}
+
+
+def build_optimizer(name: str, args: Mapping[str, Any]) -> EmbeddingOptimizer:
+    """The optimizer an :class:`~persia.embedding.spec.EmbeddingSpec` names
+    (``spec.optimizer``, ``spec.optimizer_args``).
+
+    Raises:
+        ConfigError: an unknown name, or bad options.
+    """
+    if name not in _BY_NAME:
+        raise ConfigError(f"optimizer: expected one of {', '.join(_BY_NAME)}, got {name!r}")
+    cls, fixed = _BY_NAME[name]
+    return cls(**fixed, **dict(args))
+
+
+def optimizer_spec(optimizer: EmbeddingOptimizer) -> tuple[str, dict[str, Any]]:
+    """``(name, options)`` of ``optimizer`` as an :class:`~persia.embedding.spec.EmbeddingSpec`
+    holds them: ``lr`` and every field not at its default; :func:`build_optimizer` rebuilds an
+    equal optimizer.
+
+    Raises:
+        ConfigError: an optimizer class the spec has no name for.
+    """
+    name = optimizer.name
+    entry = _BY_NAME.get(name)
+    if entry is None or type(optimizer) is not entry[0]:
+        raise ConfigError(
+            f"embedding optimizer {type(optimizer).__name__} ({name!r}) is not one of "
+            f"{', '.join(_BY_NAME)}"
+        )
+    fixed = entry[1]
+    args: dict[str, Any] = {}
+    for f in fields(optimizer):
+        if f.name in fixed or f.name == "vectorwise_shared":
+            continue
+        value = getattr(optimizer, f.name)
+        if f.name == "lr" or f.default is MISSING or value != f.default:
+            args[f.name] = value
+    return name, args

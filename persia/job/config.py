@@ -21,6 +21,15 @@ from typing import Any
 
 import yaml
 
+from persia.embedding._problems import MISSING, Problems, is_number
+from persia.embedding.spec import (
+    EMBEDDING_OPTIMIZERS,
+    POOLINGS,
+    EmbeddingSpec,
+    SlotSpec,
+    assign_prefixes,
+    prefix_bits_expected,
+)
 from persia.errors import ConfigError
 
 __all__ = [
@@ -41,9 +50,7 @@ __all__ = [
 ]
 
 FORMATS = ("auto", "csv", "tsv", "parquet")
-POOLINGS = ("sum", "mean", "sqrt", "raw")
 BUILTIN_MODELS = ("dnn", "dlrm", "dcn_v2")
-EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 #: torch.optim classes a job may name, with the keyword arguments it may pass them.
 DENSE_OPTIMIZERS: dict[str, tuple[str, ...]] = {
     "adam": ("lr", "betas", "eps", "weight_decay", "amsgrad"),
@@ -51,25 +58,6 @@ DENSE_OPTIMIZERS: dict[str, tuple[str, ...]] = {
     "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
     "adagrad": ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
 }
-_EMBEDDING_OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
-    "sgd": ("lr", "momentum", "weight_decay"),
-    "adagrad": (
-        "lr",
-        "initial_accumulator_value",
-        "weight_decay",
-        "g_square_momentum",
-        "eps",
-    ),
-    "rowwise_adagrad": (
-        "lr",
-        "initial_accumulator_value",
-        "weight_decay",
-        "g_square_momentum",
-        "eps",
-    ),
-    "adam": ("lr", "betas", "weight_decay", "eps"),
-}
-_MISSING = object()
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,31 +147,6 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
-class SlotSpec:
-    """The embedding of one ID column."""
-
-    name: str
-    dim: int
-    pooling: str = "sum"
-    sample_fixed_size: int = 10
-
-
-@dataclass(frozen=True)
-class EmbeddingSpec:
-    """The embedding layer: slots, optimizer and parameter-server settings."""
-
-    slots: tuple[SlotSpec, ...]
-    optimizer: str
-    optimizer_args: Mapping[str, Any]
-    capacity: int
-    shards: int
-    admit_probability: float
-    init: tuple[float, float]
-    weight_bound: float
-    feature_index_prefix_bit: int
-
-
-@dataclass(frozen=True)
 class ModelSpec:
     """The dense model: a built-in name or ``package.module:Class``, with its keyword args."""
 
@@ -221,118 +184,14 @@ class TrainingSpec:
 
 @dataclass(frozen=True)
 class JobConfig:
-    """A whole job file, validated."""
+    """A whole job file, validated; ``embedding`` is the layer's one description
+    (:class:`persia.embedding.spec.EmbeddingSpec`, slots with their key prefixes)."""
 
     data: DataSpec
     embedding: EmbeddingSpec
     model: ModelSpec
     training: TrainingSpec
     source: str | None = field(default=None, compare=False)
-
-
-# --------------------------------------------------------------------------------------------
-# A strict reader that collects every problem
-# --------------------------------------------------------------------------------------------
-
-
-def _show(value: object) -> str:
-    return "nothing" if value is _MISSING else repr(value)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-class _Checker:
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def bad(self, path: str, expected: str, got: object) -> None:
-        self.problems.append(f"{path}: expected {expected}, got {_show(got)}")
-
-    def mapping(self, value: object, path: str, known: tuple[str, ...]) -> dict:
-        if value is None or value is _MISSING:
-            return {}
-        if not isinstance(value, Mapping):
-            self.bad(path, "a mapping", value)
-            return {}
-        out = {}
-        for key, v in value.items():
-            if key in known:
-                out[key] = v
-            else:
-                self.problems.append(
-                    f"{path}.{key}: unknown key; expected one of {', '.join(known)}"
-                )
-        return out
-
-    def int_(self, d: dict, key: str, path: str, default: Any, minimum: int = 1) -> Any:
-        value = d.get(key, _MISSING)
-        if value is _MISSING or (value is None and default is None):
-            if default is _MISSING:
-                self.bad(f"{path}.{key}", f"an int >= {minimum} (required)", value)
-                return None
-            return default
-        if not _is_int(value) or value < minimum:
-            self.bad(f"{path}.{key}", f"an int >= {minimum}", value)
-            return default if default is not _MISSING else None
-        return value
-
-    def number(
-        self, d: dict, key: str, path: str, default: Any, check=None, expected: str = "a number"
-    ) -> Any:
-        value = d.get(key, _MISSING)
-        if value is _MISSING or (value is None and default is None):
-            return default
-        if not _is_number(value) or not math.isfinite(value) or (check and not check(value)):
-            self.bad(f"{path}.{key}", expected, value)
-            return default
-        return float(value)
-
-    def bool_(self, d: dict, key: str, path: str, default: bool) -> bool:
-        value = d.get(key, _MISSING)
-        if value is _MISSING:
-            return default
-        if not isinstance(value, bool):
-            self.bad(f"{path}.{key}", "true or false", value)
-            return default
-        return value
-
-    def choice(self, d: dict, key: str, path: str, default: str, choices: tuple[str, ...]) -> str:
-        value = d.get(key, _MISSING)
-        if value is _MISSING:
-            return default
-        if not isinstance(value, str) or value.lower() not in choices:
-            self.bad(f"{path}.{key}", f"one of {', '.join(choices)}", value)
-            return default
-        return value.lower()
-
-    def string(self, d: dict, key: str, path: str, default: Any) -> Any:
-        value = d.get(key, _MISSING)
-        if value is _MISSING or (value is None and default is None):
-            if default is _MISSING:
-                self.bad(f"{path}.{key}", "a non-empty string (required)", value)
-                return None
-            return default
-        if not isinstance(value, str) or not value:
-            self.bad(f"{path}.{key}", "a non-empty string", value)
-            return default if default is not _MISSING else None
-        return value
-
-    def strings(self, value: object, path: str, allow_empty_items: bool = False) -> tuple:
-        """A string or a list of strings, as a tuple."""
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list | tuple) or not all(
-            isinstance(v, str) and (v or allow_empty_items) for v in value
-        ):
-            self.bad(path, "a string or a list of strings", value)
-            return ()
-        return tuple(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,14 +222,14 @@ def _resolve(pattern: str, base: Path) -> str:
     return str(p if p.is_absolute() else base / p)
 
 
-def _source(c: _Checker, raw: object, path: str, base: Path, skip_default: int) -> Source | None:
-    if raw is _MISSING or raw is None:
+def _source(c: Problems, raw: object, path: str, base: Path, skip_default: int) -> Source | None:
+    if raw is MISSING or raw is None:
         return None
     skip = skip_default
     if isinstance(raw, Mapping):
-        d = c.mapping(raw, path, ("paths", "skip_rows"))
+        d = c.section(raw, path, ("paths", "skip_rows"))
         if "paths" not in d:
-            c.bad(f"{path}.paths", "a path or glob, or a list of them (required)", _MISSING)
+            c.bad(f"{path}.paths", "a path or glob, or a list of them (required)", MISSING)
             return None
         paths = c.strings(d["paths"], f"{path}.paths")
         skip = c.int_(d, "skip_rows", path, skip_default, minimum=0)
@@ -382,10 +241,10 @@ def _source(c: _Checker, raw: object, path: str, base: Path, skip_default: int) 
 
 
 def _columns_map(
-    c: _Checker, raw: object, path: str, known: tuple[str, ...]
+    c: Problems, raw: object, path: str, known: tuple[str, ...]
 ) -> list[tuple[str, dict]]:
     """A list of names or a mapping name -> options (None for defaults)."""
-    if raw is _MISSING or raw is None:
+    if raw is MISSING or raw is None:
         return []
     if isinstance(raw, list):
         out: list[tuple[str, dict]] = []
@@ -398,18 +257,18 @@ def _columns_map(
     if not isinstance(raw, Mapping):
         c.bad(path, "a list of column names or a mapping column -> options", raw)
         return []
-    return [(str(name), c.mapping(opts, f"{path}.{name}", known)) for name, opts in raw.items()]
+    return [(str(name), c.section(opts, f"{path}.{name}", known)) for name, opts in raw.items()]
 
 
-def _data(c: _Checker, raw: object, base: Path) -> DataSpec | None:
-    d = c.mapping(raw, "data", _DATA_KEYS)
-    if raw is _MISSING:
+def _data(c: Problems, raw: object, base: Path) -> DataSpec | None:
+    d = c.section(raw, "data", _DATA_KEYS)
+    if raw is MISSING:
         c.bad("data", "a mapping (required)", raw)
     skip = c.int_(d, "skip_rows", "data", 0, minimum=0)
-    train = _source(c, d.get("train", _MISSING), "data.train", base, skip)
-    if "train" not in d and raw is not _MISSING:
-        c.bad("data.train", "a path or glob, or a list of them (required)", _MISSING)
-    test = _source(c, d.get("test", _MISSING), "data.test", base, skip)
+    train = _source(c, d.get("train", MISSING), "data.train", base, skip)
+    if "train" not in d and raw is not MISSING:
+        c.bad("data.train", "a path or glob, or a list of them (required)", MISSING)
+    test = _source(c, d.get("test", MISSING), "data.test", base, skip)
     fmt = c.choice(d, "format", "data", "auto", FORMATS)
     header = c.bool_(d, "header", "data", False)
     columns = None
@@ -435,7 +294,7 @@ def _data(c: _Checker, raw: object, base: Path) -> DataSpec | None:
             sep = None
         kind = c.choice(o, "type", f"data.ids.{name}", "string", ("string", "int"))
         ids.append(IdColumn(name, kind, sep))
-    if not ids and raw is not _MISSING:
+    if not ids and raw is not MISSING:
         c.bad("data.ids", "at least one ID column (a list of names or a mapping)", d.get("ids"))
     dense = [
         DenseColumn(
@@ -446,14 +305,14 @@ def _data(c: _Checker, raw: object, base: Path) -> DataSpec | None:
         for name, o in _columns_map(c, d.get("dense"), "data.dense", ("log1p", "standardize"))
     ]
     label = None
-    lraw = d.get("label", _MISSING)
+    lraw = d.get("label", MISSING)
     if isinstance(lraw, str):
         lraw = {"column": lraw}
-    ld = c.mapping(lraw, "data.label", ("column", "positive", "threshold"))
-    if lraw is _MISSING and raw is not _MISSING:
+    ld = c.section(lraw, "data.label", ("column", "positive", "threshold"))
+    if lraw is MISSING and raw is not MISSING:
         c.bad("data.label", "a column name or {column, positive | threshold} (required)", lraw)
-    elif lraw is not _MISSING:
-        column = c.string(ld, "column", "data.label", _MISSING)
+    elif lraw is not MISSING:
+        column = c.str_(ld, "column", "data.label", MISSING)
         positive: tuple = ()
         if ld.get("positive") is not None:
             pos = ld["positive"]
@@ -462,11 +321,11 @@ def _data(c: _Checker, raw: object, base: Path) -> DataSpec | None:
             positive = c.strings(pos, "data.label.positive")
         threshold = c.number(ld, "threshold", "data.label", None)
         if positive and threshold is not None:
-            c.problems.append("data.label: give positive or threshold, not both")
+            c.add("data.label: give positive or threshold, not both")
         if column:
             label = LabelSpec(column, positive, threshold)
 
-    m = c.mapping(d.get("missing"), "data.missing", ("ids", "dense", "label"))
+    m = c.section(d.get("missing"), "data.missing", ("ids", "dense", "label"))
     missing_ids = c.choice(m, "ids", "data.missing", "empty", ("empty", "token"))
     missing_dense = c.choice(m, "dense", "data.missing", "mean", ("mean", "zero"))
     missing_label = c.choice(m, "label", "data.missing", "drop", ("drop", "error"))
@@ -477,14 +336,14 @@ def _data(c: _Checker, raw: object, base: Path) -> DataSpec | None:
     seen: set[str] = set()
     for n in names:
         if n in seen:
-            c.problems.append(f"data: column {n!r} is used twice (as ID, dense or label)")
+            c.add(f"data: column {n!r} is used twice (as ID, dense or label)")
         seen.add(n)
     if columns is not None and header:
-        c.problems.append("data: give header: true or columns, not both")
+        c.add("data: give header: true or columns, not both")
     if columns is not None:
         for n in names:
             if n not in columns:
-                c.problems.append(f"data: column {n!r} is not in data.columns")
+                c.add(f"data: column {n!r} is not in data.columns")
     if train is None or label is None:
         return None
     return DataSpec(
@@ -523,13 +382,13 @@ _EMBEDDING_KEYS = (
 
 
 def _optimizer(
-    c: _Checker,
+    c: Problems,
     raw: object,
     path: str,
     default: dict,
     table: Mapping[str, tuple[str, ...]],
 ) -> tuple[str, dict]:
-    if raw is None or raw is _MISSING:
+    if raw is None or raw is MISSING:
         raw = default
     if isinstance(raw, str):
         raw = {"type": raw}
@@ -546,14 +405,14 @@ def _optimizer(
         if key == "type":
             continue
         if key not in table[kind]:
-            c.problems.append(
+            c.add(
                 f"{path}.{key}: unknown option of {kind}; expected one of {', '.join(table[kind])}"
             )
         elif key == "betas":
             if (
                 not isinstance(value, list | tuple)
                 or len(value) != 2
-                or not all(_is_number(b) and 0 <= b < 1 for b in value)
+                or not all(is_number(b) and 0 <= b < 1 for b in value)
             ):
                 c.bad(f"{path}.betas", "a pair of numbers in [0, 1)", value)
             else:
@@ -563,7 +422,7 @@ def _optimizer(
                 c.bad(f"{path}.{key}", "true or false", value)
             else:
                 args[key] = value
-        elif not _is_number(value) or not math.isfinite(value) or value < 0:
+        elif not is_number(value) or not math.isfinite(value) or value < 0:
             c.bad(f"{path}.{key}", "a number >= 0", value)
         elif key == "lr" and value <= 0:
             c.bad(f"{path}.lr", "a number > 0", value)
@@ -574,8 +433,8 @@ def _optimizer(
     return kind, args
 
 
-def _embedding(c: _Checker, raw: object, data: DataSpec | None) -> EmbeddingSpec:
-    d = c.mapping(raw, "embedding", _EMBEDDING_KEYS)
+def _embedding(c: Problems, raw: object, data: DataSpec | None) -> EmbeddingSpec | None:
+    d = c.section(raw, "embedding", _EMBEDDING_KEYS)
     dim = c.int_(d, "dim", "embedding", 8)
     pooling = c.choice(d, "pooling", "embedding", "sum", POOLINGS)
     fixed = c.int_(d, "sample_fixed_size", "embedding", 10)
@@ -586,22 +445,22 @@ def _embedding(c: _Checker, raw: object, data: DataSpec | None) -> EmbeddingSpec
     id_names = [x.name for x in data.ids] if data is not None else []
     for name in overrides:
         if data is not None and name not in id_names:
-            c.problems.append(
+            c.add(
                 f"embedding.slots.{name}: not an ID column of data.ids "
                 f"(ID columns: {', '.join(id_names)})"
             )
     slots = []
     for name in id_names:
-        o = c.mapping(
+        o = c.section(
             overrides.get(name), f"embedding.slots.{name}", ("dim", "pooling", "sample_fixed_size")
         )
         p = f"embedding.slots.{name}"
         slots.append(
             SlotSpec(
-                name,
-                c.int_(o, "dim", p, dim),
-                c.choice(o, "pooling", p, pooling, POOLINGS),
-                c.int_(o, "sample_fixed_size", p, fixed),
+                name=name,
+                dim=c.int_(o, "dim", p, dim),
+                pooling=c.choice(o, "pooling", p, pooling, POOLINGS),
+                sample_fixed_size=c.int_(o, "sample_fixed_size", p, fixed),
             )
         )
     opt, opt_args = _optimizer(
@@ -609,13 +468,13 @@ def _embedding(c: _Checker, raw: object, data: DataSpec | None) -> EmbeddingSpec
         d.get("optimizer"),
         "embedding.optimizer",
         {"type": "adagrad", "lr": 0.05},
-        _EMBEDDING_OPTIMIZER_KEYS,
+        EMBEDDING_OPTIMIZERS,
     )
     init = d.get("init", [-0.01, 0.01])
     if (
         not isinstance(init, list | tuple)
         or len(init) != 2
-        or not all(_is_number(x) and math.isfinite(x) for x in init)
+        or not all(is_number(x) and math.isfinite(x) for x in init)
         or not init[0] < init[1]
     ):
         c.bad("embedding.init", "[low, high] with low < high", init)
@@ -623,31 +482,34 @@ def _embedding(c: _Checker, raw: object, data: DataSpec | None) -> EmbeddingSpec
     bits = c.int_(d, "feature_index_prefix_bit", "embedding", 12)
     if bits is not None and not 1 <= bits <= 32:
         c.bad("embedding.feature_index_prefix_bit", "an int in [1, 32]", bits)
+    elif bits is not None:
+        expected = prefix_bits_expected(len(slots), bits)
+        if expected is not None:
+            c.bad("embedding.feature_index_prefix_bit", expected, bits)
+    capacity = c.int_(d, "capacity", "embedding", 1_000_000)
+    shards = c.int_(d, "shards", "embedding", 1)
+    admit = c.number(
+        d, "admit_probability", "embedding", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"
+    )
+    bound = c.number(d, "weight_bound", "embedding", 10.0, lambda v: v > 0, "a number > 0")
+    if c.problems or not slots:
+        return None
     return EmbeddingSpec(
-        slots=tuple(slots),
+        slots=assign_prefixes(slots),
         optimizer=opt,
         optimizer_args=opt_args,
-        capacity=c.int_(d, "capacity", "embedding", 1_000_000),
-        shards=c.int_(d, "shards", "embedding", 1),
-        admit_probability=c.number(
-            d,
-            "admit_probability",
-            "embedding",
-            1.0,
-            lambda v: 0 < v <= 1,
-            "a number in (0, 1]",
-        ),
+        capacity=capacity,
+        shards=shards,
+        admit_probability=admit,
         init=(float(init[0]), float(init[1])),
-        weight_bound=c.number(
-            d, "weight_bound", "embedding", 10.0, lambda v: v > 0, "a number > 0"
-        ),
+        weight_bound=bound,
         feature_index_prefix_bit=bits,
     )
 
 
-def _model(c: _Checker, raw: object) -> ModelSpec:
-    d = c.mapping(raw, "model", ("type", "args", "output"))
-    kind = c.string(d, "type", "model", "dnn")
+def _model(c: Problems, raw: object) -> ModelSpec:
+    d = c.section(raw, "model", ("type", "args", "output"))
+    kind = c.str_(d, "type", "model", "dnn")
     if kind and kind not in BUILTIN_MODELS:
         module, _, cls = kind.partition(":")
         if not module or not cls or not all(p.isidentifier() for p in module.split(".")):
@@ -684,8 +546,8 @@ _TRAINING_KEYS = (
 )
 
 
-def _training(c: _Checker, raw: object) -> TrainingSpec:
-    d = c.mapping(raw, "training", _TRAINING_KEYS)
+def _training(c: Problems, raw: object) -> TrainingSpec:
+    d = c.section(raw, "training", _TRAINING_KEYS)
     backend = c.choice(d, "backend", "training", "local", ("local", "ray"))
     seed = c.int_(d, "seed", "training", 0, minimum=0)
     if seed is not None and seed >= 2**32:
@@ -735,15 +597,15 @@ def parse_job(
     Raises:
         ConfigError: listing every problem of the file.
     """
-    c = _Checker()
-    top = c.mapping(raw, "<top level>", ("data", "embedding", "model", "training"))
+    c = Problems(positive_int="an int >= 1", null_is_absent=True)
+    top = c.section(raw, "<top level>", ("data", "embedding", "model", "training"))
     if raw is not None and not isinstance(raw, Mapping):
         raise ConfigError(c.problems, source=source)
-    data = _data(c, top.get("data", _MISSING), Path(base_dir))
+    data = _data(c, top.get("data", MISSING), Path(base_dir))
     embedding = _embedding(c, top.get("embedding"), data)
     model = _model(c, top.get("model"))
     training = _training(c, top.get("training"))
-    if c.problems or data is None:
+    if c.problems or data is None or embedding is None:
         raise ConfigError(c.problems or ["data: missing"], source=source)
     return JobConfig(data, embedding, model, training, source)
 

@@ -34,13 +34,11 @@ import pyarrow.parquet as pq
 
 from persia.embedding.data import IDTypeFeature, Label, NonIDTypeFeature, PersiaBatch
 from persia.errors import BatchError, ConfigError
-from persia.hashing import hash_strings, ids_from_column
+from persia.hashing import MISSING_TOKEN, hash_strings, ids_from_column
 from persia.job.config import DataSpec, IdColumn, Source
 
 __all__ = ["MISSING_TOKEN", "Chunk", "DenseStats", "JobReader", "file_format"]
 
-#: The token whose ID stands for a missing ID value under ``missing.ids: token``.
-MISSING_TOKEN = "<missing>"
 _PARQUET_ROWS = 65536
 _SAMPLE_ROWS = 2000
 

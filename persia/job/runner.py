@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -32,14 +32,9 @@ from persia import env
 from persia.ctx import TrainCtx
 from persia.data import DataLoader, IterableDataset
 from persia.embedding import EmbeddingConfig
-from persia.embedding.config import (
-    EmbeddingFileConfig,
-    GlobalConfig,
-    parse_embedding_config,
-    parse_global_config,
-)
+from persia.embedding.config import EmbeddingFileConfig, GlobalConfig, persia_configs
 from persia.embedding.data import PersiaBatch
-from persia.embedding.optim import SGD, Adagrad, Adam, EmbeddingOptimizer
+from persia.embedding.optim import EmbeddingOptimizer
 from persia.errors import CheckpointError, ConfigError
 from persia.job.config import JobConfig, Source
 from persia.job.models import build_model
@@ -47,6 +42,7 @@ from persia.job.readers import JobReader
 from persia.logger import get_default_logger
 from persia.metrics import log_loss, roc_auc
 from persia.runtime import registry
+from persia.store.build import store_optimizer
 from persia.utils import setup_seed
 
 __all__ = [
@@ -69,43 +65,15 @@ def embedding_configs(
 ) -> tuple[EmbeddingFileConfig, GlobalConfig]:
     """The job's slots and server settings as PERSIA's two configs (with incremental updates
     written to ``incremental_dir`` when given: what parameter-server recovery reads)."""
-    emb = job.embedding
-    slots = {
-        s.name: {"dim": s.dim, "pooling": s.pooling, "sample_fixed_size": s.sample_fixed_size}
-        for s in emb.slots
-    }
-    embedding_file = parse_embedding_config(
-        {"feature_index_prefix_bit": emb.feature_index_prefix_bit, "slots_config": slots},
-        source=job.source,
-    )
-    global_file = parse_global_config(
-        {
-            "common_config": {"job_type": "Train"},
-            "embedding_parameter_server_config": {
-                "capacity": emb.capacity,
-                "num_hashmap_internal_shards": emb.shards,
-                **(
-                    {"enable_incremental_update": True, "incremental_dir": incremental_dir}
-                    if incremental_dir is not None
-                    else {}
-                ),
-            },
-        },
-        source=job.source,
-    )
-    return embedding_file, global_file
+    spec = job.embedding
+    if incremental_dir is not None:
+        spec = replace(spec, incremental=True, incremental_dir=incremental_dir)
+    return persia_configs(spec, source=job.source)
 
 
 def embedding_optimizer(job: JobConfig) -> EmbeddingOptimizer:
     """The embedding optimizer named by ``embedding.optimizer``."""
-    kind, args = job.embedding.optimizer, dict(job.embedding.optimizer_args)
-    if kind == "sgd":
-        return SGD(**args)
-    if kind == "adagrad":
-        return Adagrad(**args)
-    if kind == "rowwise_adagrad":
-        return Adagrad(vectorwise_shared=True, **args)
-    return Adam(**args)
+    return store_optimizer(job.embedding)
 
 
 def job_hyper(job: JobConfig) -> EmbeddingConfig:

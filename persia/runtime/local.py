@@ -12,76 +12,33 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from persia.embedding import EmbeddingConfig
-from persia.embedding.config import (
-    EmbeddingFileConfig,
-    GlobalConfig,
-    load_embedding_config,
-    load_global_config,
-)
-from persia.embedding.optim import SGD, EmbeddingOptimizer
+from persia.embedding.config import EmbeddingFileConfig, GlobalConfig, load_spec
+from persia.embedding.optim import EmbeddingOptimizer
+from persia.embedding.spec import EmbeddingSpec
 from persia.errors import BackendError, ConfigError
 from persia.rpc.local import local_parameter_servers
 from persia.runtime.pipeline import Runtime
-from persia.store import ShardedStore
-from persia.store.config import Admission, Uniform
-from persia.utils import embedding_seed
-from persia.worker.embedding_worker import EmbeddingWorker, SlotSpec
+from persia.store.build import build_store
+from persia.worker.embedding_worker import EmbeddingWorker
+
+__all__ = [
+    "build_local_runtime",
+    "build_runtime",
+    "receive_batches",
+    "run_job",
+    "runtime_from_spec",
+    "stream_sender",
+]
 
 
-def slot_specs(config: EmbeddingFileConfig) -> list[SlotSpec]:
-    """The worker's view of every slot of ``embedding_config.yml``."""
-    return [
-        SlotSpec(
-            name=s.name,
-            dim=s.dim,
-            pooling=s.pooling,
-            prefix=s.prefix,
-            sample_fixed_size=s.sample_fixed_size,
-            hash_stack_rounds=s.hash_stack_config.hash_stack_rounds,
-            hash_stack_size=s.hash_stack_config.embedding_size,
-        )
-        for s in config.slots
-    ]
+def runtime_from_spec(spec: EmbeddingSpec, backward_buffer_size: int = 10) -> Runtime:
+    """One job's store, worker and applier thread, all in this process.
 
-
-def resolve_configs(
-    embedding_config_file: str | os.PathLike | EmbeddingFileConfig | None,
-    global_config_file: str | os.PathLike | GlobalConfig | None,
-) -> tuple[EmbeddingFileConfig, GlobalConfig]:
-    """The parsed ``embedding_config.yml`` and ``global_config.yml`` (paths, parsed objects, or
-    None for the PERSIA environment variables / defaults)."""
-    emb = (
-        embedding_config_file
-        if isinstance(embedding_config_file, EmbeddingFileConfig)
-        else load_embedding_config(embedding_config_file)
-    )
-    glob = (
-        global_config_file
-        if isinstance(global_config_file, GlobalConfig)
-        else load_global_config(global_config_file)
-    )
-    return emb, glob
-
-
-def store_options(
-    embedding_config: EmbeddingConfig,
-    optimizer: EmbeddingOptimizer | None,
-    emb: EmbeddingFileConfig,
-    glob: GlobalConfig,
-) -> dict[str, Any]:
-    """Keyword arguments of the job's store (``ShardedStore`` or a shard of it, any backend):
-    capacity, optimizer (SGD placeholder when none: an evaluation store adopts a checkpoint's),
-    init and admission from ``EmbeddingConfig``, the embedding seed, weight bound and dims."""
-    low, high = embedding_config.emb_initialization
-    return {
-        "capacity": glob.embedding_parameter_server_config.capacity,
-        "optimizer": optimizer if optimizer is not None else SGD(lr=0.01),
-        "init": Uniform(float(low), float(high)),
-        "admission": Admission(probability=float(embedding_config.admit_probability)),
-        "seed": embedding_seed(),
-        "weight_bound": float(embedding_config.weight_bound),
-        "dims": sorted({s.dim for s in emb.slots}),
-    }
+    The store has ``spec.shards`` shards holding ``spec.capacity`` rows in all.
+    """
+    store = build_store(spec)
+    worker = EmbeddingWorker.from_spec(spec, local_parameter_servers(store))
+    return Runtime(worker, store, backward_buffer_size=backward_buffer_size)
 
 
 def build_local_runtime(
@@ -91,21 +48,11 @@ def build_local_runtime(
     global_config_file: str | os.PathLike | GlobalConfig | None = None,
     backward_buffer_size: int = 10,
 ) -> Runtime:
-    """One job's store, worker and applier thread, all in this process.
-
-    The store has ``num_hashmap_internal_shards`` shards holding ``capacity`` rows in all
-    (``embedding_parameter_server_config`` of ``global_config.yml``).
-    """
-    emb, glob = resolve_configs(embedding_config_file, global_config_file)
-    store = ShardedStore(
-        num_shards=glob.embedding_parameter_server_config.num_hashmap_internal_shards,
-        adopt_optimizer=optimizer is None,
-        **store_options(embedding_config, optimizer, emb, glob),
-    )
-    worker = EmbeddingWorker(
-        slot_specs(emb), emb.feature_index_prefix_bit, local_parameter_servers(store)
-    )
-    return Runtime(worker, store, backward_buffer_size=backward_buffer_size)
+    """:func:`runtime_from_spec` of what a PERSIA script gives (the YAML files as paths, parsed
+    objects or None for the PERSIA environment variables, the rows' hyperparameters and the
+    embedding optimizer): :func:`persia.embedding.config.load_spec`."""
+    spec = load_spec(embedding_config_file, global_config_file, embedding_config, optimizer)
+    return runtime_from_spec(spec, backward_buffer_size)
 
 
 def build_runtime(

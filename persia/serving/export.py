@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from persia.errors import CheckpointError, ConfigError
-from persia.hashing import hash_ints, hash_strings
+from persia.hashing import MISSING_TOKEN, hash_ints, hash_strings
 from persia.store.checkpoint import write_generation
 
 __all__ = [
@@ -53,8 +53,6 @@ KIND = "persia-serving"
 #: Version of the meta layout; :func:`persia.serving.load` refuses other versions.
 SERVING_FORMAT = 1
 HASH_NAME = "persia.hashing: FNV-1a-64 of the UTF-8 text (ints: 8 little-endian bytes), splitmix64"
-#: The token whose ID stands for a missing ID value under ``missing.ids: token`` (as the reader).
-MISSING_TOKEN = "<missing>"
 _CHECK_STRINGS = ("persia", "", MISSING_TOKEN, ">50K")
 _CHECK_INTS = (0, 1, 7, 2**40 + 3)
 
@@ -76,11 +74,8 @@ def serving_meta(job: Any, mean: np.ndarray, std: np.ndarray) -> dict[str, Any]:
         job: the job the model was trained with.
         mean, std: per dense column, the training files' statistics after ``log1p``.
     """
-    from persia.job.runner import embedding_configs
-
     data, emb = job.data, job.embedding
-    emb_file, _ = embedding_configs(job)
-    bits = int(emb_file.feature_index_prefix_bit)
+    bits = int(emb.feature_index_prefix_bit)
     slots = []
     for col, slot in zip(data.ids, emb.slots, strict=True):
         slots.append(
@@ -92,7 +87,7 @@ def serving_meta(job: Any, mean: np.ndarray, std: np.ndarray) -> dict[str, Any]:
                 "dim": int(slot.dim),
                 "pooling": slot.pooling,
                 "sample_fixed_size": int(slot.sample_fixed_size),
-                "prefix": int(emb_file.prefix_of(slot.name)),
+                "prefix": int(slot.prefix),
                 "prefix_bits": bits,
             }
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from persia.embedding.spec import per_shard_capacity
 from persia.errors import CheckpointError, StoreError
 from persia.store.config import Admission, Init, Uniform
 from persia.store.shard import Shard, shard_of
@@ -57,7 +58,7 @@ class ShardedStore:
         self.shards = self._new_shards(self.num_shards)
 
     def _new_shards(self, n: int) -> list[Shard]:
-        per = -(-self.capacity // n)
+        per = per_shard_capacity(self.capacity, n)
         return [
             Shard(
                 per,

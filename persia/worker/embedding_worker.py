@@ -23,36 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from persia.embedding.data import PersiaBatch
+from persia.embedding.spec import POOLINGS, EmbeddingSpec, SlotSpec
 from persia.errors import BatchError
 from persia.hashing import hash_ints
 from persia.rpc.base import ParameterServerClient
 from persia.worker import pooling
 
-POOLINGS = ("sum", "mean", "sqrt", "raw")
-
-
-@dataclass(frozen=True)
-class SlotSpec:
-    """How one slot (ID-type feature) is embedded.
-
-    Attributes:
-        name: the feature name in the batch.
-        dim: embedding dim.
-        pooling: "sum", "mean", "sqrt" (sum times 1/sqrt(n)) or "raw".
-        prefix: the slot's (or its feature group's) key prefix.
-        sample_fixed_size: for "raw", how many IDs per sample are kept.
-        hash_stack_rounds: PERSIA's hash stacking: each ID becomes this many keys in a table
-            of ``hash_stack_size`` rows whose embeddings are summed (0 = off).
-        hash_stack_size: see above.
-    """
-
-    name: str
-    dim: int
-    pooling: str = "sum"
-    prefix: int = 0
-    sample_fixed_size: int = 10
-    hash_stack_rounds: int = 0
-    hash_stack_size: int = 0
+#: ``SlotSpec`` and ``POOLINGS`` are :mod:`persia.embedding.spec`'s, kept importable from here.
+__all__ = ["POOLINGS", "SlotSpec", "Lookup", "EmbeddingWorker", "hash_stack"]
 
 
 @dataclass
@@ -116,6 +94,11 @@ class EmbeddingWorker:
         # of a pooling call per slot. Same results; False forces the per-slot path.
         self.one_hot_fast_path = True
         self.nonfinite_gradients = 0  # unique keys whose gradient had a NaN or infinity
+
+    @classmethod
+    def from_spec(cls, spec: EmbeddingSpec, servers: ParameterServerClient) -> EmbeddingWorker:
+        """The worker of an embedding layer: its slots and prefix bits, over ``servers``."""
+        return cls(spec.slots, spec.feature_index_prefix_bit, servers)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: PersiaBatch, training: bool) -> Lookup:

@@ -180,7 +180,7 @@ def test_run_job_with_recover_restores_a_shard_killed_during_training(ray_cluste
 
     import ray
 
-    from persia.backends.ray.ddp import _namespace_of
+    from persia.backends.ray.naming import namespace
     from persia.job.config import load_job
     from persia.job.runner import run_job
 
@@ -199,7 +199,7 @@ def test_run_job_with_recover_restores_a_shard_killed_during_training(ray_cluste
         while time.monotonic() < deadline and not (ckpt / "CURRENT").exists():
             time.sleep(0.05)
         if (ckpt / "CURRENT").exists():
-            ray.kill(ray.get_actor(name, namespace=_namespace_of(name)))
+            ray.kill(ray.get_actor(name, namespace=namespace()))
             killed.set()
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)

@@ -39,6 +39,7 @@ import numpy as np
 
 from persia import _settings
 from persia.backends.ray.config import TRANSPORTS, ClusterConfig, RoleSpec
+from persia.backends.ray.naming import namespace, ps_actor_name
 from persia.errors import BackendError, PersiaError
 from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
 
@@ -87,7 +88,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         address = address or _settings.ray_address()
         runtime_env = {"env_vars": _forwarded_env()}
         if address is not None:
-            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+            ray.init(
+                address=address,
+                namespace=namespace(),
+                runtime_env=runtime_env,
+                logging_level=logging.WARNING,
+            )
             return
         folder = ray_temp_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -95,6 +101,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,
+            namespace=namespace(),
             _temp_dir=str(folder),
             runtime_env=runtime_env,
             logging_level=logging.WARNING,
@@ -256,7 +263,9 @@ def start_parameter_servers(
     actor_cls = ray.remote(ParameterServer)
     bind = _bind_host(cluster) if cluster.transport == "zmq" else None
     actors: list[Any] = [
-        actor_cls.options(name=f"persia-{job}-ps-{i}", **options).remote(i, shard_kwargs, bind)
+        actor_cls.options(name=ps_actor_name(job, i), namespace=namespace(), **options).remote(
+            i, shard_kwargs, bind
+        )
         for i in range(first_rank, first_rank + n)
     ]
     timeout = cluster.resolved_timeout_s()

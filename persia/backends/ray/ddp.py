@@ -41,7 +41,10 @@ from persia.backends.ray.backend import (
     init_ray,
     new_job_id,
 )
+from persia.backends.ray.naming import namespace, nn_actor_name, ps_actor_name
+from persia.embedding.spec import EmbeddingSpec
 from persia.errors import BackendError, CheckpointError
+from persia.store.build import shard_options
 
 __all__ = ["NN_WORKER", "NNWorker", "attach_parameter_servers", "run_job_ddp"]
 
@@ -52,16 +55,15 @@ def attach_parameter_servers(
     job_name: str,
     num_ps: int,
     timeout_s: float,
-    shard_kwargs: dict[str, Any] | None = None,
-    capacity: int | None = None,
+    spec: EmbeddingSpec | None = None,
 ) -> list[Any]:
     """The running parameter-server actors of ``job_name`` (waits up to ``timeout_s`` for each
     to exist, then for it to answer).
 
     Servers started on their own (``persia-launcher embedding-parameter-server``,
     :class:`persia.backends.ray.launch.LaunchedParameterServer`) say how many they are, which
-    overrides ``num_ps``, and take ``shard_kwargs`` (with ``capacity`` split among them) if no
-    NN worker configured them before.
+    overrides ``num_ps``, and take the shard settings of ``spec`` (its capacity split among
+    them) if no NN worker configured them before.
     """
     import ray
 
@@ -71,10 +73,10 @@ def attach_parameter_servers(
     deadline = time.monotonic() + timeout_s
     i = 0
     while i < num_ps:
-        name = f"persia-{job_name}-ps-{i}"
+        name = ps_actor_name(job_name, i)
         while True:
             try:
-                actor = ray.get_actor(name, namespace=_namespace_of(name))
+                actor = ray.get_actor(name, namespace=namespace())
                 break
             except ValueError:
                 if time.monotonic() > deadline:
@@ -89,20 +91,12 @@ def attach_parameter_servers(
                 get_with_timeout(actor.replica_size.remote(), timeout_s, PARAMETER_SERVER, 0)
             )
         i += 1
-    if shard_kwargs is not None:
-        kwargs = dict(shard_kwargs)
-        if capacity is not None:
-            kwargs["capacity"] = -(-capacity // len(actors))  # as ShardedStore splits it
+    if spec is not None:
+        kwargs = shard_options(spec, len(actors))
         for rank, actor in enumerate(actors):
             if hasattr(actor, "configure"):
                 get_with_timeout(actor.configure.remote(kwargs), timeout_s, PARAMETER_SERVER, rank)
     return actors
-
-
-def _namespace_of(name: str) -> str | None:
-    """The Ray namespace to look ``name`` up in: ``PERSIA_RAY_NAMESPACE`` if set, else the
-    caller's own."""
-    return _settings.ray_namespace()
 
 
 def _free_port(host: str) -> int:
@@ -233,8 +227,7 @@ def run_job_ddp(
     """
     import ray
 
-    from persia.backends.ray.runtime import build_ray_runtime
-    from persia.job.runner import embedding_configs, embedding_optimizer, job_hyper
+    from persia.backends.ray.runtime import ray_runtime_from_spec
 
     if resume is not None and not os.path.isdir(resume):
         raise CheckpointError(f"--resume: checkpoint directory {str(resume)!r} does not exist")
@@ -244,14 +237,9 @@ def run_job_ddp(
     world = cluster.num_nn_workers
     init_ray(cluster.address, cluster.num_cpus)
     job_name = cluster.job_name or new_job_id()
-    emb_file, global_file = embedding_configs(job)
     # The driver owns the parameter servers; its runtime stays idle until the workers finish.
-    runtime = build_ray_runtime(
-        job_hyper(job),
-        embedding_optimizer(job),
-        emb_file,
-        global_file,
-        cluster=cluster.replace(job_name=job_name).wired(attach_ps=False),
+    runtime = ray_runtime_from_spec(
+        job.embedding, cluster=cluster.replace(job_name=job_name).wired(attach_ps=False)
     )
     worker_cluster = cluster.replace(job_name=job_name, num_nn_workers=1).wired(attach_ps=True)
     actor_options: dict[str, Any] = {"num_cpus": cluster.nn_num_cpus, "max_restarts": 0}
@@ -262,9 +250,9 @@ def run_job_ddp(
         master_host = "127.0.0.1"
     actor_cls: Any = ray.remote(NNWorker)
     workers: list[Any] = [
-        actor_cls.options(name=f"persia-{job_name}-nn-{r}", **actor_options).remote(
-            r, world, master_host
-        )
+        actor_cls.options(
+            name=nn_actor_name(job_name, r), namespace=namespace(), **actor_options
+        ).remote(r, world, master_host)
         for r in range(world)
     ]
     timeout_s = cluster.resolved_timeout_s()

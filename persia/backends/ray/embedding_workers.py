@@ -43,6 +43,7 @@ import numpy as np
 import zmq
 
 from persia.backends.ray.backend import ClusterConfig, _bind_host, _liveness, get_with_timeout
+from persia.backends.ray.naming import ew_actor_name, namespace
 from persia.errors import BackendError
 from persia.rpc.base import ParameterServerClient
 from persia.rpc.zmq_transport import ZmqTransport, serve_requests
@@ -255,7 +256,7 @@ def start_embedding_workers(
     actor_cls = ray.remote(EmbeddingWorkerActor)
     bind = _bind_host(cluster)
     actors: list[Any] = [
-        actor_cls.options(name=f"persia-{job}-ew-{r}", **options).remote(
+        actor_cls.options(name=ew_actor_name(job, r), namespace=namespace(), **options).remote(
             r, list(slots), prefix_bits, ps_actors, cluster, bind, max(2 * timeout, 60.0)
         )
         for r in range(n)
@@ -273,15 +274,13 @@ def attach_embedding_workers(job: str, n: int, timeout_s: float) -> list[Any]:
     """The running embedding-worker actors of ``job`` (waits up to ``timeout_s`` for each)."""
     import ray
 
-    from persia.backends.ray.ddp import _namespace_of
-
     actors: list[Any] = []
     deadline = time.monotonic() + timeout_s
     for r in range(n):
-        name = f"persia-{job}-ew-{r}"
+        name = ew_actor_name(job, r)
         while True:
             try:
-                actors.append(ray.get_actor(name, namespace=_namespace_of(name)))
+                actors.append(ray.get_actor(name, namespace=namespace()))
                 break
             except ValueError:
                 if time.monotonic() > deadline:

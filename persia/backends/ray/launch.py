@@ -21,6 +21,7 @@ from typing import Any
 
 from persia import _settings
 from persia.backends.ray.backend import ClusterConfig, ParameterServer
+from persia.backends.ray.naming import namespace, ps_actor_name
 
 __all__ = [
     "LaunchedParameterServer",
@@ -31,11 +32,6 @@ __all__ = [
     "start_parameter_server",
     "stop_parameter_server",
 ]
-
-
-def namespace() -> str:
-    """``PERSIA_RAY_NAMESPACE``, default ``persia``."""
-    return _settings.ray_namespace() or "persia"
 
 
 def job_name() -> str:
@@ -122,10 +118,10 @@ def start_parameter_server(
 
     from persia.backends.ray.backend import get_with_timeout
 
-    name = f"persia-{job_name()}-ps-{replica_index}"
+    name = ps_actor_name(job_name(), replica_index)
     actor_cls: Any = ray.remote(LaunchedParameterServer)
     actor = actor_cls.options(
-        name=name, num_cpus=num_cpus, max_restarts=0, max_concurrency=4
+        name=name, namespace=namespace(), num_cpus=num_cpus, max_restarts=0, max_concurrency=4
     ).remote(replica_index, replica_size, shard_kwargs, bind_host)
     timeout_s = ClusterConfig().resolved_timeout_s()
     get_with_timeout(actor.ping.remote(), timeout_s, "parameter-server", replica_index)

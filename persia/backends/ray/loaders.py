@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from persia.backends.ray.naming import loader_actor_name, namespace
 from persia.errors import ConfigError
 
 __all__ = [
@@ -154,9 +155,9 @@ def start_data_loaders(job: Any, cluster: Any, job_name: str) -> list[tuple[Any,
     timeout_s = max(cluster.resolved_timeout_s(), 600.0)
     out = []
     for d in range(size):
-        actor = actor_cls.options(name=f"persia-{job_name}-loader-{d}", **options).remote(
-            d, size, world, bind_host
-        )
+        actor = actor_cls.options(
+            name=loader_actor_name(job_name, d), namespace=namespace(), **options
+        ).remote(d, size, world, bind_host)
         out.append((actor, actor.run.remote(job, job_name, timeout_s)))
     return out
 

@@ -52,6 +52,7 @@ from persia.backends.ray.backend import (
     start_parameter_servers,
 )
 from persia.backends.ray.config import RecoveryConfig
+from persia.embedding.spec import EmbeddingSpec
 from persia.errors import BackendError, CheckpointError, ConfigError
 from persia.rpc.base import PARAMETER_SERVER, Transport
 
@@ -513,7 +514,7 @@ class RecoverableRayStore(RayStore):
 
 
 def enable_recovery(
-    runtime: Any, cluster: ClusterConfig, global_config: Any, shard_kwargs: dict[str, Any]
+    runtime: Any, cluster: ClusterConfig, spec: EmbeddingSpec, shard_kwargs: dict[str, Any]
 ) -> ShardRecovery:
     """Turn a freshly built :class:`persia.backends.ray.runtime.RayRuntime` into one that restores
     dead shards (``ClusterConfig(recover=...)``): its store becomes a
@@ -523,9 +524,8 @@ def enable_recovery(
         ConfigError: incremental updates are off, or several NN workers share the shards.
     """
     config = cluster.recover if isinstance(cluster.recover, RecoveryConfig) else RecoveryConfig()
-    ps = global_config.embedding_parameter_server_config
     problems = []
-    if not ps.enable_incremental_update:
+    if not spec.incremental:
         problems.append(
             "recover needs enable_incremental_update: true in global_config.yml "
             "(a shard is restored from the checkpoint plus the deltas)"
@@ -545,7 +545,7 @@ def enable_recovery(
     )
     old._owned = False  # the new facade stops the actors
     actors = store.actors
-    recovery = ShardRecovery(actors, store, shard_kwargs, cluster, config, ps.incremental_dir)
+    recovery = ShardRecovery(actors, store, shard_kwargs, cluster, config, spec.incremental_dir)
     store.recovery = recovery
     store.facades = [
         RecoverableShard(a, i, store.timeout_s, recovery) for i, a in enumerate(actors)

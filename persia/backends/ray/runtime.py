@@ -1,6 +1,6 @@
 """The NN worker's runtime on the cluster backend: the embedded pipeline over remote shards.
 
-:func:`build_ray_runtime` is :func:`persia.runtime.local.build_local_runtime` with the store
+:func:`ray_runtime_from_spec` is :func:`persia.runtime.local.runtime_from_spec` with the store
 replaced by parameter-server actors (:mod:`persia.backends.ray.backend`): the same embedding
 worker, lookup thread, applier thread and staleness gate run in this process, so the staleness
 bound holds per NN worker across the network and is measured the same way.
@@ -20,16 +20,14 @@ from persia.backends.ray.backend import (
     start_parameter_servers,
 )
 from persia.embedding import EmbeddingConfig
-from persia.embedding.config import (
-    EmbeddingFileConfig,
-    GlobalConfig,
-)
+from persia.embedding.config import EmbeddingFileConfig, GlobalConfig, load_spec
 from persia.embedding.optim import EmbeddingOptimizer
-from persia.runtime.local import resolve_configs, slot_specs, store_options
+from persia.embedding.spec import EmbeddingSpec
 from persia.runtime.pipeline import Runtime
+from persia.store.build import shard_options, store_options
 from persia.worker.embedding_worker import EmbeddingWorker
 
-__all__ = ["RayRuntime", "build_ray_runtime"]
+__all__ = ["RayRuntime", "ray_runtime_from_spec", "build_ray_runtime"]
 
 
 class RayRuntime(Runtime):
@@ -69,43 +67,35 @@ class RayRuntime(Runtime):
                     self.store.close()
 
 
-def build_ray_runtime(
-    embedding_config: EmbeddingConfig,
-    optimizer: EmbeddingOptimizer | None,
-    embedding_config_file: str | os.PathLike | EmbeddingFileConfig | None = None,
-    global_config_file: str | os.PathLike | GlobalConfig | None = None,
-    backward_buffer_size: int = 10,
+def ray_runtime_from_spec(
+    spec: EmbeddingSpec,
     cluster: ClusterConfig | None = None,
+    backward_buffer_size: int = 10,
 ) -> RayRuntime:
     """Starts the parameter-server actors of one job and a runtime over them.
 
-    ``cluster.num_ps`` shards (default: ``num_hashmap_internal_shards``) hold ``capacity`` rows
-    in all, as in the embedded backend; a local Ray cluster is started unless one is named.
+    ``cluster.num_ps`` shards (default: ``spec.shards``) hold ``spec.capacity`` rows in all, as
+    in the embedded backend; a local Ray cluster is started unless one is named.
     """
     if cluster is None:  # a process of persia-launcher nn-worker joins its job's servers
         from persia.backends.ray.launch import cluster_from_env
 
         cluster = cluster_from_env() or ClusterConfig()
-    emb, glob = resolve_configs(embedding_config_file, global_config_file)
-    ps = glob.embedding_parameter_server_config
-    num_ps = cluster.num_ps if cluster.num_ps is not None else ps.num_hashmap_internal_shards
-    store_kwargs = store_options(embedding_config, optimizer, emb, glob)
-    shard_kwargs = dict(store_kwargs)
-    shard_kwargs["capacity"] = -(-ps.capacity // num_ps)  # as ShardedStore splits it
+    num_ps = cluster.num_ps if cluster.num_ps is not None else spec.shards
+    store_kwargs = store_options(spec)
+    shard_kwargs = shard_options(spec, num_ps)
     init_ray(cluster.address, cluster.num_cpus)
     timeout_s = cluster.resolved_timeout_s()
     job_name = cluster.job_name or new_job_id()
     if cluster.attach_ps:
         from persia.backends.ray.ddp import attach_parameter_servers
 
-        actors = attach_parameter_servers(
-            str(cluster.job_name), num_ps, timeout_s, shard_kwargs, ps.capacity
-        )
+        actors = attach_parameter_servers(str(cluster.job_name), num_ps, timeout_s, spec)
     else:
         actors = start_parameter_servers(num_ps, shard_kwargs, cluster, job_name)
     store = RayStore(
         actors,
-        {**store_kwargs, "adopt_optimizer": optimizer is None},
+        {**store_kwargs, "adopt_optimizer": spec.optimizer is None},
         timeout_s,
         owned=not cluster.attach_ps,
     )
@@ -118,24 +108,39 @@ def build_ray_runtime(
     if cluster.num_embedding_workers > 0:
         try:
             worker = _remote_embedding_worker(
-                cluster, job_name, slot_specs(emb), emb.feature_index_prefix_bit, actors, client
+                cluster, job_name, list(spec.slots), spec.feature_index_prefix_bit, actors, client
             )
         except BaseException:
             client.transport.close()
             store.close()
             raise
     else:
-        worker = EmbeddingWorker(slot_specs(emb), emb.feature_index_prefix_bit, client)
+        worker = EmbeddingWorker.from_spec(spec, client)
     runtime = RayRuntime(worker, store, backward_buffer_size=backward_buffer_size)
     if cluster.recover:
         from persia.backends.ray.recovery import enable_recovery
 
         try:
-            enable_recovery(runtime, cluster, glob, shard_kwargs)
+            enable_recovery(runtime, cluster, spec, shard_kwargs)
         except BaseException:
             runtime.close()
             raise
     return runtime
+
+
+def build_ray_runtime(
+    embedding_config: EmbeddingConfig,
+    optimizer: EmbeddingOptimizer | None,
+    embedding_config_file: str | os.PathLike | EmbeddingFileConfig | None = None,
+    global_config_file: str | os.PathLike | GlobalConfig | None = None,
+    backward_buffer_size: int = 10,
+    cluster: ClusterConfig | None = None,
+) -> RayRuntime:
+    """:func:`ray_runtime_from_spec` of what a PERSIA script gives (the YAML files as paths,
+    parsed objects or None for the PERSIA environment variables, the rows' hyperparameters and
+    the embedding optimizer): :func:`persia.embedding.config.load_spec`."""
+    spec = load_spec(embedding_config_file, global_config_file, embedding_config, optimizer)
+    return ray_runtime_from_spec(spec, cluster, backward_buffer_size)
 
 
 def _remote_embedding_worker(

@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 
 from persia import _settings
+from persia.backends.ray.naming import namespace, stream_actor_name
 from persia.embedding.data import PersiaBatch
 from persia.errors import BackendError, ConfigError
 from persia.rpc.zmq_transport import decode, encode
@@ -36,8 +37,8 @@ _POLL_MS = 100
 
 
 def stream_namespace() -> str:
-    """The Ray namespace in which loaders and NN workers meet (``PERSIA_RAY_NAMESPACE``)."""
-    return _settings.ray_namespace() or "persia"
+    """The Ray namespace in which loaders and NN workers meet: :func:`naming.namespace`."""
+    return namespace()
 
 
 def _env_count(name: str, default: int, minimum: int) -> int:
@@ -50,10 +51,6 @@ def _env_count(name: str, default: int, minimum: int) -> int:
     if value < minimum:
         raise ConfigError(f"environment variable {name}: expected >= {minimum}, got {value}")
     return value
-
-
-def _actor_name(channel: str, index: int) -> str:
-    return f"persia-stream-{channel}-loader-{index}"
 
 
 class _LoaderInfo:
@@ -142,7 +139,7 @@ class StreamSender:
         self.sent = 0
         info_cls: Any = ray.remote(_LoaderInfo)
         self._actor: Any = info_cls.options(
-            name=_actor_name(self.channel, self.index),
+            name=stream_actor_name(self.channel, self.index),
             namespace=stream_namespace(),
             num_cpus=0,
             max_restarts=0,
@@ -216,7 +213,7 @@ def _find_loaders(channel: str, timeout_s: float) -> list[str]:
     index = 0
     while size is None or len(endpoints) < size:
         try:
-            actor = ray.get_actor(_actor_name(channel, index), namespace=stream_namespace())
+            actor = ray.get_actor(stream_actor_name(channel, index), namespace=stream_namespace())
             info: Any = ray.get(actor.get.remote(), timeout=timeout_s)
             endpoints[index] = str(info["endpoint"])
             size = int(info["size"])
@@ -228,7 +225,7 @@ def _find_loaders(channel: str, timeout_s: float) -> list[str]:
             raise BackendError(f"loader vanished: {exc}", DATA_LOADER, index) from exc
         if time.monotonic() > deadline:
             raise BackendError(
-                f"no data loader {_actor_name(channel, index)!r} within {timeout_s:g} s",
+                f"no data loader {stream_actor_name(channel, index)!r} within {timeout_s:g} s",
                 DATA_LOADER,
                 index,
             )
