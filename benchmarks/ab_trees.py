@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_FIELDS = "value,samples_per_s,cpu_ms_per_step,ms_per_step"
+DEFAULT_FIELDS = "value,value_cpu,samples_per_s,cpu_ms_per_step,ms_per_step"
 
 
 def run_once(tree: Path, command: list[str], timeout_s: float) -> list[dict[str, Any]]:
