@@ -54,6 +54,7 @@ from persia.backends.ray.backend import (
 )
 from persia.errors import BackendError, CheckpointError, ConfigError
 from persia.rpc.base import PARAMETER_SERVER, Transport
+from persia.rpc.protocol import ShardProtocol
 
 __all__ = [
     "RecoveryConfig",
@@ -126,7 +127,7 @@ class _OneShardView:
 
 
 def restore_shard_rows(
-    shard: Any,
+    shard: ShardProtocol,
     rank: int,
     num_shards: int,
     optimizer: Any,
@@ -457,7 +458,8 @@ class RecoveringTransport(Transport):
 
 
 class RecoverableShard(RemoteShard):
-    """The store facade of one actor, restoring it when a control call finds it dead.
+    """The store facade of one actor, restoring it when a control call finds it dead (a
+    :class:`persia.rpc.protocol.ShardProtocol`).
 
     ``take_changes`` on a dead actor returns no rows (they died with it; the delta writer goes on
     with the other shards) and ``tracking_changes`` is remembered here, so the delta writer never
