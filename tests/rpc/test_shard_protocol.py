@@ -15,6 +15,8 @@ from persia.embedding.optim import SGD
 from persia.rpc.protocol import PROPERTIES, ShardProtocol
 from persia.store import Shard
 
+_RAY_TRACE = "_ray_trace_ctx"
+
 
 def _members() -> dict[str, object]:
     return {
@@ -25,8 +27,10 @@ def _members() -> dict[str, object]:
 
 
 def _shape(sig: inspect.Signature) -> list[tuple[str, object, object]]:
-    """Parameter names, kinds and defaults (annotations may be narrower or wider)."""
-    return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+    """Parameter names, kinds and defaults (annotations may be narrower or wider). Once a class
+    was made a Ray actor in this process, Ray's tracing adds a keyword ``_ray_trace_ctx`` to its
+    methods: not part of the interface."""
+    return [(p.name, p.kind, p.default) for p in sig.parameters.values() if p.name != _RAY_TRACE]
 
 
 def test_the_protocol_declares_what_its_callers_use():
