@@ -53,7 +53,7 @@ from persia.backends.ray.backend import (
     start_parameter_servers,
 )
 from persia.errors import BackendError, CheckpointError, ConfigError
-from persia.rpc.base import PARAMETER_SERVER, Transport
+from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
 from persia.rpc.protocol import ShardProtocol
 
 __all__ = [
@@ -62,7 +62,8 @@ __all__ = [
     "RecoveringTransport",
     "RecoverableShard",
     "RecoverableRayStore",
-    "enable_recovery",
+    "recoverable_parameter_servers",
+    "recovery_settings",
     "restore_shard_rows",
 ]
 
@@ -521,11 +522,36 @@ class RecoverableShard(RemoteShard):
 
 
 class RecoverableRayStore(RayStore):
-    """A :class:`RayStore` whose shards are :class:`RecoverableShard` facades; a load or a clear
-    tells the recovery that older checkpoints no longer describe the store."""
+    """A :class:`RayStore` whose shards are :class:`RecoverableShard` facades over one
+    :class:`ShardRecovery`; a load or a clear tells the recovery that older checkpoints no
+    longer describe the store.
 
-    recovery: ShardRecovery
-    facades: list[RecoverableShard]  # the same objects as ``shards``, typed
+    Args:
+        actors, store_kwargs, timeout_s, owned: see :class:`RayStore`.
+        shard_kwargs: the arguments each shard was started with (a restored one gets them).
+        cluster: the job's cluster settings.
+        config: the recovery settings.
+        delta_dir: ``incremental_dir``.
+    """
+
+    def __init__(
+        self,
+        actors: list[Any],
+        store_kwargs: dict[str, Any],
+        timeout_s: float,
+        owned: bool,
+        *,
+        shard_kwargs: dict[str, Any],
+        cluster: ClusterConfig,
+        config: RecoveryConfig,
+        delta_dir: str | os.PathLike[str],
+    ) -> None:
+        super().__init__(actors, store_kwargs, timeout_s, owned)
+        self.recovery = ShardRecovery(self.actors, self, shard_kwargs, cluster, config, delta_dir)
+        self.facades = [
+            RecoverableShard(a, i, self.timeout_s, self.recovery) for i, a in enumerate(self.actors)
+        ]
+        self.shards = list(self.facades)
 
     def shard_stats(self) -> list[dict[str, Any]]:
         return [s.stats() for s in self.shards]
@@ -545,16 +571,15 @@ class RecoverableRayStore(RayStore):
                 self.facades[i]._call("track_changes", True)
 
 
-def enable_recovery(
-    runtime: Any, cluster: ClusterConfig, global_config: Any, shard_kwargs: dict[str, Any]
-) -> ShardRecovery:
-    """Turn a freshly built :class:`persia.backends.ray.runtime.RayRuntime` into one that restores
-    dead shards (``ClusterConfig(recover=...)``): its store becomes a
-    :class:`RecoverableRayStore` and its data channel a :class:`RecoveringTransport`.
+def recovery_settings(cluster: ClusterConfig, global_config: Any) -> RecoveryConfig | None:
+    """The recovery settings of ``cluster`` (``ClusterConfig(recover=...)``), checked against
+    the job before anything starts; None: recovery is off.
 
     Raises:
         ConfigError: incremental updates are off, or several NN workers share the shards.
     """
+    if not cluster.recover:
+        return None
     config = cluster.recover if isinstance(cluster.recover, RecoveryConfig) else RecoveryConfig()
     ps = global_config.embedding_parameter_server_config
     problems = []
@@ -567,27 +592,51 @@ def enable_recovery(
         problems.append("recover works with one NN worker (num_nn_workers=1)")
     if problems:
         raise ConfigError(problems, source="ClusterConfig.recover")
-    old: RayStore = runtime.store
-    settings = ("capacity", "optimizer", "init", "admission", "seed", "weight_bound", "dims")
-    kwargs = {k: getattr(old, k) for k in settings}
+    return config
+
+
+def recoverable_parameter_servers(
+    actors: list[Any],
+    store_kwargs: dict[str, Any],
+    shard_kwargs: dict[str, Any],
+    cluster: ClusterConfig,
+    config: RecoveryConfig,
+    delta_dir: str | os.PathLike[str],
+    timeout_s: float,
+    owned: bool,
+) -> tuple[RecoverableRayStore, ParameterServerClient]:
+    """The store and the data channel of a job whose dead shards are restored (see the module
+    docstring), as :func:`persia.backends.ray.runtime.build_ray_runtime` composes them: a
+    :class:`RecoverableRayStore` over ``actors`` and a client whose transport is a
+    :class:`RecoveringTransport` around the configured one.
+
+    Args:
+        actors: the parameter-server actors, by rank.
+        store_kwargs: :class:`RayStore`'s arguments (``adopt_optimizer`` included).
+        shard_kwargs: the arguments each shard was started with.
+        cluster: the job's cluster settings.
+        config: the checked recovery settings (:func:`recovery_settings`).
+        delta_dir: ``incremental_dir``.
+        timeout_s: the longest one call may take.
+        owned: the store stops the actors when closed.
+    """
+    from persia.store import shard_of
+
     store = RecoverableRayStore(
-        old.actors,
-        {**kwargs, "adopt_optimizer": old.adopt_optimizer},
-        old.timeout_s,
-        owned=old._owned,
+        actors,
+        store_kwargs,
+        timeout_s,
+        owned,
+        shard_kwargs=shard_kwargs,
+        cluster=cluster,
+        config=config,
+        delta_dir=delta_dir,
     )
-    old._owned = False  # the new facade stops the actors
-    actors = store.actors
-    recovery = ShardRecovery(actors, store, shard_kwargs, cluster, config, ps.incremental_dir)
-    store.recovery = recovery
-    store.facades = [
-        RecoverableShard(a, i, store.timeout_s, recovery) for i, a in enumerate(actors)
-    ]
-    store.shards = list(store.facades)
-    servers = runtime.worker.servers
-    transport = RecoveringTransport(recovery, servers.transport)
-    recovery.transport = transport
-    servers.transport = transport
-    runtime.store = store
-    runtime.recovery = recovery
-    return recovery
+    try:
+        inner = parameter_server_client(list(store.actors), cluster, timeout_s).transport
+    except BaseException:
+        store.close()
+        raise
+    transport = RecoveringTransport(store.recovery, inner)
+    store.recovery.transport = transport
+    return store, ParameterServerClient(transport, shard_of)

@@ -19,12 +19,19 @@ from persia.backends.ray.backend import (
     parameter_server_client,
     start_parameter_servers,
 )
+from persia.backends.ray.recovery import (
+    RecoverableRayStore,
+    ShardRecovery,
+    recoverable_parameter_servers,
+    recovery_settings,
+)
 from persia.embedding import EmbeddingConfig
 from persia.embedding.config import (
     EmbeddingFileConfig,
     GlobalConfig,
 )
 from persia.embedding.optim import EmbeddingOptimizer
+from persia.rpc.base import ParameterServerClient
 from persia.runtime.local import resolve_configs, slot_specs, store_options
 from persia.runtime.pipeline import Runtime
 from persia.worker.embedding_worker import EmbeddingWorker
@@ -33,16 +40,34 @@ __all__ = ["RayRuntime", "build_ray_runtime"]
 
 
 class RayRuntime(Runtime):
-    """A :class:`Runtime` whose store is a set of parameter-server actors; closing it stops
-    the actors it started and the data channel.
+    """A :class:`Runtime` whose store is a set of parameter-server actors; closing it closes
+    the data channel and the embedding worker and stops the actors it started.
 
-    With ``ClusterConfig(recover=...)``, ``recovery`` is the
-    :class:`persia.backends.ray.recovery.ShardRecovery` that restores dead shards; the training
-    context flushes its incremental deltas every :attr:`delta_interval_s` and hands its writer to
-    :meth:`attach_delta_writer`.
+    Args:
+        worker: the embedding worker (in this process, or the embedding-worker actors' proxy).
+        store: the facade of the parameter-server actors.
+        servers: this process's client of the parameter servers (its transport is closed with
+            the runtime).
+        backward_buffer_size: gradient batches that may wait for the applier.
+        recovery: with ``ClusterConfig(recover=...)``, the
+            :class:`persia.backends.ray.recovery.ShardRecovery` that restores dead shards (the
+            store is then its :class:`~persia.backends.ray.recovery.RecoverableRayStore` and
+            ``servers`` its recovering channel); the training context flushes its incremental
+            deltas every :attr:`delta_interval_s` and hands its writer to
+            :meth:`attach_delta_writer`.
     """
 
-    recovery: Any = None
+    def __init__(
+        self,
+        worker: Any,
+        store: RayStore,
+        servers: ParameterServerClient,
+        backward_buffer_size: int = 10,
+        recovery: ShardRecovery | None = None,
+    ) -> None:
+        super().__init__(worker, store, backward_buffer_size=backward_buffer_size)
+        self.servers = servers
+        self.recovery = recovery
 
     @property
     def delta_interval_s(self) -> float | None:
@@ -60,13 +85,12 @@ class RayRuntime(Runtime):
         finally:
             try:
                 try:
-                    self.worker.servers.transport.close()
+                    self.servers.transport.close()
                 finally:
                     if hasattr(self.worker, "close"):  # embedding-worker actors' proxy
                         self.worker.close()
             finally:
-                if isinstance(self.store, RayStore):
-                    self.store.close()
+                self.store.close()
 
 
 def build_ray_runtime(
@@ -92,6 +116,7 @@ def build_ray_runtime(
     store_kwargs = store_options(embedding_config, optimizer, emb, glob)
     shard_kwargs = dict(store_kwargs)
     shard_kwargs["capacity"] = -(-ps.capacity // num_ps)  # as ShardedStore splits it
+    recover = recovery_settings(cluster, glob)  # checked before anything starts
     init_ray(cluster.address, cluster.num_cpus)
     timeout_s = cluster.resolved_timeout_s()
     job_name = cluster.job_name or new_job_id()
@@ -103,17 +128,31 @@ def build_ray_runtime(
         )
     else:
         actors = start_parameter_servers(num_ps, shard_kwargs, cluster, job_name)
-    store = RayStore(
-        actors,
-        {**store_kwargs, "adopt_optimizer": optimizer is None},
-        timeout_s,
-        owned=not cluster.attach_ps,
-    )
-    try:
-        client = parameter_server_client(actors, cluster, timeout_s)
-    except BaseException:
-        store.close()
-        raise
+    store: RayStore
+    client: ParameterServerClient
+    if recover is not None:  # the recovering store and data channel, composed here
+        store, client = recoverable_parameter_servers(
+            actors,
+            {**store_kwargs, "adopt_optimizer": optimizer is None},
+            shard_kwargs,
+            cluster,
+            recover,
+            ps.incremental_dir,
+            timeout_s,
+            owned=not cluster.attach_ps,
+        )
+    else:
+        store = RayStore(
+            actors,
+            {**store_kwargs, "adopt_optimizer": optimizer is None},
+            timeout_s,
+            owned=not cluster.attach_ps,
+        )
+        try:
+            client = parameter_server_client(actors, cluster, timeout_s)
+        except BaseException:
+            store.close()
+            raise
     worker: Any
     if cluster.num_embedding_workers > 0:
         try:
@@ -126,16 +165,10 @@ def build_ray_runtime(
             raise
     else:
         worker = EmbeddingWorker(slot_specs(emb), emb.feature_index_prefix_bit, client)
-    runtime = RayRuntime(worker, store, backward_buffer_size=backward_buffer_size)
-    if cluster.recover:
-        from persia.backends.ray.recovery import enable_recovery
-
-        try:
-            enable_recovery(runtime, cluster, glob, shard_kwargs)
-        except BaseException:
-            runtime.close()
-            raise
-    return runtime
+    recovery = store.recovery if isinstance(store, RecoverableRayStore) else None
+    return RayRuntime(
+        worker, store, client, backward_buffer_size=backward_buffer_size, recovery=recovery
+    )
 
 
 def _remote_embedding_worker(
