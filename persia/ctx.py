@@ -37,7 +37,7 @@ from persia.embedding.optim import EmbeddingOptimizer
 from persia.errors import BackendError, CheckpointError, PersiaError
 from persia.logger import get_default_logger, warn_once
 from persia.runtime import registry
-from persia.runtime.pipeline import Runtime, TrainingBatch
+from persia.runtime.pipeline import RuntimeProtocol, TrainingBatch
 
 __all__ = [
     "PreprocessMode",
@@ -52,7 +52,7 @@ __all__ = [
 _logger = get_default_logger()
 _CTX_LOCK = threading.RLock()
 _CURRENT_CTX: BaseCtx | None = None
-_LAST_RUNTIME: Runtime | None = None
+_LAST_RUNTIME: RuntimeProtocol | None = None
 
 
 class PreprocessMode(Enum):
@@ -94,7 +94,7 @@ class BaseCtx:
             self.device = torch.device("cpu")
         self.device_id = device_id
         self._origin: BaseCtx | None = None
-        self._runtime: Runtime | None = None
+        self._runtime: RuntimeProtocol | None = None
 
     def _enter(self) -> None:
         """Hook when entering the context."""
@@ -234,7 +234,7 @@ class EmbeddingCtx(BaseCtx):
         current = cnt_ctx()
         if current is not None and current._runtime is not None:
             self._runtime = current._runtime
-        elif _LAST_RUNTIME is not None and not _LAST_RUNTIME._closed:
+        elif _LAST_RUNTIME is not None and not _LAST_RUNTIME.closed:
             self._runtime = _LAST_RUNTIME
         else:
             self._runtime = self._build_runtime(None)
@@ -251,7 +251,7 @@ class EmbeddingCtx(BaseCtx):
 
     def _build_runtime(
         self, optimizer: EmbeddingOptimizer | None, backward_buffer_size: int = 10
-    ) -> Runtime:
+    ) -> RuntimeProtocol:
         """The runtime of this context, built by its backend (:mod:`persia.runtime.registry`)."""
         return registry.backend(self.backend).build_runtime(
             embedding_config=self.embedding_config,
@@ -263,7 +263,7 @@ class EmbeddingCtx(BaseCtx):
         )
 
     @property
-    def runtime(self) -> Runtime:
+    def runtime(self) -> RuntimeProtocol:
         if self._runtime is None:
             raise PersiaError("enter the context first (`with ... as ctx:`)")
         return self._runtime
@@ -590,7 +590,7 @@ class TrainCtx(EmbeddingCtx):
 
     def _enter(self) -> None:
         global _LAST_RUNTIME
-        if _LAST_RUNTIME is not None and not _LAST_RUNTIME._closed:
+        if _LAST_RUNTIME is not None and not _LAST_RUNTIME.closed:
             _LAST_RUNTIME.close()
         self._runtime = self._build_runtime(self.embedding_optimizer, self.backward_buffer_size)
         self._owns_runtime = True
@@ -614,11 +614,10 @@ class TrainCtx(EmbeddingCtx):
                 self.runtime.store,
                 ps.incremental_dir,
                 max_rows=ps.incremental_buffer_size,
-                interval_s=getattr(self.runtime, "delta_interval_s", None),
+                interval_s=self.runtime.delta_interval_s,
             ).start()
-            attach = getattr(self.runtime, "attach_delta_writer", None)
-            if attach is not None:  # the Ray backend's shard recovery reads these deltas
-                attach(self._delta_writer)
+            # the Ray backend's shard recovery reads these deltas
+            self.runtime.attach_delta_writer(self._delta_writer)
 
     def _exit(self) -> None:
         if self.current_batch is not None:

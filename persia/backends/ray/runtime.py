@@ -9,7 +9,7 @@ bound holds per NN worker across the network and is measured the same way.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from persia.backends.ray.backend import (
     ClusterConfig,
@@ -35,6 +35,10 @@ from persia.rpc.base import ParameterServerClient
 from persia.runtime.local import resolve_configs, slot_specs, store_options
 from persia.runtime.pipeline import Runtime
 from persia.worker.embedding_worker import EmbeddingWorker
+from persia.worker.protocol import EmbeddingWorkerProtocol
+
+if TYPE_CHECKING:
+    from persia.backends.ray.embedding_workers import RemoteEmbeddingWorker
 
 __all__ = ["RayRuntime", "build_ray_runtime"]
 
@@ -57,9 +61,11 @@ class RayRuntime(Runtime):
             :meth:`attach_delta_writer`.
     """
 
+    store: RayStore
+
     def __init__(
         self,
-        worker: Any,
+        worker: EmbeddingWorkerProtocol,
         store: RayStore,
         servers: ParameterServerClient,
         backward_buffer_size: int = 10,
@@ -79,6 +85,11 @@ class RayRuntime(Runtime):
         if self.recovery is not None:
             self.recovery.attach_writer(writer)
 
+    def recovery_report(self) -> dict[str, Any] | None:
+        """The recovery's :meth:`~persia.backends.ray.recovery.ShardRecovery.report` (None:
+        recovery is off)."""
+        return None if self.recovery is None else self.recovery.report()
+
     def close(self) -> None:
         try:
             super().close()
@@ -87,8 +98,7 @@ class RayRuntime(Runtime):
                 try:
                     self.servers.transport.close()
                 finally:
-                    if hasattr(self.worker, "close"):  # embedding-worker actors' proxy
-                        self.worker.close()
+                    self.worker.close()
             finally:
                 self.store.close()
 
@@ -153,7 +163,7 @@ def build_ray_runtime(
         except BaseException:
             store.close()
             raise
-    worker: Any
+    worker: EmbeddingWorkerProtocol
     if cluster.num_embedding_workers > 0:
         try:
             worker = _remote_embedding_worker(
@@ -177,8 +187,8 @@ def _remote_embedding_worker(
     slots: list[Any],
     prefix_bits: int,
     ps_actors: list[Any],
-    client: Any,
-) -> Any:
+    client: ParameterServerClient,
+) -> RemoteEmbeddingWorker:
     """The proxy of ``cluster.num_embedding_workers`` embedding-worker actors: started here
     (and stopped with the runtime), or, for an NN worker attaching to its job's servers, the
     ones its driver started."""
