@@ -2,10 +2,11 @@
 
 :class:`RuntimeProtocol` is what the contexts, the DataLoader and the job runner use of a
 runtime, on any backend. One :class:`Runtime` per job in the embedded backend. The DataLoader's
-lookup thread calls :meth:`Runtime.lookup`; the NN worker (the user's loop, via :class:`persia.ctx.TrainCtx`) consumes
-:class:`TrainingBatch` objects and hands their embedding gradients to :meth:`Runtime.submit`,
-which queues them for the applier thread. The applier turns them into per-key gradients,
-applies them on the shards and returns the batch's staleness permit.
+lookup thread calls :meth:`Runtime.lookup`; the NN worker (the user's loop, via
+:class:`persia.ctx.TrainCtx`) consumes :class:`TrainingBatch` objects and hands their embedding
+gradients to :meth:`Runtime.submit`, which queues them for the applier thread. The applier
+turns them into per-key gradients, applies them on the shards and returns the batch's staleness
+permit.
 """
 
 from __future__ import annotations

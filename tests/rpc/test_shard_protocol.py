@@ -62,16 +62,16 @@ def test_every_shard_class_implements_the_protocol(cls, remote):
         elif isinstance(want, property):
             if remote:  # an actor serves a property as a method without arguments
                 if not callable(have) or _shape(inspect.signature(have)) != _shape(
-                    inspect.signature(want.fget)  # type: ignore[arg-type]
+                    inspect.signature(want.fget)
                 ):
                     problems.append(f"{name}: not a method without arguments")
             elif not isinstance(have, property):
                 problems.append(f"{name}: not a property")
         elif not callable(have):
             problems.append(f"{name}: not a method")
-        elif _shape(inspect.signature(have)) != _shape(inspect.signature(want)):  # type: ignore[arg-type]
+        elif _shape(inspect.signature(have)) != _shape(inspect.signature(want)):
             problems.append(
-                f"{name}{inspect.signature(have)} != protocol {inspect.signature(want)}"  # type: ignore[arg-type]
+                f"{name}{inspect.signature(have)} != protocol {inspect.signature(want)}"
             )
     assert problems == [], f"{cls.__name__}: " + "; ".join(problems)
 

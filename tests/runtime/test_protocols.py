@@ -34,7 +34,7 @@ def _members(protocol: type) -> dict[str, object]:
 
 
 def _shape(fn: object) -> list[tuple[str, object, object]]:
-    sig = inspect.signature(fn)  # type: ignore[arg-type]
+    sig = inspect.signature(fn)
     return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
 
 
@@ -50,7 +50,7 @@ def _problems(cls: type, protocol: type) -> list[str]:
         elif not callable(have):
             problems.append(f"{name}: not a method")
         elif _shape(have) != _shape(want):
-            problems.append(f"{name}{inspect.signature(have)} != {inspect.signature(want)}")  # type: ignore[arg-type]
+            problems.append(f"{name}{inspect.signature(have)} != {inspect.signature(want)}")
     return problems
 
 
