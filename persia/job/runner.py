@@ -655,8 +655,8 @@ def train_loop(
                         on_trained(ctx, job, stats)
             report = loader.staleness_report()
             rows = sum(ctx.get_embedding_size())
-            recovery = getattr(ctx.runtime, "recovery", None)
-            recovered = _jsonable(recovery.report()) if recovery is not None else None
+            recovery = ctx.runtime.recovery_report()
+            recovered = _jsonable(recovery) if recovery is not None else None
     finally:
         pauses.close()
         progress.close()

@@ -1,5 +1,6 @@
 """The RPC floor: how the embedding worker reaches the parameter-server shards, on any backend.
 
+:mod:`persia.rpc.protocol` declares what a shard offers (``ShardProtocol``);
 :mod:`persia.rpc.base` holds the two interfaces (``Transport``, ``ParameterServerClient``); the
 transports are :mod:`persia.rpc.local` (in-process, the local backend),
 :mod:`persia.rpc.zmq_transport` (zero-copy ZeroMQ, the cluster backend's default) and
@@ -9,5 +10,12 @@ in :mod:`persia.backends.ray.backend`.
 
 from persia.rpc.base import ParameterServerClient, Transport
 from persia.rpc.local import LocalTransport, local_parameter_servers
+from persia.rpc.protocol import ShardProtocol
 
-__all__ = ["ParameterServerClient", "Transport", "LocalTransport", "local_parameter_servers"]
+__all__ = [
+    "ParameterServerClient",
+    "Transport",
+    "LocalTransport",
+    "local_parameter_servers",
+    "ShardProtocol",
+]

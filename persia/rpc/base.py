@@ -41,7 +41,8 @@ class ParameterServerClient:
 
     Args:
         transport: reaches ``parameter-server`` replicas 0..N-1, each a
-            :class:`persia.store.Shard` (or an actor wrapping one).
+            :class:`persia.rpc.protocol.ShardProtocol` (a :class:`persia.store.Shard`, or an
+            actor wrapping one).
         shard_of: the store's key -> shard function (``persia.store.shard_of``), so that the
             worker routes keys exactly as the store would.
     """

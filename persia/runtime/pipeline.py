@@ -1,10 +1,12 @@
 """The in-process hybrid pipeline: store, embedding worker and the gradient-applying thread.
 
-One :class:`Runtime` per job in the embedded backend. The DataLoader's lookup thread calls
-:meth:`Runtime.lookup`; the NN worker (the user's loop, via :class:`persia.ctx.TrainCtx`) consumes
-:class:`TrainingBatch` objects and hands their embedding gradients to :meth:`Runtime.submit`,
-which queues them for the applier thread. The applier turns them into per-key gradients,
-applies them on the shards and returns the batch's staleness permit.
+:class:`RuntimeProtocol` is what the contexts, the DataLoader and the job runner use of a
+runtime, on any backend. One :class:`Runtime` per job in the embedded backend. The DataLoader's
+lookup thread calls :meth:`Runtime.lookup`; the NN worker (the user's loop, via
+:class:`persia.ctx.TrainCtx`) consumes :class:`TrainingBatch` objects and hands their embedding
+gradients to :meth:`Runtime.submit`, which queues them for the applier thread. The applier
+turns them into per-key gradients, applies them on the shards and returns the batch's staleness
+permit.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -20,7 +22,8 @@ from persia.embedding.data import PersiaBatch
 from persia.errors import BackendError, PersiaError
 from persia.logger import get_default_logger
 from persia.runtime.staleness import StalenessGate
-from persia.worker.embedding_worker import EmbeddingWorker, Lookup
+from persia.store import ShardedStore
+from persia.worker.protocol import EmbeddingWorkerProtocol, LookupResult
 
 _logger = get_default_logger()
 _POLL_S = 0.05
@@ -38,7 +41,7 @@ class TrainingBatch:
     """
 
     batch: PersiaBatch
-    lookup: Lookup
+    lookup: LookupResult
     index: int
     gate: StalenessGate | None
     staleness: int | None = None
@@ -61,16 +64,82 @@ class TrainingBatch:
             self.settle()
 
 
+@runtime_checkable
+class RuntimeProtocol(Protocol):
+    """What the contexts (:mod:`persia.ctx`), the DataLoader (:mod:`persia.data`) and the job
+    runner use of one context's runtime, on any backend: :class:`Runtime` (the local backend)
+    and the Ray backend's ``RayRuntime`` implement it.
+
+    Attributes:
+        store: the embedding store (a :class:`persia.store.ShardedStore`, or its facade over
+            parameter-server actors): stats, clear, checkpoints, deltas.
+        training_allowed: False while an evaluation context is entered (lookups create
+            nothing).
+        counts: int64 ``[applied, skipped_absent, skipped_nonfinite]`` over every batch applied.
+        batches_applied: batches whose gradients were applied.
+    """
+
+    store: ShardedStore
+    training_allowed: bool
+    counts: np.ndarray
+    batches_applied: int
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran."""
+        ...
+
+    def lookup(
+        self, batch: PersiaBatch, training: bool, index: int, gate: StalenessGate | None
+    ) -> TrainingBatch:
+        """Looks ``batch`` up (the DataLoader's lookup thread)."""
+        ...
+
+    def submit(
+        self, item: TrainingBatch, summed_grad: np.ndarray | None, raw_grads: dict[int, np.ndarray]
+    ) -> None:
+        """Queues one batch's embedding gradients for the applier thread."""
+        ...
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Waits until every submitted gradient has been applied."""
+        ...
+
+    def close(self) -> None:
+        """Applies what is queued, stops the applier and releases the backend's roles."""
+        ...
+
+    @property
+    def delta_interval_s(self) -> float | None:
+        """How often incremental deltas must be flushed (None: no time trigger needed)."""
+        ...
+
+    def attach_delta_writer(self, writer: Any) -> None:
+        """Tells the runtime which :class:`persia.store.delta.DeltaWriter` runs."""
+        ...
+
+    def recovery_report(self) -> dict[str, Any] | None:
+        """What shard recovery did (None: no recovery)."""
+        ...
+
+
 class Runtime:
-    """Store, worker and applier thread of one job in this process.
+    """Store, worker and applier thread of one job in this process (a
+    :class:`RuntimeProtocol`; the local backend's runtime, and the base of the Ray backend's).
 
     Args:
-        worker: the embedding worker (over the parameter servers).
-        store: the in-process store (for dump/load/stats), or None where it is remote.
+        worker: the embedding worker (over the parameter servers), or a backend's proxy of
+            remote ones.
+        store: the store (for dump/load/stats): in this process, or a facade of remote shards.
         backward_buffer_size: gradient batches that may wait for the applier.
     """
 
-    def __init__(self, worker: EmbeddingWorker, store: Any, backward_buffer_size: int = 10) -> None:
+    def __init__(
+        self,
+        worker: EmbeddingWorkerProtocol,
+        store: ShardedStore,
+        backward_buffer_size: int = 10,
+    ) -> None:
         self.worker = worker
         self.store = store
         self.training_allowed = True
@@ -146,6 +215,24 @@ class Runtime:
         if self._error is not None:
             err, self._error = self._error, None
             raise err
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran."""
+        return self._closed
+
+    # ------------------------------------------------- extensions (none in this backend)
+    @property
+    def delta_interval_s(self) -> float | None:
+        """How often incremental deltas must be flushed: None, no time trigger needed here."""
+        return None
+
+    def attach_delta_writer(self, writer: Any) -> None:
+        """Nothing here reads the deltas as they are written."""
+
+    def recovery_report(self) -> dict[str, Any] | None:
+        """None: this backend has no shard recovery."""
+        return None
 
     def close(self) -> None:
         if self._closed:

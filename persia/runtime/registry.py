@@ -7,7 +7,7 @@ order (docs/ARCHITECTURE.md, "Floors"; ``tests/test_layers.py`` knows it by name
 
 A backend module provides the functions of :class:`Backend`:
 
-* ``build_runtime(...)``: the :class:`persia.runtime.pipeline.Runtime` of one training or
+* ``build_runtime(...)``: the :class:`persia.runtime.pipeline.RuntimeProtocol` of one training or
   evaluation context (store, embedding worker, applier thread);
 * ``run_job(train_fn, job, ...)``: runs a job file's training loop ``train_fn`` (a plain
   function of :mod:`persia.job.runner`) where the backend places it, the shape of Ray Train's
@@ -28,7 +28,7 @@ from persia.errors import BackendError, PersiaError
 if TYPE_CHECKING:
     from persia.embedding import EmbeddingConfig
     from persia.embedding.optim import EmbeddingOptimizer
-    from persia.runtime.pipeline import Runtime
+    from persia.runtime.pipeline import RuntimeProtocol
 
 __all__ = ["BACKENDS", "Backend", "backend", "names"]
 
@@ -50,7 +50,7 @@ class Backend(Protocol):
         global_config_file: str | os.PathLike | Any | None = None,
         backward_buffer_size: int = 10,
         cluster: Any = None,
-    ) -> Runtime: ...
+    ) -> RuntimeProtocol: ...
 
     def run_job(self, train_fn: Callable[..., dict[str, Any]], job: Any, **options: Any) -> Any: ...
 

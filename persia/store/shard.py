@@ -66,7 +66,7 @@ def split_capacity(capacity: int, dims: Sequence[int]) -> dict[int, int]:
 
 
 class Shard:
-    """One parameter-server shard (thread-safe).
+    """One parameter-server shard (thread-safe); implements ``persia.rpc.protocol.ShardProtocol``.
 
     Args:
         capacity: rows in all dims together (> 0); split between dims as the module says.

@@ -8,6 +8,8 @@ per-sample gradients into one gradient per unique key (a segment sum that undoes
 scaling), count the non-finite rows (the shards skip them), and send them to the shards.
 
 Modules: ``embedding_worker`` (:class:`~persia.worker.embedding_worker.EmbeddingWorker`),
-``kernels`` (numba kernels, no validation), ``pooling`` (validated wrappers: prefixing,
-:class:`~persia.worker.pooling.Deduper`, pooling forward and backward).
+``protocol`` (:class:`~persia.worker.protocol.EmbeddingWorkerProtocol`: what the runtime needs of
+any embedding worker, this one or a backend's proxy), ``kernels`` (numba kernels, no
+validation), ``pooling`` (validated wrappers: prefixing, :class:`~persia.worker.pooling.Deduper`,
+pooling forward and backward).
 """

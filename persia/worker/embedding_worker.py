@@ -74,7 +74,8 @@ class Lookup:
 
 
 class EmbeddingWorker:
-    """Stateless embedding worker over a :class:`ParameterServerClient`.
+    """Stateless embedding worker over a :class:`ParameterServerClient` (an
+    :class:`persia.worker.protocol.EmbeddingWorkerProtocol`).
 
     Args:
         slots: the configured slots, by name.
@@ -256,6 +257,9 @@ class EmbeddingWorker:
             self.nonfinite_gradients += bad
             totals += self._apply(group, grad_u)
         return totals
+
+    def close(self) -> None:
+        """Nothing to release: the client's transport belongs to whoever built it."""
 
     def _apply(self, group: _DimGroup, grad_u: np.ndarray) -> np.ndarray:
         totals = np.zeros(3, dtype=np.int64)

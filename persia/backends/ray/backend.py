@@ -42,6 +42,7 @@ from persia.backends.ray.config import TRANSPORTS, ClusterConfig, RoleSpec
 from persia.backends.ray.naming import namespace, ps_actor_name
 from persia.errors import BackendError, PersiaError
 from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
+from persia.rpc.protocol import ShardProtocol
 
 __all__ = [
     "TRANSPORTS",
@@ -150,6 +151,10 @@ def get_with_timeout(ref: Any, timeout_s: float, role: str, rank: int | None) ->
 class ParameterServer:
     """One parameter-server shard as a Ray actor (created through :func:`start_parameter_servers`).
 
+    Implements :class:`persia.rpc.protocol.ShardProtocol` (its properties as methods: an actor
+    has none), plus the actor's own ``ping``, ``endpoint``, ``replace_rows``, ``clear`` and
+    ``close``.
+
     Args:
         rank: this shard's index.
         shard_kwargs: :class:`persia.store.Shard`'s arguments (capacity, optimizer, init, ...).
@@ -196,8 +201,8 @@ class ParameterServer:
     def stats(self) -> dict[str, Any]:
         return self.shard.stats()
 
-    def export_rows(self) -> dict[int, dict[str, np.ndarray]]:
-        return self.shard.export_rows()
+    def export_rows(self, dim: int | None = None) -> dict[int, dict[str, np.ndarray]]:
+        return self.shard.export_rows(dim)
 
     def replace_rows(
         self, parts: dict[int, dict[str, np.ndarray]], optimizer: dict[str, Any] | None = None
@@ -313,7 +318,8 @@ class RayTransport(Transport):
 
 # -------------------------------------------------------------------------- store facade
 class RemoteShard:
-    """A parameter-server actor seen as a :class:`persia.store.Shard` (control path, Ray calls)."""
+    """A parameter-server actor seen as a :class:`persia.store.Shard` (control path, Ray calls):
+    a :class:`persia.rpc.protocol.ShardProtocol`."""
 
     def __init__(self, actor: Any, rank: int, timeout_s: float) -> None:
         self.actor = actor
@@ -384,7 +390,9 @@ class RayStore(_sharded_store_base()):  # type: ignore[misc]
         self.actors = list(actors)
         self.timeout_s = timeout_s
         self._owned = owned
-        self.shards = [RemoteShard(a, i, timeout_s) for i, a in enumerate(self.actors)]
+        self.shards: list[ShardProtocol] = [
+            RemoteShard(a, i, timeout_s) for i, a in enumerate(self.actors)
+        ]
 
     def shard_stats(self) -> list[dict[str, Any]]:
         """Each shard's stats, asked of all actors at once."""

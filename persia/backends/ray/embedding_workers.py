@@ -305,7 +305,8 @@ def stop_embedding_workers(actors: list[Any]) -> None:
 
 # ------------------------------------------------------------------- the NN-worker proxy
 class RemoteEmbeddingWorker:
-    """The NN worker's stand-in for :class:`EmbeddingWorker`: batches go to the actors.
+    """The NN worker's stand-in for :class:`EmbeddingWorker`: batches go to the actors (an
+    :class:`persia.worker.protocol.EmbeddingWorkerProtocol`).
 
     Args:
         actors: the embedding-worker actors, by rank.

@@ -54,7 +54,8 @@ from persia.backends.ray.backend import (
 from persia.backends.ray.config import RecoveryConfig
 from persia.embedding.spec import EmbeddingSpec
 from persia.errors import BackendError, CheckpointError, ConfigError
-from persia.rpc.base import PARAMETER_SERVER, Transport
+from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
+from persia.rpc.protocol import ShardProtocol
 
 __all__ = [
     "RecoveryConfig",
@@ -62,7 +63,8 @@ __all__ = [
     "RecoveringTransport",
     "RecoverableShard",
     "RecoverableRayStore",
-    "enable_recovery",
+    "recoverable_parameter_servers",
+    "recovery_settings",
     "restore_shard_rows",
 ]
 
@@ -96,7 +98,7 @@ class _OneShardView:
 
 
 def restore_shard_rows(
-    shard: Any,
+    shard: ShardProtocol,
     rank: int,
     num_shards: int,
     optimizer: Any,
@@ -427,7 +429,8 @@ class RecoveringTransport(Transport):
 
 
 class RecoverableShard(RemoteShard):
-    """The store facade of one actor, restoring it when a control call finds it dead.
+    """The store facade of one actor, restoring it when a control call finds it dead (a
+    :class:`persia.rpc.protocol.ShardProtocol`).
 
     ``take_changes`` on a dead actor returns no rows (they died with it; the delta writer goes on
     with the other shards) and ``tracking_changes`` is remembered here, so the delta writer never
@@ -489,11 +492,36 @@ class RecoverableShard(RemoteShard):
 
 
 class RecoverableRayStore(RayStore):
-    """A :class:`RayStore` whose shards are :class:`RecoverableShard` facades; a load or a clear
-    tells the recovery that older checkpoints no longer describe the store."""
+    """A :class:`RayStore` whose shards are :class:`RecoverableShard` facades over one
+    :class:`ShardRecovery`; a load or a clear tells the recovery that older checkpoints no
+    longer describe the store.
 
-    recovery: ShardRecovery
-    facades: list[RecoverableShard]  # the same objects as ``shards``, typed
+    Args:
+        actors, store_kwargs, timeout_s, owned: see :class:`RayStore`.
+        shard_kwargs: the arguments each shard was started with (a restored one gets them).
+        cluster: the job's cluster settings.
+        config: the recovery settings.
+        delta_dir: ``incremental_dir``.
+    """
+
+    def __init__(
+        self,
+        actors: list[Any],
+        store_kwargs: dict[str, Any],
+        timeout_s: float,
+        owned: bool,
+        *,
+        shard_kwargs: dict[str, Any],
+        cluster: ClusterConfig,
+        config: RecoveryConfig,
+        delta_dir: str | os.PathLike[str],
+    ) -> None:
+        super().__init__(actors, store_kwargs, timeout_s, owned)
+        self.recovery = ShardRecovery(self.actors, self, shard_kwargs, cluster, config, delta_dir)
+        self.facades = [
+            RecoverableShard(a, i, self.timeout_s, self.recovery) for i, a in enumerate(self.actors)
+        ]
+        self.shards = list(self.facades)
 
     def shard_stats(self) -> list[dict[str, Any]]:
         return [s.stats() for s in self.shards]
@@ -513,48 +541,70 @@ class RecoverableRayStore(RayStore):
                 self.facades[i]._call("track_changes", True)
 
 
-def enable_recovery(
-    runtime: Any, cluster: ClusterConfig, spec: EmbeddingSpec, shard_kwargs: dict[str, Any]
-) -> ShardRecovery:
-    """Turn a freshly built :class:`persia.backends.ray.runtime.RayRuntime` into one that restores
-    dead shards (``ClusterConfig(recover=...)``): its store becomes a
-    :class:`RecoverableRayStore` and its data channel a :class:`RecoveringTransport`.
+def recovery_settings(cluster: ClusterConfig, spec: EmbeddingSpec) -> RecoveryConfig | None:
+    """The recovery settings of ``cluster`` (``ClusterConfig(recover=...)``), checked against
+    the job's embedding spec before anything starts; None: recovery is off. (That recovery needs
+    one NN worker is a rule of the settings themselves: :class:`ClusterConfig` refuses it.)
 
     Raises:
-        ConfigError: incremental updates are off, or several NN workers share the shards.
+        ConfigError: incremental updates are off.
     """
+    if not cluster.recover:
+        return None
     config = cluster.recover if isinstance(cluster.recover, RecoveryConfig) else RecoveryConfig()
-    problems = []
     if not spec.incremental:
-        problems.append(
-            "recover needs enable_incremental_update: true in global_config.yml "
-            "(a shard is restored from the checkpoint plus the deltas)"
+        raise ConfigError(
+            [
+                "recover needs enable_incremental_update: true in global_config.yml "
+                "(a shard is restored from the checkpoint plus the deltas)"
+            ],
+            source="ClusterConfig.recover",
         )
-    if getattr(cluster, "num_nn_workers", 1) > 1:
-        problems.append("recover works with one NN worker (num_nn_workers=1)")
-    if problems:
-        raise ConfigError(problems, source="ClusterConfig.recover")
-    old: RayStore = runtime.store
-    settings = ("capacity", "optimizer", "init", "admission", "seed", "weight_bound", "dims")
-    kwargs = {k: getattr(old, k) for k in settings}
+    return config
+
+
+def recoverable_parameter_servers(
+    actors: list[Any],
+    store_kwargs: dict[str, Any],
+    shard_kwargs: dict[str, Any],
+    cluster: ClusterConfig,
+    config: RecoveryConfig,
+    delta_dir: str | os.PathLike[str],
+    timeout_s: float,
+    owned: bool,
+) -> tuple[RecoverableRayStore, ParameterServerClient]:
+    """The store and the data channel of a job whose dead shards are restored (see the module
+    docstring), as :func:`persia.backends.ray.runtime.build_ray_runtime` composes them: a
+    :class:`RecoverableRayStore` over ``actors`` and a client whose transport is a
+    :class:`RecoveringTransport` around the configured one.
+
+    Args:
+        actors: the parameter-server actors, by rank.
+        store_kwargs: :class:`RayStore`'s arguments (``adopt_optimizer`` included).
+        shard_kwargs: the arguments each shard was started with.
+        cluster: the job's cluster settings.
+        config: the checked recovery settings (:func:`recovery_settings`).
+        delta_dir: ``incremental_dir``.
+        timeout_s: the longest one call may take.
+        owned: the store stops the actors when closed.
+    """
+    from persia.store import shard_of
+
     store = RecoverableRayStore(
-        old.actors,
-        {**kwargs, "adopt_optimizer": old.adopt_optimizer},
-        old.timeout_s,
-        owned=old._owned,
+        actors,
+        store_kwargs,
+        timeout_s,
+        owned,
+        shard_kwargs=shard_kwargs,
+        cluster=cluster,
+        config=config,
+        delta_dir=delta_dir,
     )
-    old._owned = False  # the new facade stops the actors
-    actors = store.actors
-    recovery = ShardRecovery(actors, store, shard_kwargs, cluster, config, spec.incremental_dir)
-    store.recovery = recovery
-    store.facades = [
-        RecoverableShard(a, i, store.timeout_s, recovery) for i, a in enumerate(actors)
-    ]
-    store.shards = list(store.facades)
-    servers = runtime.worker.servers
-    transport = RecoveringTransport(recovery, servers.transport)
-    recovery.transport = transport
-    servers.transport = transport
-    runtime.store = store
-    runtime.recovery = recovery
-    return recovery
+    try:
+        inner = parameter_server_client(list(store.actors), cluster, timeout_s).transport
+    except BaseException:
+        store.close()
+        raise
+    transport = RecoveringTransport(store.recovery, inner)
+    store.recovery.transport = transport
+    return store, ParameterServerClient(transport, shard_of)

@@ -9,7 +9,7 @@ bound holds per NN worker across the network and is measured the same way.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from persia.backends.ray.backend import (
     ClusterConfig,
@@ -19,28 +19,59 @@ from persia.backends.ray.backend import (
     parameter_server_client,
     start_parameter_servers,
 )
+from persia.backends.ray.recovery import (
+    RecoverableRayStore,
+    ShardRecovery,
+    recoverable_parameter_servers,
+    recovery_settings,
+)
 from persia.embedding import EmbeddingConfig
 from persia.embedding.config import EmbeddingFileConfig, GlobalConfig, load_spec
 from persia.embedding.optim import EmbeddingOptimizer
 from persia.embedding.spec import EmbeddingSpec
+from persia.rpc.base import ParameterServerClient
 from persia.runtime.pipeline import Runtime
 from persia.store.build import shard_options, store_options
 from persia.worker.embedding_worker import EmbeddingWorker
+from persia.worker.protocol import EmbeddingWorkerProtocol
+
+if TYPE_CHECKING:
+    from persia.backends.ray.embedding_workers import RemoteEmbeddingWorker
 
 __all__ = ["RayRuntime", "ray_runtime_from_spec", "build_ray_runtime"]
 
 
 class RayRuntime(Runtime):
-    """A :class:`Runtime` whose store is a set of parameter-server actors; closing it stops
-    the actors it started and the data channel.
+    """A :class:`Runtime` whose store is a set of parameter-server actors; closing it closes
+    the data channel and the embedding worker and stops the actors it started.
 
-    With ``ClusterConfig(recover=...)``, ``recovery`` is the
-    :class:`persia.backends.ray.recovery.ShardRecovery` that restores dead shards; the training
-    context flushes its incremental deltas every :attr:`delta_interval_s` and hands its writer to
-    :meth:`attach_delta_writer`.
+    Args:
+        worker: the embedding worker (in this process, or the embedding-worker actors' proxy).
+        store: the facade of the parameter-server actors.
+        servers: this process's client of the parameter servers (its transport is closed with
+            the runtime).
+        backward_buffer_size: gradient batches that may wait for the applier.
+        recovery: with ``ClusterConfig(recover=...)``, the
+            :class:`persia.backends.ray.recovery.ShardRecovery` that restores dead shards (the
+            store is then its :class:`~persia.backends.ray.recovery.RecoverableRayStore` and
+            ``servers`` its recovering channel); the training context flushes its incremental
+            deltas every :attr:`delta_interval_s` and hands its writer to
+            :meth:`attach_delta_writer`.
     """
 
-    recovery: Any = None
+    store: RayStore
+
+    def __init__(
+        self,
+        worker: EmbeddingWorkerProtocol,
+        store: RayStore,
+        servers: ParameterServerClient,
+        backward_buffer_size: int = 10,
+        recovery: ShardRecovery | None = None,
+    ) -> None:
+        super().__init__(worker, store, backward_buffer_size=backward_buffer_size)
+        self.servers = servers
+        self.recovery = recovery
 
     @property
     def delta_interval_s(self) -> float | None:
@@ -52,19 +83,22 @@ class RayRuntime(Runtime):
         if self.recovery is not None:
             self.recovery.attach_writer(writer)
 
+    def recovery_report(self) -> dict[str, Any] | None:
+        """The recovery's :meth:`~persia.backends.ray.recovery.ShardRecovery.report` (None:
+        recovery is off)."""
+        return None if self.recovery is None else self.recovery.report()
+
     def close(self) -> None:
         try:
             super().close()
         finally:
             try:
                 try:
-                    self.worker.servers.transport.close()
+                    self.servers.transport.close()
                 finally:
-                    if hasattr(self.worker, "close"):  # embedding-worker actors' proxy
-                        self.worker.close()
+                    self.worker.close()
             finally:
-                if isinstance(self.store, RayStore):
-                    self.store.close()
+                self.store.close()
 
 
 def ray_runtime_from_spec(
@@ -84,6 +118,7 @@ def ray_runtime_from_spec(
     num_ps = cluster.num_ps if cluster.num_ps is not None else spec.shards
     store_kwargs = store_options(spec)
     shard_kwargs = shard_options(spec, num_ps)
+    recover = recovery_settings(cluster, spec)  # checked before anything starts
     init_ray(cluster.address, cluster.num_cpus)
     timeout_s = cluster.resolved_timeout_s()
     job_name = cluster.job_name or new_job_id()
@@ -93,18 +128,32 @@ def ray_runtime_from_spec(
         actors = attach_parameter_servers(str(cluster.job_name), num_ps, timeout_s, spec)
     else:
         actors = start_parameter_servers(num_ps, shard_kwargs, cluster, job_name)
-    store = RayStore(
-        actors,
-        {**store_kwargs, "adopt_optimizer": spec.optimizer is None},
-        timeout_s,
-        owned=not cluster.attach_ps,
-    )
-    try:
-        client = parameter_server_client(actors, cluster, timeout_s)
-    except BaseException:
-        store.close()
-        raise
-    worker: Any
+    store: RayStore
+    client: ParameterServerClient
+    if recover is not None:  # the recovering store and data channel, composed here
+        store, client = recoverable_parameter_servers(
+            actors,
+            {**store_kwargs, "adopt_optimizer": spec.optimizer is None},
+            shard_kwargs,
+            cluster,
+            recover,
+            spec.incremental_dir,
+            timeout_s,
+            owned=not cluster.attach_ps,
+        )
+    else:
+        store = RayStore(
+            actors,
+            {**store_kwargs, "adopt_optimizer": spec.optimizer is None},
+            timeout_s,
+            owned=not cluster.attach_ps,
+        )
+        try:
+            client = parameter_server_client(actors, cluster, timeout_s)
+        except BaseException:
+            store.close()
+            raise
+    worker: EmbeddingWorkerProtocol
     if cluster.num_embedding_workers > 0:
         try:
             worker = _remote_embedding_worker(
@@ -116,16 +165,10 @@ def ray_runtime_from_spec(
             raise
     else:
         worker = EmbeddingWorker.from_spec(spec, client)
-    runtime = RayRuntime(worker, store, backward_buffer_size=backward_buffer_size)
-    if cluster.recover:
-        from persia.backends.ray.recovery import enable_recovery
-
-        try:
-            enable_recovery(runtime, cluster, spec, shard_kwargs)
-        except BaseException:
-            runtime.close()
-            raise
-    return runtime
+    recovery = store.recovery if isinstance(store, RecoverableRayStore) else None
+    return RayRuntime(
+        worker, store, client, backward_buffer_size=backward_buffer_size, recovery=recovery
+    )
 
 
 def build_ray_runtime(
@@ -149,8 +192,8 @@ def _remote_embedding_worker(
     slots: list[Any],
     prefix_bits: int,
     ps_actors: list[Any],
-    client: Any,
-) -> Any:
+    client: ParameterServerClient,
+) -> RemoteEmbeddingWorker:
     """The proxy of ``cluster.num_embedding_workers`` embedding-worker actors: started here
     (and stopped with the runtime), or, for an NN worker attaching to its job's servers, the
     ones its driver started."""

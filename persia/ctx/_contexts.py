@@ -1,58 +1,27 @@
-"""PERSIA's contexts: ``TrainCtx`` (training), ``eval_ctx`` / ``EmbeddingCtx`` (evaluation).
-
-A PERSIA training script runs unchanged::
-
-    with TrainCtx(model=model, embedding_optimizer=Adagrad(lr=1e-2),
-                  dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1)) as ctx:
-        loader = DataLoader(dataset, embedding_staleness=8)
-        for batch in loader:
-            output, labels = ctx.forward(batch)
-            loss = loss_fn(output, labels[0])
-            ctx.backward(loss)
-
-(``examples/adult_income/train.py`` is the tested, complete version.)
-
-In the embedded backend every role lives in this process: a ``TrainCtx`` starts a fresh set of
-parameter-server shards (configured by ``embedding_config.yml`` / ``global_config.yml``, found
-through the ``embedding_config_file`` / ``global_config_file`` arguments or PERSIA's
-``PERSIA_EMBEDDING_CONFIG`` / ``PERSIA_GLOBAL_CONFIG`` environment variables); an ``eval_ctx``
-uses the current or most recent one, as PERSIA's servers outlive a context.
-"""
+"""PERSIA's context classes: :class:`DataCtx` (a data loader's sender), :class:`EmbeddingCtx`
+(lookups and the dense forward pass; evaluation through :func:`eval_ctx`) and :class:`TrainCtx`
+(training), with :class:`PreprocessMode`."""
 
 from __future__ import annotations
 
-import copy
 import os
-import threading
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from persia import env
+from persia.ctx._checkpoint import CheckpointService
+from persia.ctx._stack import BaseCtx, cnt_ctx, last_runtime, set_last_runtime
 from persia.embedding import EmbeddingConfig, get_default_embedding_config
 from persia.embedding.optim import EmbeddingOptimizer
-from persia.errors import BackendError, CheckpointError, PersiaError
+from persia.errors import BackendError, PersiaError
 from persia.logger import get_default_logger, warn_once
 from persia.runtime import registry
-from persia.runtime.pipeline import Runtime, TrainingBatch
-
-__all__ = [
-    "PreprocessMode",
-    "BaseCtx",
-    "DataCtx",
-    "EmbeddingCtx",
-    "TrainCtx",
-    "eval_ctx",
-    "cnt_ctx",
-]
+from persia.runtime.pipeline import RuntimeProtocol, TrainingBatch
 
 _logger = get_default_logger()
-_CTX_LOCK = threading.RLock()
-_CURRENT_CTX: BaseCtx | None = None
-_LAST_RUNTIME: Runtime | None = None
 
 
 class PreprocessMode(Enum):
@@ -62,61 +31,6 @@ class PreprocessMode(Enum):
     TRAIN = 1
     EVAL = 2
     INFERENCE = 3
-
-
-def cnt_ctx() -> BaseCtx | None:
-    """The context most recently entered and not yet exited."""
-    return _CURRENT_CTX
-
-
-class BaseCtx:
-    """Common base of persia's contexts (PERSIA's API); not used directly.
-
-    Args:
-        threadpool_worker_size: PERSIA's RPC thread count; has no effect here (no RPC).
-        device_id: CUDA device for the dense model, or None for the CPU.
-    """
-
-    def __init__(self, threadpool_worker_size: int = 10, device_id: int | None = None) -> None:
-        if threadpool_worker_size != 10:
-            warn_once(
-                _logger,
-                "threadpool_worker_size",
-                "threadpool_worker_size has no effect in persia (no RPC thread pool)",
-            )
-        if device_id is not None and device_id >= 0:
-            if not torch.cuda.is_available() or device_id >= torch.cuda.device_count():
-                raise PersiaError(f"device_id={device_id}: no such CUDA device")
-            torch.cuda.set_device(device_id)
-            self.device = torch.device("cuda", device_id)
-        else:
-            device_id = None
-            self.device = torch.device("cpu")
-        self.device_id = device_id
-        self._origin: BaseCtx | None = None
-        self._runtime: Runtime | None = None
-
-    def _enter(self) -> None:
-        """Hook when entering the context."""
-
-    def _exit(self) -> None:
-        """Hook when exiting the context."""
-
-    def __enter__(self):
-        global _CURRENT_CTX
-        with _CTX_LOCK:
-            self._enter()
-            self._origin = _CURRENT_CTX
-            _CURRENT_CTX = self
-        return self
-
-    def __exit__(self, exc_type, value, trace) -> None:
-        global _CURRENT_CTX
-        with _CTX_LOCK:
-            try:
-                self._exit()
-            finally:
-                _CURRENT_CTX = self._origin
 
 
 class DataCtx(BaseCtx):
@@ -182,7 +96,7 @@ class DataCtx(BaseCtx):
         self._sender.send(data)
 
 
-class EmbeddingCtx(BaseCtx):
+class EmbeddingCtx(CheckpointService, BaseCtx):
     """Embedding lookups and the dense model's forward pass (PERSIA's API).
 
     Args:
@@ -230,16 +144,16 @@ class EmbeddingCtx(BaseCtx):
         self._owns_runtime = False
 
     def _enter(self) -> None:
-        global _LAST_RUNTIME
         current = cnt_ctx()
+        last = last_runtime()
         if current is not None and current._runtime is not None:
             self._runtime = current._runtime
-        elif _LAST_RUNTIME is not None and not _LAST_RUNTIME._closed:
-            self._runtime = _LAST_RUNTIME
+        elif last is not None and not last.closed:
+            self._runtime = last
         else:
             self._runtime = self._build_runtime(None)
             self._owns_runtime = True
-            _LAST_RUNTIME = self._runtime
+            set_last_runtime(self._runtime)
         self._saved_training_allowed = self._runtime.training_allowed
         if self.preprocess_mode != PreprocessMode.TRAIN:
             self._runtime.flush()
@@ -251,7 +165,7 @@ class EmbeddingCtx(BaseCtx):
 
     def _build_runtime(
         self, optimizer: EmbeddingOptimizer | None, backward_buffer_size: int = 10
-    ) -> Runtime:
+    ) -> RuntimeProtocol:
         """The runtime of this context, built by its backend (:mod:`persia.runtime.registry`)."""
         return registry.backend(self.backend).build_runtime(
             embedding_config=self.embedding_config,
@@ -263,7 +177,7 @@ class EmbeddingCtx(BaseCtx):
         )
 
     @property
-    def runtime(self) -> Runtime:
+    def runtime(self) -> RuntimeProtocol:
         if self._runtime is None:
             raise PersiaError("enter the context first (`with ... as ctx:`)")
         return self._runtime
@@ -311,203 +225,6 @@ class EmbeddingCtx(BaseCtx):
             embeddings.append(summed[:, where : where + dim] if kind == "sum" else raw[where])
         batch._tensors = (summed, raw)  # type: ignore[attr-defined]
         return non_id, embeddings, labels
-
-    # ------------------------------------------------------------ checkpoints
-    def dump_checkpoint(
-        self,
-        dst_dir: str | os.PathLike,
-        dense_filename: str = "dense.pt",
-        jit_dense_filename: str = "jit_dense.pt",
-        blocking: bool = True,
-        with_jit_model: bool = False,
-        *,
-        position: dict[str, Any] | None = None,
-        config: dict[str, Any] | None = None,
-    ) -> Any:
-        """Saves the dense model and every embedding row (with optimizer state) to ``dst_dir``.
-
-        The checkpoint is one verified generation of :mod:`persia.checkpoint` (a crash at any
-        moment leaves the previous one loadable). ``dense_filename`` is kept for PERSIA's
-        signature; the dense state lives inside the generation. ``blocking=False`` returns at
-        once and writes on a background thread while training continues (shard by shard; see
-        :func:`persia.checkpoint.dump`); :meth:`wait_for_dump_embedding` waits for it.
-        ``position`` and ``config`` (persia extensions) are JSON dicts saved in the manifest.
-
-        Returns:
-            The :class:`persia.checkpoint.DumpReport` (None when not blocking).
-        """
-        return self._dump_job(
-            dst_dir,
-            None,
-            jit_dense_filename if with_jit_model else None,
-            blocking,
-            position,
-            config,
-        )
-
-    def unwrapped_model(self) -> Any:
-        """The model without its ``DistributedDataParallel`` wrapper (several NN workers; a
-        persia extension): what checkpoints save and exports script, so that the files are the
-        same whatever the number of workers."""
-        model = self.model
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            return model.module
-        return model
-
-    def _dump_job(
-        self,
-        dst_dir: str | os.PathLike,
-        optimizer_state: dict[str, Any] | None,
-        jit_filename: str | None,
-        blocking: bool,
-        position: dict[str, Any] | None,
-        config: dict[str, Any] | None,
-    ) -> Any:
-        from persia import checkpoint
-
-        if self.model is None:
-            raise PersiaError("no model: create the context with model=...")
-        self.wait_for_dump_embedding()
-        dst = Path(dst_dir)
-        dst.mkdir(parents=True, exist_ok=True)
-        if jit_filename is not None:
-            tmp = dst / (jit_filename + ".tmp")
-            torch.jit.save(torch.jit.script(self.unwrapped_model()), str(tmp))
-            os.replace(tmp, dst / jit_filename)
-        self.runtime.flush()
-        store = self.runtime.store
-        model_state = self.unwrapped_model().state_dict()
-        delta = getattr(self, "_delta_writer", None)
-        delta_seq = delta.last_seq if delta is not None else None
-        if blocking:
-            return checkpoint.dump(
-                dst,
-                store,
-                model_state=model_state,
-                optimizer_state=optimizer_state,
-                position=position,
-                config=config,
-                delta_seq=delta_seq,
-            )
-        # copies now, so that training may change the model while the thread writes
-        model_state = {k: v.detach().clone() for k, v in model_state.items()}
-        optimizer_state = copy.deepcopy(optimizer_state)
-        self._dump_error: BaseException | None = None
-
-        def write() -> None:
-            try:
-                checkpoint.dump(
-                    dst,
-                    store,
-                    model_state=model_state,
-                    optimizer_state=optimizer_state,
-                    position=position,
-                    config=config,
-                    delta_seq=delta_seq,
-                )
-            except BaseException as exc:  # handed to wait_for_dump_embedding
-                self._dump_error = exc
-
-        thread = threading.Thread(target=write, name="persia-dump", daemon=True)
-        thread.start()
-        self._dump_thread: threading.Thread | None = thread
-        return None
-
-    def load_checkpoint(
-        self,
-        src_dir: str | os.PathLike,
-        map_location: str | None = None,
-        dense_filename: str = "dense.pt",
-        blocking: bool = True,
-        *,
-        embeddings: bool = True,
-    ) -> Any:
-        """Loads the dense model and the embeddings saved by :meth:`dump_checkpoint`.
-
-        ``embeddings=False`` (a persia extension) loads the dense part only: with several NN
-        workers sharing the parameter servers, one of them restores the rows.
-
-        Every file is verified (sizes, CRC-32, format version, dims, optimizer state width)
-        before anything changes; rows re-shard to this job's shard count. ``dense_filename`` and
-        ``blocking`` are kept for PERSIA's signature (loads are blocking).
-
-        Returns:
-            The :class:`persia.checkpoint.JobCheckpoint` (its ``position``, ``config``).
-
-        Raises:
-            CheckpointError: missing, truncated, tampered or mismatching checkpoint.
-        """
-        from persia import checkpoint
-
-        if self.model is None:
-            raise PersiaError("no model: create the context with model=...")
-        src = Path(src_dir)
-        if not src.is_dir():
-            raise CheckpointError(f"checkpoint directory {str(src)!r} does not exist")
-        ckpt = checkpoint.read(src)
-        state = ckpt.dense_model_state(map_location)
-        self.runtime.flush()
-        if embeddings:
-            checkpoint.restore_store(self.runtime.store, ckpt)
-        try:
-            self.unwrapped_model().load_state_dict(state)
-        except (RuntimeError, KeyError) as exc:
-            raise CheckpointError(f"{ckpt.path}: the dense model does not match: {exc}") from exc
-        return ckpt
-
-    def dump_embedding(self, dst_dir: str | os.PathLike, blocking: bool = True) -> None:
-        """Saves every embedding row with its optimizer state to ``dst_dir``.
-
-        ``dst_dir`` becomes a job checkpoint (:func:`persia.checkpoint.dump`) without dense
-        state: :meth:`load_embedding` reads it back into any shard count. The write is blocking
-        whatever ``blocking`` says (kept for PERSIA's signature).
-        """
-        from persia import checkpoint
-
-        self.runtime.flush()
-        delta = getattr(self, "_delta_writer", None)
-        checkpoint.dump(
-            dst_dir, self.runtime.store, delta_seq=delta.last_seq if delta is not None else None
-        )
-
-    def load_embedding(self, src_dir: str | os.PathLike, blocking: bool = True) -> None:
-        """Replaces every embedding row by those of the job checkpoint in ``src_dir``.
-
-        ``src_dir`` is what :meth:`dump_embedding` or :meth:`dump_checkpoint` wrote; only the
-        rows are loaded (the dense state, if any, is left alone). Verified like
-        :meth:`load_checkpoint`: the store is unchanged when this raises.
-
-        Raises:
-            CheckpointError: missing, truncated, tampered or mismatching checkpoint.
-        """
-        from persia import checkpoint
-
-        ckpt = checkpoint.read(src_dir)
-        self.runtime.flush()
-        checkpoint.restore_store(self.runtime.store, ckpt)
-
-    def wait_for_dump_embedding(self) -> None:
-        """Waits for a ``dump_checkpoint(..., blocking=False)`` and raises its error, if any."""
-        thread = getattr(self, "_dump_thread", None)
-        if thread is not None:
-            thread.join()
-            self._dump_thread = None
-            error, self._dump_error = self._dump_error, None
-            if error is not None:
-                raise error
-
-    def wait_for_load_embedding(self) -> None:
-        """Loads are blocking in persia; kept for PERSIA compatibility."""
-
-    def get_embedding_size(self) -> list[int]:
-        """Number of embedding rows held by each parameter-server shard."""
-        self.runtime.flush()
-        return [int(s["rows"]) for s in self.runtime.store.shard_stats()]
-
-    def clear_embeddings(self) -> None:
-        """Removes every embedding row from every shard."""
-        self.runtime.flush()
-        self.runtime.store.clear()
 
 
 class TrainCtx(EmbeddingCtx):
@@ -603,12 +320,12 @@ class TrainCtx(EmbeddingCtx):
             self.model = wrap_ddp(self.model, distributed_option, self.device)
 
     def _enter(self) -> None:
-        global _LAST_RUNTIME
-        if _LAST_RUNTIME is not None and not _LAST_RUNTIME._closed:
-            _LAST_RUNTIME.close()
+        last = last_runtime()
+        if last is not None and not last.closed:
+            last.close()
         self._runtime = self._build_runtime(self.embedding_optimizer, self.backward_buffer_size)
         self._owns_runtime = True
-        _LAST_RUNTIME = self._runtime
+        set_last_runtime(self._runtime)
         self._saved_training_allowed = True
         self._start_incremental_update()
 
@@ -628,11 +345,10 @@ class TrainCtx(EmbeddingCtx):
                 self.runtime.store,
                 ps.incremental_dir,
                 max_rows=ps.incremental_buffer_size,
-                interval_s=getattr(self.runtime, "delta_interval_s", None),
+                interval_s=self.runtime.delta_interval_s,
             ).start()
-            attach = getattr(self.runtime, "attach_delta_writer", None)
-            if attach is not None:  # the Ray backend's shard recovery reads these deltas
-                attach(self._delta_writer)
+            # the Ray backend's shard recovery reads these deltas
+            self.runtime.attach_delta_writer(self._delta_writer)
 
     def _exit(self) -> None:
         if self.current_batch is not None:
