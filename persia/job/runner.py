@@ -43,7 +43,7 @@ from persia.embedding.data import PersiaBatch
 from persia.embedding.optim import SGD, Adagrad, Adam, EmbeddingOptimizer
 from persia.errors import BatchError, CheckpointError, ConfigError
 from persia.job.config import JobConfig, Source
-from persia.job.models import build_model
+from persia.job.models import batch_size_problem, build_model, uses_batch_norm
 from persia.job.readers import JobReader
 from persia.logger import get_default_logger
 from persia.metrics import log_loss, roc_auc
@@ -709,6 +709,12 @@ def train_loop(
     stats = reader.stats
     slot_dims = [s.dim for s in job.embedding.slots]
     model = build_model(job.model.type, job.model.args, len(job.data.dense), slot_dims)
+    # a batch of one sample cannot train a model with batch normalisation: refused for the
+    # whole job, skipped when it is the last, short batch of an epoch
+    single_ok = not uses_batch_norm(model)
+    problem = batch_size_problem(model, job.model.type, t.batch_size)
+    if problem:
+        raise ConfigError(problem)
     logits = job.model.builtin or job.model.output == "logits"
     loss_fn: torch.nn.Module = torch.nn.BCEWithLogitsLoss() if logits else torch.nn.BCELoss()
     emb_file, global_file = embedding_configs(job, incremental_dir)
@@ -731,6 +737,7 @@ def train_loop(
     start_at = Position()
     loss_sum = 0.0
     train_s = 0.0
+    skipped = 0  # one-sample batches a batch-normalised model cannot train on
     try:
         with TrainCtx(
             emb_opt,
@@ -764,15 +771,20 @@ def train_loop(
             batches_iter = iter(loader)
             try:
                 for batch in batches_iter:
-                    output, labels = ctx.forward(batch)
-                    loss = loss_fn(output, labels[0])  # type: ignore[index]
-                    ctx.backward(loss)
                     size = batch.batch.batch_size
-                    samples += size
-                    batches += 1
-                    value = float(loss.item())
-                    loss_sum += value
-                    progress.step(batches, size, value, batch.staleness)
+                    if size == 1 and not single_ok:  # (its permit returns with the next one)
+                        skipped += 1
+                        batches += 1
+                        samples += size
+                    else:
+                        output, labels = ctx.forward(batch)
+                        loss = loss_fn(output, labels[0])  # type: ignore[index]
+                        ctx.backward(loss)
+                        samples += size
+                        batches += 1
+                        value = float(loss.item())
+                        loss_sum += value
+                        progress.step(batches, size, value, batch.staleness)
                     if pauses.due(batches):
                         with progress.paused():
                             ctx.runtime.flush()
@@ -817,7 +829,12 @@ def train_loop(
     finally:
         pauses.close()
         progress.close()
-    trained = batches - start_at.batches
+    if skipped:
+        _logger.warning(
+            f"skipped {skipped} training batch(es) of one sample: model {job.model.type!r} "
+            "uses batch normalisation, which needs at least 2 samples per batch"
+        )
+    trained = batches - start_at.batches - skipped
     if trained == 0 and resume is None:
         raise BatchError(
             "data.train: no training batch was read"
@@ -830,9 +847,8 @@ def train_loop(
         "test_samples": final["test_samples"],
         "train_samples": samples - start_at.samples,
         "train_batches": batches - start_at.batches,
-        "train_loss": loss_sum / (batches - start_at.batches)
-        if batches > start_at.batches
-        else None,
+        "train_loss": loss_sum / trained if trained > 0 else None,
+        "skipped_batches": skipped,
         # one definition of throughput: _Progress's (log lines, bar and this alike)
         "samples_per_s": (samples - start_at.samples) / train_s if train_s > 0 else None,
         "train_s": train_s,

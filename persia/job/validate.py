@@ -38,10 +38,10 @@ def check_files(job: JobConfig) -> list[str]:
 
 def check_model(job: JobConfig) -> list[str]:
     """Problems building the job's model (unknown or missing arguments, import errors)."""
-    from persia.job.models import build_model
+    from persia.job.models import batch_size_problem, build_model
 
     try:
-        build_model(
+        model = build_model(
             job.model.type,
             job.model.args,
             len(job.data.dense),
@@ -49,7 +49,8 @@ def check_model(job: JobConfig) -> list[str]:
         )
     except ConfigError as exc:
         return list(exc.problems)
-    return []
+    problem = batch_size_problem(model, job.model.type, job.training.batch_size)
+    return [problem] if problem else []
 
 
 def validate_job(

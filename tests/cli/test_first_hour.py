@@ -215,3 +215,15 @@ def test_version_and_bad_set_blamed_on_set(
         ["validate", str(job), "--set", "training.staleness=lots"], capsys, "with --set: 2"
     )
     assert "training.batch_size: expected an int >= 1, got 'big'\n" in err
+
+
+def test_one_sample_batches_and_batch_norm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The built-in dnn uses batch normalisation: batch_size 1 is refused; a last batch of one
+    sample (65 rows in batches of 32) is skipped, not a crash."""
+    job = _job(tmp_path, "parquet", _table(65))
+    _refused(["train", str(job), "--set", "training.batch_size=1"], capsys, "batch normalisation")
+    assert main(["train", str(job)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["train_batches"] == 3 and result["skipped_batches"] == 1
