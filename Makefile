@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 LINT_DIRS := $(wildcard persia tests benchmarks examples)
 
-.PHONY: install demo test lint typecheck unit bench-quick clean
+.PHONY: install demo test lint typecheck unit bench-quick docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,10 +32,14 @@ unit: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run_quick.py
 
-test: lint typecheck unit bench-quick
+# The docs site with the API reference (mkdocs.yml); warnings are errors.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet --site-dir site
+
+test: lint typecheck unit bench-quick docs
 
 clean:
-	rm -rf $(VENV) .numba_cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .numba_cache .pytest_cache .mypy_cache .ruff_cache site
 
 # TorchRec as a benchmark peer only (not a core dependency): installed beside the venv, not into
 # it, and put on PYTHONPATH by benchmarks/bench_e2e.py for the torchrec-fused contender alone.

@@ -21,13 +21,17 @@ EXIT_BAD_INPUT = 2
 _DESCRIPTION = """\
 persia trains recommendation models whose embedding tables are far larger than the dense
 network: embeddings are trained asynchronously with bounded staleness, the dense network
-synchronously (the PERSIA paper's hybrid algorithm). Everything runs in this process.
+synchronously (the PERSIA paper's hybrid algorithm). By default every role runs in this
+process; --backend ray puts the parameter servers (and optionally NN workers, data loaders and
+embedding workers) in Ray actors (docs/cluster.md).
 
 examples:
   persia train examples/adult_income/job.yaml
   persia train job.yaml --set training.staleness=1 --set training.epochs=2
   persia validate --data job.yaml
   persia train job.yaml --resume ckpt/        (continue from a checkpoint)
+  persia train job.yaml --backend ray --num-ps 2
+  persia train job.yaml --metrics-file metrics.jsonl
   persia export job.yaml --checkpoint ckpt/ --out served/
 
 The job file's reference: docs/job-file.md."""
@@ -35,6 +39,7 @@ The job file's reference: docs/job-file.md."""
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``persia`` and its subcommands."""
+    from persia import __version__
     from persia.cli import export, train, validate
 
     parser = argparse.ArgumentParser(
@@ -42,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"persia {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     train.add_parser(sub)

@@ -10,9 +10,16 @@ HELP = "train and test the model described by a job file"
 DESCRIPTION = """\
 Train and test the model described by JOB (a YAML job file; see docs/job-file.md).
 
-Progress goes to stderr: a progress bar on a terminal, periodic log lines otherwise, and a
-summary at the end. The last line on stdout is one JSON object with test_auc, test_logloss,
-samples_per_s, wall_s, staleness_max, staleness_mean, embedding_rows and more."""
+The data is checked first, as `persia validate --data` does: every problem (a missing file or
+column, no training rows, a label with one class only, dense values that do not parse) is
+reported at once, with exit status 2, before anything is trained.
+
+Progress goes to stderr: a progress bar on a terminal (with a total and an ETA when the number
+of training rows is known), periodic log lines otherwise, each periodic evaluation as it
+happens, and a summary at the end. The last line on stdout is one JSON object with test_auc,
+test_logloss, samples_per_s, wall_s, staleness_max, staleness_mean, embedding_rows, backend,
+num_ps, num_nn_workers, persia_version and more. --metrics-file writes the training loss,
+the evaluations and the throughput as JSON lines as they happen."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -43,6 +50,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="at the end, export the model for serving to DIR (see docs/serving.md)",
+    )
+    p.add_argument(
+        "--metrics-file",
+        default=None,
+        metavar="PATH",
+        help="write the training loss and throughput (every training.log_every_batches "
+        "batches), each evaluation and the final result to PATH as JSON lines",
     )
     add_cluster_options(p)
     p.set_defaults(run=run)
@@ -209,6 +223,13 @@ def run(args: argparse.Namespace) -> int:
     job = load_job(args.job, overrides)
     cluster = cluster_config(args, job.training.backend)
 
+    from persia.errors import ConfigError
+    from persia.job.validate import check_data
+
+    problems = check_data(job)  # what `persia validate --data` checks, before any training
+    if problems:
+        raise ConfigError(problems, source=args.job)
+
     from persia.job.runner import dumps, run_job, summary_lines
     from persia.logger import get_default_logger
 
@@ -216,7 +237,11 @@ def run(args: argparse.Namespace) -> int:
     logger.info(
         f"persia train {args.job}: model {job.model.type}, {len(job.embedding.slots)} slots"
     )
-    options = {"cluster": cluster, "resume": getattr(args, "resume", None)}
+    options = {
+        "cluster": cluster,
+        "resume": getattr(args, "resume", None),
+        "metrics_file": getattr(args, "metrics_file", None),
+    }
     export = getattr(args, "export", None)
     if export is not None:
         from persia.serving import run_and_export

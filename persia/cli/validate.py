@@ -11,11 +11,13 @@ from persia.cli.train import add_set_option
 HELP = "check a job file without training (with --data, also its data files)"
 DESCRIPTION = """\
 Check JOB (a YAML job file; see docs/job-file.md) without training: every unknown key, wrong
-type and bad value is reported at once, and the model is built once to check its arguments.
+type and bad value is reported at once, the model is built once to check its arguments, and
+every data file pattern must match a file.
 
-With --data, also open the data: every file pattern must match, every file must have the
-columns the job uses, and a sample of the first file of each split is parsed (numbers, IDs, and
-a label that must be binary as configured)."""
+With --data, also open the data (what `persia train` checks before training): every file must
+have the columns the job uses; the training files must have rows, a label with both classes,
+and dense columns that parse; a sample of the first file of each split is parsed (IDs, and the
+test file's label and numbers)."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -43,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from persia.job.validate import validate_job
 
     job = validate_job(args.job, args.overrides, data=args.data, model=not args.no_model)
-    checked = "file, model and data" if args.data else "file and model"
+    checked = "file, model and data" if args.data else "file, model and file patterns"
     if args.no_model:
-        checked = checked.replace(", model", "").replace(" and model", "")
+        checked = checked.replace(", model", "")
     print(
         f"{args.job}: OK ({checked}; {len(job.embedding.slots)} ID slots, "
         f"{len(job.data.dense)} dense features, model {job.model.type})",

@@ -666,6 +666,30 @@ def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> Job
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", source=str(p)) from None
-    if overrides:
-        raw = apply_overrides(raw, overrides)
-    return parse_job(raw, p.resolve().parent, source=str(p))
+    if not overrides:
+        return parse_job(raw, p.resolve().parent, source=str(p))
+    raw = apply_overrides(raw, overrides)
+    try:
+        return parse_job(raw, p.resolve().parent, source=str(p))
+    except ConfigError as exc:
+        raise _blame_overrides(exc, overrides, str(p)) from None
+
+
+def _blame_overrides(exc: ConfigError, overrides: list[str], source: str) -> ConfigError:
+    """``exc`` with each problem of a key given by ``--set`` marked as such (the last one of a
+    key wins, as when applied); blamed on the command line when every problem is one."""
+    given = {item.partition("=")[0].strip(): item for item in overrides}
+    problems, from_set = [], 0
+    for problem in exc.problems:
+        field = problem.split(":", 1)[0]
+        item = next(
+            (v for k, v in given.items() if field == k or field.startswith((k + ".", k + "["))),
+            None,
+        )
+        if item is None:
+            problems.append(problem)
+        else:
+            problems.append(f"{problem} (from --set {item})")
+            from_set += 1
+    where = "--set" if from_set == len(problems) else f"{source} with --set"
+    return ConfigError(problems, source=where if from_set else source)

@@ -22,7 +22,15 @@ from torch import nn
 
 from persia.errors import ConfigError
 
-__all__ = ["DNN", "DLRM", "DCNv2", "BUILTINS", "build_model"]
+__all__ = [
+    "DNN",
+    "DLRM",
+    "DCNv2",
+    "BUILTINS",
+    "build_model",
+    "uses_batch_norm",
+    "batch_size_problem",
+]
 
 
 def _mlp(sizes: Sequence[int], last_activation: bool = True) -> nn.Sequential:
@@ -250,3 +258,18 @@ def build_model(
         raise ConfigError(f"model.type: expected a torch.nn.Module subclass, got {kind!r}")
     _check_args(cls, args, 0, kind)
     return cls(**args)
+
+
+def uses_batch_norm(model: nn.Module) -> bool:
+    """True if ``model`` has a batch-normalisation layer: it cannot train on one sample."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def batch_size_problem(model: nn.Module, kind: str, batch_size: int) -> str | None:
+    """Why ``training.batch_size`` cannot train ``model``, or None."""
+    if batch_size == 1 and uses_batch_norm(model):
+        return (
+            f"training.batch_size: 1 cannot train model {kind!r}: it uses batch normalisation, "
+            "which needs at least 2 samples per batch"
+        )
+    return None

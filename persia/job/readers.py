@@ -22,8 +22,9 @@ epoch, from the job's seed).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from persia.embedding.data import IDTypeFeature, Label, NonIDTypeFeature, PersiaBatch
-from persia.errors import BatchError, ConfigError
+from persia.errors import BatchError, ConfigError, PersiaError
 from persia.hashing import MISSING_TOKEN, hash_strings, ids_from_column
 from persia.job.config import DataSpec, IdColumn, Source
 
@@ -131,8 +132,35 @@ class JobReader:
         self._stats = stats
         self._markers = pa.array(list(spec.missing_values), type=pa.string())
         self._token_id = hash_strings([MISSING_TOKEN])[0]
+        self._train_rows: int | None = None  # counted by fit_stats' pass over the files
 
     # ------------------------------------------------------------------ raw blocks
+    def field_of(self, source: Source) -> str:
+        """``data.train`` or ``data.test``: the job-file field ``source`` comes from."""
+        return "data.test" if source is self.spec.test else "data.train"
+
+    def files(self, source: Source) -> list[Path]:
+        """The files of ``source``.
+
+        Raises:
+            ConfigError: a pattern matches no file, named by its field (``data.train: ...``).
+        """
+        try:
+            return source.files()
+        except ConfigError as exc:
+            raise ConfigError([f"{self.field_of(source)}: {p}" for p in exc.problems]) from None
+
+    def located_blocks(
+        self, source: Source, columns: list[str]
+    ) -> Iterator[tuple[str, dict[str, pa.Array]]]:
+        """Every block of ``source``'s files with its place (``FILE, data rows A-B``)."""
+        for path in self.files(source):
+            start = 0
+            for block in self.blocks(path, source.skip_rows, columns):
+                n = len(next(iter(block.values()))) if block else 0
+                yield f"{path}, data rows {start + 1}-{start + n}", block
+                start += n
+
     def _text_options(self, path: Path, skip_rows: int, columns: list[str] | None):
         fmt = file_format(path, self.spec.format)
         delimiter = self.spec.delimiter or ("\t" if fmt == "tsv" else ",")
@@ -165,11 +193,25 @@ class JobReader:
     def blocks(
         self, path: Path, skip_rows: int, columns: list[str]
     ) -> Iterator[dict[str, pa.Array]]:
-        """The named columns of one file, block by block, cleaned (trimmed, markers nulled)."""
+        """The named columns of one file, block by block, cleaned (trimmed, markers nulled).
+
+        Raises:
+            BatchError: the file cannot be read, lacks a column, or a block does not parse
+                (naming the file and the data rows read before the failure).
+        """
+        got = 0
         try:
             if file_format(path, self.spec.format) == "parquet":
-                for rb in pq.ParquetFile(path).iter_batches(_PARQUET_ROWS, columns=columns):
+                pf = pq.ParquetFile(path)
+                lacking = [c for c in columns if c not in pf.schema_arrow.names]
+                if lacking:
+                    raise BatchError(
+                        f"{path}: missing column(s) {', '.join(map(repr, lacking))} "
+                        f"(columns: {', '.join(pf.schema_arrow.names)})"
+                    )
+                for rb in pf.iter_batches(_PARQUET_ROWS, columns=columns):
                     yield {c: self._clean(rb.column(c)) for c in columns}
+                    got += rb.num_rows
                 return
             read, parse, convert = self._text_options(path, skip_rows, columns)
             with pacsv.open_csv(
@@ -178,8 +220,12 @@ class JobReader:
                 for rb in stream:
                     if rb.num_rows:
                         yield {c: self._clean(rb.column(c)) for c in columns}
-        except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as exc:
-            raise BatchError(f"{path}: {exc}") from None
+                        got += rb.num_rows
+        except PersiaError:
+            raise
+        except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
+            after = f" (after data row {got})" if got else ""
+            raise BatchError(f"{path}: cannot read{after}: {exc}") from None
 
     def _clean(self, arr: pa.Array) -> pa.Array:
         t = arr.type
@@ -241,8 +287,9 @@ class JobReader:
         n = len(next(iter(block.values())))
         out = np.empty((n, len(self.spec.dense)), dtype=np.float64)
         for j, col in enumerate(self.spec.dense):
-            x = self._numbers(block[col.name], f"dense column {col.name!r}")
-            out[:, j] = np.log1p(np.maximum(x, 0.0)) if col.log1p else x
+            with _column(col.name):
+                x = self._numbers(block[col.name], f"dense column {col.name!r}")
+                out[:, j] = np.log1p(np.maximum(x, 0.0)) if col.log1p else x
         return out
 
     # ------------------------------------------------------------------ statistics
@@ -254,19 +301,33 @@ class JobReader:
         squares = np.zeros(d)
         names = [c.name for c in self.spec.dense]
         if d:
-            for path in self.spec.train.files():
-                for block in self.blocks(path, self.spec.train.skip_rows, names):
+            rows = 0
+            for place, block in self.located_blocks(self.spec.train, names):
+                with _blame(place):
                     x = self._dense_raw(block)
-                    ok = ~np.isnan(x)
-                    count += ok.sum(axis=0)
-                    z = np.where(ok, x, 0.0)
-                    total += z.sum(axis=0)
-                    squares += (z * z).sum(axis=0)
+                rows += x.shape[0]
+                ok = ~np.isnan(x)
+                count += ok.sum(axis=0)
+                z = np.where(ok, x, 0.0)
+                total += z.sum(axis=0)
+                squares += (z * z).sum(axis=0)
+            self._train_rows = rows
         mean = np.divide(total, count, out=np.zeros(d), where=count > 0)
         var = np.divide(squares, count, out=np.zeros(d), where=count > 0) - mean * mean
         std = np.sqrt(np.maximum(var, 0.0))
         std[std < 1e-12] = 1.0
         return DenseStats(mean, std, int(count.max()) if d else 0)
+
+    def known_rows(self, source: Source) -> int | None:
+        """The rows of ``source``'s files when known without reading them: from the Parquet
+        footers, or counted by :meth:`fit_stats` (training files); else None."""
+        files = self.files(source)
+        if files and all(file_format(p, self.spec.format) == "parquet" for p in files):
+            try:
+                return sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+            except (pa.ArrowException, OSError):
+                return None
+        return self._train_rows if source is self.spec.train else None
 
     @property
     def stats(self) -> DenseStats:
@@ -278,19 +339,23 @@ class JobReader:
     def chunk(self, block: dict[str, pa.Array]) -> Chunk:
         """One cleaned block as arrays; rows with a missing label dropped (or an error)."""
         spec = self.spec
-        y = self.labels(block[spec.label.column])
+        with _column(spec.label.column):
+            y = self.labels(block[spec.label.column])
         missing = np.isnan(y)
         if missing.any():
             if spec.missing_label == "error":
                 row = int(np.flatnonzero(missing)[0])
                 raise BatchError(
-                    f"label column {spec.label.column!r} is missing in a row (row {row} of a "
-                    "block); set data.missing.label: drop to skip such rows"
+                    f"label column {spec.label.column!r} is missing in a row (the {row + 1}th "
+                    "of these rows); set data.missing.label: drop to skip such rows"
                 )
             keep = pa.array(~missing)
             block = {k: v.filter(keep) for k, v in block.items()}
             y = y[~missing]
-        ids = [self._ids(col, block[col.name]) for col in spec.ids]
+        ids = []
+        for idc in spec.ids:
+            with _column(idc.name):
+                ids.append(self._ids(idc, block[idc.name]))
         dense = np.zeros((y.shape[0], len(spec.dense)), dtype=np.float32)
         if spec.dense:
             x = self._dense_raw(block)
@@ -310,9 +375,10 @@ class JobReader:
     def chunks(self, source: Source) -> Iterator[Chunk]:
         """Every file of ``source``, block by block, as chunks."""
         columns = list(self.spec.used_columns)
-        for path in source.files():
-            for block in self.blocks(path, source.skip_rows, columns):
-                yield self.chunk(block)
+        for place, block in self.located_blocks(source, columns):
+            with _blame(place):
+                chunk = self.chunk(block)
+            yield chunk
 
     def to_batch(self, chunk: Chunk, requires_grad: bool) -> PersiaBatch:
         """A :class:`PersiaBatch` of the rows of ``chunk`` (the columnar fast path)."""
@@ -380,92 +446,199 @@ class JobReader:
 
     # ------------------------------------------------------------------ checks
     def check(self, sample_rows: int = _SAMPLE_ROWS) -> list[str]:
-        """Problems found in the sources: missing files or columns, values that do not parse,
-        a label that is not binary (a sample of ``sample_rows`` rows of each first file)."""
+        """Every problem found in the data, each naming its field, file or column.
+
+        * a file pattern that matches nothing (named by its field), a file that cannot be read,
+          a column the job uses that a file lacks (any format);
+        * the training files, whole: no rows at all, a label column with one class only or
+          values that are not a label as configured, dense columns that do not parse;
+        * a sample of ``sample_rows`` rows of the first file of each split: IDs (and, for the
+          test files, the label and dense columns) parse.
+        """
         problems: list[str] = []
         spec = self.spec
-        sources = [("data.train", spec.train)]
-        if spec.test is not None:
-            sources.append(("data.test", spec.test))
-        for where, source in sources:
+        sources = [spec.train] + ([spec.test] if spec.test is not None else [])
+        for source in sources:
+            where = self.field_of(source)
             try:
-                files = source.files()
+                files = self.files(source)
             except ConfigError as exc:
-                problems.extend(f"{where}: {p}" for p in exc.problems)
+                problems.extend(exc.problems)
                 continue
             if not files:
-                problems.append(f"{where}: no files")
+                problems.append(f"{where}: no files (the patterns match only directories)")
                 continue
-            first: list[str] | None = None
+            readable: dict[Path, list[str]] = {}  # file -> the used columns it has
             for path in files:
                 try:
                     names = self.file_columns(path, source.skip_rows)
-                except (pa.ArrowInvalid, OSError) as exc:
+                except (pa.ArrowException, OSError, ValueError) as exc:
                     problems.append(f"{where}: {path}: cannot read: {exc}")
                     continue
-                if first is None:
-                    first = names
                 lacking = [c for c in spec.used_columns if c not in names]
                 if lacking:
                     problems.append(
                         f"{where}: {path}: missing column(s) {', '.join(map(repr, lacking))} "
                         f"(columns: {', '.join(names)})"
                     )
-            if first is not None:
-                present = [c for c in spec.used_columns if c in first]
-                problems.extend(
-                    self._check_sample(where, files[0], source.skip_rows, sample_rows, present)
+                readable[path] = [c for c in spec.used_columns if c in names]
+            if not readable:
+                continue
+            whole = source is spec.train
+            if whole:
+                problems.extend(self._check_whole(where, source, readable))
+            first, present = next(iter(readable.items()))
+            problems.extend(
+                self._check_sample(where, first, source.skip_rows, sample_rows, whole, present)
+            )
+        return problems
+
+    def _check_whole(self, where: str, source: Source, files: dict[Path, list[str]]) -> list[str]:
+        """Rows, label classes and dense parsing over every row of ``files`` (each with the
+        used columns it has)."""
+        spec = self.spec
+        label = spec.label.column
+        problems: list[str] = []
+        scan = _Scan()
+        broken: set[str] = set()
+        for path, present in files.items():
+            columns = [c for c in [label] + [d.name for d in spec.dense] if c in present]
+            columns = columns or present[:1]  # (only to count the rows)
+            if not columns:
+                continue
+            start = 0
+            try:
+                for block in self.blocks(path, source.skip_rows, columns):
+                    n = len(block[columns[0]])
+                    place = f"{path}, data rows {start + 1}-{start + n}"
+                    start += n
+                    scan.rows += n
+                    if label in block and label not in broken:
+                        try:
+                            y = self.labels(block[label])
+                        except BatchError as exc:
+                            broken.add(label)
+                            problems.append(f"{where}: {exc} ({place})")
+                        else:
+                            scan.add_labels(y, block[label])
+                    for col in spec.dense:
+                        if col.name in broken or col.name not in block:
+                            continue
+                        try:
+                            self._numbers(block[col.name], f"dense column {col.name!r}")
+                        except BatchError as exc:
+                            broken.add(col.name)
+                            problems.append(f"{where}: {exc} ({place})")
+            except BatchError as exc:
+                problems.append(f"{where}: {exc}")
+                scan.unreadable += 1
+        if scan.rows == 0 and not scan.unreadable and any(files.values()):
+            names = ", ".join(map(str, list(files)[:3])) + (", ..." if len(files) > 3 else "")
+            problems.append(f"{where}: no rows to train on in {len(files)} file(s) ({names})")
+        elif label not in broken and scan.labelled_files:
+            if scan.positives + scan.negatives == 0:
+                problems.append(
+                    f"{where}: label column {label!r}: every one of the {scan.rows} rows is missing"
+                )
+            elif scan.positives == 0 or scan.negatives == 0:
+                only = 1 if scan.negatives == 0 else 0
+                hint = (
+                    f"data.label.positive is {list(spec.label.positive)!r}; "
+                    if spec.label.positive
+                    else ""
+                )
+                problems.append(
+                    f"{where}: label column {label!r} has one class only: all "
+                    f"{scan.positives + scan.negatives} labelled rows are {only} ({hint}values "
+                    f"seen: {', '.join(repr(v) for v in scan.seen)})"
                 )
         return problems
 
     def _check_sample(
-        self, where: str, path: Path, skip: int, rows: int, present: list[str]
+        self, where: str, path: Path, skip: int, rows: int, scanned: bool, present: list[str]
     ) -> list[str]:
+        """IDs (and unless ``scanned``, the label and dense columns) of the first ``rows`` rows."""
         problems: list[str] = []
         spec = self.spec
-        if not present:
-            return problems
         taken: list[dict[str, pa.Array]] = []
         got = 0
+        if not present:
+            return problems
         try:
             for block in self.blocks(path, skip, present):
                 taken.append(block)
                 got += len(next(iter(block.values())))
                 if got >= rows:
                     break
-        except BatchError as exc:
-            return [f"{where}: {exc}"]
+        except BatchError as exc:  # (already reported by the whole-file check when scanned)
+            return [] if scanned else [f"{where}: {exc}"]
         if not taken:
-            return [f"{where}: {path}: no rows"]
+            return [] if scanned else [f"{where}: {path}: no rows"]
         block = {c: pa.concat_arrays([b[c] for b in taken]).slice(0, rows) for c in present}
-        if spec.label.column in block:
+        if not scanned:
             try:
-                y = self.labels(block[spec.label.column])
-                seen = set(np.unique(y[~np.isnan(y)]).tolist())
-                if seen == {0.0} and where == "data.train":
-                    problems.append(
-                        f"{where}: label column {spec.label.column!r}: no positive value in the "
-                        f"first {got} rows (values seen: {_distinct(block[spec.label.column])})"
-                    )
+                if spec.label.column in block:
+                    self.labels(block[spec.label.column])
             except BatchError as exc:
                 problems.append(f"{where}: {exc} (first {got} rows of {path})")
-        for col in spec.dense:
-            if col.name not in block:
-                continue
-            try:
-                self._numbers(block[col.name], f"dense column {col.name!r}")
-            except BatchError as exc:
-                problems.append(f"{where}: {exc}")
+            for col in spec.dense:
+                if col.name not in block:
+                    continue
+                try:
+                    self._numbers(block[col.name], f"dense column {col.name!r}")
+                except BatchError as exc:
+                    problems.append(f"{where}: {exc} (first {got} rows of {path})")
         for idc in spec.ids:
             if idc.name not in block:
                 continue
             try:
                 self._ids(idc, block[idc.name])
             except BatchError as exc:
-                problems.append(f"{where}: {exc}")
+                problems.append(f"{where}: {exc} (first {got} rows of {path})")
         return problems
 
 
-def _distinct(arr: pa.Array, limit: int = 5) -> str:
-    values = pc.unique(arr.drop_null()).to_pylist()[:limit]
-    return ", ".join(repr(v) for v in values)
+@dataclass
+class _Scan:
+    """What the whole-file check counts: rows, positive and negative labels, values seen."""
+
+    rows: int = 0
+    positives: int = 0
+    negatives: int = 0
+    seen: list[object] = field(default_factory=list)
+    labelled_files: int = 0
+    unreadable: int = 0
+
+    def add_labels(self, y: np.ndarray, raw: pa.Array) -> None:
+        self.labelled_files = 1
+        known = ~np.isnan(y)
+        self.positives += int((y[known] == 1).sum())
+        self.negatives += int((y[known] == 0).sum())
+        if len(self.seen) < 5:
+            for v in pc.unique(raw.drop_null()).to_pylist():
+                if v not in self.seen and len(self.seen) < 5:
+                    self.seen.append(v)
+
+
+@contextlib.contextmanager
+def _column(name: str) -> Iterator[None]:
+    """Turns an unexpected error while converting column ``name`` into a BatchError naming it."""
+    try:
+        yield
+    except PersiaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported with the column, file and rows
+        raise BatchError(f"column {name!r}: {type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _blame(place: str) -> Iterator[None]:
+    """Prefixes an error raised while converting one block with its file and data rows."""
+    try:
+        yield
+    except BatchError as exc:
+        raise BatchError(f"{place}: {exc}") from None
+    except PersiaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported with the file and rows
+        raise BatchError(f"{place}: {type(exc).__name__}: {exc}") from exc

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+import persia
 from persia import env
 from persia.ctx import TrainCtx
 from persia.data import DataLoader, IterableDataset
@@ -35,9 +36,9 @@ from persia.embedding import EmbeddingConfig
 from persia.embedding.config import EmbeddingFileConfig, GlobalConfig, persia_configs
 from persia.embedding.data import PersiaBatch
 from persia.embedding.optim import EmbeddingOptimizer
-from persia.errors import CheckpointError, ConfigError
+from persia.errors import BatchError, CheckpointError, ConfigError
 from persia.job.config import JobConfig, Source
-from persia.job.models import build_model
+from persia.job.models import batch_size_problem, build_model, uses_batch_norm
 from persia.job.readers import JobReader
 from persia.logger import get_default_logger
 from persia.metrics import log_loss, roc_auc
@@ -315,48 +316,157 @@ def evaluate(
 
 
 class _Progress:
-    """A tqdm bar on a terminal, else log lines every ``every`` batches, or nothing."""
+    """What the user sees while training runs: a tqdm bar on a terminal (with a total and an
+    ETA when the number of training samples is known), else log lines every ``every`` batches,
+    or nothing; evaluations and notes are logged in every mode but ``none``'s bar. With
+    ``metrics_file`` the loss and throughput of every interval and each evaluation are also
+    written there as JSON lines.
 
-    def __init__(self, mode: str, every: int, total: int | None, stream: TextIO) -> None:
+    Throughput has one definition, used by the log lines, the bar and the job's summary:
+    samples trained in this run divided by :attr:`train_s`, the seconds since training began
+    (:meth:`begin`) less the pauses for evaluations and checkpoints (:meth:`paused`).
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        every: int,
+        total: int | None,
+        stream: TextIO,
+        *,
+        metrics_file: str | Path | None = None,
+        worker: str = "",
+    ) -> None:
         if mode == "auto":
             mode = "bar" if stream.isatty() else "log"
-        self.mode, self.every = mode, every
-        self.bar = None
-        if mode == "bar":
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="samples", unit_scale=True, file=stream, leave=False)
+        self.mode, self.every, self.worker = mode, every, worker
+        self.total, self.stream = total, stream
+        self.bar: Any = None
+        self.metrics = open(metrics_file, "a", encoding="utf-8") if metrics_file else None  # noqa: SIM115
         self.start = time.perf_counter()
+        self.paused_s = 0.0
         self.samples = 0
         self.loss_sum = 0.0
         self.loss_n = 0
 
-    def step(self, batch_index: int, size: int, loss: float, staleness: int | None) -> None:
+    def begin(self, initial: int = 0) -> None:
+        """Training starts now (the clock of :attr:`train_s`), ``initial`` samples already
+        trained (a resumed job); the bar, if any, appears."""
+        if self.mode == "bar" and self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.total,
+                initial=initial,
+                unit="samples",
+                unit_scale=True,
+                file=self.stream,
+                leave=False,
+                dynamic_ncols=True,
+            )
+        self.start = time.perf_counter()
+        self.paused_s = 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """An evaluation or checkpoint: its time does not count as training time."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t0
+
+    @property
+    def train_s(self) -> float:
+        """Seconds of training so far, pauses excluded."""
+        return max(time.perf_counter() - self.start - self.paused_s, 0.0)
+
+    def rate(self) -> float | None:
+        """Samples per second of this run so far (see the class doc)."""
+        t = self.train_s
+        return self.samples / t if t > 0 else None
+
+    def step(self, batches: int, size: int, loss: float, staleness: int | None) -> None:
+        """Training batch number ``batches`` (counted since the job began, resumes included)
+        of ``size`` samples trained with ``loss``."""
         self.samples += size
         self.loss_sum += loss
         self.loss_n += 1
         if self.bar is not None:
             self.bar.update(size)
-            if batch_index % 10 == 0:
-                self.bar.set_postfix(loss=f"{loss:.4f}", staleness=staleness, refresh=False)
-        elif self.mode == "log" and (batch_index + 1) % self.every == 0:
-            rate = self.samples / max(time.perf_counter() - self.start, 1e-9)
+            if batches % 10 == 0:
+                self.bar.set_postfix(
+                    batch=batches, loss=f"{loss:.4f}", staleness=staleness, refresh=False
+                )
+        if batches % self.every != 0:
+            return
+        rate = self.rate()
+        mean_loss = self.loss_sum / self.loss_n
+        if self.bar is None and self.mode == "log":
+            shown = "n/a" if rate is None else f"{rate:,.0f}"
             _logger.info(
-                f"batch {batch_index + 1} samples {self.samples} "
-                f"loss {self.loss_sum / self.loss_n:.4f} {rate:,.0f} samples/s "
-                f"staleness {staleness}"
+                f"{self.worker}batch {batches} samples {self.samples} loss {mean_loss:.4f} "
+                f"{shown} samples/s staleness {staleness}"
             )
-            self.loss_sum, self.loss_n = 0.0, 0
+        self.record(
+            {
+                "event": "train",
+                "batch": batches,
+                "samples": self.samples,
+                "loss": mean_loss,
+                "samples_per_s": rate,
+                "train_s": self.train_s,
+                "staleness": staleness,
+            }
+        )
+        self.loss_sum, self.loss_n = 0.0, 0
 
-    def note(self, message: str) -> None:
+    def evaluation(self, batches: int, samples: int, result: dict[str, Any]) -> None:
+        """A periodic evaluation's result: logged as it happens, and recorded."""
+
+        def f(x: Any) -> str:
+            return "n/a" if x is None else f"{x:.4f}"
+
+        self.note(
+            f"{self.worker}eval at batch {batches}: test AUC {f(result.get('test_auc'))}, "
+            f"log loss {f(result.get('test_logloss'))} on {result.get('test_samples')} samples",
+            always=True,
+        )
+        self.record({"event": "eval", "batch": batches, "samples": samples, **result})
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """One JSON line to the metrics file, if there is one."""
+        if self.metrics is not None:
+            entry = {"time": time.time(), **_jsonable(entry)}
+            self.metrics.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self.metrics.flush()
+
+    def note(self, message: str, always: bool = False) -> None:
+        """A line on stderr (above the bar); with ``--progress none`` only if ``always``."""
         if self.bar is not None:
-            self.bar.write(message)
-        elif self.mode != "none":
+            self.bar.write(message, file=self.stream)
+        elif self.mode != "none" or always:
             _logger.info(message)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+
+def _total_samples(reader: JobReader, job: JobConfig, stream: Any, world: int) -> int | None:
+    """The samples this NN worker will train, when known (the progress bar's total)."""
+    if stream is not None:
+        return None
+    t = job.training
+    rows = reader.known_rows(job.data.train)
+    total = rows * t.epochs if rows is not None else None
+    if t.max_samples is not None:
+        total = t.max_samples if total is None else min(total, t.max_samples)
+    return None if total is None else total // world
 
 
 def _pause_work(
@@ -381,10 +491,7 @@ def _pause_work(
                 ctx, reader, job.data.test, t.eval_batch_size, t.eval_max_samples, logits
             )
         evals.append({"batch": batches, "samples": samples, **result})
-        progress.note(
-            f"eval at batch {batches}: test_auc {result['test_auc']} "
-            f"test_logloss {result['test_logloss']}"
-        )
+        progress.evaluation(batches, samples, result)
     if (
         t.checkpoint_dir
         and t.checkpoint_every_batches
@@ -491,6 +598,7 @@ def run_job(
     resume: str | Path | None = None,
     on_trained: Callable[[TrainCtx, JobConfig, Any], Any] | None = None,
     export: Any = None,
+    metrics_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Trains and tests the job; returns the result (what ``persia train`` prints as JSON).
 
@@ -504,7 +612,8 @@ def run_job(
     optimizer state), dense model and dense optimizer are loaded, and training continues at
     the data position saved with it. ``on_trained(ctx, job, reader_stats)`` runs at the end of
     training, once (on rank 0 between barriers with several NN workers): the serving export
-    (:func:`persia.serving.run_and_export`) is such a hook.
+    (:func:`persia.serving.run_and_export`) is such a hook. ``metrics_file`` gets the loss,
+    throughput, evaluations and result as JSON lines (see :func:`train_loop`).
 
     Raises:
         ConfigError: a setting that only shows up when the job is built (model arguments, ...).
@@ -520,6 +629,8 @@ def run_job(
     if cluster is not None and t.backend != "ray":
         raise ConfigError(f"cluster settings need training.backend 'ray', got {t.backend!r}")
     options: dict[str, Any] = {"stderr": stderr, "resume": resume, "on_trained": on_trained}
+    if metrics_file is not None:
+        options["metrics_file"] = str(metrics_file)
     if cluster is not None:
         options["cluster"] = cluster
     return registry.backend(t.backend).run_job(train_loop, job, **options)
@@ -535,6 +646,7 @@ def train_loop(
     stream: Callable[[], Iterable[PersiaBatch]] | None = None,
     on_data_end: Callable[[], None] | None = None,
     incremental_dir: str | None = None,
+    metrics_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """The training loop of one NN worker, as a plain function that a backend calls.
 
@@ -549,6 +661,12 @@ def train_loop(
         stream: the batches of the backend's data loaders (None: read ``data.train`` here).
         on_data_end: called once the stream is exhausted (waits for the data loaders).
         incremental_dir: where the parameter servers' incremental deltas go (recovery).
+        metrics_file: a file that gets one JSON line per log interval (loss, throughput), per
+            periodic evaluation and the final result (written by rank 0 only).
+
+    Raises:
+        BatchError: no training batch was read (and the job is not resumed), or data that
+            cannot be read as configured (naming the file, the column and the rows).
     """
     t = job.training
     if resume is not None and not Path(resume).is_dir():
@@ -559,14 +677,27 @@ def train_loop(
     stats = reader.stats
     slot_dims = [s.dim for s in job.embedding.slots]
     model = build_model(job.model.type, job.model.args, len(job.data.dense), slot_dims)
+    # a batch of one sample cannot train a model with batch normalisation: refused for the
+    # whole job, skipped when it is the last, short batch of an epoch
+    single_ok = not uses_batch_norm(model)
+    problem = batch_size_problem(model, job.model.type, t.batch_size)
+    if problem:
+        raise ConfigError(problem)
     logits = job.model.builtin or job.model.output == "logits"
     loss_fn: torch.nn.Module = torch.nn.BCEWithLogitsLoss() if logits else torch.nn.BCELoss()
     emb_file, global_file = embedding_configs(job, incremental_dir)
     emb_opt = embedding_optimizer(job)
     dense_opt = dense_optimizer(job, model)
     hyper = job_hyper(job)
-    total = t.max_samples if t.max_samples is not None else None
-    progress = _Progress(t.progress, t.log_every_batches, total, stderr or sys.stderr)
+    world = env.get_world_size()
+    progress = _Progress(
+        t.progress,
+        t.log_every_batches,
+        _total_samples(reader, job, stream, world),
+        stderr or sys.stderr,
+        metrics_file=metrics_file if env.get_rank() == 0 else None,
+        worker=f"NN worker {env.get_rank()}: " if world > 1 else "",
+    )
     pauses = _Pauses([t.eval_every_batches if job.data.test else 0, t.checkpoint_every_batches])
     evals: list[dict[str, Any]] = []
     samples = 0
@@ -574,6 +705,7 @@ def train_loop(
     start_at = Position()
     loss_sum = 0.0
     train_s = 0.0
+    skipped = 0  # one-sample batches a batch-normalised model cannot train on
     try:
         with TrainCtx(
             emb_opt,
@@ -589,8 +721,9 @@ def train_loop(
             if resume is not None:
                 start_at = _resume(ctx, resume)
                 progress.note(
-                    f"resumed from {resume} at epoch {start_at.epoch} batch {start_at.batch} "
-                    f"({start_at.samples} samples trained)"
+                    f"resumed from {resume} after batch {start_at.batches} "
+                    f"({start_at.samples} samples trained; epoch {start_at.epoch}, "
+                    f"{start_at.batch} of its batches done)"
                 )
                 batches, samples = start_at.batches, start_at.samples
             dataset = _TrainDataset(reader, job, pauses, start_at, stream)
@@ -600,44 +733,47 @@ def train_loop(
                 embedding_staleness=t.staleness,
                 reproducible=t.reproducible,
             )
-            train_start = time.perf_counter()
-            paused_s = 0.0
+            progress.begin(initial=start_at.samples)
             # Held in a variable so that an error closes the pauses before the loader's
             # generator is finalised (its close joins the lookup thread, which may be paused).
             batches_iter = iter(loader)
             try:
-                for index, batch in enumerate(batches_iter):
-                    output, labels = ctx.forward(batch)
-                    loss = loss_fn(output, labels[0])  # type: ignore[index]
-                    ctx.backward(loss)
+                for batch in batches_iter:
                     size = batch.batch.batch_size
-                    samples += size
-                    batches += 1
-                    value = float(loss.item())
-                    loss_sum += value
-                    progress.step(index, size, value, batch.staleness)
+                    if size == 1 and not single_ok:  # (its permit returns with the next one)
+                        skipped += 1
+                        batches += 1
+                        samples += size
+                    else:
+                        output, labels = ctx.forward(batch)
+                        loss = loss_fn(output, labels[0])  # type: ignore[index]
+                        ctx.backward(loss)
+                        samples += size
+                        batches += 1
+                        value = float(loss.item())
+                        loss_sum += value
+                        progress.step(batches, size, value, batch.staleness)
                     if pauses.due(batches):
-                        pause_start = time.perf_counter()
-                        ctx.runtime.flush()
-                        _pause_work(
-                            ctx,
-                            job,
-                            reader,
-                            batches,
-                            samples,
-                            logits,
-                            evals,
-                            progress,
-                            dataset.position_after(batches),
-                        )
-                        paused_s += time.perf_counter() - pause_start
+                        with progress.paused():
+                            ctx.runtime.flush()
+                            _pause_work(
+                                ctx,
+                                job,
+                                reader,
+                                batches,
+                                samples,
+                                logits,
+                                evals,
+                                progress,
+                                dataset.position_after(batches),
+                            )
                         pauses.release(batches)
             except BaseException:
                 pauses.close()
                 batches_iter.close()  # type: ignore[attr-defined]
                 raise
             ctx.runtime.flush()
-            train_s = time.perf_counter() - train_start - paused_s
+            train_s = progress.train_s
             if on_data_end is not None:
                 on_data_end()
             progress.close()
@@ -654,22 +790,36 @@ def train_loop(
                     if env.get_rank() == 0:
                         on_trained(ctx, job, stats)
             report = loader.staleness_report()
-            rows = sum(ctx.get_embedding_size())
+            shard_rows = ctx.get_embedding_size()
+            rows = sum(shard_rows)
             recovery = ctx.runtime.recovery_report()
             recovered = _jsonable(recovery) if recovery is not None else None
     finally:
         pauses.close()
         progress.close()
+    if skipped:
+        _logger.warning(
+            f"skipped {skipped} training batch(es) of one sample: model {job.model.type!r} "
+            "uses batch normalisation, which needs at least 2 samples per batch"
+        )
+    trained = batches - start_at.batches - skipped
+    if trained == 0 and resume is None:
+        raise BatchError(
+            "data.train: no training batch was read"
+            + (f" (fewer batches than the {world} NN workers)" if world > 1 else "")
+            + "; check the files and training.max_samples"
+        )
     result = {
         "test_auc": _finite(final["test_auc"]),
         "test_logloss": _finite(final["test_logloss"]),
         "test_samples": final["test_samples"],
         "train_samples": samples - start_at.samples,
         "train_batches": batches - start_at.batches,
-        "train_loss": loss_sum / (batches - start_at.batches)
-        if batches > start_at.batches
-        else None,
+        "train_loss": loss_sum / trained if trained > 0 else None,
+        "skipped_batches": skipped,
+        # one definition of throughput: _Progress's (log lines, bar and this alike)
         "samples_per_s": (samples - start_at.samples) / train_s if train_s > 0 else None,
+        "train_s": train_s,
         "wall_s": time.perf_counter() - start,
         "staleness_max": report.max,
         "staleness_mean": report.mean,
@@ -687,9 +837,17 @@ def train_loop(
             {"checkpoint": str(resume), **start_at.to_dict()} if resume is not None else None
         ),
         "export_dir": None,
+        "backend": t.backend,
+        "num_ps": len(shard_rows),
+        "num_nn_workers": world,
+        "persia_version": persia.__version__,
     }
     if recovered is not None:  # --recover: parameter-server shards restored during the job
         result["recovery"] = recovered
+    if metrics_file is not None and env.get_rank() == 0:
+        with open(metrics_file, "a", encoding="utf-8") as out:
+            entry = {"event": "result", "time": time.time(), **_jsonable(result)}
+            out.write(json.dumps(entry, separators=(",", ":")) + "\n")
     return result
 
 

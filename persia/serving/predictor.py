@@ -55,6 +55,15 @@ def _as_table(rows: Rows) -> pa.Table:
         raise BatchError(f"predict: the request cannot be read as columns: {exc}") from None
 
 
+def _is_empty(rows: Rows) -> bool:
+    """True for a request without rows: ``[]``, an empty table or batch, or empty columns."""
+    if isinstance(rows, pa.Table | pa.RecordBatch):
+        return rows.num_rows == 0
+    if isinstance(rows, Mapping):
+        return all(hasattr(v, "__len__") and len(v) == 0 for v in rows.values())
+    return isinstance(rows, list | tuple) and len(rows) == 0
+
+
 def _is_text(t: pa.DataType) -> bool:
     return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
 
@@ -190,8 +199,13 @@ class Predictor:
 
         Args:
             rows: a list of dicts, a ``pyarrow.Table`` or a dict of columns; the label column
-                is not needed (and is ignored).
+                is not needed (and is ignored). No rows (``[]``) give an empty array.
+
+        Raises:
+            BatchError: a column the model reads is absent, or a value does not parse.
         """
+        if _is_empty(rows):  # no rows, hence no columns to check either
+            return np.zeros(0, dtype=np.float32)
         non_id, embeddings = self.features(rows)
         if embeddings and embeddings[0].shape[0] == 0:
             return np.zeros(0, dtype=np.float32)

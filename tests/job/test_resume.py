@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,7 @@ def test_resume_needs_a_saved_position(data: Path, tmp_path: Path) -> None:
 
 
 def test_cli_resume_prints_where_it_resumed(
-    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     ckpt = tmp_path / "ckpt"
     base = ["train", str(ADULT / "job.yaml")]
@@ -156,7 +157,19 @@ def test_cli_resume_prints_where_it_resumed(
     assert main(base + sets) == 0
     capsys.readouterr()
     sets = [x for o in _overrides(data, ckpt, 8 * BATCH) for x in ("--set", o)]
-    assert main([*base, *sets, "--resume", str(ckpt)]) == 0
+    sets += ["--set", "training.progress=log", "--set", "training.log_every_batches=1"]
+    sets += ["--set", "training.checkpoint_every_batches=7"]
+    with caplog.at_level(logging.INFO, logger="persia"):
+        assert main([*base, *sets, "--resume", str(ckpt)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["resumed_from"]["batches"] == 5
     assert out["train_batches"] == 3 and out["train_samples"] == 3 * BATCH
+    # one batch counter: the job's, in every line of the resumed run
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"resumed from {ckpt} after batch 5 ") for m in logged)
+    assert [m.split(" samples")[0] for m in logged if m.startswith("batch ")] == [
+        "batch 6",
+        "batch 7",
+        "batch 8",
+    ]
+    assert f"checkpoint at batch 7: {ckpt}" in logged

@@ -150,6 +150,9 @@ def test_list_of_dicts_and_python_values(trained: dict[str, Any]) -> None:
     assert "income_bracket" in p.label_meaning and ">50K" in p.label_meaning
     with pytest.raises(BatchError, match="missing column.*'age'"):
         p.predict([{k: v for k, v in rows[0].items() if k != "age"}])
+    for empty in ([], table.slice(0, 0), {k: [] for k in rows[0]}):
+        out = p.predict(empty)
+        assert out.shape == (0,) and out.dtype == np.float32
 
 
 def test_unknown_ids_read_as_zeros(trained: dict[str, Any]) -> None:

@@ -217,7 +217,8 @@ def run_job_ddp(
     Returns:
         Rank 0's result (test metrics, final and ``evals`` during training, are computed by
         every rank on the same model between barriers; rank 0's are reported) with ``train_samples`` / ``train_batches`` summed over
-        the workers, ``staleness_max`` the largest of any worker, ``samples_per_s`` the sum,
+        the workers, ``staleness_max`` the largest of any worker, ``samples_per_s`` all samples over the
+        slowest worker's training seconds (``train_s``),
         and ``nn_workers`` each worker's own result fields (rank, samples, staleness).
 
     Raises:
@@ -319,8 +320,10 @@ def _merge(results: dict[int, dict[str, Any]], world: int, rows: int | None) -> 
     per = [results[r] for r in range(world)]
     out["train_samples"] = sum(int(r["train_samples"]) for r in per)
     out["train_batches"] = sum(int(r["train_batches"]) for r in per)
-    rates = [r["samples_per_s"] for r in per if r["samples_per_s"] is not None]
-    out["samples_per_s"] = sum(rates) if rates else None
+    # the job's throughput, as each worker's (persia.job.runner): samples over training seconds
+    slowest = max((float(r.get("train_s") or 0.0) for r in per), default=0.0)
+    out["samples_per_s"] = out["train_samples"] / slowest if slowest > 0 else None
+    out["train_s"] = slowest
     maxima = [r["staleness_max"] for r in per if r["staleness_max"] is not None]
     out["staleness_max"] = max(maxima) if maxima else None
     means = [r["staleness_mean"] for r in per if r["staleness_mean"] is not None]
