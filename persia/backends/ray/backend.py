@@ -40,9 +40,11 @@ import numpy as np
 from persia import _settings
 from persia.backends.ray.config import TRANSPORTS, ClusterConfig, RoleSpec
 from persia.backends.ray.naming import namespace, ps_actor_name
+from persia.embedding.spec import EmbeddingSpec
 from persia.errors import BackendError, PersiaError
 from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
 from persia.rpc.protocol import ShardProtocol
+from persia.store.build import shard_options
 
 __all__ = [
     "TRANSPORTS",
@@ -53,6 +55,7 @@ __all__ = [
     "RayStore",
     "init_ray",
     "ray_temp_dir",
+    "attach_parameter_servers",
     "start_parameter_servers",
 ]
 
@@ -276,6 +279,52 @@ def start_parameter_servers(
     timeout = cluster.resolved_timeout_s()
     for i, a in enumerate(actors, first_rank):
         get_with_timeout(a.ping.remote(), timeout, PARAMETER_SERVER, i)
+    return actors
+
+
+def attach_parameter_servers(
+    job_name: str,
+    num_ps: int,
+    timeout_s: float,
+    spec: EmbeddingSpec | None = None,
+) -> list[Any]:
+    """The running parameter-server actors of ``job_name`` (waits up to ``timeout_s`` for each
+    to exist, then for it to answer).
+
+    Servers started on their own (``persia-launcher embedding-parameter-server``,
+    :class:`persia.backends.ray.launch.LaunchedParameterServer`) say how many they are, which
+    overrides ``num_ps``, and take the shard settings of ``spec`` (its capacity split among
+    them) if no NN worker configured them before.
+    """
+    import ray
+
+    actors: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    i = 0
+    while i < num_ps:
+        name = ps_actor_name(job_name, i)
+        while True:
+            try:
+                actor = ray.get_actor(name, namespace=namespace())
+                break
+            except ValueError:
+                if time.monotonic() > deadline:
+                    raise BackendError(
+                        f"no actor named {name!r} within {timeout_s:g} s", PARAMETER_SERVER, i
+                    ) from None
+                time.sleep(0.2)
+        get_with_timeout(actor.ping.remote(), timeout_s, PARAMETER_SERVER, i)
+        actors.append(actor)
+        if i == 0 and hasattr(actor, "replica_size"):
+            num_ps = int(
+                get_with_timeout(actor.replica_size.remote(), timeout_s, PARAMETER_SERVER, 0)
+            )
+        i += 1
+    if spec is not None:
+        kwargs = shard_options(spec, len(actors))
+        for rank, actor in enumerate(actors):
+            if hasattr(actor, "configure"):
+                get_with_timeout(actor.configure.remote(kwargs), timeout_s, PARAMETER_SERVER, rank)
     return actors
 
 

@@ -30,73 +30,24 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
 from persia import _settings
 from persia.backends.ray.backend import (
     ClusterConfig,
+    attach_parameter_servers,
     get_with_timeout,
     init_ray,
     new_job_id,
 )
-from persia.backends.ray.naming import namespace, nn_actor_name, ps_actor_name
-from persia.embedding.spec import EmbeddingSpec
+from persia.backends.ray.naming import namespace, nn_actor_name
+from persia.backends.ray.stream import stream_of
 from persia.errors import BackendError, CheckpointError
-from persia.store.build import shard_options
 
 __all__ = ["NN_WORKER", "NNWorker", "attach_parameter_servers", "run_job_ddp"]
 
 NN_WORKER = "nn-worker"
-
-
-def attach_parameter_servers(
-    job_name: str,
-    num_ps: int,
-    timeout_s: float,
-    spec: EmbeddingSpec | None = None,
-) -> list[Any]:
-    """The running parameter-server actors of ``job_name`` (waits up to ``timeout_s`` for each
-    to exist, then for it to answer).
-
-    Servers started on their own (``persia-launcher embedding-parameter-server``,
-    :class:`persia.backends.ray.launch.LaunchedParameterServer`) say how many they are, which
-    overrides ``num_ps``, and take the shard settings of ``spec`` (its capacity split among
-    them) if no NN worker configured them before.
-    """
-    import ray
-
-    from persia.rpc.base import PARAMETER_SERVER
-
-    actors: list[Any] = []
-    deadline = time.monotonic() + timeout_s
-    i = 0
-    while i < num_ps:
-        name = ps_actor_name(job_name, i)
-        while True:
-            try:
-                actor = ray.get_actor(name, namespace=namespace())
-                break
-            except ValueError:
-                if time.monotonic() > deadline:
-                    raise BackendError(
-                        f"no actor named {name!r} within {timeout_s:g} s", PARAMETER_SERVER, i
-                    ) from None
-                time.sleep(0.2)
-        get_with_timeout(actor.ping.remote(), timeout_s, PARAMETER_SERVER, i)
-        actors.append(actor)
-        if i == 0 and hasattr(actor, "replica_size"):
-            num_ps = int(
-                get_with_timeout(actor.replica_size.remote(), timeout_s, PARAMETER_SERVER, 0)
-            )
-        i += 1
-    if spec is not None:
-        kwargs = shard_options(spec, len(actors))
-        for rank, actor in enumerate(actors):
-            if hasattr(actor, "configure"):
-                get_with_timeout(actor.configure.remote(kwargs), timeout_s, PARAMETER_SERVER, rank)
-    return actors
 
 
 def _free_port(host: str) -> int:
@@ -173,8 +124,6 @@ class NNWorker:
                 ) from exc
         options = dict(options)
         if cluster.num_data_loaders > 0:  # this rank's own loaders (see _rank_cluster)
-            from persia.backends.ray.jobs import stream_of
-
             options["stream"] = stream_of(cluster)
         try:
             return train_fn(job, cluster=cluster, **options)

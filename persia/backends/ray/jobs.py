@@ -11,7 +11,6 @@ servers write incremental deltas that a dead shard is restored from
 
 from __future__ import annotations
 
-import functools
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 
 from persia.backends.ray.backend import ClusterConfig, init_ray, new_job_id
 from persia.backends.ray.recovery import RecoveryConfig
+from persia.backends.ray.stream import stream_of
 from persia.errors import ConfigError
 
 __all__ = ["run_job"]
@@ -68,15 +68,6 @@ def run_job(
             from persia.backends.ray.loaders import stop_data_loaders
 
             stop_data_loaders(loaders)
-
-
-def stream_of(cluster: ClusterConfig) -> Callable[[], Any]:
-    """The batches of the data-loader stream ``cluster.data_channel``, as a factory."""
-    from persia.backends.ray.stream import receive_batches
-
-    return functools.partial(
-        receive_batches, cluster.data_channel, timeout_s=cluster.resolved_timeout_s()
-    )
 
 
 def _with_data_loaders(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from persia.backends.ray.backend import (
     ClusterConfig,
     RayStore,
+    attach_parameter_servers,
     init_ray,
     new_job_id,
     parameter_server_client,
@@ -123,8 +124,6 @@ def ray_runtime_from_spec(
     timeout_s = cluster.resolved_timeout_s()
     job_name = cluster.job_name or new_job_id()
     if cluster.attach_ps:
-        from persia.backends.ray.ddp import attach_parameter_servers
-
         actors = attach_parameter_servers(str(cluster.job_name), num_ps, timeout_s, spec)
     else:
         actors = start_parameter_servers(num_ps, shard_kwargs, cluster, job_name)

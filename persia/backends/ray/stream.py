@@ -19,8 +19,10 @@ did (``PERSIA_STREAM_CONSUMERS``, default 1), or after ``linger_s`` without requ
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -30,7 +32,10 @@ from persia.embedding.data import PersiaBatch
 from persia.errors import BackendError, ConfigError
 from persia.rpc.zmq_transport import decode, encode
 
-__all__ = ["DATA_LOADER", "StreamSender", "receive_batches", "stream_namespace"]
+if TYPE_CHECKING:
+    from persia.backends.ray.config import ClusterConfig
+
+__all__ = ["DATA_LOADER", "StreamSender", "receive_batches", "stream_namespace", "stream_of"]
 
 DATA_LOADER = "data-loader"
 _POLL_MS = 100
@@ -283,3 +288,10 @@ def receive_batches(channel: str | None = None, timeout_s: float = 600.0, stop: 
         for s in socks:
             s.close()
         ctx.term()
+
+
+def stream_of(cluster: ClusterConfig) -> Callable[[], Any]:
+    """The batches of the data-loader stream ``cluster.data_channel``, as a factory."""
+    return functools.partial(
+        receive_batches, cluster.data_channel, timeout_s=cluster.resolved_timeout_s()
+    )
