@@ -7,7 +7,8 @@ Each round runs the script once per tree, in the order base, new on odd rounds a
 even ones (so drift of a shared, noisy machine hits both alike), with ``PYTHONPATH`` set to the
 tree and the tree as the working directory; the script's path is taken relative to each tree.
 Every JSON line the script prints comes out again with ``tree`` ("base" / "new") and ``round``
-added; then, per key (a line's ``metric``, else its ``system``) and numeric field (``--fields``),
+added; then, per key (a line's ``metric``, else its ``system``, plus the fields that tell lines of one metric
+apart: transport, payload, backend, staleness, ...) and numeric field (``--fields``),
 one summary line with the median of each tree and ``new_over_base``.
 
 A "before / after nothing is slower" check of a refactor reads the summary lines: rates should
@@ -27,6 +28,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_FIELDS = "value,value_cpu,samples_per_s,cpu_ms_per_step,ms_per_step"
+#: Fields that tell two lines of one metric apart (a transport, a payload size, ...).
+DISCRIMINATORS = ("system", "backend", "transport", "payload", "staleness", "optimizer")
 
 
 def run_once(tree: Path, command: list[str], timeout_s: float) -> list[dict[str, Any]]:
@@ -57,9 +60,11 @@ def summarise(rows: list[dict[str, Any]], fields: list[str]) -> list[dict[str, A
     """Median per (key, field) per tree and the ratio new / base."""
     values: dict[tuple[str, str], dict[str, list[float]]] = {}
     for row in rows:
-        key = row.get("metric") or row.get("system")
-        if key is None:
+        name = row.get("metric") or row.get("system")
+        if name is None:
             continue
+        extra = [f"{k}={row[k]}" for k in DISCRIMINATORS if k in row and row[k] != name]
+        key = " ".join([str(name), *extra])
         for f in fields:
             v = row.get(f)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -84,14 +89,25 @@ def summarise(rows: list[dict[str, Any]], fields: list[str]) -> list[dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--base", required=True, type=Path, help="the tree before the change")
+    p.add_argument("--base", type=Path, help="the tree before the change")
     p.add_argument("--new", type=Path, default=HERE.parent, help="the tree after (default: this)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--fields", default=DEFAULT_FIELDS, help="numeric fields to summarise")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    p.add_argument(
+        "--from", dest="saved", type=Path, help="summarise the lines of an earlier run instead"
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS...]")
     args = p.parse_args(argv)
+    if args.saved is not None:
+        lines = [json.loads(x) for x in args.saved.read_text().splitlines() if x.startswith("{")]
+        saved = [x for x in lines if "tree" in x and "summary" not in x]
+        for line in summarise(saved, args.fields.split(",")):
+            print(json.dumps(line), flush=True)
+        return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.base is None:
+        p.error("--base is required (unless --from)")
     if not command:
         p.error("give the benchmark after --, e.g. -- benchmarks/bench_store.py")
     trees = {"base": args.base.resolve(), "new": args.new.resolve()}

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,3 +46,25 @@ def test_alternates_the_trees_and_summarises(tmp_path):
     assert summary["rows_per_s", "value"]["new_over_base"] == 1.2
     assert abs(summary["persia-sync", "cpu_ms_per_step"]["new_over_base"] - 10 / 12) < 1e-9
     assert summary["rows_per_s", "value"]["runs"] == [2, 2]
+    saved = tmp_path / "saved.jsonl"
+    saved.write_text(out)
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab_trees.py"), "--from", str(saved)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert [json.loads(x) for x in again.splitlines()] == [x for x in lines if "summary" in x]
+
+
+def test_lines_of_one_metric_are_told_apart_by_their_settings():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ab_trees", ROOT / "benchmarks" / "ab_trees.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    rows = [
+        {"metric": "rtt", "value": v, "transport": t, "tree": tree}
+        for tree, (zmq, ray) in {"base": (1.0, 4.0), "new": (1.1, 4.0)}.items()
+        for t, v in (("zmq", zmq), ("ray", ray))
+    ]
+    got = {x["summary"]: x["new_over_base"] for x in ab.summarise(rows, ["value"])}
+    assert got == {"rtt transport=zmq": pytest.approx(1.1), "rtt transport=ray": 1.0}
