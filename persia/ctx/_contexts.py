@@ -322,7 +322,15 @@ class TrainCtx(EmbeddingCtx):
     def _enter(self) -> None:
         last = last_runtime()
         if last is not None and not last.closed:
-            last.close()
+            # the previous job's runtime: an error it still holds (a late failure of its applier
+            # thread, after its context ended) belongs to that job, not to this one
+            try:
+                last.close()
+            except Exception as exc:  # noqa: BLE001 - reported, and not this job's error
+                _logger.warning(
+                    f"the previous training runtime ended with an error, ignored by the new "
+                    f"TrainCtx: {type(exc).__name__}: {exc}"
+                )
         self._runtime = self._build_runtime(self.embedding_optimizer, self.backward_buffer_size)
         self._owns_runtime = True
         set_last_runtime(self._runtime)

@@ -45,6 +45,20 @@ def train(ctx, loader, steps=None):
     return losses
 
 
+def test_an_old_runtime_error_does_not_fail_the_next_train_ctx(caplog):
+    """A failure the previous job's runtime still holds (its applier failed after its context
+    ended) is logged when the next TrainCtx closes that runtime, not raised into the new job."""
+    with train_ctx(Net()) as ctx:
+        train(ctx, DataLoader(ListDataset(make_batches(2)), embedding_staleness=1))
+    old = ctx.runtime
+    old._error = BackendError("stale failure of the old job", role="parameter-server", rank=0)
+    with caplog.at_level("WARNING"):
+        with train_ctx(Net()) as new:
+            losses = train(new, DataLoader(ListDataset(make_batches(2)), embedding_staleness=1))
+    assert new.runtime is not old and old.closed and len(losses) == 2
+    assert "stale failure of the old job" in caplog.text
+
+
 @pytest.mark.parametrize("size", [1, 3])
 def test_backward_buffer_size_reaches_the_runtime(size):
     """TrainCtx(backward_buffer_size=n) bounds the gradient queue of its runtime at n (it was
