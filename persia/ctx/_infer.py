@@ -6,12 +6,24 @@ over ``InferCtx``, requests as :meth:`persia.embedding.data.PersiaBatch.to_bytes
 checkpoint (``infer_config.embedding_checkpoint`` of ``global_config.yml``, or the
 ``embedding_checkpoint`` argument) into its own store; lookups behave as in evaluation: an unknown
 ID reads as zeros and no row is ever created.
+
+**Following the training job.** With incremental updates (``enable_incremental_update`` and
+``incremental_dir`` of ``global_config.yml``, or the ``incremental_dir`` argument) the context
+applies the training job's deltas (:mod:`persia.store.delta`) on a background thread
+(``persia-infer-delta``), polling every ``poll_interval_s``: every complete delta after the
+checkpoint's ``delta_seq``, strictly in order, with the same :class:`~persia.store.delta.DeltaReader`
+shard recovery uses. A delta is read and verified whole before its rows are written, and written
+under the lock lookups take, so a request sees whole deltas only. A corrupt delta, or a gap, is
+refused with one warning and retried at every poll, never skipped: serving goes on with the last
+complete state, and the later deltas wait behind it. :meth:`InferCtx.freshness` says how far
+behind the served rows are.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +33,7 @@ from persia.embedding.data import PersiaBatch
 from persia.errors import BackendError, ConfigError, PersiaError
 from persia.logger import get_default_logger
 from persia.runtime.pipeline import Runtime, TrainingBatch
+from persia.store.delta import DeltaReader
 
 _logger = get_default_logger()
 
@@ -56,6 +69,10 @@ class InferCtx(EmbeddingCtx):
         embedding_config_file, global_config_file: PERSIA's two YAML files, as paths or parsed
             (default: ``$PERSIA_EMBEDDING_CONFIG`` / ``$PERSIA_GLOBAL_CONFIG``); the slots and
             prefix bits must be the training job's.
+        incremental_dir: follow the deltas in this directory (a persia extension; default: the
+            ``incremental_dir`` of ``global_config.yml`` when ``enable_incremental_update`` is
+            on, else none are followed).
+        poll_interval_s: how often the delta directory is polled (a persia extension).
         device_id, threadpool_worker_size: see :class:`BaseCtx`.
 
     Raises:
@@ -69,8 +86,14 @@ class InferCtx(EmbeddingCtx):
         embedding_worker_address_list: Sequence[str] = (),
         *args: Any,
         embedding_checkpoint: str | os.PathLike | None = None,
+        incremental_dir: str | os.PathLike | None = None,
+        poll_interval_s: float = 1.0,
         **kwargs: Any,
     ) -> None:
+        if isinstance(poll_interval_s, bool) or not (
+            isinstance(poll_interval_s, (int, float)) and poll_interval_s > 0
+        ):
+            raise PersiaError(f"InferCtx: poll_interval_s must be > 0, got {poll_interval_s!r}")
         if isinstance(embedding_worker_address_list, str) or not isinstance(
             embedding_worker_address_list, Sequence
         ):
@@ -124,6 +147,71 @@ class InferCtx(EmbeddingCtx):
         _logger.info(
             "InferCtx: serving %d embedding rows of %s", int(ckpt.meta.get("rows") or 0), ckpt.path
         )
+        ps = glob.embedding_parameter_server_config
+        if incremental_dir is None and ps.enable_incremental_update:
+            incremental_dir = ps.incremental_dir
+        self.incremental_dir = None if incremental_dir is None else Path(incremental_dir)
+        self.poll_interval_s = float(poll_interval_s)
+        self._delta_reader: DeltaReader | None = None
+        self._delta_error: str | None = None
+        self._stop = threading.Event()
+        self._follower: threading.Thread | None = None
+        if self.incremental_dir is not None:
+            self._delta_reader = DeltaReader(self.incremental_dir, self.checkpoint_delta_seq)
+            self._poll_deltas()  # serve the newest complete state from the first request on
+            self._follower = threading.Thread(
+                target=self._follow, name="persia-infer-delta", daemon=True
+            )
+            self._follower.start()
+
+    # ------------------------------------------------------------ deltas
+    def _follow(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            self._poll_deltas()
+
+    def _poll_deltas(self) -> list[int]:
+        """Applies the complete deltas not applied yet; a refused one is logged (once per
+        distinct error) and retried at the next poll. Never raises: serving goes on."""
+        reader = self._delta_reader
+        if reader is None:
+            return []
+        before = reader.last_seq
+        try:
+            reader.apply_pending(self.runtime.store, lock=self._rows_lock)
+        except Exception as exc:  # a refused delta must not stop serving
+            message = f"{type(exc).__name__}: {exc}"
+            if message != self._delta_error:
+                _logger.warning(
+                    "InferCtx: delta %d refused, serving the state after delta %d: %s",
+                    reader.last_seq + 1,
+                    reader.last_seq,
+                    message,
+                )
+            self._delta_error = message
+        else:
+            self._delta_error = None
+        return list(range(before + 1, reader.last_seq + 1))
+
+    def freshness(self) -> dict[str, Any]:
+        """How far behind the training job the served rows are (a persia extension).
+
+        Returns:
+            ``{"incremental_dir", "checkpoint_delta_seq", "last_delta_seq",
+            "last_delta_flushed_unix_s", "age_s", "last_error"}``: the delta directory followed
+            (None: none), the delta the checkpoint already held, the last delta applied, when the
+            training job flushed it and how many seconds ago that was (None before any delta),
+            and why the next delta was refused at the last poll (None: it was not).
+        """
+        reader = self._delta_reader
+        flushed = None if reader is None else reader.last_flushed_unix_s
+        return {
+            "incremental_dir": None if self.incremental_dir is None else str(self.incremental_dir),
+            "checkpoint_delta_seq": self.checkpoint_delta_seq,
+            "last_delta_seq": self.checkpoint_delta_seq if reader is None else reader.last_seq,
+            "last_delta_flushed_unix_s": flushed,
+            "age_s": None if flushed is None else max(0.0, time.time() - flushed),
+            "last_error": self._delta_error,
+        }
 
     # ------------------------------------------------------------ context protocol
     def _enter(self) -> None:
@@ -134,7 +222,12 @@ class InferCtx(EmbeddingCtx):
         self.close()
 
     def close(self) -> None:
-        """Stops serving: releases the store (a persia extension; idempotent)."""
+        """Stops serving: stops following deltas and releases the store (a persia extension;
+        idempotent)."""
+        self._stop.set()
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.join()
         runtime = self._runtime
         if runtime is not None and not runtime.closed:
             runtime.close()
