@@ -192,3 +192,79 @@ def test_a_request_sees_whole_deltas_only(tmp_path):
         np.testing.assert_array_equal(seen[0], after)
         assert not np.array_equal(before, after)
         infer.close()
+
+
+CHILD = """
+import hashlib, sys
+from persia.embedding.config import parse_global_config
+from runtime._jobs import Net, make_batches, run, to_persia, train_ctx
+
+deltas, ckpt = sys.argv[1], sys.argv[2]
+config = parse_global_config({"embedding_parameter_server_config": {
+    "enable_incremental_update": True, "incremental_dir": deltas,
+    "incremental_buffer_size": 10**9}})
+probe = to_persia(make_batches(1, batch_size=64, seed=11)[0], requires_grad=False)
+with train_ctx(Net(), global_config_file=config) as ctx:
+    run(ctx, make_batches(6))
+    ctx.dump_embedding(ckpt)
+    print("ready", flush=True)
+    for i in range(1, 1000):
+        run(ctx, make_batches(4, seed=100 + i))
+        ctx.runtime.flush()
+        seq = ctx._delta_writer.flush().seq
+        summed = ctx.runtime.lookup(probe, False, 0, None).lookup.summed
+        print(seq, hashlib.sha256(summed.tobytes()).hexdigest(), flush=True)
+        sys.stdin.readline()  # the parent says when to go on (or kills this process)
+"""
+
+
+def test_a_training_process_followed_then_killed(tmp_path):
+    """Training in another process: each delta it writes reaches this process's InferCtx with
+    the rows training had when it wrote it; after the training process is killed (SIGKILL)
+    inference stays at its last complete delta, with no error, and keeps serving."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests")])
+    deltas, ckpt = tmp_path / "deltas", tmp_path / "ckpt"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(deltas), str(ckpt)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        infer = InferCtx(
+            [],
+            embedding_checkpoint=ckpt,
+            embedding_config_file=embedding_file(),
+            incremental_dir=deltas,
+            poll_interval_s=0.02,
+        )
+        for expected_seq in (1, 2, 3):
+            seq, digest = child.stdout.readline().split()
+            assert int(seq) == expected_seq
+            _wait_for(infer, expected_seq)
+            assert hashlib.sha256(_served(infer).tobytes()).hexdigest() == digest
+            if expected_seq < 3:
+                child.stdin.write("\n")
+                child.stdin.flush()
+        child.kill()
+        child.wait(TIMEOUT_S)
+        time.sleep(0.1)  # a few polls after the kill
+        fresh = infer.freshness()
+        assert fresh["last_delta_seq"] == 3 and fresh["last_error"] is None
+        assert hashlib.sha256(_served(infer).tobytes()).hexdigest() == digest
+        infer.close()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
