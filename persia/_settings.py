@@ -61,6 +61,11 @@ RAY_AUTH_MODE = "RAY_AUTH_MODE"
 #: torch.distributed's gloo interface; when unset, an NN worker sets it to the interface of
 #: the rendezvous address (set to "": unset, gloo chooses).
 GLOO_SOCKET_IFNAME = "GLOO_SOCKET_IFNAME"
+#: PERSIA-compatible: the embedding-worker service (``host:port``) a serving handler's
+#: ``InferCtx`` connects to (:func:`persia.service.get_embedding_worker_services`); unset or
+#: empty: PERSIA's default ``DEFAULT_EMBEDDING_WORKER_SERVICE``.
+EMBEDDING_WORKER_SERVICE = "EMBEDDING_WORKER_SERVICE"
+DEFAULT_EMBEDDING_WORKER_SERVICE = "embedding_worker:8887"
 #: torch.distributed's rendezvous address and port; written (never read) by persia's NN-worker
 #: actors before they join their process group.
 MASTER_ADDR = "MASTER_ADDR"
@@ -202,3 +207,9 @@ def stream_channel() -> str | None:
 def gloo_socket_ifname() -> str | None:
     """``GLOO_SOCKET_IFNAME`` as set (``""`` when set empty); None when unset."""
     return os.environ.get(GLOO_SOCKET_IFNAME)
+
+
+def embedding_worker_service() -> str:
+    """``EMBEDDING_WORKER_SERVICE`` as set when not empty, else
+    ``DEFAULT_EMBEDDING_WORKER_SERVICE`` (PERSIA's rule: the value is not stripped)."""
+    return os.environ.get(EMBEDDING_WORKER_SERVICE) or DEFAULT_EMBEDDING_WORKER_SERVICE

@@ -30,6 +30,7 @@ FLOORS: list[list[str]] = [
         "persia.utils",
         "persia.env",
         "persia.metrics",
+        "persia.service",
     ],
     # PERSIA's data types, optimizers, the embedding-layer spec, the YAML loaders (and the old
     # path of the loaders, persia.config)

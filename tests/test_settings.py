@@ -193,3 +193,16 @@ def test_raw_values(monkeypatch):
     monkeypatch.delenv(_settings.PERSIA_DEEP_CHECKS, raising=False)
     assert _settings.env_values([_settings.RANK, _settings.PERSIA_DEEP_CHECKS]) == {"RANK": "abc"}
     assert _settings.environment()[_settings.RANK] == "abc"
+
+
+def test_embedding_worker_service_is_persias_rule(monkeypatch):
+    """persia.service.get_embedding_worker_services: PERSIA's default when the variable is unset
+    or empty, else its value as set."""
+    from persia.service import get_embedding_worker_services
+
+    monkeypatch.delenv(_settings.EMBEDDING_WORKER_SERVICE, raising=False)
+    assert get_embedding_worker_services() == ["embedding_worker:8887"]
+    monkeypatch.setenv(_settings.EMBEDDING_WORKER_SERVICE, "")
+    assert get_embedding_worker_services() == ["embedding_worker:8887"]
+    monkeypatch.setenv(_settings.EMBEDDING_WORKER_SERVICE, "10.0.0.2:9000")
+    assert get_embedding_worker_services() == ["10.0.0.2:9000"]

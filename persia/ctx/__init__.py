@@ -1,4 +1,5 @@
-"""PERSIA's contexts: ``TrainCtx`` (training), ``eval_ctx`` / ``EmbeddingCtx`` (evaluation).
+"""PERSIA's contexts: ``TrainCtx`` (training), ``eval_ctx`` / ``EmbeddingCtx`` (evaluation),
+``InferCtx`` (serving).
 
 A PERSIA training script runs unchanged::
 
@@ -20,11 +21,13 @@ uses the current or most recent one, as PERSIA's servers outlive a context.
 
 The package's modules: ``_stack`` (the context stack: :class:`BaseCtx`, :func:`cnt_ctx`, the
 most recent runtime), ``_contexts`` (:class:`DataCtx`, :class:`EmbeddingCtx`, :class:`TrainCtx`,
-:func:`eval_ctx`, :class:`PreprocessMode`) and ``_checkpoint`` (the checkpoint service of
+:func:`eval_ctx`, :class:`PreprocessMode`), ``_infer`` (:class:`InferCtx`: a read-only store
+loaded from a checkpoint, for serving handlers) and ``_checkpoint`` (the checkpoint service of
 :class:`EmbeddingCtx`: dump, load and wait of the dense state and the embeddings).
 """
 
 from persia.ctx._contexts import DataCtx, EmbeddingCtx, PreprocessMode, TrainCtx, eval_ctx
+from persia.ctx._infer import InferCtx
 from persia.ctx._stack import BaseCtx, cnt_ctx
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "BaseCtx",
     "DataCtx",
     "EmbeddingCtx",
+    "InferCtx",
     "TrainCtx",
     "eval_ctx",
     "cnt_ctx",

@@ -16,7 +16,7 @@ from persia.ctx._checkpoint import CheckpointService
 from persia.ctx._stack import BaseCtx, cnt_ctx, last_runtime, set_last_runtime
 from persia.embedding import EmbeddingConfig, get_default_embedding_config
 from persia.embedding.optim import EmbeddingOptimizer
-from persia.errors import BackendError, PersiaError
+from persia.errors import BackendError, ConfigError, PersiaError
 from persia.logger import get_default_logger, warn_once
 from persia.runtime import registry
 from persia.runtime.pipeline import RuntimeProtocol, TrainingBatch
@@ -320,6 +320,16 @@ class TrainCtx(EmbeddingCtx):
             self.model = wrap_ddp(self.model, distributed_option, self.device)
 
     def _enter(self) -> None:
+        from persia.embedding.config import GlobalConfig, load_global_config
+
+        source = self.global_config_file
+        glob = source if isinstance(source, GlobalConfig) else load_global_config(source)
+        if glob.common_config.job_type == "infer":
+            raise ConfigError(
+                "common_config.job_type: Infer makes the parameter servers read-only; TrainCtx "
+                "needs job_type: Train (serve with persia.ctx.InferCtx)",
+                source=glob.source,
+            )
         last = last_runtime()
         if last is not None and not last.closed:
             # the previous job's runtime: an error it still holds (a late failure of its applier

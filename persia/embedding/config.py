@@ -33,17 +33,17 @@ is ``(x & key_mask) | index_prefix`` with ``key_mask = 2**(64 - bits) - 1`` (PER
 ``global_config.yml`` (:func:`load_global_config` -> :class:`GlobalConfig`)::
 
     common_config:
-      job_type: Train                  # Train | Infer (any case)
+      job_type: Train                  # Train | Infer (any case); TrainCtx refuses Infer
       checkpointing_config: {num_workers: 4}
       metrics_config: {enable_metrics: false, push_interval_seconds: 10, job_name: ...}
-      infer_config: {servers: [host:port, ...], embedding_checkpoint: /path}
+      infer_config: {servers: [host:port, ...], embedding_checkpoint: /path}  # InferCtx's ckpt
     embedding_worker_config:
       forward_buffer_size: 1000
     embedding_parameter_server_config:
       capacity: 1000000000             # rows per parameter server before LRU eviction
       num_hashmap_internal_shards: 1   # shards of the table (PERSIA's default was 100)
       enable_incremental_update: false # deltas of changed rows (incremental_buffer_size rows each)
-      incremental_dir: /workspace/incremental_dir/  # where TrainCtx writes them
+      incremental_dir: /workspace/incremental_dir/  # TrainCtx writes them, InferCtx follows
 
 Every key PERSIA's own configs and docs use is accepted. Keys persia builds on are used; keys of
 features persia has not built (metrics, PERSIA's I/O tuning knobs) are

@@ -32,11 +32,38 @@ Transport
 :meth:`PersiaBatch.to_arrays` / :meth:`PersiaBatch.from_arrays` turn a batch into a flat
 ``dict[str, np.ndarray]`` and back: plain arrays plus a small JSON header stored as a uint8 array,
 no pickle. The cluster transport sends that dict.
+
+:meth:`PersiaBatch.to_bytes` / :meth:`PersiaBatch.from_bytes` put the same arrays in one byte
+string, the request body of a serving handler (PERSIA's ``InferCtx.get_embedding_from_bytes``).
+The format, version 1, all integers little-endian::
+
+    offset  size  field
+    0       8     magic b"PERSIAB" then the byte 0x01
+    8       4     u32 format version (1)
+    12      4     u32 H: header length in bytes (a multiple of 8)
+    16      8     u64 P: payload length in bytes
+    24      4     u32 CRC-32 (zlib) of header and payload
+    28      4     u32 reserved, 0
+    32      H     header: UTF-8 JSON, padded with spaces to a multiple of 8
+    32 + H  P     payload: the arrays' bytes (C order, little-endian), each starting at a
+                  multiple of 8 from the payload's start, zero padding between them
+
+The header is :meth:`PersiaBatch.to_arrays`' JSON header plus ``"arrays"``: one
+``{"key", "dtype", "shape", "offset"}`` entry per array, in payload order (``dtype`` one of
+``|b1 |i1 <i2 <i4 <i8 |u1 <u8 <f4 <f8``; ``offset`` relative to the payload). The decoder checks
+the magic, the version, every length against the bytes received (the message must end exactly
+after the payload), the CRC, each array's dtype, shape, offset (in order, aligned, no overlap,
+within the payload) and bool bytes (0 or 1), then that the header names exactly the arrays of its
+slots, features, labels and meta; then every constructor check runs again. Anything wrong raises
+:class:`~persia.errors.BatchError` naming it; nothing is read outside the bytes given. The CRC
+makes every changed byte an error rather than a different batch.
 """
 
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -60,6 +87,19 @@ SUPPORTED_DENSE_DTYPES = frozenset(
 )
 _ARRAYS_FORMAT = "persia-batch"
 _ARRAYS_VERSION = 1
+#: to_bytes / from_bytes: the magic, the format version and the fixed prefix (see the module
+#: docstring).
+BYTES_MAGIC = b"PERSIAB\x01"
+BYTES_VERSION = 1
+_PREFIX = struct.Struct("<8sIIQII")
+_ALIGN = 8
+_MAX_NDIM = 32
+#: the dtypes the byte format carries, by their little-endian descriptor
+_BYTES_DTYPES = {
+    np.dtype(t).newbyteorder("<").str: np.dtype(t).newbyteorder("<")
+    for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint64)
+    + (np.float32, np.float64)
+}
 
 
 def _type_name(value: object) -> str:
@@ -554,6 +594,11 @@ class PersiaBatch:
             raise BatchError(f"from_arrays: header lacks field {exc}") from None
         ids: list[IDTypeFeature] = []
         for i, spec in enumerate(id_specs):
+            if not isinstance(spec, dict) or "name" not in spec:
+                raise BatchError(
+                    f"from_arrays: header id_type_features[{i}] must be an object with a name, "
+                    f"got {spec!r}"
+                )
             values = get(f"id.{i}.values")
             lengths = get(f"id.{i}.lengths")
             if spec.get("single_id"):
@@ -576,3 +621,171 @@ class PersiaBatch:
             requires_grad=requires_grad,
             meta=meta,
         )
+
+    def to_bytes(self) -> bytes:
+        """The batch as one byte string (format version 1, see the module docstring): what a
+        client sends to a serving handler, decoded by :meth:`from_bytes` or
+        :meth:`persia.ctx.InferCtx.get_embedding_from_bytes`. No pickle."""
+        arrays = self.to_arrays()
+        header = json.loads(arrays.pop("header").tobytes().decode("utf-8"))
+        entries = []
+        chunks: list[bytes] = []
+        offset = 0
+        for key, array in arrays.items():
+            little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+            raw = little.tobytes()
+            entries.append(
+                {
+                    "key": key,
+                    "dtype": little.dtype.str,
+                    "shape": list(little.shape),
+                    "offset": offset,
+                }
+            )
+            pad = -len(raw) % _ALIGN
+            chunks.append(raw + b"\x00" * pad)
+            offset += len(raw) + pad
+        header["arrays"] = entries
+        head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        head += b" " * (-len(head) % _ALIGN)
+        payload = b"".join(chunks)
+        crc = zlib.crc32(payload, zlib.crc32(head))
+        prefix = _PREFIX.pack(BYTES_MAGIC, BYTES_VERSION, len(head), len(payload), crc, 0)
+        return prefix + head + payload
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> PersiaBatch:
+        """Decodes what :meth:`to_bytes` wrote; the arrays are copies (writable).
+
+        Raises:
+            BatchError: not bytes; a wrong magic or version; a length, offset, shape or dtype
+                that does not fit the bytes given; a CRC mismatch; a header naming other arrays
+                than its features need; or any batch check failing. The message says which.
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise BatchError(f"from_bytes: expected bytes, got {_type_name(data)}")
+        buf = bytearray(data)  # one copy: the arrays below are writable views of it
+        size = len(buf)
+        if size < _PREFIX.size:
+            raise BatchError(
+                f"from_bytes: {size} bytes is shorter than the {_PREFIX.size}-byte prefix"
+            )
+        magic, version, head_len, payload_len, crc, reserved = _PREFIX.unpack_from(buf, 0)
+        if magic != BYTES_MAGIC:
+            raise BatchError(
+                f"from_bytes: not a persia batch: magic {magic!r}, expected {BYTES_MAGIC!r}"
+            )
+        if version != BYTES_VERSION:
+            raise BatchError(
+                f"from_bytes: format version {version} is not supported (this persia reads "
+                f"{BYTES_VERSION})"
+            )
+        if reserved != 0:
+            raise BatchError(f"from_bytes: reserved prefix field must be 0, got {reserved}")
+        if head_len % _ALIGN:
+            raise BatchError(f"from_bytes: header length {head_len} is not a multiple of 8")
+        expected = _PREFIX.size + head_len + payload_len
+        if expected != size:
+            raise BatchError(
+                f"from_bytes: the prefix announces {expected} bytes (header {head_len}, payload "
+                f"{payload_len}), got {size}"
+            )
+        view = memoryview(buf)
+        head = view[_PREFIX.size : _PREFIX.size + head_len]
+        payload_start = _PREFIX.size + head_len
+        actual = zlib.crc32(view[payload_start:], zlib.crc32(head))
+        if actual != crc:
+            raise BatchError(
+                f"from_bytes: CRC-32 mismatch (stored {crc:#010x}, computed {actual:#010x}): "
+                "the bytes were changed or truncated"
+            )
+        try:
+            header = json.loads(bytes(head).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise BatchError(f"from_bytes: header is not valid JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise BatchError(f"from_bytes: header must be a JSON object, got {_type_name(header)}")
+        entries = header.pop("arrays", None)
+        if not isinstance(entries, list):
+            raise BatchError("from_bytes: header lacks its 'arrays' list")
+        arrays: dict[str, np.ndarray] = {}
+        end = 0
+        for i, entry in enumerate(entries):
+            arrays_key, array = _decode_array(buf, payload_start, payload_len, entry, i, end)
+            if arrays_key in arrays:
+                raise BatchError(f"from_bytes: array {arrays_key!r} appears twice")
+            arrays[arrays_key] = array
+            end = entry["offset"] + array.nbytes
+        if payload_len != end + (-end % _ALIGN):
+            raise BatchError(
+                f"from_bytes: payload of {payload_len} bytes, but its arrays end at {end}"
+            )
+        _check_array_keys(header, set(arrays))
+        arrays["header"] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+        return cls.from_arrays(arrays)
+
+
+def _decode_array(
+    buf: bytearray, start: int, payload_len: int, entry: object, i: int, end: int
+) -> tuple[str, np.ndarray]:
+    """Array ``i`` of a to_bytes payload, its entry checked against the bytes (see from_bytes)."""
+    where = f"from_bytes: arrays[{i}]"
+    if not isinstance(entry, dict) or set(entry) != {"key", "dtype", "shape", "offset"}:
+        raise BatchError(f"{where}: expected an object with key, dtype, shape and offset")
+    key, descr, shape, offset = entry["key"], entry["dtype"], entry["shape"], entry["offset"]
+    if not isinstance(key, str):
+        raise BatchError(f"{where}: key must be a string, got {key!r}")
+    where = f"from_bytes: array {key!r}"
+    dtype = _BYTES_DTYPES.get(descr) if isinstance(descr, str) else None
+    if dtype is None:
+        raise BatchError(f"{where}: dtype {descr!r} is not one of {sorted(_BYTES_DTYPES)}")
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= _MAX_NDIM
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise BatchError(
+            f"{where}: shape must be a list of 1 to {_MAX_NDIM} ints >= 0, got {shape!r}"
+        )
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise BatchError(f"{where}: offset must be an int, got {offset!r}")
+    if offset % _ALIGN or offset < end:
+        raise BatchError(
+            f"{where}: offset {offset} must be a multiple of 8 at or after the previous "
+            f"array's end ({end})"
+        )
+    count = 1
+    for n in shape:
+        count *= n
+    nbytes = count * dtype.itemsize
+    if offset + nbytes > payload_len:
+        raise BatchError(
+            f"{where}: {nbytes} bytes at offset {offset} run past the payload's {payload_len}"
+        )
+    if count == 0:
+        return key, np.empty(shape, dtype=dtype)
+    array = np.frombuffer(buf, dtype=dtype, count=count, offset=start + offset).reshape(shape)
+    if dtype.kind == "b" and int(array.view(np.uint8).max()) > 1:
+        raise BatchError(f"{where}: bool bytes must be 0 or 1")
+    return key, array
+
+
+def _check_array_keys(header: dict, present: set[str]) -> None:
+    """The arrays a header's features need are exactly those present (from_bytes)."""
+    try:
+        wanted = set()
+        for i in range(len(header["id_type_features"])):
+            wanted |= {f"id.{i}.values", f"id.{i}.lengths"}
+        wanted |= {f"non_id.{i}" for i in range(len(header["non_id_type_features"]))}
+        wanted |= {f"label.{i}" for i in range(len(header["labels"]))}
+        meta = header["meta"]
+        if not isinstance(meta, bool):
+            raise TypeError("'meta'")
+        if meta:
+            wanted.add("meta")
+    except (KeyError, TypeError) as exc:
+        raise BatchError(f"from_bytes: header lacks or mistypes field {exc}") from None
+    if wanted != present:
+        missing = sorted(wanted - present)
+        extra = sorted(present - wanted)
+        raise BatchError(f"from_bytes: arrays missing {missing}, unexpected {extra}")

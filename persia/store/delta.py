@@ -31,6 +31,7 @@ its own capacity evicts it) and the admission sketch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -235,15 +236,22 @@ class DeltaReader:
             expected += 1
         return [found[n] for n in later]
 
-    def apply_pending(self, store: Any) -> list[int]:
+    def apply_pending(self, store: Any, lock: Any = None) -> list[int]:
         """Apply every complete delta after ``last_seq`` to ``store``, in order.
+
+        Args:
+            store: the store to update.
+            lock: if given (a ``threading.Lock``, say), held while one delta's rows are written
+                and only then (each delta is read and verified before): a reader that takes the
+                same lock sees whole deltas only (``persia.ctx.InferCtx``'s lookups).
 
         Returns:
             The numbers applied (possibly none: an incomplete next delta is waited for).
 
         Raises:
-            CheckpointError: a gap, a corrupt delta, another base, or rows the store refuses;
-                the deltas before it stay applied and ``last_seq`` names the last one.
+            CheckpointError: a gap, a corrupt delta, another base, a dim the store does not
+                declare, or rows the store refuses; the deltas before it stay applied and
+                ``last_seq`` names the last one.
         """
         applied = []
         for path in self.pending():
@@ -278,15 +286,21 @@ class DeltaReader:
                         f"{path}: dim {dim}: keys, values or state missing or of the wrong shape "
                         f"for this store's optimizer {store.optimizer.name}"
                     )
-            try:
-                for dim in dims:
-                    apply_rows(
-                        store,
-                        dim,
-                        arrays[f"d{dim}.keys"],
-                        arrays[f"d{dim}.values"],
-                        arrays[f"d{dim}.state"],
+                declared = getattr(store, "dims", None)
+                if declared is not None and dim not in declared:
+                    raise CheckpointError(
+                        f"{path}: delta of dim {dim}, the store only holds {list(declared)}"
                     )
+            try:
+                with lock if lock is not None else contextlib.nullcontext():
+                    for dim in dims:
+                        apply_rows(
+                            store,
+                            dim,
+                            arrays[f"d{dim}.keys"],
+                            arrays[f"d{dim}.values"],
+                            arrays[f"d{dim}.state"],
+                        )
             except StoreError as exc:
                 raise CheckpointError(f"{path}: rows cannot be applied: {exc}") from exc
             self.last_seq = int(seq)

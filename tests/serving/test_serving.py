@@ -245,3 +245,71 @@ def test_tampered_export_is_refused(trained: dict[str, Any], tmp_path: Path, wha
         path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError):
         serving.load(copy)
+
+
+class _AdultHandler:
+    """A handler shaped as PERSIA's examples/src/adult-income/serve_handler.py (TorchServe's
+    initialize / preprocess / inference / postprocess over InferCtx), serving in process."""
+
+    def initialize(self, context: Any) -> None:
+        from persia.ctx import InferCtx
+
+        self.model = context.model  # TorchServe would load it from the model archive
+        self.persia_context = InferCtx(
+            [],
+            embedding_checkpoint=context.checkpoint,
+            embedding_config_file=context.embedding_config,
+            global_config_file=context.global_config,
+        )
+        self.persia_context.wait_for_serving()
+
+    def preprocess(self, data: list[dict[str, Any]]) -> Any:
+        batch = self.persia_context.get_embedding_from_bytes(bytes(data[0]["batch"]), None)
+        return self.persia_context.prepare_features(batch)
+
+    def inference(self, data: Any) -> torch.Tensor:
+        non_id_type_tensors, id_type_tensors, _ = data
+        with torch.no_grad():
+            return torch.sigmoid(self.model(non_id_type_tensors, id_type_tensors))
+
+    def postprocess(self, data: torch.Tensor) -> list[list[float]]:
+        return [torch.reshape(data, (-1,)).tolist()]
+
+
+def test_a_persia_handler_over_infer_ctx_equals_training_on_the_adult_test_set(
+    trained: dict[str, Any],
+) -> None:
+    """The Adult job's checkpoint served by InferCtx through a PERSIA-shaped handler, requests as
+    PersiaBatch.to_bytes() of the job reader's test batches: the predictions equal the training
+    code path's on the same checkpoint to 1e-6."""
+    from types import SimpleNamespace
+
+    from persia import checkpoint
+    from persia.job.models import build_model
+    from persia.job.readers import JobReader
+    from persia.job.runner import embedding_configs
+
+    job, tmp = trained["job"], trained["tmp"]
+    expected = _training_predictions(job, tmp / "ckpt")
+    model = build_model(
+        job.model.type, job.model.args, len(job.data.dense), [s.dim for s in job.embedding.slots]
+    )
+    model.load_state_dict(checkpoint.read(tmp / "ckpt").dense_model_state())
+    model.eval()
+    emb_file, global_file = embedding_configs(job)
+    handler = _AdultHandler()
+    handler.initialize(
+        SimpleNamespace(
+            model=model,
+            checkpoint=tmp / "ckpt",
+            embedding_config=emb_file,
+            global_config=global_file,
+        )
+    )
+    served: list[float] = []
+    assert job.data.test is not None
+    for pb in JobReader(job.data).batches(job.data.test, 4096, training=False):
+        request = [{"batch": bytearray(pb.to_bytes())}]
+        served.extend(handler.postprocess(handler.inference(handler.preprocess(request)))[0])
+    handler.persia_context.close()
+    np.testing.assert_allclose(np.array(served, np.float32), expected, rtol=0, atol=1e-6)

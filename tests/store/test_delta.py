@@ -161,3 +161,56 @@ def test_tracking_is_off_by_default_and_records_nothing() -> None:
     step(store, np.random.default_rng(0))
     assert not store.shards[0].tracking_changes
     assert store.shards[0].take_changes() == {}
+
+
+def test_a_delta_of_a_dim_the_store_lacks_is_refused_before_any_row(tmp_path: Path) -> None:
+    """Delta 1 holds dims 4 and 8; a store declaring only dim 4 refuses it whole (no row of
+    dim 4 written either), instead of writing dim 4 and failing at dim 8."""
+    rng = np.random.default_rng(3)
+    source = new_store(1)
+    writer = DeltaWriter(source, tmp_path / "inc").start()
+    step(source, rng)
+    writer.flush()
+    target = ShardedStore(1, 200_000, Adam(lr=0.05), dims=[4])
+    reader = DeltaReader(tmp_path / "inc")
+    with pytest.raises(CheckpointError, match="delta of dim 8, the store only holds \\[4\\]"):
+        reader.apply_pending(target)
+    assert reader.last_seq == 0
+    assert sum(int(s["rows"]) for s in target.shard_stats()) == 0
+
+
+def test_apply_pending_holds_the_lock_while_writing_rows(tmp_path: Path) -> None:
+    import threading
+
+    rng = np.random.default_rng(4)
+    store = new_store(2)
+    writer = DeltaWriter(store, tmp_path / "inc").start()
+    step(store, rng)
+    writer.flush()
+
+    class Probe:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.entered = 0
+
+        def __enter__(self):
+            self.lock.acquire()
+            self.entered += 1
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    probe = Probe()
+    copy = new_store(2)
+    import_rows = [s.import_rows for s in copy.shards]
+    held = []
+    for shard, original in zip(copy.shards, import_rows, strict=True):
+
+        def checked(*args, _original=original):
+            held.append(probe.lock.locked())
+            return _original(*args)
+
+        shard.import_rows = checked  # type: ignore[method-assign]
+    assert DeltaReader(tmp_path / "inc").apply_pending(copy, lock=probe) == [1]
+    assert probe.entered == 1 and held and all(held)
+    assert_same(rows(copy), rows(store))
