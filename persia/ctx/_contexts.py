@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from persia import env
+from persia import _settings, env
 from persia.ctx._checkpoint import CheckpointService
 from persia.ctx._stack import BaseCtx, cnt_ctx, last_runtime, set_last_runtime
 from persia.embedding import EmbeddingConfig, get_default_embedding_config
@@ -126,8 +126,6 @@ class EmbeddingCtx(CheckpointService, BaseCtx):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        from persia import _settings
-
         self.backend = backend or _settings.backend()
         if self.backend not in registry.names():
             allowed = " or ".join(repr(n) for n in registry.names())
@@ -242,7 +240,10 @@ class TrainCtx(EmbeddingCtx):
         lookup_emb_directly: PERSIA internal; no effect (warns once when changed).
         mixed_precision: use a CUDA grad scaler; a no-op on the CPU.
         distributed_option: PERSIA's DDP option; with ``WORLD_SIZE > 1`` the model is wrapped
-            in ``DistributedDataParallel`` (gloo on CPU, NCCL on GPU).
+            in ``DistributedDataParallel`` (gloo on CPU, NCCL on GPU). ``WORLD_SIZE > 1``
+            needs the cluster backend (``backend="ray"``), where the ranks share one set of
+            parameter servers; with the local backend each rank would train its own embedding
+            table, so ``TrainCtx`` refuses it with :class:`PersiaError`.
         model, embedding_config, device_id: see :class:`EmbeddingCtx`.
     """
 
@@ -314,6 +315,14 @@ class TrainCtx(EmbeddingCtx):
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.mixed_precision else None
         self.world_size = env.get_world_size()
         self.rank = env.get_rank()
+        if self.world_size > 1 and self.backend == "local":
+            raise PersiaError(
+                f"TrainCtx: {_settings.WORLD_SIZE}={self.world_size} (rank {self.rank}, e.g. "
+                "under torchrun) with the local backend: every rank would train its own "
+                "embedding table. Share one set of parameter servers with the cluster backend: "
+                'TrainCtx(backend="ray") or PERSIA_BACKEND=ray (persia-launcher nn-worker sets '
+                "it), or persia train --backend ray --num-nn-workers N"
+            )
         if self.world_size > 1:
             from persia.runtime.distributed import wrap_ddp
 
