@@ -61,8 +61,9 @@ RAY_AUTH_MODE = "RAY_AUTH_MODE"
 #: torch.distributed's gloo interface; when unset, an NN worker sets it to the interface of
 #: the rendezvous address (set to "": unset, gloo chooses).
 GLOO_SOCKET_IFNAME = "GLOO_SOCKET_IFNAME"
-#: torch.distributed's rendezvous address and port; written (never read) by persia's NN-worker
-#: actors before they join their process group.
+#: torch.distributed's rendezvous address and port: written by persia's NN-worker actors before
+#: they join their process group and by ``persia-launcher nn-worker``; read by
+#: ``persia.distributed.DDPOption``'s tcp initialisation when it is given no address or port.
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 
@@ -202,3 +203,26 @@ def stream_channel() -> str | None:
 def gloo_socket_ifname() -> str | None:
     """``GLOO_SOCKET_IFNAME`` as set (``""`` when set empty); None when unset."""
     return os.environ.get(GLOO_SOCKET_IFNAME)
+
+
+def master_addr() -> str | None:
+    """``MASTER_ADDR`` (surrounding blanks ignored); None when unset or blank."""
+    return os.environ.get(MASTER_ADDR, "").strip() or None
+
+
+def master_port() -> int | None:
+    """``MASTER_PORT``; None when unset or blank.
+
+    Raises:
+        ConfigError: a value that is not a port number (1-65535).
+    """
+    raw = os.environ.get(MASTER_PORT, "").strip()
+    if not raw:
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"environment variable {MASTER_PORT}: expected a port, got {raw!r}")
+    return port
