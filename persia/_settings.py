@@ -49,6 +49,10 @@ REPLICA_SIZE = "REPLICA_SIZE"
 PERSIA_STREAM_CHANNEL = "PERSIA_STREAM_CHANNEL"
 #: NN workers each data loader tells "end" before it exits (default 1).
 PERSIA_STREAM_CONSUMERS = "PERSIA_STREAM_CONSUMERS"
+#: PERSIA-compatible: the script of ``persia-launcher nn-worker`` / ``data-loader`` when no FILE
+#: is given on the command line.
+PERSIA_NN_WORKER_ENTRY = "PERSIA_NN_WORKER_ENTRY"
+PERSIA_DATALOADER_ENTRY = "PERSIA_DATALOADER_ENTRY"
 #: Name shared by the roles of one job started by persia-launcher (their actors'
 #: ``persia-<name>-...``); set: TrainCtx(backend="ray") attaches to its parameter servers.
 PERSIA_JOB_NAME = "PERSIA_JOB_NAME"
