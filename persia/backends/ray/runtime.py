@@ -121,7 +121,14 @@ def ray_runtime_from_spec(
     store_kwargs = store_options(spec)
     shard_kwargs = shard_options(spec, num_ps)
     recover = recovery_settings(cluster, spec)  # checked before anything starts
-    init_ray(cluster.address, cluster.num_cpus)
+    if cluster.attach_ps:
+        init_ray(cluster.address, cluster.num_cpus)
+    else:  # the actors started here must fit the cluster (or fail now)
+        from persia.backends.ray.planning import check_runtime_fits, job_asks, local_cluster_cpus
+
+        asks = job_asks(cluster, num_ps, nn_actors=False, loaders=False)
+        init_ray(cluster.address, local_cluster_cpus(cluster, asks))
+        check_runtime_fits(cluster, num_ps)
     timeout_s = cluster.resolved_timeout_s()
     job_name = cluster.job_name or new_job_id()
     if cluster.attach_ps:
