@@ -18,8 +18,7 @@ from persia.errors import (  # noqa: E402
     PersiaError,
     StoreError,
 )
-
-__version__ = "0.1.0"
+from persia.version import __version__  # noqa: E402
 
 __all__ = [
     "__version__",

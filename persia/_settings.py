@@ -49,6 +49,10 @@ REPLICA_SIZE = "REPLICA_SIZE"
 PERSIA_STREAM_CHANNEL = "PERSIA_STREAM_CHANNEL"
 #: NN workers each data loader tells "end" before it exits (default 1).
 PERSIA_STREAM_CONSUMERS = "PERSIA_STREAM_CONSUMERS"
+#: PERSIA-compatible: the script of ``persia-launcher nn-worker`` / ``data-loader`` when no FILE
+#: is given on the command line.
+PERSIA_NN_WORKER_ENTRY = "PERSIA_NN_WORKER_ENTRY"
+PERSIA_DATALOADER_ENTRY = "PERSIA_DATALOADER_ENTRY"
 #: Name shared by the roles of one job started by persia-launcher (their actors'
 #: ``persia-<name>-...``); set: TrainCtx(backend="ray") attaches to its parameter servers.
 PERSIA_JOB_NAME = "PERSIA_JOB_NAME"
@@ -66,8 +70,9 @@ GLOO_SOCKET_IFNAME = "GLOO_SOCKET_IFNAME"
 #: empty: PERSIA's default ``DEFAULT_EMBEDDING_WORKER_SERVICE``.
 EMBEDDING_WORKER_SERVICE = "EMBEDDING_WORKER_SERVICE"
 DEFAULT_EMBEDDING_WORKER_SERVICE = "embedding_worker:8887"
-#: torch.distributed's rendezvous address and port; written (never read) by persia's NN-worker
-#: actors before they join their process group.
+#: torch.distributed's rendezvous address and port: written by persia's NN-worker actors before
+#: they join their process group and by ``persia-launcher nn-worker``; read by
+#: ``persia.distributed.DDPOption``'s tcp initialisation when it is given no address or port.
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 
@@ -213,3 +218,26 @@ def embedding_worker_service() -> str:
     """``EMBEDDING_WORKER_SERVICE`` as set when not empty, else
     ``DEFAULT_EMBEDDING_WORKER_SERVICE`` (PERSIA's rule: the value is not stripped)."""
     return os.environ.get(EMBEDDING_WORKER_SERVICE) or DEFAULT_EMBEDDING_WORKER_SERVICE
+
+
+def master_addr() -> str | None:
+    """``MASTER_ADDR`` (surrounding blanks ignored); None when unset or blank."""
+    return os.environ.get(MASTER_ADDR, "").strip() or None
+
+
+def master_port() -> int | None:
+    """``MASTER_PORT``; None when unset or blank.
+
+    Raises:
+        ConfigError: a value that is not a port number (1-65535).
+    """
+    raw = os.environ.get(MASTER_PORT, "").strip()
+    if not raw:
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"environment variable {MASTER_PORT}: expected a port, got {raw!r}")
+    return port

@@ -26,15 +26,20 @@ from persia.runtime.staleness import StalenessGate, StalenessReport
 if TYPE_CHECKING:
     from persia.runtime.pipeline import TrainingBatch
 
-__all__ = ["IterableDataset", "StreamingDataset", "DataLoader"]
+__all__ = ["IterableDatasetBase", "IterableDataset", "StreamingDataset", "DataLoader"]
 
 _logger = get_default_logger()
 _POLL_S = 0.05
 _DONE = object()
 
 
-class IterableDataset:
-    """A dataset whose ``__iter__`` yields :class:`PersiaBatch` objects (PERSIA's API).
+class IterableDatasetBase:
+    """PERSIA's base of every dataset a :class:`DataLoader` takes: ``__iter__`` yields
+    :class:`PersiaBatch` objects.
+
+    PERSIA's subclasses also defined ``consume_dataset`` (feeding its Rust channel); persia's
+    DataLoader iterates the dataset itself on its lookup thread, so a subclass needs only
+    ``__iter__`` (a ``consume_dataset`` it defines is never called).
 
     Args:
         buffer_size: how many batches the reader may produce ahead of the lookups.
@@ -47,6 +52,14 @@ class IterableDataset:
 
     def __iter__(self) -> Iterator[PersiaBatch]:
         raise PersiaError(f"{type(self).__name__} must define __iter__ yielding PersiaBatch")
+
+
+class IterableDataset(IterableDatasetBase):
+    """A dataset whose ``__iter__`` yields :class:`PersiaBatch` objects (PERSIA's API).
+
+    Args:
+        buffer_size: how many batches the reader may produce ahead of the lookups.
+    """
 
 
 class StreamingDataset(IterableDataset):

@@ -1,5 +1,8 @@
 """The PersiaError family: every error persia raises at its API boundary.
 
+Where PERSIA raised a built-in exception type for the same user error, persia's error is an
+instance of it too (:class:`BatchError` is a ``RuntimeError``).
+
 Errors carry enough context to act on (the field, the expected and the received value) and
 survive pickling, so they cross process boundaries (the Ray backend) intact.
 """
@@ -47,8 +50,13 @@ class ConfigError(PersiaError):
         return (self.__class__, (self.problems, self.source))
 
 
-class BatchError(PersiaError):
-    """A batch (IDs, dense features, labels) is malformed."""
+class BatchError(PersiaError, RuntimeError):
+    """A batch (IDs, dense features, labels) is malformed.
+
+    Also a ``RuntimeError``, as PERSIA's batch checks raised (its tests expect ``RuntimeError``
+    for a training batch without labels), so ``except RuntimeError`` in a PERSIA script still
+    catches it.
+    """
 
 
 class StoreError(PersiaError):

@@ -18,8 +18,14 @@ import logging
 import threading
 
 __all__ = [
+    "COLOR_FORMATTER",
     "DEFAULT_LOGGER_NAME",
+    "FILE_LOG_FORMAT",
+    "FORMATTER",
+    "LOG_COLOR",
     "LOG_FORMAT",
+    "STREAM_LOG_FORMAT",
+    "levelFilter",
     "get_default_logger",
     "get_logger",
     "set_logger",
@@ -33,7 +39,23 @@ DEFAULT_LOGGER_NAME = "persia"
 #: One line per record: time, level, source position, logger name, message.
 LOG_FORMAT = "%(asctime)s %(levelname)-8s [%(filename)s:%(lineno)d] %(name)s: %(message)s"
 
+#: PERSIA's names of its two formats; persia writes one format to streams and files alike
+#: (PERSIA's stream format was coloured by ``colorlog``, which persia does not depend on).
+STREAM_LOG_FORMAT = LOG_FORMAT
+FILE_LOG_FORMAT = LOG_FORMAT
+#: PERSIA's colour of each level name (kept for scripts that read it; persia does not colour).
+LOG_COLOR = {
+    "DEBUG": "cyan",
+    "INFO": "green",
+    "WARNING": "yellow",
+    "ERROR": "red",
+    "CRITICAL": "red,bg_white",
+}
+
 _FORMATTER = logging.Formatter(LOG_FORMAT)
+#: PERSIA's formatter names: both are the one plain formatter of :data:`LOG_FORMAT`.
+FORMATTER = _FORMATTER
+COLOR_FORMATTER = _FORMATTER
 _HANDLER_MARK = "_persia_handler_kind"
 _lock = threading.Lock()
 _warned: set[tuple[str, str]] = set()
@@ -49,6 +71,10 @@ class _LevelAbove(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno > self.level
+
+
+#: PERSIA's name of the filter that keeps records strictly above a level.
+levelFilter = _LevelAbove
 
 
 def _add_handler_once(logger: logging.Logger, kind: str, **kw) -> None:

@@ -31,6 +31,7 @@ FLOORS: list[list[str]] = [
         "persia.env",
         "persia.metrics",
         "persia.service",
+        "persia.version",
     ],
     # PERSIA's data types, optimizers, the embedding-layer spec, the YAML loaders (and the old
     # path of the loaders, persia.config)
@@ -38,7 +39,8 @@ FLOORS: list[list[str]] = [
     ["persia.store"],
     ["persia.rpc"],
     ["persia.worker"],
-    ["persia.runtime"],
+    # the runtime (and PERSIA's path of its DDP options, persia.distributed)
+    ["persia.runtime", "persia.distributed"],
     ["persia.checkpoint"],
     ["persia.ctx", "persia.data"],
     ["persia.job", "persia.datasets"],

@@ -125,8 +125,8 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="D",
         help="data-loader actors reading the training input, each every D-th batch, and "
-        "streaming it to the NN workers (a multiple of --num-nn-workers; default 0: the NN "
-        "workers read it)",
+        "streaming it to the NN workers (any number for any --num-nn-workers, the last "
+        "incomplete round of one batch per NN worker dropped; default 0: the NN workers read it)",
     )
     g.add_argument(
         "--loader-cpus",

@@ -11,14 +11,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from persia import env
+from persia import _settings, env
 from persia.ctx._checkpoint import CheckpointService
 from persia.ctx._stack import BaseCtx, cnt_ctx, last_runtime, set_last_runtime
 from persia.embedding import EmbeddingConfig, get_default_embedding_config
+from persia.embedding.data import PersiaBatch
 from persia.embedding.optim import EmbeddingOptimizer
-from persia.errors import BackendError, ConfigError, PersiaError
+from persia.errors import BackendError, BatchError, ConfigError, PersiaError
 from persia.logger import get_default_logger, warn_once
 from persia.runtime import registry
+from persia.runtime.distributed import DistributedBaseOption, wrap_ddp
 from persia.runtime.pipeline import RuntimeProtocol, TrainingBatch
 
 _logger = get_default_logger()
@@ -126,8 +128,6 @@ class EmbeddingCtx(CheckpointService, BaseCtx):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        from persia import _settings
-
         self.backend = backend or _settings.backend()
         if self.backend not in registry.names():
             allowed = " or ".join(repr(n) for n in registry.names())
@@ -142,6 +142,7 @@ class EmbeddingCtx(CheckpointService, BaseCtx):
         self.global_config_file = global_config_file
         self.current_batch: TrainingBatch | None = None
         self._owns_runtime = False
+        self._direct_lookups = 0
 
     def _enter(self) -> None:
         current = cnt_ctx()
@@ -181,6 +182,44 @@ class EmbeddingCtx(CheckpointService, BaseCtx):
         if self._runtime is None:
             raise PersiaError("enter the context first (`with ... as ctx:`)")
         return self._runtime
+
+    def get_embedding_from_data(
+        self, persia_batch: PersiaBatch, device_id: int | None = None
+    ) -> TrainingBatch:
+        """Looks one batch up now, in this thread (PERSIA's API); :meth:`forward` takes the
+        result. A ``DataLoader`` does the same ahead of time on its lookup thread.
+
+        The batch trains (creates rows, expects :meth:`TrainCtx.backward`) when it
+        ``requires_grad`` and this context trains; it takes no staleness permit, as nothing runs
+        ahead of it.
+
+        Args:
+            persia_batch: the batch.
+            device_id: PERSIA's CUDA device of the result; persia places the tensors on the
+                context's device at :meth:`forward`, so it must be None or that device.
+
+        Raises:
+            BatchError: ``persia_batch`` is not a :class:`PersiaBatch`.
+            PersiaError: outside the context, or another ``device_id``.
+        """
+        if not isinstance(persia_batch, PersiaBatch):
+            raise BatchError(
+                f"get_embedding_from_data expects a PersiaBatch, got {type(persia_batch).__name__}"
+            )
+        if device_id is not None and device_id != self.device_id:
+            raise PersiaError(
+                f"get_embedding_from_data(device_id={device_id}): this context's device is "
+                f"{self.device}; create the context with device_id={device_id}"
+            )
+        runtime = self.runtime
+        training = (
+            self.preprocess_mode == PreprocessMode.TRAIN
+            and persia_batch.requires_grad
+            and runtime.training_allowed
+        )
+        index = self._direct_lookups
+        self._direct_lookups += 1
+        return runtime.lookup(persia_batch, training, index, None)
 
     # --------------------------------------------------------------- forward
     def forward(self, batch: TrainingBatch) -> tuple[Any, list[torch.Tensor] | None]:
@@ -241,8 +280,12 @@ class TrainCtx(EmbeddingCtx):
         grad_update_buffer_size: PERSIA internal; no effect (warns once when changed).
         lookup_emb_directly: PERSIA internal; no effect (warns once when changed).
         mixed_precision: use a CUDA grad scaler; a no-op on the CPU.
-        distributed_option: PERSIA's DDP option; with ``WORLD_SIZE > 1`` the model is wrapped
-            in ``DistributedDataParallel`` (gloo on CPU, NCCL on GPU).
+        distributed_option: a :class:`persia.distributed.DDPOption` (default
+            :func:`persia.distributed.get_default_distributed_option`: gloo on CPU, NCCL on
+            GPU); with ``WORLD_SIZE > 1`` the model is wrapped in ``DistributedDataParallel``. ``WORLD_SIZE > 1``
+            needs the cluster backend (``backend="ray"``), where the ranks share one set of
+            parameter servers; with the local backend each rank would train its own embedding
+            table, so ``TrainCtx`` refuses it with :class:`PersiaError`.
         model, embedding_config, device_id: see :class:`EmbeddingCtx`.
     """
 
@@ -295,6 +338,13 @@ class TrainCtx(EmbeddingCtx):
             problems.append(
                 f"backward_buffer_size must be an int >= 1, got {backward_buffer_size!r}"
             )
+        if distributed_option is not None and not isinstance(
+            distributed_option, DistributedBaseOption
+        ):
+            problems.append(
+                "distributed_option must be a persia.distributed.DDPOption, "
+                f"got {type(distributed_option).__name__}"
+            )
         if problems:
             raise PersiaError("TrainCtx: " + "; ".join(problems))
         for name, value, default in (
@@ -314,9 +364,15 @@ class TrainCtx(EmbeddingCtx):
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.mixed_precision else None
         self.world_size = env.get_world_size()
         self.rank = env.get_rank()
+        if self.world_size > 1 and self.backend == "local":
+            raise PersiaError(
+                f"TrainCtx: {_settings.WORLD_SIZE}={self.world_size} (rank {self.rank}, e.g. "
+                "under torchrun) with the local backend: every rank would train its own "
+                "embedding table. Share one set of parameter servers with the cluster backend: "
+                'TrainCtx(backend="ray") or PERSIA_BACKEND=ray (persia-launcher nn-worker sets '
+                "it), or persia train --backend ray --num-nn-workers N"
+            )
         if self.world_size > 1:
-            from persia.runtime.distributed import wrap_ddp
-
             self.model = wrap_ddp(self.model, distributed_option, self.device)
 
     def _enter(self) -> None:
@@ -346,6 +402,16 @@ class TrainCtx(EmbeddingCtx):
         set_last_runtime(self._runtime)
         self._saved_training_allowed = True
         self._start_incremental_update()
+
+    def wait_servers_ready(self) -> None:
+        """Returns once every parameter-server shard answers (PERSIA's API). The context
+        already waited for them when it was entered; this asks each shard again.
+
+        Raises:
+            PersiaError: outside the context.
+            BackendError: a shard of the cluster backend is dead or silent past the timeout.
+        """
+        self.runtime.store.shard_stats()
 
     def _start_incremental_update(self) -> None:
         """With ``enable_incremental_update`` in ``global_config.yml``, write deltas of the

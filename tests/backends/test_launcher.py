@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from runtime._jobs import ListDataset, Net, embedding_file, make_batches
 
+from persia import _settings
+from persia.cli.launcher import _entry, build_parser
 from persia.cli.launcher import main as launcher_main
 from persia.ctx import TrainCtx
 from persia.data import DataLoader
@@ -33,6 +38,7 @@ embedding_parameter_server_config: {capacity: 100000, num_hashmap_internal_shard
 TRAIN_PY = """\
 import json, sys
 sys.path.insert(0, {tests!r})
+import pytest
 import torch
 from runtime._jobs import Net
 from persia.ctx import TrainCtx
@@ -63,36 +69,50 @@ with DataCtx() as ctx:
 """
 
 
-def test_a_procfile_of_persia_roles_trains_like_one_process(ray_cluster, tmp_path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_persias_procfile_runs_unchanged_with_a_ray_head_line(tmp_path):
+    """PERSIA's adult-income Procfile, its nats_server line replaced by ``persia-launcher
+    ray-head``: no RAY_ADDRESS, no config files for the NN worker (it takes them from the
+    parameter servers), the data loader's script from PERSIA_DATALOADER_ENTRY; the parameter
+    servers' data channels on given ports (``--port``)."""
     (tmp_path / "embedding_config.yml").write_text(EMBEDDING_YML)
     (tmp_path / "global_config.yml").write_text(GLOBAL_YML)
     (tmp_path / "train.py").write_text(TRAIN_PY.format(tests=TESTS))
     (tmp_path / "loader.py").write_text(LOADER_PY.format(tests=TESTS))
     env = dict(os.environ)
-    env["RAY_ADDRESS"] = ray_cluster.get_runtime_context().gcs_address
+    for name in (
+        "RAY_ADDRESS",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "RAY_AUTH_MODE",
+        "PERSIA_EMBEDDING_CONFIG",
+        "PERSIA_GLOBAL_CONFIG",
+        "PERSIA_BACKEND",
+    ):
+        env.pop(name, None)
+    temp_dir = tempfile.mkdtemp(prefix="persia-head-")  # short: Ray's socket paths
+    env["PERSIA_RAY_TEMP_DIR"] = temp_dir
     env["PERSIA_JOB_NAME"] = "procfile-test"
+    env["PERSIA_DATALOADER_ENTRY"] = "loader.py"
     launcher = str(Path(sys.executable).parent / "persia-launcher")
     configs = ["--embedding-config", "embedding_config.yml", "--global-config", "global_config.yml"]
+    ps_ports = [_free_port(), _free_port()]
     procfile = {
-        "ps0": [
-            "embedding-parameter-server",
-            *configs,
-            "--replica-index",
-            "0",
-            "--replica-size",
-            "2",
-        ],
-        "ps1": [
-            "embedding-parameter-server",
-            *configs,
-            "--replica-index",
-            "1",
-            "--replica-size",
-            "2",
-        ],
+        "ray_head": ["ray-head", "--port", str(_free_port()), "--num-cpus", "2"],
+        "ps0": ["embedding-parameter-server", *configs, "--replica-index", "0", "--replica-size"]
+        + ["2", "--port", str(ps_ports[0])],
+        "ps1": ["embedding-parameter-server", *configs, "--replica-index", "1", "--replica-size"]
+        + ["2", "--port", str(ps_ports[1])],
         "embedding_worker": ["embedding-worker", *configs],
-        "data_loader": ["data-loader", "loader.py", "--replica-index", "0", "--replica-size", "1"],
-        "nn_worker": ["nn-worker", "train.py", "--nproc-per-node", "1", *configs],
+        "data_loader": ["data-loader", "--replica-index", "0", "--replica-size", "1"],
+        "nn_worker": ["nn-worker", "train.py"],
     }
     procs = {
         name: subprocess.Popen(
@@ -105,19 +125,32 @@ def test_a_procfile_of_persia_roles_trains_like_one_process(ray_cluster, tmp_pat
         )
         for name, cmd in procfile.items()
     }
+    outputs: dict[str, str] = {}
     try:
-        out, err = procs["nn_worker"].communicate(timeout=180)
+        out, err = procs["nn_worker"].communicate(timeout=240)
         assert procs["nn_worker"].returncode == 0, err[-3000:]
         assert procs["data_loader"].wait(timeout=60) == 0
-        for name in ("ps0", "ps1", "embedding_worker"):
+        servers = ("ps0", "ps1", "embedding_worker", "ray_head")
+        for name in servers:
             assert procs[name].poll() is None, f"{name} ended early"
+        for name in servers:  # the head last: the others leave it first
             procs[name].send_signal(signal.SIGTERM)
-        for name in ("ps0", "ps1", "embedding_worker"):
-            assert procs[name].wait(timeout=60) == 0, procs[name].stderr.read()[-2000:]
+            pout, perr = procs[name].communicate(timeout=60)
+            assert procs[name].returncode == 0, perr[-2000:]
+            outputs[name] = pout
     finally:
-        for p in procs.values():
+        for p in procs.values():  # SIGTERM first: ray-head then stops its Ray processes
             if p.poll() is None:
+                p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 p.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    for rank, port in enumerate(ps_ports):
+        assert f":{port}" in outputs[f"ps{rank}"], outputs[f"ps{rank}"]
+    assert "persia-launcher ray-head: Ray head at " in outputs["ray_head"]
     result = json.loads(out.strip().splitlines()[-1])
     assert len(result["shards"]) == 2 and sum(result["shards"]) > 0
     # The same batches and seeds in one process, local backend: the launched servers took the
@@ -145,3 +178,71 @@ def test_launcher_refuses_bad_arguments(capsys):
     )
     assert "--replica-index must be in" in capsys.readouterr().err
     assert launcher_main(["nn-worker", "x.py", "--nproc-per-node", "0"]) == 2
+
+
+def test_entry_files_fall_back_to_persias_variables(monkeypatch, capsys):
+    monkeypatch.delenv(_settings.PERSIA_NN_WORKER_ENTRY, raising=False)
+    monkeypatch.delenv(_settings.PERSIA_DATALOADER_ENTRY, raising=False)
+    assert launcher_main(["nn-worker"]) == 2
+    assert "FILE: give the script to run, or set PERSIA_NN_WORKER_ENTRY" in capsys.readouterr().err
+    assert launcher_main(["data-loader"]) == 2
+    assert "or set PERSIA_DATALOADER_ENTRY" in capsys.readouterr().err
+    monkeypatch.setenv(_settings.PERSIA_NN_WORKER_ENTRY, "train.py")
+    monkeypatch.setenv(_settings.PERSIA_DATALOADER_ENTRY, "data_loader.py")
+    parser = build_parser()
+    nn = parser.parse_args(["nn-worker"])
+    assert _entry(nn, _settings.PERSIA_NN_WORKER_ENTRY) == "train.py"
+    dl = parser.parse_args(["data-loader", "--replica-index", "0", "--replica-size", "1"])
+    assert _entry(dl, _settings.PERSIA_DATALOADER_ENTRY) == "data_loader.py"
+    given = parser.parse_args(["nn-worker", "mine.py"])  # the command line wins
+    assert _entry(given, _settings.PERSIA_NN_WORKER_ENTRY) == "mine.py"
+    assert parser.parse_args(["embedding-worker", "--port", "8887"]).port == 8887
+
+
+def test_roles_without_a_ray_cluster_fail_with_the_way_out(monkeypatch, tmp_path):
+    from persia.backends.ray.launch import role_ray_env
+    from persia.errors import BackendError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("PERSIA_RAY_TEMP_DIR", str(tmp_path))
+    with pytest.raises(BackendError, match="persia-launcher ray-head"):
+        role_ray_env(0.3)
+    (tmp_path / "head_address").write_text(f"127.0.0.1:{_free_port()}\n")  # a dead head
+    with pytest.raises(BackendError, match="does not answer"):
+        role_ray_env(0.3)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert role_ray_env(0.3) == {"RAY_ADDRESS": "10.0.0.1:6379"}
+
+
+def test_ray_head_command_starts_or_joins(monkeypatch, tmp_path):
+    from persia.backends.ray.launch import ray_head_command
+
+    monkeypatch.setenv("PERSIA_RAY_TEMP_DIR", str(tmp_path))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.setenv(name, "")  # recorded, so the token path set below is undone after
+        monkeypatch.delenv(name)
+    cmd, env = ray_head_command("ray", 6390, None, 2, None)
+    assert cmd[:3] == ["ray", "start", "--block"]
+    assert {"--head", "--port=6390", "--num-cpus=2"} <= set(cmd)
+    assert not [c for c in cmd if c.startswith("--node-ip-address")]  # Ray's choice
+    assert f"--temp-dir={tmp_path}" in cmd
+    # a fresh token beside the head's files, for the head and (through the file) the roles
+    assert env["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "auth_token")
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert (tmp_path / "auth_token").stat().st_mode & 0o777 == 0o600
+    join, _ = ray_head_command("ray", 6390, "10.0.0.2", None, "10.0.0.1:6379")
+    assert "--address=10.0.0.1:6379" in join and "--head" not in join
+    assert "--node-ip-address=10.0.0.2" in join
+
+
+def test_ray_head_refuses_a_port_in_use(monkeypatch, capsys):
+    import socket
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert launcher_main(["ray-head", "--port", str(port)]) == 1
+    assert f"port {port} is in use: another Ray head?" in capsys.readouterr().err
+    assert launcher_main(["ray-head", "--port", "0"]) == 2

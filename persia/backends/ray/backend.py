@@ -162,9 +162,17 @@ class ParameterServer:
         rank: this shard's index.
         shard_kwargs: :class:`persia.store.Shard`'s arguments (capacity, optimizer, init, ...).
         bind_host: where the ZeroMQ channel binds (None: no channel).
+        port: the channel's port (None: a free one).
     """
 
-    def __init__(self, rank: int, shard_kwargs: dict[str, Any], bind_host: str | None) -> None:
+    def __init__(
+        self,
+        rank: int,
+        shard_kwargs: dict[str, Any],
+        bind_host: str | None,
+        *,
+        port: int | None = None,
+    ) -> None:
         from persia._settings import ensure_numba_cache_dir
 
         ensure_numba_cache_dir()
@@ -181,7 +189,14 @@ class ParameterServer:
                 import ray
 
                 bind_host = ray.util.get_node_ip_address()
-            self._server = ZmqServer(self._dispatch, bind_host)
+            try:
+                self._server = ZmqServer(self._dispatch, bind_host, port or 0)
+            except Exception as exc:  # zmq.ZMQError: the port is taken, the host not ours
+                raise BackendError(
+                    f"cannot bind the data channel to {bind_host}:{port or 'a free port'}: {exc}",
+                    PARAMETER_SERVER,
+                    rank,
+                ) from None
 
     def _dispatch(self, method: str, args: list[Any]) -> Any:
         if method not in ("lookup", "apply_gradients"):

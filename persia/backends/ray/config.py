@@ -158,7 +158,8 @@ class ClusterConfig:
         nn_workers: NN-worker processes (Ray actors) forming one DDP group; count 1: this
             process is the only NN worker (see :mod:`persia.backends.ray.ddp`).
         data_loaders: data-loader actors reading the job's training input for ``persia train``
-            (count 0: the NN workers read it themselves); a multiple of the NN workers (see
+            (count 0: the NN workers read it themselves); any count feeds any number of NN
+            workers, the last incomplete round of W batches dropped (see
             :mod:`persia.backends.ray.loaders`).
         address: Ray cluster to join (``ray://...`` or ``host:port``); None: ``RAY_ADDRESS``,
             else a local cluster is started.
@@ -285,12 +286,7 @@ class ClusterConfig:
             out.append("attach_ps needs job_name (the running parameter servers' name)")
         if out:
             return out
-        nn, loaders = self.num_nn_workers, self.num_data_loaders
-        if loaders % nn:
-            out.append(
-                f"num_data_loaders must be a multiple of num_nn_workers={nn} "
-                f"(each NN worker pulls from its own loaders), got {loaders}"
-            )
+        nn = self.num_nn_workers
         if not isinstance(self.recover, (bool, RecoveryConfig)):
             out.append(f"recover must be a bool or a RecoveryConfig, got {self.recover!r}")
         elif self.recover and self.num_embedding_workers:

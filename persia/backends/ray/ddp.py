@@ -168,7 +168,8 @@ def run_job_ddp(
         every rank on the same model between barriers; rank 0's are reported) with ``train_samples`` / ``train_batches`` summed over
         the workers, ``staleness_max`` the largest of any worker, ``samples_per_s`` all samples over the
         slowest worker's training seconds (``train_s``),
-        and ``nn_workers`` each worker's own result fields (rank, samples, staleness).
+        and ``nn_workers`` each worker's own result fields (rank, samples, staleness); with
+        data-loader actors, ``data_loaders_sent``: the batches each loader sent.
 
     Raises:
         CheckpointError: ``resume`` is not a directory, or (raised by the workers) not a
@@ -207,6 +208,7 @@ def run_job_ddp(
     ]
     timeout_s = cluster.resolved_timeout_s()
     loaders: list[Any] = []
+    loader_counts: list[int] | None = None
     try:
         if cluster.num_data_loaders > 0:
             from persia.backends.ray.loaders import start_data_loaders
@@ -229,7 +231,7 @@ def run_job_ddp(
         if loaders:
             from persia.backends.ray.loaders import wait_data_loaders
 
-            wait_data_loaders(loaders, timeout_s)
+            loader_counts = wait_data_loaders(loaders, timeout_s)
     finally:
         if loaders:
             from persia.backends.ray.loaders import stop_data_loaders
@@ -252,6 +254,8 @@ def run_job_ddp(
     merged = _merge(results, world, rows)
     if ew_stats is not None:
         merged["embedding_workers"] = ew_stats
+    if loader_counts is not None:
+        merged["data_loaders_sent"] = loader_counts
     return merged
 
 

@@ -40,7 +40,8 @@ def run_job(
     ``incremental_dir`` (recovery).
 
     Raises:
-        ConfigError: checkpoints or ``--resume`` with data-loader actors.
+        ConfigError: checkpoints or ``--resume`` with data-loader actors; a job the Ray cluster
+            cannot hold (:mod:`persia.backends.ray.planning`), before any actor starts.
     """
     t = job.training
     if cluster is not None and cluster.num_data_loaders > 0:
@@ -48,6 +49,12 @@ def run_job(
             raise ConfigError(
                 "--resume and training.checkpoint_dir are not supported with num_data_loaders > 0"
             )
+    if cluster is not None:  # before any actor starts: can the cluster hold the whole job?
+        from persia.backends.ray.planning import check_job_fits, job_asks, local_cluster_cpus
+
+        num_ps = cluster.num_ps if cluster.num_ps is not None else job.embedding.shards
+        init_ray(cluster.address, local_cluster_cpus(cluster, job_asks(cluster, num_ps)))
+        check_job_fits(cluster, num_ps)
     if cluster is not None and cluster.num_nn_workers > 1:  # (ClusterConfig refuses recover)
         from persia.backends.ray.ddp import run_job_ddp
 

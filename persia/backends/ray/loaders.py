@@ -6,16 +6,23 @@ NN worker would use) and keeps the batches ``i`` with ``i % D == d`` of every ep
 over the job's batches), then hands them to an NN worker through the stream machinery of
 :mod:`persia.backends.ray.stream` (``PersiaBatch.to_arrays`` over ZeroMQ, no pickle).
 
-With W NN workers (DDP), D must be a multiple of W: NN worker ``r`` pulls from its own channel
-``<job>-data-<r>``, fed by the loaders ``d`` with ``d % W == r``, so it receives exactly the
-batches ``i % W == r``. Each loader sends a batch only once the group of W batches holding it is
-complete, so a trailing group of fewer than W batches is dropped and every NN worker trains as
-many batches (as :func:`persia.job.runner._rank_strided` does without loaders): DDP's allreduce
-cannot wait on a rank that has run out of data.
+Any D feeds any number W of NN workers (DDP), as in PERSIA. The rule:
+
+* batch ``i`` of an epoch is built by loader ``i % D`` and trained by NN worker ``i % W``, the
+  same batches each NN worker reads without loaders (:func:`persia.job.runner._rank_strided`);
+* a *round* is W consecutive batches (one per NN worker); a batch is sent only once its round is
+  complete, so **the last incomplete round of each epoch is dropped** and every NN worker trains
+  as many batches (DDP's allreduce cannot wait on a rank that has run out of data). An epoch of
+  B batches trains ``B - B % W`` of them;
+* NN worker ``r`` pulls from its own channel ``<job>-data-<r>``. With ``g = gcd(D, W)``, loader
+  ``d`` feeds the W / g channels ``r`` with ``r % g == d % g`` and each channel is fed by D / g
+  loaders, so no loader sits idle (as long as an epoch has at least D batches) and no NN worker
+  waits on a loader that has nothing for it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from persia.backends.ray.naming import loader_actor_name, namespace
@@ -26,6 +33,8 @@ __all__ = [
     "check_loader_config",
     "data_channel",
     "loader_batches",
+    "loader_channels",
+    "loader_routes",
     "start_data_loaders",
     "stop_data_loaders",
     "wait_data_loaders",
@@ -38,29 +47,45 @@ def data_channel(job_name: str, nn_rank: int) -> str:
 
 
 def check_loader_config(num_data_loaders: int, num_nn_workers: int) -> None:
-    """Raises :class:`ConfigError` for a loader count that cannot feed ``num_nn_workers``."""
-    if num_data_loaders > 0 and num_data_loaders % num_nn_workers:
+    """Raises :class:`ConfigError` for counts no rule can serve (negative loaders, no NN
+    worker); any ``num_data_loaders >= 0`` feeds any ``num_nn_workers >= 1``."""
+    if num_data_loaders < 0 or num_nn_workers < 1:
         raise ConfigError(
-            f"num_data_loaders must be a multiple of num_nn_workers={num_nn_workers} (each NN "
-            f"worker pulls from its own loaders), got {num_data_loaders}",
+            f"num_data_loaders must be >= 0 and num_nn_workers >= 1, got {num_data_loaders} "
+            f"and {num_nn_workers}",
             source="num_data_loaders",
         )
 
 
-def loader_batches(batches: Any, index: int, size: int, world: int) -> Any:
-    """Batch ``i`` of ``batches`` when ``i % size == index``, held back until the group of
-    ``world`` batches holding it is complete (a trailing group of fewer is dropped)."""
-    pending: list[Any] = []
+def loader_channels(index: int, size: int, world: int) -> list[int]:
+    """The NN workers (channels) loader ``index`` of ``size`` feeds: ``r % g == index % g``,
+    ``g = gcd(size, world)``."""
+    g = math.gcd(size, world)
+    return [r for r in range(world) if r % g == index % g]
+
+
+def loader_routes(batches: Any, index: int, size: int, world: int) -> Any:
+    """``(i % world, batch i)`` for the batches ``i % size == index`` of ``batches``, each held
+    back until its round of ``world`` batches is complete (the last incomplete round is
+    dropped)."""
+    pending: list[tuple[int, Any]] = []
     for i, batch in enumerate(batches):
         if i % size == index:
-            pending.append(batch)
+            pending.append((i % world, batch))
         if i % world == world - 1:
             yield from pending
             pending = []
 
 
+def loader_batches(batches: Any, index: int, size: int, world: int) -> Any:
+    """The batches of :func:`loader_routes`, without their NN worker."""
+    for _, batch in loader_routes(batches, index, size, world):
+        yield batch
+
+
 def _job_batches(job: Any, index: int, size: int, world: int) -> Any:
-    """The batches loader ``index`` of ``size`` sends, over every epoch of the job."""
+    """``(NN worker, batch)`` for the batches loader ``index`` of ``size`` sends, over every
+    epoch of the job."""
     from persia.job.readers import JobReader
 
     t = job.training
@@ -75,7 +100,7 @@ def _job_batches(job: Any, index: int, size: int, world: int) -> Any:
                 job.data.train, t.batch_size, training=True, seed=t.seed + epoch, max_samples=left
             )
         )
-        yield from loader_batches(counted, index, size, world)
+        yield from loader_routes(counted, index, size, world)
         produced += counted.samples
 
 
@@ -106,7 +131,8 @@ class DataLoaderActor:
         self.index, self.size, self.world, self.bind_host = index, size, world, bind_host
 
     def run(self, job: Any, job_name: str, timeout_s: float) -> int:
-        """Sends this loader's batches to its NN worker; returns how many it sent."""
+        """Sends this loader's batches to their NN workers (module doc); returns how many it
+        sent."""
         from persia import _settings
 
         _settings.ensure_numba_cache_dir()
@@ -115,21 +141,24 @@ class DataLoaderActor:
         from persia.backends.ray.stream import StreamSender
 
         host = self.bind_host or ray.util.get_node_ip_address()
-        per_worker = self.size // self.world
-        sender = StreamSender(
-            replica_index=self.index // self.world,
-            replica_size=per_worker,
-            channel=data_channel(job_name, self.index % self.world),
-            consumers=1,
-            bind_host=host,
-            timeout_s=timeout_s,
-        )
+        g = math.gcd(self.size, self.world)
+        senders: dict[int, Any] = {}
         try:
-            for batch in _job_batches(job, self.index, self.size, self.world):
-                sender.send(batch)
+            for r in loader_channels(self.index, self.size, self.world):
+                senders[r] = StreamSender(
+                    replica_index=self.index // g,
+                    replica_size=self.size // g,
+                    channel=data_channel(job_name, r),
+                    consumers=1,
+                    bind_host=host,
+                    timeout_s=timeout_s,
+                )
+            for r, batch in _job_batches(job, self.index, self.size, self.world):
+                senders[r].send(batch)
         finally:
-            sender.close()
-        return sender.sent
+            for sender in senders.values():
+                sender.close()
+        return sum(sender.sent for sender in senders.values())
 
 
 def start_data_loaders(job: Any, cluster: Any, job_name: str) -> list[tuple[Any, Any]]:
@@ -162,8 +191,8 @@ def start_data_loaders(job: Any, cluster: Any, job_name: str) -> list[tuple[Any,
     return out
 
 
-def wait_data_loaders(loaders: list[tuple[Any, Any]], timeout_s: float) -> int:
-    """Waits for every loader to finish; returns the batches they sent together.
+def wait_data_loaders(loaders: list[tuple[Any, Any]], timeout_s: float) -> list[int]:
+    """Waits for every loader to finish; returns the batches each sent.
 
     Raises:
         BackendError: a loader failed, died or did not finish within ``timeout_s``.
@@ -171,9 +200,9 @@ def wait_data_loaders(loaders: list[tuple[Any, Any]], timeout_s: float) -> int:
     from persia.backends.ray.backend import get_with_timeout
     from persia.backends.ray.stream import DATA_LOADER
 
-    return sum(
+    return [
         int(get_with_timeout(ref, timeout_s, DATA_LOADER, d)) for d, (_, ref) in enumerate(loaders)
-    )
+    ]
 
 
 def stop_data_loaders(loaders: list[tuple[Any, Any]]) -> None:

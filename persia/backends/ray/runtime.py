@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from persia import _settings
 from persia.backends.ray.backend import (
     ClusterConfig,
     RayStore,
@@ -120,7 +121,14 @@ def ray_runtime_from_spec(
     store_kwargs = store_options(spec)
     shard_kwargs = shard_options(spec, num_ps)
     recover = recovery_settings(cluster, spec)  # checked before anything starts
-    init_ray(cluster.address, cluster.num_cpus)
+    if cluster.attach_ps:
+        init_ray(cluster.address, cluster.num_cpus)
+    else:  # the actors started here must fit the cluster (or fail now)
+        from persia.backends.ray.planning import check_runtime_fits, job_asks, local_cluster_cpus
+
+        asks = job_asks(cluster, num_ps, nn_actors=False, loaders=False)
+        init_ray(cluster.address, local_cluster_cpus(cluster, asks))
+        check_runtime_fits(cluster, num_ps)
     timeout_s = cluster.resolved_timeout_s()
     job_name = cluster.job_name or new_job_id()
     if cluster.attach_ps:
@@ -180,7 +188,32 @@ def build_ray_runtime(
 ) -> RayRuntime:
     """:func:`ray_runtime_from_spec` of what a PERSIA script gives (the YAML files as paths,
     parsed objects or None for the PERSIA environment variables, the rows' hyperparameters and
-    the embedding optimizer): :func:`persia.embedding.config.load_spec`."""
+    the embedding optimizer): :func:`persia.embedding.config.load_spec`.
+
+    An NN worker that attaches to the job's launched parameter servers (``persia-launcher
+    nn-worker``) and is given no embedding configuration (neither ``embedding_config_file`` nor
+    ``PERSIA_EMBEDDING_CONFIG``) uses the files the servers were started with
+    (:func:`persia.backends.ray.launch.job_configs`): the global one too, unless it has its own.
+    """
+    if cluster is None:  # a process of persia-launcher nn-worker joins its job's servers
+        from persia.backends.ray.launch import cluster_from_env
+
+        cluster = cluster_from_env()
+    if (
+        cluster is not None
+        and cluster.attach_ps
+        and embedding_config_file is None
+        and _settings.env_path(_settings.PERSIA_EMBEDDING_CONFIG) is None
+    ):
+        from persia.backends.ray.launch import job_configs
+
+        embedding_file, global_file = job_configs(cluster)
+        embedding_config_file = embedding_file
+        if (
+            global_config_file is None
+            and _settings.env_path(_settings.PERSIA_GLOBAL_CONFIG) is None
+        ):
+            global_config_file = global_file
     spec = load_spec(embedding_config_file, global_config_file, embedding_config, optimizer)
     return ray_runtime_from_spec(spec, cluster, backward_buffer_size)
 

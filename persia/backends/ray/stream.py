@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from persia import _settings
+from persia import _settings, env
 from persia.backends.ray.naming import namespace, stream_actor_name
 from persia.embedding.data import PersiaBatch
 from persia.errors import BackendError, ConfigError
@@ -87,8 +87,10 @@ class StreamSender:
     """The sending side of one data loader (what ``DataCtx`` uses).
 
     Args:
-        replica_index: this loader's index (default ``REPLICA_INDEX``, else 0).
-        replica_size: the number of loaders (default ``REPLICA_SIZE``, else 1).
+        replica_index: this loader's index (default :func:`persia.env.get_replica_index`:
+            ``REPLICA_INDEX``, else 0).
+        replica_size: the number of loaders (default :func:`persia.env.get_replica_size`:
+            ``REPLICA_SIZE``, else 1).
         channel: the stream's name (default ``PERSIA_STREAM_CHANNEL``, else ``default``).
         consumers: NN workers that must get ``end`` before :meth:`close` returns (default
             ``PERSIA_STREAM_CONSUMERS``, else 1).
@@ -108,14 +110,8 @@ class StreamSender:
         timeout_s: float = 600.0,
         linger_s: float = 5.0,
     ) -> None:
-        self.index = (
-            replica_index
-            if replica_index is not None
-            else _env_count(_settings.REPLICA_INDEX, 0, 0)
-        )
-        self.size = (
-            replica_size if replica_size is not None else _env_count(_settings.REPLICA_SIZE, 1, 1)
-        )
+        self.size = replica_size if replica_size is not None else env.get_replica_size()
+        self.index = replica_index if replica_index is not None else env.get_replica_index()
         if not 0 <= self.index < self.size:
             raise ConfigError(
                 f"replica_index must be in [0, replica_size={self.size}), got {self.index}"
