@@ -122,3 +122,32 @@ def test_a_cluster_persia_starts_itself_fits_the_defaults(monkeypatch):
     assert local_cluster_cpus(issue.replace(address="10.0.0.1:6379"), asks, 2) is None  # joined
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert local_cluster_cpus(issue, asks, machine_cpus=2) is None
+
+
+def test_a_joined_cluster_gets_a_grace_period_for_nodes_still_joining(monkeypatch):
+    """Joining a cluster by address: a node started just before the driver may not have joined
+    yet, so a shortfall is an error only once it persists; on a cluster persia starts itself it
+    is an error at once."""
+    from persia.backends.ray import planning
+    from persia.backends.ray.config import ClusterConfig
+    from persia.errors import ConfigError
+
+    small = ({"CPU": 1.0}, [{"CPU": 1.0}])
+    grown = ({"CPU": 3.0}, [{"CPU": 1.0}, {"CPU": 2.0}])
+    answers = [small, small, grown]
+    monkeypatch.setattr(
+        planning, "_cluster_resources", lambda: answers.pop(0) if answers else grown
+    )
+    monkeypatch.setattr(planning.time, "sleep", lambda s: None)
+    joined = ClusterConfig(num_ps=2, num_nn_workers=2, address="10.0.0.1:6379", timeout_s=30)
+    planning.check_job_fits(joined, 2)  # fits once the second node joined
+    assert answers == []
+    answers[:] = [small]
+    local = ClusterConfig(num_ps=2, num_nn_workers=2, timeout_s=30)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="short by"):
+        planning.check_job_fits(local, 2)
+    monkeypatch.setattr(planning, "JOIN_GRACE_S", 0.0)
+    monkeypatch.setattr(planning, "_cluster_resources", lambda: small)
+    with pytest.raises(ConfigError, match="short by"):
+        planning.check_job_fits(joined, 2)  # still short when the grace ends

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,18 +189,35 @@ def _raise(problems: list[str]) -> None:
         raise ConfigError(problems, source="the Ray cluster's resources")
 
 
+#: How long a job joining an existing Ray cluster waits for nodes that are still joining (a
+#: worker node started just before the driver) before a shortfall is an error.
+JOIN_GRACE_S = 10.0
+
+
+def _check(cluster: ClusterConfig, asks: Sequence[RoleAsk]) -> None:
+    """Raises the shortfalls of ``asks``: at once on a cluster persia started itself; on a
+    cluster joined by address only once they persist for :data:`JOIN_GRACE_S` (capped by the
+    cluster timeout), since nodes may still be joining it."""
+    problems = shortfalls(asks, *_cluster_resources())
+    joined = bool(cluster.address or _settings.ray_address())
+    if problems and joined:
+        deadline = time.monotonic() + min(JOIN_GRACE_S, cluster.resolved_timeout_s())
+        while problems and time.monotonic() < deadline:
+            time.sleep(0.5)
+            problems = shortfalls(asks, *_cluster_resources())
+    _raise(problems)
+
+
 def check_job_fits(cluster: ClusterConfig, num_ps: int) -> None:
     """Raises :class:`ConfigError` when the whole job (parameter servers, embedding workers, NN
     workers if actors, data loaders) cannot be placed on the connected Ray cluster."""
-    total, nodes = _cluster_resources()
-    _raise(shortfalls(job_asks(cluster, num_ps), total, nodes))
+    _check(cluster, job_asks(cluster, num_ps))
 
 
 def check_runtime_fits(cluster: ClusterConfig, num_ps: int) -> None:
     """Raises :class:`ConfigError` when the actors one runtime starts (parameter servers and
     embedding workers) cannot be placed on the connected Ray cluster."""
-    total, nodes = _cluster_resources()
-    _raise(shortfalls(job_asks(cluster, num_ps, nn_actors=False, loaders=False), total, nodes))
+    _check(cluster, job_asks(cluster, num_ps, nn_actors=False, loaders=False))
 
 
 def local_cluster_cpus(
