@@ -4,6 +4,7 @@ state and the embeddings (the files are :mod:`persia.checkpoint`'s)."""
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import threading
 from pathlib import Path
@@ -94,32 +95,27 @@ class CheckpointService:
         model_state = self.unwrapped_model().state_dict()
         delta = getattr(self, "_delta_writer", None)
         delta_seq = delta.last_seq if delta is not None else None
+        if not blocking:
+            # copies now, so that training may change the model while the thread writes
+            model_state = {k: v.detach().clone() for k, v in model_state.items()}
+            optimizer_state = copy.deepcopy(optimizer_state)
+        dump = functools.partial(
+            checkpoint.dump,
+            dst,
+            store,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
+            position=position,
+            config=config,
+            delta_seq=delta_seq,
+        )
         if blocking:
-            return checkpoint.dump(
-                dst,
-                store,
-                model_state=model_state,
-                optimizer_state=optimizer_state,
-                position=position,
-                config=config,
-                delta_seq=delta_seq,
-            )
-        # copies now, so that training may change the model while the thread writes
-        model_state = {k: v.detach().clone() for k, v in model_state.items()}
-        optimizer_state = copy.deepcopy(optimizer_state)
+            return dump()
         self._dump_error: BaseException | None = None
 
         def write() -> None:
             try:
-                checkpoint.dump(
-                    dst,
-                    store,
-                    model_state=model_state,
-                    optimizer_state=optimizer_state,
-                    position=position,
-                    config=config,
-                    delta_seq=delta_seq,
-                )
+                dump()
             except BaseException as exc:  # handed to wait_for_dump_embedding
                 self._dump_error = exc
 

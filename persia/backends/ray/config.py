@@ -147,6 +147,20 @@ _ROLE_DEFAULTS = {
 }
 
 
+class _Flat:
+    """A read-only attribute of :class:`ClusterConfig` under persia 0.1's flat name: field
+    ``attr`` of the role spec ``role`` (``count=True``: as an int, 0 for None)."""
+
+    def __init__(self, role: str, attr: str, count: bool = False) -> None:
+        self.role, self.attr, self.count = role, attr, count
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = getattr(getattr(obj, self.role), self.attr)
+        return int(value or 0) if self.count else value
+
+
 class ClusterConfig:
     """How the cluster backend places and reaches its roles.
 
@@ -299,57 +313,21 @@ class ClusterConfig:
         return out
 
     # ------------------------------------------------------------------ the old flat names
-    @property
-    def num_ps(self) -> int | None:
-        return self.ps.count
-
-    @property
-    def ps_num_cpus(self) -> float:
-        return self.ps.num_cpus
-
-    @property
-    def ps_memory_bytes(self) -> int | None:
-        return self.ps.memory_bytes
-
-    @property
-    def ps_resources(self) -> dict[str, float]:
-        return self.ps.resources
-
-    @property
-    def num_nn_workers(self) -> int:
-        return int(self.nn_workers.count or 0)
-
-    @property
-    def nn_num_cpus(self) -> float:
-        return self.nn_workers.num_cpus
-
-    @property
-    def nn_resources(self) -> dict[str, float]:
-        return self.nn_workers.resources
-
-    @property
-    def num_data_loaders(self) -> int:
-        return int(self.data_loaders.count or 0)
-
-    @property
-    def loader_num_cpus(self) -> float:
-        return self.data_loaders.num_cpus
-
-    @property
-    def loader_resources(self) -> dict[str, float]:
-        return self.data_loaders.resources
-
-    @property
-    def num_embedding_workers(self) -> int:
-        return int(self.embedding_workers.count or 0)
-
-    @property
-    def ew_num_cpus(self) -> float:
-        return self.embedding_workers.num_cpus
-
-    @property
-    def ew_resources(self) -> dict[str, float]:
-        return self.embedding_workers.resources
+    # (read-only views of the role specs: ``num_ps`` is ``ps.count``, ... as :data:`_ALIASES`
+    # says; the counts of the roles that always have one read as ints)
+    num_ps = _Flat("ps", "count")
+    ps_num_cpus = _Flat("ps", "num_cpus")
+    ps_memory_bytes = _Flat("ps", "memory_bytes")
+    ps_resources = _Flat("ps", "resources")
+    num_nn_workers = _Flat("nn_workers", "count", count=True)
+    nn_num_cpus = _Flat("nn_workers", "num_cpus")
+    nn_resources = _Flat("nn_workers", "resources")
+    num_data_loaders = _Flat("data_loaders", "count", count=True)
+    loader_num_cpus = _Flat("data_loaders", "num_cpus")
+    loader_resources = _Flat("data_loaders", "resources")
+    num_embedding_workers = _Flat("embedding_workers", "count", count=True)
+    ew_num_cpus = _Flat("embedding_workers", "num_cpus")
+    ew_resources = _Flat("embedding_workers", "resources")
 
     # ------------------------------------------------------------------------ the wiring
     @property
