@@ -103,6 +103,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         _place_auth_token(folder)
         ray.init(
+            # "local": a new cluster, never one Ray finds through a stale ray_current_cluster
+            # file (a head that `persia-launcher ray-head` ran and that was killed uncleanly)
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
             namespace=namespace(),
