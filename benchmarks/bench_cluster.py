@@ -11,6 +11,10 @@ Prints JSON lines ``{"metric", "value", "unit", ...}``:
   the issue's target is <= 1.5).
 * ``hybrid_vs_sync_cluster``: on the Ray backend (zmq channel, 1 NN worker, 2 parameter-server
   actors), samples/s at staleness 8 over staleness 1.
+* ``curve_step_cost``: what CURVE authentication and encryption of the zmq channel
+  (``channel_security="curve"``, the default) costs per training step over the NULL mechanism
+  (``"null"``), Ray backend, same workload, runs interleaved, median of repeats (the security
+  issue's bound: 5%); ``transport_rtt_ms`` also has ``zmq-null`` beside ``zmq`` (CURVE).
 
 Run: ``python benchmarks/bench_cluster.py`` (``--quick``: tiny sizes, a smoke test for CI).
 Needs the ``ray`` extra (``pip install -e .[ray]``).
@@ -56,16 +60,20 @@ def transport_rtts(sizes: dict[str, int], reps: int) -> None:
     from persia.rpc.zmq_transport import ZmqServer, ZmqTransport
 
     server = ZmqServer(lambda m, a: a[0])
-    zmq_t = ZmqTransport({"echo": [server.endpoint]}, timeout_s=30)
+    zmq_t = ZmqTransport({"echo": [server.access]}, timeout_s=30)
+    plain = ZmqServer(lambda m, a: a[0], security="null")
+    plain_t = ZmqTransport({"echo": [plain.access]}, timeout_s=30)
     actor = ray.remote(Echo).options(num_cpus=0.1).remote()
     for label, nbytes in sizes.items():
         payload = np.random.default_rng(0).random(nbytes // 4, dtype=np.float32)
-        for name in ("zmq", "ray"):
+        for name in ("zmq", "zmq-null", "ray"):
             times = []
             for i in range(reps + 3):
                 t0 = time.perf_counter()
                 if name == "zmq":
                     out = zmq_t.call("echo", 0, "echo", payload)
+                elif name == "zmq-null":
+                    out = plain_t.call("echo", 0, "echo", payload)
                 else:
                     out = ray.get(actor.echo.remote(payload))
                 dt = time.perf_counter() - t0
@@ -83,6 +91,8 @@ def transport_rtts(sizes: dict[str, int], reps: int) -> None:
             )
     zmq_t.close()
     server.close()
+    plain_t.close()
+    plain.close()
     ray.kill(actor)
 
 
@@ -104,6 +114,7 @@ def training_rate(
     batch_size: int,
     cards: list[int],
     staleness: int = 4,
+    security: str = "curve",
 ) -> float:
     import torch
 
@@ -140,7 +151,8 @@ def training_rate(
     net = Net()
     kw: dict[str, Any] = {}
     if backend == "ray":
-        kw = {"backend": "ray", "cluster": ClusterConfig(num_ps=2, transport=transport)}
+        cluster = ClusterConfig(num_ps=2, transport=transport, channel_security=security)
+        kw = {"backend": "ray", "cluster": cluster}
     loss_fn = torch.nn.BCEWithLogitsLoss()
     with TrainCtx(
         Adagrad(lr=0.05),
@@ -162,10 +174,37 @@ def training_rate(
     return batches * batch_size / elapsed
 
 
+def curve_cost(batches: int, batch_size: int, cards: list[int], repeat: int) -> None:
+    """CURVE vs NULL on the zmq channel: ms per step, runs interleaved (ABBA), medians."""
+    ms: dict[str, list[float]] = {"curve": [], "null": []}
+    for r in range(repeat):
+        order = ("curve", "null") if r % 2 == 0 else ("null", "curve")
+        for mode in order:
+            rate = training_rate("ray", "zmq", batches, batch_size, cards, security=mode)
+            ms[mode].append(1e3 * batch_size / rate)
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    for mode, v in med.items():
+        emit("ms_per_step", v, "ms", backend="ray", transport="zmq", channel_security=mode,
+             runs=[round(x, 2) for x in ms[mode]], batch_size=batch_size, machine=MACHINE)  # fmt: skip
+    emit(
+        "curve_step_cost",
+        100.0 * (med["curve"] / med["null"] - 1.0),
+        "%",
+        of="ms per step with CURVE over NULL on the zmq channel, Ray backend, 2 PS actors",
+        target=5.0,
+        repeat=repeat,
+        machine=MACHINE,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--batches", type=int, default=40)
+    p.add_argument(
+        "--repeat", type=int, default=3, help="interleaved runs of each security mode (default 3)"
+    )
+    p.add_argument("--only-curve", action="store_true", help="only the CURVE cost")
     args = p.parse_args(argv)
     try:
         import ray  # noqa: F401
@@ -184,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
 
         batches, batch_size = args.batches, 2048
         cards = [min(int(c), 1_000_000) for c in CRITEO_CARDINALITIES]
+    curve_cost(batches, batch_size, cards, 1 if args.quick else args.repeat)
+    if args.only_curve:
+        return 0
     rates = {}
     for backend, transport in (("local", "-"), ("ray", "zmq"), ("ray", "ray")):
         rate = training_rate(backend, transport, batches, batch_size, cards)

@@ -56,6 +56,9 @@ PERSIA_DATALOADER_ENTRY = "PERSIA_DATALOADER_ENTRY"
 #: Name shared by the roles of one job started by persia-launcher (their actors'
 #: ``persia-<name>-...``); set: TrainCtx(backend="ray") attaches to its parameter servers.
 PERSIA_JOB_NAME = "PERSIA_JOB_NAME"
+#: Security of persia's ZeroMQ channels: "curve" (default: only the job's own clients, encrypted)
+#: or "null" (unauthenticated, for trusted networks only; persia.rpc.security).
+PERSIA_CHANNEL_SECURITY = "PERSIA_CHANNEL_SECURITY"
 #: Ray's own variables for its token authentication. When none is set, a Ray cluster started
 #: by persia gets a fresh token in :func:`ray_temp_dir` (persia then sets RAY_AUTH_TOKEN_PATH).
 RAY_AUTH_TOKEN = "RAY_AUTH_TOKEN"
@@ -190,6 +193,20 @@ def ray_auth_chosen() -> bool:
     if os.environ.get(RAY_AUTH_TOKEN) or os.environ.get(RAY_AUTH_TOKEN_PATH):
         return True
     return os.environ.get(RAY_AUTH_MODE, "").lower() == "disabled"
+
+
+def channel_security() -> str:
+    """``PERSIA_CHANNEL_SECURITY`` (surrounding blanks ignored, lower-cased), else ``"curve"``.
+
+    Raises:
+        ConfigError: a value other than ``curve`` or ``null``.
+    """
+    raw = os.environ.get(PERSIA_CHANNEL_SECURITY, "").strip().lower() or "curve"
+    if raw not in ("curve", "null"):
+        raise ConfigError(
+            f"environment variable {PERSIA_CHANNEL_SECURITY}: expected curve or null, got {raw!r}"
+        )
+    return raw
 
 
 def ray_namespace() -> str | None:

@@ -105,6 +105,12 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
         help="channel of the per-batch lookups and gradients (default zmq)",
     )
     g.add_argument(
+        "--insecure-channels",
+        action="store_true",
+        help="ZeroMQ's NULL mechanism on the job's channels: unauthenticated and unencrypted, "
+        "for trusted networks only (default: CURVE, only the job's own processes get in)",
+    )
+    g.add_argument(
         "--num-nn-workers",
         type=int,
         default=None,
@@ -174,6 +180,8 @@ def cluster_config(args: argparse.Namespace, backend: str) -> Any:
         )
         if getattr(args, n, None) is not None
     ]
+    if getattr(args, "insecure_channels", False):
+        given.append("--insecure-channels")
     if backend != "ray":
         if given:
             from persia.errors import ConfigError
@@ -187,6 +195,7 @@ def cluster_config(args: argparse.Namespace, backend: str) -> Any:
         address=args.address,
         ps_num_cpus=args.ps_cpus,
         transport=args.transport,
+        channel_security="null" if getattr(args, "insecure_channels", False) else None,
         timeout_s=args.timeout_s,
         num_nn_workers=args.num_nn_workers if args.num_nn_workers is not None else 1,
         nn_num_cpus=args.nn_cpus,

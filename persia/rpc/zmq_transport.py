@@ -28,6 +28,7 @@ import zmq
 from persia import errors as _errors
 from persia.errors import BackendError, PersiaError
 from persia.rpc.base import Transport
+from persia.rpc.security import ChannelAccess, ChannelKeys, secure_client, secure_server
 
 __all__ = ["ZmqServer", "ZmqTransport", "encode", "decode"]
 
@@ -112,21 +113,40 @@ class ZmqServer:
         dispatch: runs one request; a :class:`PersiaError` it raises goes back to the caller.
         host: the address to bind (``127.0.0.1`` keeps the channel on this machine).
         port: 0 for a free port.
+        security: ``"curve"`` (only clients holding :attr:`access`'s keys get in) or ``"null"``
+            (anyone who reaches the port: :mod:`persia.rpc.security`).
+        keys: the CURVE keys (None: fresh ones).
+
+    Attributes:
+        endpoint: ``tcp://host:port``.
+        access: what a client of the job needs (give it only over an authenticated channel).
     """
 
     def __init__(
-        self, dispatch: Callable[[str, list[Any]], Any], host: str = "127.0.0.1", port: int = 0
+        self,
+        dispatch: Callable[[str, list[Any]], Any],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        security: str = "curve",
+        keys: ChannelKeys | None = None,
     ) -> None:
         self._dispatch = dispatch
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self.security = secure_server(self._ctx, self._sock, security, keys)
+        except BaseException:
+            self._sock.close(0)
+            self._ctx.term()
+            raise
         if port:
             self._sock.bind(f"tcp://{host}:{port}")
             bound = port
         else:
             bound = self._sock.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{bound}"
+        self.access = self.security.access(self.endpoint)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="persia-zmq-server", daemon=True)
         self._thread.start()
@@ -138,6 +158,7 @@ class ZmqServer:
         """Stops the thread and the socket."""
         self._stop.set()
         self._thread.join(timeout=5)
+        self.security.stop()
         self._ctx.term()
 
 
@@ -145,7 +166,8 @@ class ZmqTransport(Transport):
     """Requests over :class:`ZmqServer` endpoints.
 
     Args:
-        endpoints: role name -> ``tcp://host:port`` of each replica, by rank.
+        endpoints: role name -> each replica's :class:`ChannelAccess` (or plain
+            ``tcp://host:port`` for a NULL-mechanism server), by rank.
         timeout_s: the longest one call may take before :class:`BackendError`.
         liveness: optional ``(role, rank) -> None`` check run while a reply is late; raises
             :class:`BackendError` when the replica is known dead.
@@ -153,7 +175,7 @@ class ZmqTransport(Transport):
 
     def __init__(
         self,
-        endpoints: dict[str, list[str]],
+        endpoints: dict[str, list[ChannelAccess | str]],
         timeout_s: float,
         liveness: Callable[[str, int], None] | None = None,
     ) -> None:
@@ -187,7 +209,7 @@ class ZmqTransport(Transport):
                     raise BackendError("the transport is closed", role, rank)
                 sock = self._ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(endpoint)
+                sock.connect(secure_client(sock, endpoint))
                 self._all.append(sock)
             socks[(role, rank)] = sock
         return sock

@@ -49,6 +49,29 @@ DRIVER = textwrap.dedent(
     emb, glob = embedding_configs(lj(job_path, []))
     rt = build_ray_runtime(EmbeddingConfig(), None, emb, glob, cluster=cluster)
     endpoints = [ray.get(a.endpoint.remote()) for a in rt.store.actors]
+    # a stranger on host B that knows each server's address and public key, but no job key
+    import subprocess
+    import numpy as np
+    dims = sorted(ray.get(rt.store.actors[0].stats.remote())["dims"])
+    for a in rt.store.actors:  # some rows to poison
+        ray.get(a.lookup.remote(np.arange(1, 6, dtype=np.uint64), dims[0], True))
+    before = [ray.get(a.export_rows.remote()) for a in rt.store.actors]
+    targets = []
+    for a, part in zip(rt.store.actors, before):
+        acc = ray.get(a.access.remote())
+        d = next(d for d in dims if len(part[d]["keys"]))
+        targets.append({"kind": "ps", "address": acc.address, "server_key":
+                        acc.server_key.decode(), "keys": [int(k) for k in part[d]["keys"][:5]],
+                        "dim": d})
+    probe = subprocess.run([sys.executable, sys.argv[3], json.dumps(targets)],
+                           capture_output=True, text=True, timeout=60)
+    stranger = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else [
+        {"error": probe.stderr[-2000:]}]
+    after = [ray.get(a.export_rows.remote()) for a in rt.store.actors]
+    unchanged = all(
+        np.array_equal(b[d]["keys"], n[d]["keys"]) and np.array_equal(b[d]["values"], n[d]["values"])
+        for b, n in zip(before, after) for d in b
+    )
     nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     @ray.remote(num_cpus=0, resources={"nn_host": 0.01})
     def nn_node():
@@ -57,6 +80,7 @@ DRIVER = textwrap.dedent(
     rt.close()
     print(json.dumps({"test_auc": result["test_auc"], "train_samples": result["train_samples"],
                       "endpoints": endpoints, "nn_ip": nn_ip,
+                      "stranger": stranger, "unchanged": unchanged,
                       "nodes": sorted(nodes.values())}))
     """
 )
@@ -174,7 +198,17 @@ def test_adult_job_across_two_hosts_over_a_veth_pair(two_hosts):
         script = Path(temp) / "driver.py"
         script.write_text(DRIVER)
         out = subprocess.run(
-            ["ip", "netns", "exec", b, sys.executable, str(script), f"{HOST_A}:{port}", str(ADULT)],
+            [
+                "ip",
+                "netns",
+                "exec",
+                b,
+                sys.executable,
+                str(script),
+                f"{HOST_A}:{port}",
+                str(ADULT),
+                str(Path(__file__).with_name("_stranger.py")),
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -196,3 +230,9 @@ def test_adult_job_across_two_hosts_over_a_veth_pair(two_hosts):
     assert all(e.startswith(f"tcp://{HOST_A}:") for e in result["endpoints"])  # PS on host A
     assert result["nn_ip"] == HOST_B  # NN workers on host B
     assert result["test_auc"] >= 0.90
+    # from the other host, the stranger got no reply from either parameter server and moved
+    # no row (its probes: a lookup and a gradient of 1e3 each, CURVE with its own keys and NULL)
+    assert [(p.get("curve"), p.get("null")) for p in result["stranger"]] == [(0, 0), (0, 0)], (
+        result["stranger"]
+    )
+    assert result["unchanged"]

@@ -53,7 +53,7 @@ def test_objects_are_refused_both_ways():
 def test_client_over_zmq_matches_the_shard_and_store_errors_come_back(shard_server):
     shard, server = shard_server
     reference = Shard(1000, SGD(lr=0.5), dims=[4])
-    transport = ZmqTransport({PARAMETER_SERVER: [server.endpoint]}, timeout_s=5)
+    transport = ZmqTransport({PARAMETER_SERVER: [server.access]}, timeout_s=5)
     client = ParameterServerClient(transport, shard_of)
     keys = np.array([5, 9, 5, 1 << 40], dtype=np.uint64)
     got = client.lookup(0, keys, 4, True)
@@ -74,7 +74,7 @@ def test_client_over_zmq_matches_the_shard_and_store_errors_come_back(shard_serv
 
 def test_threads_use_their_own_sockets(shard_server):
     _, server = shard_server
-    transport = ZmqTransport({PARAMETER_SERVER: [server.endpoint]}, timeout_s=5)
+    transport = ZmqTransport({PARAMETER_SERVER: [server.access]}, timeout_s=5)
     errors = []
 
     def work(seed):
@@ -97,7 +97,7 @@ def test_threads_use_their_own_sockets(shard_server):
 
 def test_a_silent_server_is_a_typed_error_within_the_timeout():
     server = ZmqServer(lambda m, a: time.sleep(1.2))
-    transport = ZmqTransport({PARAMETER_SERVER: [server.endpoint]}, timeout_s=0.6)
+    transport = ZmqTransport({PARAMETER_SERVER: [server.access]}, timeout_s=0.6)
     start = time.perf_counter()
     with pytest.raises(BackendError, match=r"parameter-server\[0\]: no reply to lookup within 0.6"):
         transport.call(PARAMETER_SERVER, 0, "lookup", np.arange(3, dtype=np.uint64), 4, True)
@@ -112,7 +112,7 @@ def test_liveness_check_ends_the_wait_early():
     def dead(role, rank):
         raise BackendError("actor is dead", role, rank)
 
-    transport = ZmqTransport({PARAMETER_SERVER: [server.endpoint]}, timeout_s=30, liveness=dead)
+    transport = ZmqTransport({PARAMETER_SERVER: [server.access]}, timeout_s=30, liveness=dead)
     start = time.perf_counter()
     with pytest.raises(BackendError) as info:
         transport.call(PARAMETER_SERVER, 0, "ping")

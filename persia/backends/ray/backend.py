@@ -166,6 +166,7 @@ class ParameterServer:
         shard_kwargs: :class:`persia.store.Shard`'s arguments (capacity, optimizer, init, ...).
         bind_host: where the ZeroMQ channel binds (None: no channel).
         port: the channel's port (None: a free one).
+        security: the channel's mechanism, ``"curve"`` or ``"null"`` (:mod:`persia.rpc.security`).
     """
 
     def __init__(
@@ -175,6 +176,7 @@ class ParameterServer:
         bind_host: str | None,
         *,
         port: int | None = None,
+        security: str = "curve",
     ) -> None:
         from persia._settings import ensure_numba_cache_dir
 
@@ -193,7 +195,7 @@ class ParameterServer:
 
                 bind_host = ray.util.get_node_ip_address()
             try:
-                self._server = ZmqServer(self._dispatch, bind_host, port or 0)
+                self._server = ZmqServer(self._dispatch, bind_host, port or 0, security)
             except Exception as exc:  # zmq.ZMQError: the port is taken, the host not ours
                 raise BackendError(
                     f"cannot bind the data channel to {bind_host}:{port or 'a free port'}: {exc}",
@@ -209,6 +211,12 @@ class ParameterServer:
     def endpoint(self) -> str | None:
         """The ZeroMQ channel's address (``tcp://host:port``), or None."""
         return None if self._server is None else self._server.endpoint
+
+    def access(self) -> Any:
+        """What a client of the job needs to use the channel (a
+        :class:`persia.rpc.security.ChannelAccess`: the address and, with CURVE, the keys;
+        it travels only as the reply of this Ray call), or None."""
+        return None if self._server is None else self._server.access
 
     def ping(self) -> int:
         return self.rank
@@ -290,7 +298,7 @@ def start_parameter_servers(
     bind = _bind_host(cluster) if cluster.transport == "zmq" else None
     actors: list[Any] = [
         actor_cls.options(name=ps_actor_name(job, i), namespace=namespace(), **options).remote(
-            i, shard_kwargs, bind
+            i, shard_kwargs, bind, security=cluster.channel_security
         )
         for i in range(first_rank, first_rank + n)
     ]
@@ -526,7 +534,7 @@ def parameter_server_client(
         from persia.rpc.zmq_transport import ZmqTransport
 
         endpoints = [
-            get_with_timeout(a.endpoint.remote(), timeout_s, PARAMETER_SERVER, i)
+            get_with_timeout(a.access.remote(), timeout_s, PARAMETER_SERVER, i)
             for i, a in enumerate(actors)
         ]
         transport = ZmqTransport(

@@ -181,6 +181,10 @@ class ClusterConfig:
             for the per-batch lookups and gradients.
         bind_host: address the parameter servers' ZeroMQ sockets bind to; None: the node's Ray
             address (loopback on a local cluster).
+        channel_security: ``"curve"``: every ZeroMQ socket of the job (parameter servers,
+            embedding workers, data loaders) admits only the job's own clients, encrypted;
+            ``"null"``: unauthenticated, for trusted networks only (:mod:`persia.rpc.security`);
+            None: ``PERSIA_CHANNEL_SECURITY``, else ``"curve"``.
         timeout_s: the longest a call to a role may take before :class:`BackendError`; None:
             ``PERSIA_RAY_TIMEOUT_S``, else 60.
         num_cpus: CPUs of a local cluster started here (None: Ray's count of this machine).
@@ -203,6 +207,7 @@ class ClusterConfig:
         "address",
         "transport",
         "bind_host",
+        "channel_security",
         "timeout_s",
         "num_cpus",
         "recover",
@@ -216,6 +221,7 @@ class ClusterConfig:
     address: str | None
     transport: str
     bind_host: str | None
+    channel_security: str
     timeout_s: float | None
     num_cpus: int | None
     recover: bool | RecoveryConfig
@@ -232,6 +238,7 @@ class ClusterConfig:
         address: str | None = None,
         transport: str = "zmq",
         bind_host: str | None = None,
+        channel_security: str | None = None,
         timeout_s: float | None = None,
         num_cpus: int | None = None,
         recover: bool | RecoveryConfig = False,
@@ -271,6 +278,13 @@ class ClusterConfig:
         object.__setattr__(self, "address", address)
         object.__setattr__(self, "transport", transport)
         object.__setattr__(self, "bind_host", bind_host)
+        if channel_security is None:
+            try:
+                channel_security = _settings.channel_security()
+            except ConfigError as exc:
+                problems.append(str(exc))
+                channel_security = "curve"
+        object.__setattr__(self, "channel_security", channel_security)
         object.__setattr__(self, "timeout_s", timeout_s)
         object.__setattr__(self, "num_cpus", num_cpus)
         object.__setattr__(self, "recover", recover)
@@ -291,6 +305,8 @@ class ClusterConfig:
             out += spec.problems(names, min_count)
             if role != "ps" and spec.count is None:
                 out.append(f"{names['count']} must be an int >= {min_count}, got None")
+        if self.channel_security not in ("curve", "null"):
+            out.append(f"channel_security must be curve or null, got {self.channel_security!r}")
         if self.transport not in TRANSPORTS:
             out.append(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         t = self.timeout_s

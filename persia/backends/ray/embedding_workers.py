@@ -46,6 +46,7 @@ from persia.backends.ray.backend import ClusterConfig, _bind_host, _liveness, ge
 from persia.backends.ray.naming import ew_actor_name, namespace
 from persia.errors import BackendError
 from persia.rpc.base import ParameterServerClient
+from persia.rpc.security import ChannelAccess, secure_server
 from persia.rpc.zmq_transport import ZmqTransport, serve_requests
 from persia.worker.embedding_worker import EmbeddingWorker, SlotSpec
 
@@ -149,8 +150,10 @@ class EmbeddingWorkerActor:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._security = secure_server(self._ctx, self._sock, cluster.channel_security)
         port = self._sock.bind_to_random_port(f"tcp://{bind_host}")
         self._endpoint = f"tcp://{bind_host}:{port}"
+        self._access = self._security.access(self._endpoint)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="persia-ew-server", daemon=True)
         self._thread.start()
@@ -158,6 +161,11 @@ class EmbeddingWorkerActor:
     def endpoint(self) -> str:
         """The ZeroMQ address (``tcp://host:port``)."""
         return self._endpoint
+
+    def access(self) -> ChannelAccess:
+        """What a client of the job needs (address and, with CURVE, keys; only as this
+        call's reply over Ray)."""
+        return self._access
 
     def ping(self) -> int:
         return self.rank
@@ -229,6 +237,7 @@ class EmbeddingWorkerActor:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self._security.stop()
         self._ctx.term()
         self.client.transport.close()
 
@@ -325,8 +334,8 @@ class RemoteEmbeddingWorker:
         self.servers = servers
         self.timeout_s = float(timeout_s)
         self._owned = owned
-        endpoints = [
-            str(get_with_timeout(a.endpoint.remote(), self.timeout_s, EMBEDDING_WORKER, r))
+        endpoints: list[ChannelAccess | str] = [
+            get_with_timeout(a.access.remote(), self.timeout_s, EMBEDDING_WORKER, r)
             for r, a in enumerate(self.actors)
         ]
         # requests go over the transport's DEALER client (one socket per thread and actor,

@@ -87,6 +87,7 @@ class LaunchedParameterServer(ParameterServer):
         configs: the parsed ``embedding_config.yml`` and ``global_config.yml`` it was started
             with (handed to NN workers that have none: :meth:`job_configs`).
         port: the ZeroMQ channel's port (None: a free one).
+        security: the channel's mechanism (``PERSIA_CHANNEL_SECURITY`` of the launcher).
     """
 
     def __init__(
@@ -97,8 +98,9 @@ class LaunchedParameterServer(ParameterServer):
         bind_host: str | None,
         configs: tuple[Any, Any] | None = None,
         port: int | None = None,
+        security: str = "curve",
     ) -> None:
-        super().__init__(rank, shard_kwargs, bind_host, port=port)
+        super().__init__(rank, shard_kwargs, bind_host, port=port, security=security)
         self.replicas = replicas
         self._configured = False
         self._configs = configs
@@ -150,7 +152,15 @@ def start_parameter_server(
     actor_cls: Any = ray.remote(LaunchedParameterServer)
     actor = actor_cls.options(
         name=name, namespace=namespace(), num_cpus=num_cpus, max_restarts=0, max_concurrency=4
-    ).remote(replica_index, replica_size, shard_kwargs, bind_host, configs, port)
+    ).remote(
+        replica_index,
+        replica_size,
+        shard_kwargs,
+        bind_host,
+        configs,
+        port,
+        _settings.channel_security(),
+    )
     timeout_s = ClusterConfig().resolved_timeout_s()
     get_with_timeout(actor.ping.remote(), timeout_s, "parameter-server", replica_index)
     endpoint = get_with_timeout(

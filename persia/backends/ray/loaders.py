@@ -125,10 +125,14 @@ class DataLoaderActor:
         size: D.
         world: the number of NN workers.
         bind_host: the address its ZeroMQ socket binds (None: the node's Ray address).
+        security: its channel's mechanism (``ClusterConfig.channel_security``).
     """
 
-    def __init__(self, index: int, size: int, world: int, bind_host: str | None) -> None:
+    def __init__(
+        self, index: int, size: int, world: int, bind_host: str | None, security: str = "curve"
+    ) -> None:
         self.index, self.size, self.world, self.bind_host = index, size, world, bind_host
+        self.security = security
 
     def run(self, job: Any, job_name: str, timeout_s: float) -> int:
         """Sends this loader's batches to their NN workers (module doc); returns how many it
@@ -152,6 +156,7 @@ class DataLoaderActor:
                     consumers=1,
                     bind_host=host,
                     timeout_s=timeout_s,
+                    security=self.security,
                 )
             for r, batch in _job_batches(job, self.index, self.size, self.world):
                 senders[r].send(batch)
@@ -186,7 +191,7 @@ def start_data_loaders(job: Any, cluster: Any, job_name: str) -> list[tuple[Any,
     for d in range(size):
         actor = actor_cls.options(
             name=loader_actor_name(job_name, d), namespace=namespace(), **options
-        ).remote(d, size, world, bind_host)
+        ).remote(d, size, world, bind_host, cluster.channel_security)
         out.append((actor, actor.run.remote(job, job_name, timeout_s)))
     return out
 

@@ -30,6 +30,7 @@ from persia import _settings, env
 from persia.backends.ray.naming import namespace, stream_actor_name
 from persia.embedding.data import PersiaBatch
 from persia.errors import BackendError, ConfigError
+from persia.rpc.security import ChannelAccess, secure_client, secure_server
 from persia.rpc.zmq_transport import decode, encode
 
 if TYPE_CHECKING:
@@ -59,10 +60,12 @@ def _env_count(name: str, default: int, minimum: int) -> int:
 
 
 class _LoaderInfo:
-    """What a loader announces (a Ray actor holding no data)."""
+    """What a loader announces (a Ray actor holding no data): its index, the number of
+    loaders, and its channel's :class:`ChannelAccess` (address and, with CURVE, the client
+    keys, handed out only as replies of Ray calls)."""
 
-    def __init__(self, endpoint: str, index: int, size: int) -> None:
-        self.info = {"endpoint": endpoint, "index": index, "size": size}
+    def __init__(self, access: ChannelAccess, index: int, size: int) -> None:
+        self.info = {"endpoint": access, "index": index, "size": size}
 
     def get(self) -> dict[str, Any]:
         return self.info
@@ -98,6 +101,8 @@ class StreamSender:
             ``RAY_ADDRESS``, else 127.0.0.1).
         timeout_s: the longest :meth:`send` waits for an NN worker to ask for a batch.
         linger_s: how long :meth:`close` keeps answering ``end`` without new requests.
+        security: the channel's mechanism, ``"curve"`` or ``"null"`` (default
+            ``PERSIA_CHANNEL_SECURITY``, else ``"curve"``: :mod:`persia.rpc.security`).
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class StreamSender:
         bind_host: str | None = None,
         timeout_s: float = 600.0,
         linger_s: float = 5.0,
+        security: str | None = None,
     ) -> None:
         self.size = replica_size if replica_size is not None else env.get_replica_size()
         self.index = replica_index if replica_index is not None else env.get_replica_index()
@@ -133,6 +139,9 @@ class StreamSender:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 1000)
+        self._security = secure_server(
+            self._ctx, self._sock, security or _settings.channel_security()
+        )
         port = self._sock.bind_to_random_port(f"tcp://{bind_host}")
         self.endpoint = f"tcp://{bind_host}:{port}"
         self._seen: set[bytes] = set()
@@ -144,7 +153,7 @@ class StreamSender:
             namespace=stream_namespace(),
             num_cpus=0,
             max_restarts=0,
-        ).remote(self.endpoint, self.index, self.size)
+        ).remote(self._security.access(self.endpoint), self.index, self.size)
         ray.get(self._actor.get.remote(), timeout=60)
 
     def _next_request(self, timeout_s: float) -> bytes | None:
@@ -195,6 +204,7 @@ class StreamSender:
                 self._ended.add(ident)
         finally:
             self._sock.close()
+            self._security.stop()
             self._ctx.term()
             try:
                 import ray
@@ -204,19 +214,19 @@ class StreamSender:
                 pass
 
 
-def _find_loaders(channel: str, timeout_s: float) -> list[str]:
+def _find_loaders(channel: str, timeout_s: float) -> list[ChannelAccess | str]:
     """The endpoints of every loader of ``channel`` (waits for them up to ``timeout_s``)."""
     import ray
 
     deadline = time.monotonic() + timeout_s
-    endpoints: dict[int, str] = {}
+    endpoints: dict[int, ChannelAccess | str] = {}
     size = None
     index = 0
     while size is None or len(endpoints) < size:
         try:
             actor = ray.get_actor(stream_actor_name(channel, index), namespace=stream_namespace())
             info: Any = ray.get(actor.get.remote(), timeout=timeout_s)
-            endpoints[index] = str(info["endpoint"])
+            endpoints[index] = info["endpoint"]
             size = int(info["size"])
             index = next((i for i in range(size) if i not in endpoints), size)
             continue
@@ -251,7 +261,7 @@ def receive_batches(channel: str | None = None, timeout_s: float = 600.0, stop: 
         for ep in endpoints:
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
-            s.connect(ep)
+            s.connect(secure_client(s, ep))
             s.send(b"next")
             poller.register(s, zmq.POLLIN)
             socks.append(s)
