@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import os
 import threading
 from pathlib import Path
@@ -13,9 +14,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from persia.errors import CheckpointError, PersiaError
+from persia.logger import get_default_logger
 
 if TYPE_CHECKING:
     from persia.runtime.pipeline import RuntimeProtocol
+
+_logger = get_default_logger()
 
 
 class CheckpointService:
@@ -61,6 +65,21 @@ class CheckpointService:
             config,
         )
 
+    def _spec_record(self, serving: bool) -> dict[str, Any] | None:
+        """The runtime's embedding spec as the checkpoint records it (None: not known)."""
+        from persia.embedding.spec import spec_to_dict
+
+        spec = self.runtime.spec
+        if spec is None:
+            if serving:
+                _logger.warning(
+                    "dump_checkpoint(with_jit_model=True): this runtime does not know its "
+                    "embedding spec, so the checkpoint records none; serving it will need the "
+                    "training job's embedding_config.yml"
+                )
+            return None
+        return spec_to_dict(spec)
+
     def unwrapped_model(self) -> Any:
         """The model without its ``DistributedDataParallel`` wrapper (several NN workers; a
         persia extension): what checkpoints save and exports script, so that the files are the
@@ -86,10 +105,17 @@ class CheckpointService:
         self.wait_for_dump_embedding()
         dst = Path(dst_dir)
         dst.mkdir(parents=True, exist_ok=True)
+        jit_bytes = None
         if jit_filename is not None:
+            # TorchScript inside the generation (served with the embeddings of the same dump) and
+            # beside it, where PERSIA's TorchServe handler loads it
+            buf = io.BytesIO()
+            torch.jit.save(torch.jit.script(self.unwrapped_model()), buf)
+            jit_bytes = buf.getvalue()
             tmp = dst / (jit_filename + ".tmp")
-            torch.jit.save(torch.jit.script(self.unwrapped_model()), str(tmp))
+            tmp.write_bytes(jit_bytes)
             os.replace(tmp, dst / jit_filename)
+        spec = self._spec_record(serving=jit_filename is not None)
         self.runtime.flush()
         store = self.runtime.store
         model_state = self.unwrapped_model().state_dict()
@@ -108,6 +134,8 @@ class CheckpointService:
             position=position,
             config=config,
             delta_seq=delta_seq,
+            jit_model=jit_bytes,
+            embedding_spec=spec,
         )
         if blocking:
             return dump()
@@ -175,10 +203,14 @@ class CheckpointService:
         """
         from persia import checkpoint
 
+        spec = self._spec_record(serving=False)
         self.runtime.flush()
         delta = getattr(self, "_delta_writer", None)
         checkpoint.dump(
-            dst_dir, self.runtime.store, delta_seq=delta.last_seq if delta is not None else None
+            dst_dir,
+            self.runtime.store,
+            delta_seq=delta.last_seq if delta is not None else None,
+            embedding_spec=spec,
         )
 
     def load_embedding(self, src_dir: str | os.PathLike, blocking: bool = True) -> None:

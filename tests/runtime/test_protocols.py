@@ -67,6 +67,7 @@ def test_the_runtime_protocol_declares_what_its_callers_use():
     }
     assert set(RuntimeProtocol.__annotations__) == {
         "store",
+        "spec",
         "training_allowed",
         "counts",
         "batches_applied",
