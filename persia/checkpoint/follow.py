@@ -179,7 +179,9 @@ class ServingRuntime:
             raise PersiaError(f"poll_interval_s must be > 0, got {poll_interval_s!r}")
         self.checkpoint_dir = Path(checkpoint_dir)
         if not self.checkpoint_dir.is_dir():
-            raise CheckpointError(f"checkpoint directory {str(self.checkpoint_dir)!r} does not exist")
+            raise CheckpointError(
+                f"checkpoint directory {str(self.checkpoint_dir)!r} does not exist"
+            )
         self.with_model = with_model
         self.map_location = map_location
         ckpt = read(self.checkpoint_dir)
@@ -202,9 +204,7 @@ class ServingRuntime:
         self._generations_loaded = 1
         self._stop = threading.Event()
         self._follower: threading.Thread | None = None
-        _logger.info(
-            "serving %d embedding rows of %s", self._state.rows, self._state.generation
-        )
+        _logger.info("serving %d embedding rows of %s", self._state.rows, self._state.generation)
         if self.incremental_dir is not None:
             self._reader = DeltaReader(self.incremental_dir, self._state.checkpoint_delta_seq)
             self._poll_deltas()  # serve the newest complete state from the first request on
@@ -361,6 +361,12 @@ class ServingRuntime:
     def store(self) -> ShardedStore:
         """The store served now (a new generation replaces it)."""
         return self._state.store
+
+    @store.setter
+    def store(self, value: ShardedStore) -> None:
+        raise PersiaError(
+            "a serving runtime's store is replaced only by a new checkpoint generation"
+        )
 
     @property
     def model(self) -> Any:

@@ -169,7 +169,9 @@ class JobCheckpoint:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 model = torch.jit.load(io.BytesIO(arr.tobytes()), map_location=map_location)
         except Exception as exc:
-            raise CheckpointError(f"{self.path}: the TorchScript model cannot be loaded: {exc}")
+            raise CheckpointError(
+                f"{self.path}: the TorchScript model cannot be loaded: {exc}"
+            ) from exc
         model.eval()
         return model
 

@@ -77,6 +77,7 @@ __all__ = [
     "read_generation",
     "list_generations",
     "current_generation",
+    "current_kind",
 ]
 
 #: Version of the on-disk layout described in the module docstring. Bump it when a change would
@@ -287,6 +288,16 @@ def current_generation(directory: str | os.PathLike[str]) -> Path:
     """
     root = Path(directory)
     return root / _read_pointer(root)
+
+
+def current_kind(directory: str | os.PathLike[str]) -> str:
+    """The kind of the generation ``CURRENT`` names (its manifest is read and checked; its arrays
+    are not).
+
+    Raises:
+        CheckpointError: no directory, pointer or manifest, or a malformed one.
+    """
+    return str(_read_manifest(current_generation(directory))["kind"])
 
 
 def write_generation(

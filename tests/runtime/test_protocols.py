@@ -14,6 +14,7 @@ import torch
 
 from persia.backends.ray.embedding_workers import RemoteEmbeddingWorker, RemoteLookup
 from persia.backends.ray.runtime import RayRuntime
+from persia.checkpoint.follow import ServingRuntime
 from persia.ctx import TrainCtx
 from persia.data import DataLoader
 from persia.embedding.optim import Adagrad
@@ -75,7 +76,7 @@ def test_the_runtime_protocol_declares_what_its_callers_use():
     assert set(_members(EmbeddingWorkerProtocol)) == {"forward", "backward", "close"}
 
 
-@pytest.mark.parametrize("cls", [Runtime, RayRuntime])
+@pytest.mark.parametrize("cls", [Runtime, RayRuntime, ServingRuntime])
 def test_every_runtime_implements_the_protocol(cls):
     assert _problems(cls, RuntimeProtocol) == []
 
