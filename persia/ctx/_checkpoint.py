@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from persia.checkpoint.follow import ServingRuntime
 from persia.errors import CheckpointError, PersiaError
 from persia.logger import get_default_logger
 
@@ -64,6 +65,14 @@ class CheckpointService:
             position,
             config,
         )
+
+    def _writable(self, what: str) -> None:
+        """Raises when the runtime is a read-only serving runtime (``job_type: Infer``)."""
+        if isinstance(self.runtime, ServingRuntime):
+            raise PersiaError(
+                f"{what}: the parameter servers are read-only (job_type: Infer); they follow "
+                "their checkpoint and its deltas"
+            )
 
     def _spec_record(self, serving: bool) -> dict[str, Any] | None:
         """The runtime's embedding spec as the checkpoint records it (None: not known)."""
@@ -180,6 +189,8 @@ class CheckpointService:
 
         if self.model is None:
             raise PersiaError("no model: create the context with model=...")
+        if embeddings:
+            self._writable("load_checkpoint")
         src = Path(src_dir)
         if not src.is_dir():
             raise CheckpointError(f"checkpoint directory {str(src)!r} does not exist")
@@ -225,6 +236,7 @@ class CheckpointService:
         """
         from persia import checkpoint
 
+        self._writable("load_embedding")
         ckpt = checkpoint.read(src_dir)
         self.runtime.flush()
         checkpoint.restore_store(self.runtime.store, ckpt)
@@ -249,5 +261,6 @@ class CheckpointService:
 
     def clear_embeddings(self) -> None:
         """Removes every embedding row from every shard."""
+        self._writable("clear_embeddings")
         self.runtime.flush()
         self.runtime.store.clear()
