@@ -63,6 +63,7 @@ __all__ = [
     "dump",
     "is_job_checkpoint",
     "read",
+    "read_meta",
     "restore_store",
 ]
 
@@ -359,6 +360,23 @@ def read(directory: str | os.PathLike[str]) -> JobCheckpoint:
     if meta.get("rows") != rows:
         raise CheckpointError(f"{where}: the manifest says {meta.get('rows')!r} rows, found {rows}")
     return JobCheckpoint(path, meta, arrays)
+
+
+def read_meta(directory: str | os.PathLike[str]) -> JobCheckpoint:
+    """The current job checkpoint's manifest only (no array read or verified; ``arrays`` is
+    empty): its embedding spec, delta_seq, shard count, cheaply.
+
+    Raises:
+        CheckpointError: no checkpoint, another kind, or another format.
+    """
+    from persia.store.checkpoint import current_meta
+
+    path, meta = current_meta(directory, kind=KIND)
+    if meta.get("job_format") != JOB_FORMAT:
+        raise CheckpointError(
+            f"{path}: job_format must be {JOB_FORMAT}, got {meta.get('job_format')!r}"
+        )
+    return JobCheckpoint(path, meta, {})
 
 
 def restore_store(store: Any, ckpt: JobCheckpoint) -> None:

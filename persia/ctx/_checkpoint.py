@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from persia.checkpoint.follow import ServingRuntime
 from persia.errors import CheckpointError, PersiaError
 from persia.logger import get_default_logger
 
@@ -68,7 +67,7 @@ class CheckpointService:
 
     def _writable(self, what: str) -> None:
         """Raises when the runtime is a read-only serving runtime (``job_type: Infer``)."""
-        if isinstance(self.runtime, ServingRuntime):
+        if self.runtime.read_only:
             raise PersiaError(
                 f"{what}: the parameter servers are read-only (job_type: Infer); they follow "
                 "their checkpoint and its deltas"

@@ -186,16 +186,19 @@ class EmbeddingCtx(CheckpointService, BaseCtx):
         glob = source if isinstance(source, GlobalConfig) else load_global_config(source)
         if glob.common_config.job_type != "infer":
             return None
+        last = last_runtime()
         if self.backend != "local":
-            return registry.inference_backend(self.backend).build_inference_runtime(
-                embedding_config_file=self.embedding_config_file,
-                global_config=glob,
-                embedding_config=self.embedding_config,
-                cluster=self.cluster,
+            runtime = registry.inference_backend(self.backend).build_inference_runtime(
+                self.embedding_config_file,
+                glob,
+                self.embedding_config,
+                self.cluster,
+                reuse=last,
             )
+            set_last_runtime(runtime)
+            return runtime
         infer = glob.common_config.infer_config
         wanted = None if infer is None else infer.embedding_checkpoint
-        last = last_runtime()
         if (
             isinstance(last, ServingRuntime)
             and not last.closed

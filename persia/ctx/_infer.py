@@ -35,7 +35,7 @@ from persia.ctx._serving import serving_runtime
 from persia.embedding.config import GlobalConfig
 from persia.embedding.data import PersiaBatch
 from persia.errors import BackendError, PersiaError
-from persia.logger import get_default_logger
+from persia.logger import get_default_logger, warn_once
 from persia.runtime.pipeline import TrainingBatch
 
 _logger = get_default_logger()
@@ -63,9 +63,16 @@ class InferCtx(EmbeddingCtx):
     generation refreshes the embeddings only (``persia.serving.open_model`` serves both).
 
     Args:
-        embedding_worker_address_list: PERSIA's embedding-worker services. Must be empty:
-            serve in this process (persia has no embedding-worker network service; a non-empty
-            list raises :class:`~persia.errors.BackendError`).
+        embedding_worker_address_list: PERSIA's embedding-worker services. Empty: serve in
+            this process (``backend="local"``, the default), or through inference-mode
+            parameter-server actors this context starts (``backend="ray"``). Not empty: persia
+            has no embedding-worker network service (the embedding worker runs in this
+            process), so the addresses themselves are not used (a warning says so): the context
+            looks up through the inference-mode parameter servers already running for the job
+            ``PERSIA_JOB_NAME`` names on the Ray cluster (``RAY_ADDRESS``, or the head
+            ``persia-launcher ray-head`` started), which ``persia-launcher
+            embedding-parameter-server`` starts under ``job_type: Infer``. With
+            ``backend="local"`` a non-empty list raises :class:`~persia.errors.BackendError`.
         model, embedding_config: see :class:`EmbeddingCtx` (``embedding_config`` is unused
             here: no row is created).
         embedding_checkpoint: the checkpoint directory (what ``dump_checkpoint`` or
@@ -85,7 +92,8 @@ class InferCtx(EmbeddingCtx):
         device_id, threadpool_worker_size: see :class:`BaseCtx`.
 
     Raises:
-        BackendError: a non-empty address list.
+        BackendError: a non-empty address list with ``backend="local"``; on Ray, the job's
+            servers not found or not in inference mode.
         ConfigError: no checkpoint named, a bad YAML file, an embedding config that differs
             from training's, or none known.
         CheckpointError: a missing, corrupt or mismatching checkpoint.
@@ -112,16 +120,19 @@ class InferCtx(EmbeddingCtx):
                 "InferCtx: embedding_worker_address_list must be a list of 'host:port' strings, "
                 f"got {embedding_worker_address_list!r}"
             )
-        if len(embedding_worker_address_list):
-            raise BackendError(
-                "InferCtx over embedding-worker services is not available in persia (its "
-                "embedding workers run inside the NN workers, with no network service); pass an "
-                f"empty list to serve in this process, got {list(embedding_worker_address_list)}",
-                role="embedding-worker",
-            )
-        if kwargs.setdefault("backend", "local") != "local":
+        addresses = list(embedding_worker_address_list)
+        if addresses:
+            if kwargs.setdefault("backend", "ray") != "ray":
+                raise BackendError(
+                    "InferCtx: persia has no embedding-worker services; a non-empty list "
+                    f"({addresses}) looks up through the job's inference-mode parameter servers "
+                    "on the Ray backend. Pass an empty list to serve in this process, or "
+                    f"backend='ray' (or none), got backend={kwargs['backend']!r}",
+                    role="embedding-worker",
+                )
+        elif kwargs.setdefault("backend", "local") not in ("local", "ray"):
             raise PersiaError(
-                f"InferCtx serves in this process: backend must be 'local', got {kwargs['backend']!r}"
+                f"InferCtx: backend must be 'local' or 'ray', got {kwargs['backend']!r}"
             )
         super().__init__(PreprocessMode.INFERENCE, *args, **kwargs)
         from persia.embedding.config import load_global_config
@@ -129,27 +140,51 @@ class InferCtx(EmbeddingCtx):
         source = self.global_config_file
         glob = source if isinstance(source, GlobalConfig) else load_global_config(source)
         self.global_config = glob
-        runtime = serving_runtime(
-            self.embedding_config_file,
-            glob,
-            self.embedding_config,
-            embedding_checkpoint=embedding_checkpoint,
-            incremental_dir=incremental_dir,
-            follow_checkpoint=follow_checkpoint,
-            poll_interval_s=poll_interval_s,
-        )
+        runtime: Any
+        if self.backend == "ray":
+            from persia.runtime import registry
+
+            if addresses:
+                warn_once(
+                    _logger,
+                    "InferCtx.embedding_worker_address_list",
+                    f"InferCtx({addresses}): persia has no embedding-worker services (the "
+                    "embedding worker runs in this process); it looks up through the "
+                    "inference-mode parameter servers of the job PERSIA_JOB_NAME names on the "
+                    "Ray cluster (started by persia-launcher embedding-parameter-server under "
+                    "job_type: Infer)",
+                )
+            runtime = registry.inference_backend("ray").build_inference_runtime(
+                self.embedding_config_file,
+                glob,
+                self.embedding_config,
+                self.cluster,
+                attach=True if addresses else None,
+                embedding_checkpoint=embedding_checkpoint,
+                incremental_dir=incremental_dir,
+                follow_checkpoint=follow_checkpoint,
+                poll_interval_s=poll_interval_s,
+            )
+        else:
+            runtime = serving_runtime(
+                self.embedding_config_file,
+                glob,
+                self.embedding_config,
+                embedding_checkpoint=embedding_checkpoint,
+                incremental_dir=incremental_dir,
+                follow_checkpoint=follow_checkpoint,
+                poll_interval_s=poll_interval_s,
+            )
         self._runtime = runtime
         self.serving = runtime
-        self.embedding_checkpoint = runtime.checkpoint_dir
-        self.incremental_dir = runtime.incremental_dir
-        self.poll_interval_s = runtime.poll_interval_s
+        self.poll_interval_s = float(poll_interval_s)
         self._saved_training_allowed = False
         self._index = itertools.count()
 
     @property
     def checkpoint_delta_seq(self) -> int:
         """The delta the served checkpoint generation already held."""
-        return int(self.serving.freshness()["checkpoint_delta_seq"])
+        return int(self.serving.freshness().get("checkpoint_delta_seq") or 0)
 
     def freshness(self) -> dict[str, Any]:
         """How far behind the training job the served rows are (a persia extension):

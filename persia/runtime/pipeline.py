@@ -80,10 +80,13 @@ class RuntimeProtocol(Protocol):
         batches_applied: batches whose gradients were applied.
         spec: the embedding layer the runtime was built from (None: not known); checkpoints
             record it, so that they are served without the job's YAML files.
+        read_only: True for inference-mode parameter servers (``job_type: Infer``): the
+            contexts refuse whatever would change a row.
     """
 
     store: ShardedStore
     spec: EmbeddingSpec | None
+    read_only: bool
     training_allowed: bool
     counts: np.ndarray
     batches_applied: int
@@ -138,6 +141,8 @@ class Runtime:
         backward_buffer_size: gradient batches that may wait for the applier.
         spec: the embedding layer the runtime was built from, if known.
     """
+
+    read_only = False
 
     def __init__(
         self,

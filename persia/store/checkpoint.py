@@ -78,6 +78,7 @@ __all__ = [
     "list_generations",
     "current_generation",
     "current_kind",
+    "current_meta",
 ]
 
 #: Version of the on-disk layout described in the module docstring. Bump it when a change would
@@ -298,6 +299,23 @@ def current_kind(directory: str | os.PathLike[str]) -> str:
         CheckpointError: no directory, pointer or manifest, or a malformed one.
     """
     return str(_read_manifest(current_generation(directory))["kind"])
+
+
+def current_meta(directory: str | os.PathLike[str], *, kind: str) -> tuple[Path, dict[str, Any]]:
+    """The folder and manifest meta of the generation ``CURRENT`` names, its arrays neither read
+    nor verified (a cheap look at what a checkpoint is).
+
+    Raises:
+        CheckpointError: as :func:`current_kind`, or another kind.
+    """
+    gen = current_generation(directory)
+    manifest = _read_manifest(gen)
+    if manifest["kind"] != kind:
+        raise CheckpointError(
+            f"{gen / MANIFEST_NAME}: expected a checkpoint of kind {kind!r}, "
+            f"found kind {manifest['kind']!r}"
+        )
+    return gen, manifest["meta"]
 
 
 def write_generation(

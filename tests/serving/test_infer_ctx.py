@@ -142,12 +142,12 @@ def test_persia_handler_shape_with_infer_config(trained, monkeypatch, tmp_path):
 
 def test_infer_ctx_refusals(trained, monkeypatch):
     monkeypatch.delenv("PERSIA_GLOBAL_CONFIG", raising=False)
-    with pytest.raises(BackendError, match="pass an empty list"):
-        InferCtx(["embedding_worker:8887"], embedding_checkpoint=trained.ckpt)
+    with pytest.raises(BackendError, match="Pass an empty list to serve in this process"):
+        InferCtx(["embedding_worker:8887"], embedding_checkpoint=trained.ckpt, backend="local")
     with pytest.raises(ConfigError, match="needs an embedding checkpoint"):
         InferCtx([], embedding_config_file=embedding_file(), global_config_file=None)
-    with pytest.raises(PersiaError, match="backend must be 'local'"):
-        InferCtx([], embedding_checkpoint=trained.ckpt, backend="ray")
+    with pytest.raises(PersiaError, match="backend must be 'local' or 'ray'"):
+        InferCtx([], embedding_checkpoint=trained.ckpt, backend="mpi")
     ctx = InferCtx([], embedding_checkpoint=trained.ckpt, embedding_config_file=embedding_file())
     with pytest.raises(PersiaError, match="expects a PersiaBatch"):
         ctx.get_embedding_from_data(b"bytes")  # type: ignore[arg-type]

@@ -166,6 +166,8 @@ class ParameterServer:
         shard_kwargs: :class:`persia.store.Shard`'s arguments (capacity, optimizer, init, ...).
         bind_host: where the ZeroMQ channel binds (None: no channel).
         port: the channel's port (None: a free one).
+        shard: the shard to serve (default: a new :class:`persia.store.Shard` of
+            ``shard_kwargs``; the inference-mode servers give their read-only one).
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class ParameterServer:
         bind_host: str | None,
         *,
         port: int | None = None,
+        shard: Any = None,
     ) -> None:
         from persia._settings import ensure_numba_cache_dir
 
@@ -183,7 +186,7 @@ class ParameterServer:
 
         self.rank = rank
         self._kwargs = dict(shard_kwargs)
-        self.shard = Shard(**self._kwargs)
+        self.shard = Shard(**self._kwargs) if shard is None else shard
         self._server = None
         if bind_host is not None:
             from persia.rpc.zmq_transport import ZmqServer
