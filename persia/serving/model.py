@@ -264,14 +264,24 @@ class CheckpointModel(ServedModel):
         uint64 IDs; persia adds the prefixes), with the non-ID features the model reads.
 
         Raises:
-            BatchError: not a batch, or an ID feature that is not a slot of the checkpoint.
+            BatchError: not a batch, an ID feature that is not a slot of the checkpoint, or
+                features the dense model cannot take.
         """
         self._check_open()
         batch = _check_batch(batch)
         item, model = self.runtime.lookup_with_model(batch)
         non_id = [torch.from_numpy(f.data) for f in batch.non_id_type_features]
-        with torch.no_grad():
-            out = model(non_id, embedding_tensors(item.lookup))
+        embeddings = embedding_tensors(item.lookup)
+        try:
+            with torch.no_grad():
+                out = model(non_id, embeddings)
+        except Exception as exc:  # TorchScript raises its own errors for inputs it cannot take
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise BatchError(
+                "predict_batch: the dense model cannot run on this batch (non-ID features "
+                f"{[tuple(t.shape) for t in non_id]}, embeddings "
+                f"{[tuple(t.shape) for t in embeddings]}): {first}"
+            ) from exc
         return _as_numpy(out, False)
 
     def predict(self, rows: Any) -> np.ndarray:

@@ -16,6 +16,7 @@ from runtime._jobs import embedding_file, make_batches, run, to_persia, train_ct
 
 from persia.ctx import InferCtx
 from persia.embedding.config import parse_embedding_config, parse_global_config
+from persia.embedding.data import IDTypeFeature, PersiaBatch
 from persia.errors import BatchError, ConfigError, PersiaError
 from persia.serving import open_model
 from persia.serving.model import embedding_tensors
@@ -86,6 +87,16 @@ def test_a_checkpoint_is_served_without_yaml(tmp_path, monkeypatch):
         served.predict([{"a": 1}])
     with pytest.raises(BatchError, match="expects a PersiaBatch"):
         served.predict_batch(b"bytes")  # type: ignore[arg-type]
+    probe = _probe()
+    unknown = PersiaBatch(
+        [IDTypeFeature.from_columnar("zz", np.zeros(1, np.uint64), np.ones(1, np.int64))],
+        requires_grad=False,
+    )
+    with pytest.raises(BatchError, match="'zz' is not a configured slot"):
+        served.predict_batch(unknown)
+    no_dense = PersiaBatch(probe.id_type_features, requires_grad=False)
+    with pytest.raises(BatchError, match="the dense model cannot run on this batch"):
+        served.predict_batch(no_dense)
     served.close()
     with pytest.raises(PersiaError, match="closed"):
         served.predict_batch(_probe())

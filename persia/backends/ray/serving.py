@@ -25,6 +25,7 @@ makes it whole for the whole store).
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,7 @@ class RayServingRuntime:
         self.counts = np.zeros(3, dtype=np.int64)
         self.batches_applied = 0
         self._closed = False
+        self._lock = threading.Lock()  # the worker reuses its de-duplication buffers
 
     @property
     def store(self) -> RayStore:
@@ -311,7 +313,9 @@ class RayServingRuntime:
             raise PersiaError("inference-mode parameter servers are read-only: no training lookup")
         if self._closed:
             raise PersiaError("this inference runtime was closed")
-        return TrainingBatch(batch, self.worker.forward(batch, False), index, None)
+        with self._lock:
+            result = self.worker.forward(batch, False)
+        return TrainingBatch(batch, result, index, None)
 
     def submit(
         self, item: TrainingBatch, summed_grad: np.ndarray | None, raw_grads: dict[int, np.ndarray]
