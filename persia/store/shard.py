@@ -338,8 +338,11 @@ class Shard:
         Returns ``{dim: {"keys": u64[n], "values": f32[n, dim], "state": f32[n, W],
         "removed": u64[m]}}``, keys unique and ascending: ``keys`` are the changed keys still
         held (those evicted, or not admitted, are left out); ``removed`` are the keys that were
-        held at the last call (or created since) and are held no more (LRU eviction, a capacity
-        split); the two never share a key. Taken under the shard's lock, so each row is whole.
+        held at the last call, or noted since, and are held no more (LRU eviction, a capacity
+        split; also missed keys that were not admitted, which no reader holds); the two never
+        share a key. A reader that started from any state between the two calls (a checkpoint
+        dumped in between) reaches this shard's state by deleting ``removed`` and writing
+        ``keys``. Taken under the shard's lock, so each row is whole.
         Empty when not tracking.
         """
         with self._lock:
@@ -361,7 +364,9 @@ class Shard:
                 rows = table.probe(keys)
                 held = rows >= 0
                 rows = rows[held]
-                removed = np.zeros(0, np.uint64)
+                # keys noted since the last take and not held now: created and evicted since
+                # (held by a checkpoint dumped in between), or never admitted (absent anywhere)
+                gone = [keys[~held]]
                 old = snaps.get(dim)
                 if old is not None and old.size:
                     # a key held at the snapshot is gone iff its row now holds another key (or
@@ -371,7 +376,8 @@ class Shard:
                     moved[:n] = table.row_keys[:n] != old[:n]
                     candidates = old[moved]
                     if candidates.size:
-                        removed = np.unique(candidates[table.probe(candidates) < 0])
+                        gone.append(candidates[table.probe(candidates) < 0])
+                removed = np.unique(np.concatenate(gone))
                 if not rows.size and not removed.size:
                     continue
                 out[dim] = {

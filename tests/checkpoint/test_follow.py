@@ -80,12 +80,6 @@ def test_a_new_generation_serves_past_a_corrupt_delta(tmp_path: Path, caplog) ->
     writer = DeltaWriter(train, tmp_path / "inc").start()
     train_step(train, rng)
     dump(tmp_path / "ckpt", train, writer)
-    served = ServingRuntime(
-        tmp_path / "ckpt",
-        incremental_dir=tmp_path / "inc",
-        follow_checkpoint=True,
-        poll_interval_s=0.02,
-    )
     train_step(train, rng)
     gen = writer.flush().path  # delta 1, corrupt on disk
     path = next(gen.glob("d*.values.npy"))
@@ -94,7 +88,13 @@ def test_a_new_generation_serves_past_a_corrupt_delta(tmp_path: Path, caplog) ->
     path.write_bytes(bytes(raw))
     train_step(train, rng)
     writer.flush()  # delta 2 waits behind it
-    time.sleep(0.2)
+    served = ServingRuntime(
+        tmp_path / "ckpt",
+        incremental_dir=tmp_path / "inc",
+        follow_checkpoint=True,
+        poll_interval_s=0.02,
+    )
+    time.sleep(0.2)  # several polls: still refused
     assert (
         served.freshness()["last_delta_seq"] == 0
         and "gen-000001" in served.freshness()["last_error"]

@@ -46,22 +46,33 @@ def assert_same_rows(a: ShardedStore, b: ShardedStore) -> None:
         np.testing.assert_array_equal(ra[dim][1], rb[dim][1])
 
 
-def test_evicted_rows_leave_the_reader_in_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("capacity", [400, 120])  # 120: each step evicts most rows
+def test_evicted_rows_leave_the_reader_in_order(tmp_path: Path, capacity: int) -> None:
     rng = np.random.default_rng(1)
-    train = new_store()
+    train = new_store(capacity)
     step(train, rng)
     checkpoint.dump(tmp_path / "ckpt", train)
     writer = DeltaWriter(train, tmp_path / "inc").start()
-    reader_store = new_store()  # the same capacity: a serving store built from the same spec
+    # readers with room for every row: only the deltas' removals drop rows from them
+    reader_store = new_store(10**6)
     checkpoint.restore_store(reader_store, checkpoint.read(tmp_path / "ckpt"))
     reader = DeltaReader(tmp_path / "inc")
-    for _ in range(8):
-        for _ in range(3):
+    late_store, late = None, None
+    for i in range(8):
+        for j in range(3):
             step(train, rng)
+            if i == 3 and j == 1:  # a checkpoint between two deltas: a reader starts there
+                checkpoint.dump(tmp_path / "mid", train, delta_seq=writer.last_seq)
+                late_store = new_store(10**6)
+                checkpoint.restore_store(late_store, checkpoint.read(tmp_path / "mid"))
+                late = DeltaReader(tmp_path / "inc", after_seq=writer.last_seq)
         info = writer.flush()
         assert info is not None
         reader.apply_pending(reader_store)
         assert_same_rows(reader_store, train)  # evictions included: the same keys, bit for bit
+        if late is not None:
+            late.apply_pending(late_store)
+            assert_same_rows(late_store, train)
     assert train.stats()["evictions"] > 0
     removed = [
         np.load(p) for p in sorted((tmp_path / "inc").glob("gen-*/d*.removed.npy"))
