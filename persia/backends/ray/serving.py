@@ -423,6 +423,15 @@ def build_inference_runtime(
     from persia.ctx._serving import given_spec
     from persia.store.build import store_options
 
+    try:
+        import ray  # noqa: F401
+    except ImportError as exc:
+        raise BackendError(
+            f"inference-mode parameter servers on Ray need the ray extra (pip install "
+            f"persia[ray]): {exc}",
+            PARAMETER_SERVER,
+        ) from exc
+
     if cluster is None:
         from persia.backends.ray.launch import cluster_from_env
 
