@@ -8,9 +8,20 @@ folders, ``manifest.json`` with a CRC-32 and size per file) of kind ``"persia-jo
       s{shard}.d{dim}.keys.npy / .values.npy / .state.npy   every row (oldest first) with its
                                                             optimizer state (Adam step included)
       dense_model.npy, dense_optimizer.npy                 uint8: torch.save of the state dicts
+      dense_jit_model.npy                                  uint8: the dense model as TorchScript
+                                                           (torch.jit.save bytes; only when the
+                                                           dump was asked for it)
       manifest.json   meta: {"job_format": 1, "num_shards", "dims", "optimizer", "init", "seed",
                       "weight_bound", "capacity", "rows", "position", "config", "delta_seq",
-                      "dense": {"model": bool, "optimizer": bool}, "persia_version"}
+                      "dense": {"model": bool, "optimizer": bool, "jit": bool},
+                      "embedding_spec": {...} | null, "persia_version"}
+
+``embedding_spec`` is the job's embedding layer (:func:`persia.embedding.spec.spec_to_dict`: every
+slot with its dim, pooling, group and key prefix, ``feature_index_prefix_bit``, the feature groups,
+capacity and shards), so that a checkpoint is served (``persia.ctx.InferCtx``,
+``persia.serving.open_model``) without the training job's YAML files. Both it and the TorchScript
+model are inside the generation: a reader always gets the embeddings, the dense model and the
+layout of one and the same dump. Readers of checkpoints without them (older ones) get None.
 
 **Writing while training continues** (:func:`dump`): the dense state dicts are serialised first
 (in the caller's thread, so they match the dense step that came last); then shard after shard,
@@ -52,6 +63,7 @@ __all__ = [
     "dump",
     "is_job_checkpoint",
     "read",
+    "read_meta",
     "restore_store",
 ]
 
@@ -121,6 +133,49 @@ class JobCheckpoint:
         """The dense model's state dict."""
         return self._torch_state("dense_model", map_location)  # type: ignore[no-any-return]
 
+    def embedding_spec(self) -> Any:
+        """The job's :class:`~persia.embedding.spec.EmbeddingSpec` recorded at dump time (None:
+        the checkpoint records none: written by an older persia, or without a known spec).
+
+        Raises:
+            CheckpointError: the recorded spec is malformed.
+        """
+        from persia.embedding.spec import spec_from_dict
+        from persia.errors import ConfigError
+
+        raw = self.meta.get("embedding_spec")
+        if raw is None:
+            return None
+        try:
+            return spec_from_dict(raw, source=f"{self.path}: embedding_spec")
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
+
+    def jit_model(self, map_location: Any = None) -> Any:
+        """The TorchScript dense model saved with the dump (``with_jit_model=True``), in eval
+        mode; None when the checkpoint holds none.
+
+        Raises:
+            CheckpointError: the bytes are not a TorchScript model torch can load.
+        """
+        import warnings
+
+        import torch
+
+        arr = self.arrays.get("dense_jit_model")
+        if arr is None:
+            return None
+        try:
+            with warnings.catch_warnings():  # TorchScript is marked deprecated by torch
+                warnings.simplefilter("ignore", DeprecationWarning)
+                model = torch.jit.load(io.BytesIO(arr.tobytes()), map_location=map_location)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{self.path}: the TorchScript model cannot be loaded: {exc}"
+            ) from exc
+        model.eval()
+        return model
+
     def dense_optimizer_state(self, map_location: Any = None) -> dict[str, Any] | None:
         """The dense optimizer's state dict (None when none was saved)."""
         if "dense_optimizer" not in self.arrays:
@@ -147,6 +202,8 @@ def dump(
     delta_seq: int | None = None,
     keep: int = 2,
     lock: threading.Lock | None = None,
+    jit_model: bytes | None = None,
+    embedding_spec: Mapping[str, Any] | None = None,
 ) -> DumpReport:
     """Write a job checkpoint of ``store`` (a :class:`~persia.store.ShardedStore`) shard by shard.
 
@@ -160,6 +217,8 @@ def dump(
             apply the deltas after it).
         keep: old generations kept beside the new one.
         lock: held around each shard's copy besides the shard's own lock (tests, benchmarks).
+        jit_model: the dense model as TorchScript (``torch.jit.save`` bytes), for serving.
+        embedding_spec: the job's embedding layer (:func:`persia.embedding.spec.spec_to_dict`).
 
     Returns:
         A :class:`DumpReport`.
@@ -174,6 +233,8 @@ def dump(
         dense["dense_model"] = _torch_bytes(dict(model_state))
     if optimizer_state is not None:
         dense["dense_optimizer"] = _torch_bytes(dict(optimizer_state))
+    if jit_model is not None:
+        dense["dense_jit_model"] = np.frombuffer(bytes(jit_model), dtype=np.uint8).copy()
     pauses: list[float] = []
     rows = 0
     dims: set[int] = set()
@@ -210,7 +271,12 @@ def dump(
             "position": dict(position) if position is not None else {},
             "config": dict(config) if config is not None else None,
             "delta_seq": None if delta_seq is None else int(delta_seq),
-            "dense": {"model": model_state is not None, "optimizer": optimizer_state is not None},
+            "dense": {
+                "model": model_state is not None,
+                "optimizer": optimizer_state is not None,
+                "jit": jit_model is not None,
+            },
+            "embedding_spec": None if embedding_spec is None else dict(embedding_spec),
             "persia_version": str(version),
         }
         path = writer.commit(meta)
@@ -294,6 +360,23 @@ def read(directory: str | os.PathLike[str]) -> JobCheckpoint:
     if meta.get("rows") != rows:
         raise CheckpointError(f"{where}: the manifest says {meta.get('rows')!r} rows, found {rows}")
     return JobCheckpoint(path, meta, arrays)
+
+
+def read_meta(directory: str | os.PathLike[str]) -> JobCheckpoint:
+    """The current job checkpoint's manifest only (no array read or verified; ``arrays`` is
+    empty): its embedding spec, delta_seq, shard count, cheaply.
+
+    Raises:
+        CheckpointError: no checkpoint, another kind, or another format.
+    """
+    from persia.store.checkpoint import current_meta
+
+    path, meta = current_meta(directory, kind=KIND)
+    if meta.get("job_format") != JOB_FORMAT:
+        raise CheckpointError(
+            f"{path}: job_format must be {JOB_FORMAT}, got {meta.get('job_format')!r}"
+        )
+    return JobCheckpoint(path, meta, {})
 
 
 def restore_store(store: Any, ckpt: JobCheckpoint) -> None:

@@ -267,7 +267,10 @@ def embedding_worker(args: argparse.Namespace) -> int:
 
 
 def embedding_parameter_server(args: argparse.Namespace) -> int:
-    """Starts parameter server ``--replica-index`` of the job and holds it until stopped."""
+    """Starts parameter server ``--replica-index`` of the job and holds it until stopped. Under
+    ``job_type: Infer`` (``global_config.yml``) it is an inference-mode server, as PERSIA's: its
+    rows of ``infer_config.embedding_checkpoint``, read-only, following ``incremental_dir``
+    when ``enable_incremental_update`` is on (:mod:`persia.backends.ray.serving`)."""
     from persia.backends.ray.launch import (
         connect,
         start_parameter_server,
@@ -298,17 +301,36 @@ def embedding_parameter_server(args: argparse.Namespace) -> int:
     spec = load_spec(emb, glob)
     # no optimizer yet: an SGD placeholder, replaced by the first NN worker's (configure)
     shard_kwargs = shard_options(spec, args.replica_size)
+    serving = None
+    if glob.common_config.job_type == "infer":  # PERSIA's inference mode: read-only, from
+        from persia.backends.ray.serving import serving_options  # infer_config's checkpoint
+
+        serving = serving_options(glob, spec)
     connect(env[_settings.RAY_ADDRESS])
-    actor, name, endpoint = start_parameter_server(
-        args.replica_index,
-        args.replica_size,
-        shard_kwargs,
-        args.bind_host or "node",
-        args.num_cpus,
-        configs=(emb, glob),
-        port=args.port,
-    )
-    print(f"persia-launcher: parameter server {name} serving on {endpoint}", flush=True)
+    if serving is not None:
+        from persia.backends.ray.serving import start_serving_parameter_server
+
+        actor, name, endpoint = start_serving_parameter_server(
+            args.replica_index,
+            args.replica_size,
+            serving,
+            args.bind_host or "node",
+            args.num_cpus,
+            configs=(emb, glob),
+            port=args.port,
+        )
+    else:
+        actor, name, endpoint = start_parameter_server(
+            args.replica_index,
+            args.replica_size,
+            shard_kwargs,
+            args.bind_host or "node",
+            args.num_cpus,
+            configs=(emb, glob),
+            port=args.port,
+        )
+    mode = " in inference mode" if serving is not None else ""
+    print(f"persia-launcher: parameter server {name}{mode} serving on {endpoint}", flush=True)
     try:
         _wait_for_stop()
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import os
 import threading
 from pathlib import Path
@@ -13,9 +14,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from persia.errors import CheckpointError, PersiaError
+from persia.logger import get_default_logger
 
 if TYPE_CHECKING:
     from persia.runtime.pipeline import RuntimeProtocol
+
+_logger = get_default_logger()
 
 
 class CheckpointService:
@@ -61,6 +65,29 @@ class CheckpointService:
             config,
         )
 
+    def _writable(self, what: str) -> None:
+        """Raises when the runtime is a read-only serving runtime (``job_type: Infer``)."""
+        if self.runtime.read_only:
+            raise PersiaError(
+                f"{what}: the parameter servers are read-only (job_type: Infer); they follow "
+                "their checkpoint and its deltas"
+            )
+
+    def _spec_record(self, serving: bool) -> dict[str, Any] | None:
+        """The runtime's embedding spec as the checkpoint records it (None: not known)."""
+        from persia.embedding.spec import spec_to_dict
+
+        spec = self.runtime.spec
+        if spec is None:
+            if serving:
+                _logger.warning(
+                    "dump_checkpoint(with_jit_model=True): this runtime does not know its "
+                    "embedding spec, so the checkpoint records none; serving it will need the "
+                    "training job's embedding_config.yml"
+                )
+            return None
+        return spec_to_dict(spec)
+
     def unwrapped_model(self) -> Any:
         """The model without its ``DistributedDataParallel`` wrapper (several NN workers; a
         persia extension): what checkpoints save and exports script, so that the files are the
@@ -86,10 +113,17 @@ class CheckpointService:
         self.wait_for_dump_embedding()
         dst = Path(dst_dir)
         dst.mkdir(parents=True, exist_ok=True)
+        jit_bytes = None
         if jit_filename is not None:
+            # TorchScript inside the generation (served with the embeddings of the same dump) and
+            # beside it, where PERSIA's TorchServe handler loads it
+            buf = io.BytesIO()
+            torch.jit.save(torch.jit.script(self.unwrapped_model()), buf)
+            jit_bytes = buf.getvalue()
             tmp = dst / (jit_filename + ".tmp")
-            torch.jit.save(torch.jit.script(self.unwrapped_model()), str(tmp))
+            tmp.write_bytes(jit_bytes)
             os.replace(tmp, dst / jit_filename)
+        spec = self._spec_record(serving=jit_filename is not None)
         self.runtime.flush()
         store = self.runtime.store
         model_state = self.unwrapped_model().state_dict()
@@ -108,6 +142,8 @@ class CheckpointService:
             position=position,
             config=config,
             delta_seq=delta_seq,
+            jit_model=jit_bytes,
+            embedding_spec=spec,
         )
         if blocking:
             return dump()
@@ -152,6 +188,8 @@ class CheckpointService:
 
         if self.model is None:
             raise PersiaError("no model: create the context with model=...")
+        if embeddings:
+            self._writable("load_checkpoint")
         src = Path(src_dir)
         if not src.is_dir():
             raise CheckpointError(f"checkpoint directory {str(src)!r} does not exist")
@@ -175,10 +213,14 @@ class CheckpointService:
         """
         from persia import checkpoint
 
+        spec = self._spec_record(serving=False)
         self.runtime.flush()
         delta = getattr(self, "_delta_writer", None)
         checkpoint.dump(
-            dst_dir, self.runtime.store, delta_seq=delta.last_seq if delta is not None else None
+            dst_dir,
+            self.runtime.store,
+            delta_seq=delta.last_seq if delta is not None else None,
+            embedding_spec=spec,
         )
 
     def load_embedding(self, src_dir: str | os.PathLike, blocking: bool = True) -> None:
@@ -193,6 +235,7 @@ class CheckpointService:
         """
         from persia import checkpoint
 
+        self._writable("load_embedding")
         ckpt = checkpoint.read(src_dir)
         self.runtime.flush()
         checkpoint.restore_store(self.runtime.store, ckpt)
@@ -217,5 +260,6 @@ class CheckpointService:
 
     def clear_embeddings(self) -> None:
         """Removes every embedding row from every shard."""
+        self._writable("clear_embeddings")
         self.runtime.flush()
         self.runtime.store.clear()

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import os
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from persia import _settings, env
+from persia.checkpoint.follow import ServingRuntime
 from persia.ctx._checkpoint import CheckpointService
+from persia.ctx._serving import serving_runtime
 from persia.ctx._stack import BaseCtx, cnt_ctx, last_runtime, set_last_runtime
 from persia.embedding import EmbeddingConfig, get_default_embedding_config
 from persia.embedding.data import PersiaBatch
@@ -145,6 +148,12 @@ class EmbeddingCtx(CheckpointService, BaseCtx):
         self._direct_lookups = 0
 
     def _enter(self) -> None:
+        if self.preprocess_mode != PreprocessMode.TRAIN:
+            serving = self._inference_runtime()
+            if serving is not None:
+                self._runtime = serving
+                self._saved_training_allowed = False
+                return
         current = cnt_ctx()
         last = last_runtime()
         if current is not None and current._runtime is not None:
@@ -163,6 +172,43 @@ class EmbeddingCtx(CheckpointService, BaseCtx):
     def _exit(self) -> None:
         if self._runtime is not None:
             self._runtime.training_allowed = self._saved_training_allowed
+
+    def _inference_runtime(self) -> RuntimeProtocol | None:
+        """Under ``job_type: Infer`` (``global_config.yml``), the inference-mode parameter
+        servers, as PERSIA's start them: the checkpoint ``infer_config.embedding_checkpoint``
+        names, read-only, following ``incremental_dir`` when ``enable_incremental_update`` is
+        on (:func:`persia.ctx._serving.serving_runtime`). The servers outlive the context, as
+        PERSIA's do: the next context on the same checkpoint uses them again. None under
+        ``job_type: Train``."""
+        from persia.embedding.config import GlobalConfig, load_global_config
+
+        source = self.global_config_file
+        glob = source if isinstance(source, GlobalConfig) else load_global_config(source)
+        if glob.common_config.job_type != "infer":
+            return None
+        last = last_runtime()
+        if self.backend != "local":
+            runtime = registry.inference_backend(self.backend).build_inference_runtime(
+                self.embedding_config_file,
+                glob,
+                self.embedding_config,
+                self.cluster,
+                reuse=last,
+            )
+            set_last_runtime(runtime)
+            return runtime
+        infer = glob.common_config.infer_config
+        wanted = None if infer is None else infer.embedding_checkpoint
+        if (
+            isinstance(last, ServingRuntime)
+            and not last.closed
+            and wanted is not None
+            and last.checkpoint_dir.resolve() == Path(wanted).resolve()
+        ):
+            return last
+        runtime = serving_runtime(self.embedding_config_file, glob, self.embedding_config)
+        set_last_runtime(runtime)
+        return runtime
 
     def _build_runtime(
         self, optimizer: EmbeddingOptimizer | None, backward_buffer_size: int = 10

@@ -4,38 +4,43 @@ A handler written for PERSIA (``initialize`` / ``preprocess`` / ``inference`` / 
 over ``InferCtx``, requests as :meth:`persia.embedding.data.PersiaBatch.to_bytes`) runs with
 ``InferCtx([])``: an empty address list serves in this process. The context loads the embedding
 checkpoint (``infer_config.embedding_checkpoint`` of ``global_config.yml``, or the
-``embedding_checkpoint`` argument) into its own store; lookups behave as in evaluation: an unknown
-ID reads as zeros and no row is ever created.
+``embedding_checkpoint`` argument) into its own store (a
+:class:`persia.checkpoint.follow.ServingRuntime`); lookups behave as in evaluation: an unknown ID
+reads as zeros and no row is ever created. The embedding layer (slots, prefixes) is the one the
+checkpoint records, or the YAML files given, which must then form keys as training did.
 
 **Following the training job.** With incremental updates (``enable_incremental_update`` and
 ``incremental_dir`` of ``global_config.yml``, or the ``incremental_dir`` argument) the context
-applies the training job's deltas (:mod:`persia.store.delta`) on a background thread
-(``persia-infer-delta``), polling every ``poll_interval_s``: every complete delta after the
-checkpoint's ``delta_seq``, strictly in order, with the same :class:`~persia.store.delta.DeltaReader`
-shard recovery uses. A delta is read and verified whole before its rows are written, and written
-under the lock lookups take, so a request sees whole deltas only. A corrupt delta, or a gap, is
-refused with one warning and retried at every poll, never skipped: serving goes on with the last
-complete state, and the later deltas wait behind it. :meth:`InferCtx.freshness` says how far
-behind the served rows are.
+applies the training job's deltas (:mod:`persia.store.delta`, evictions included) on a
+background thread (``persia-infer-delta``), polling every ``poll_interval_s``: every complete
+delta after the checkpoint's ``delta_seq``, strictly in order, whole (a request sees whole deltas
+only). A corrupt delta, or a gap, is refused with one warning and retried at every poll, never
+skipped: serving goes on with the last complete state. It also picks up a new generation of the
+checkpoint directory (``follow_checkpoint``, on by default while following deltas).
+:meth:`InferCtx.freshness` says how far behind the served rows are.
+
+``eval_ctx`` under ``job_type: Infer`` serves from the same runtime
+(:func:`persia.ctx._serving.serving_runtime`).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-import threading
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from persia.ctx._contexts import EmbeddingCtx, PreprocessMode
+from persia.ctx._serving import serving_runtime
+from persia.embedding.config import GlobalConfig
 from persia.embedding.data import PersiaBatch
-from persia.errors import BackendError, ConfigError, PersiaError
-from persia.logger import get_default_logger
-from persia.runtime.pipeline import Runtime, TrainingBatch
-from persia.store.delta import DeltaReader
+from persia.errors import BackendError, PersiaError
+from persia.logger import get_default_logger, warn_once
+from persia.runtime.pipeline import TrainingBatch
 
 _logger = get_default_logger()
+
+__all__ = ["InferCtx"]
 
 
 class InferCtx(EmbeddingCtx):
@@ -43,8 +48,7 @@ class InferCtx(EmbeddingCtx):
 
     Example (the shape of PERSIA's TorchServe handler)::
 
-        ctx = InferCtx([], embedding_config_file="embedding_config.yml",
-                       global_config_file="global_config.yml")   # infer_config names the ckpt
+        ctx = InferCtx([], global_config_file="global_config.yml")  # infer_config names the ckpt
         ctx.wait_for_serving()
         batch = ctx.get_embedding_from_bytes(request_bytes)
         non_id, embeddings, _ = ctx.prepare_features(batch)
@@ -55,29 +59,43 @@ class InferCtx(EmbeddingCtx):
     entered (as a handler keeps it); ``with InferCtx(...) as ctx:`` works too and closes it on
     exit. The dense model is the caller's (e.g. ``torch.jit.load`` of the ``jit_dense.pt`` that
     ``TrainCtx.dump_checkpoint(dir, with_jit_model=True)`` wrote beside the embeddings); pass it
-    as ``model`` to use :meth:`forward`.
+    as ``model`` to use :meth:`forward`. The context never reloads it: a new checkpoint
+    generation refreshes the embeddings only (``persia.serving.open_model`` serves both).
 
     Args:
-        embedding_worker_address_list: PERSIA's embedding-worker services. Must be empty:
-            serve in this process (persia has no embedding-worker network service; a non-empty
-            list raises :class:`~persia.errors.BackendError`).
+        embedding_worker_address_list: PERSIA's embedding-worker services. Empty: serve in
+            this process (``backend="local"``, the default), or through inference-mode
+            parameter-server actors this context starts (``backend="ray"``). Not empty: persia
+            has no embedding-worker network service (the embedding worker runs in this
+            process), so the addresses themselves are not used (a warning says so): the context
+            looks up through the inference-mode parameter servers already running for the job
+            ``PERSIA_JOB_NAME`` names on the Ray cluster (``RAY_ADDRESS``, or the head
+            ``persia-launcher ray-head`` started), which ``persia-launcher
+            embedding-parameter-server`` starts under ``job_type: Infer``. With
+            ``backend="local"`` a non-empty list raises :class:`~persia.errors.BackendError`.
         model, embedding_config: see :class:`EmbeddingCtx` (``embedding_config`` is unused
             here: no row is created).
         embedding_checkpoint: the checkpoint directory (what ``dump_checkpoint`` or
             ``dump_embedding`` wrote); default: ``infer_config.embedding_checkpoint`` of
             ``global_config.yml``.
         embedding_config_file, global_config_file: PERSIA's two YAML files, as paths or parsed
-            (default: ``$PERSIA_EMBEDDING_CONFIG`` / ``$PERSIA_GLOBAL_CONFIG``); the slots and
-            prefix bits must be the training job's.
+            (default: ``$PERSIA_EMBEDDING_CONFIG`` / ``$PERSIA_GLOBAL_CONFIG``). With no
+            embedding config at all, the one the checkpoint records is used; one given must
+            form keys as the training job's did (slots, dims, groups, prefix bits), else
+            :class:`~persia.errors.ConfigError`.
         incremental_dir: follow the deltas in this directory (a persia extension; default: the
             ``incremental_dir`` of ``global_config.yml`` when ``enable_incremental_update`` is
             on, else none are followed).
+        follow_checkpoint: pick up new generations of the checkpoint directory (a persia
+            extension; default: while following deltas).
         poll_interval_s: how often the delta directory is polled (a persia extension).
         device_id, threadpool_worker_size: see :class:`BaseCtx`.
 
     Raises:
-        BackendError: a non-empty address list.
-        ConfigError: no checkpoint named, or a bad YAML file.
+        BackendError: a non-empty address list with ``backend="local"``; on Ray, the job's
+            servers not found or not in inference mode.
+        ConfigError: no checkpoint named, a bad YAML file, an embedding config that differs
+            from training's, or none known.
         CheckpointError: a missing, corrupt or mismatching checkpoint.
     """
 
@@ -87,6 +105,7 @@ class InferCtx(EmbeddingCtx):
         *args: Any,
         embedding_checkpoint: str | os.PathLike | None = None,
         incremental_dir: str | os.PathLike | None = None,
+        follow_checkpoint: bool | None = None,
         poll_interval_s: float = 1.0,
         **kwargs: Any,
     ) -> None:
@@ -101,117 +120,77 @@ class InferCtx(EmbeddingCtx):
                 "InferCtx: embedding_worker_address_list must be a list of 'host:port' strings, "
                 f"got {embedding_worker_address_list!r}"
             )
-        if len(embedding_worker_address_list):
-            raise BackendError(
-                "InferCtx over embedding-worker services is not available in persia (its "
-                "embedding workers run inside the NN workers, with no network service); pass an "
-                f"empty list to serve in this process, got {list(embedding_worker_address_list)}",
-                role="embedding-worker",
-            )
-        if kwargs.setdefault("backend", "local") != "local":
+        addresses = list(embedding_worker_address_list)
+        if addresses:
+            if kwargs.setdefault("backend", "ray") != "ray":
+                raise BackendError(
+                    "InferCtx: persia has no embedding-worker services; a non-empty list "
+                    f"({addresses}) looks up through the job's inference-mode parameter servers "
+                    "on the Ray backend. Pass an empty list to serve in this process, or "
+                    f"backend='ray' (or none), got backend={kwargs['backend']!r}",
+                    role="embedding-worker",
+                )
+        elif kwargs.setdefault("backend", "local") not in ("local", "ray"):
             raise PersiaError(
-                f"InferCtx serves in this process: backend must be 'local', got {kwargs['backend']!r}"
+                f"InferCtx: backend must be 'local' or 'ray', got {kwargs['backend']!r}"
             )
         super().__init__(PreprocessMode.INFERENCE, *args, **kwargs)
-        from persia import checkpoint
-        from persia.embedding.config import GlobalConfig, load_global_config, load_spec
-        from persia.rpc.local import local_parameter_servers
-        from persia.store.build import build_store
-        from persia.worker.embedding_worker import EmbeddingWorker
+        from persia.embedding.config import load_global_config
 
         source = self.global_config_file
         glob = source if isinstance(source, GlobalConfig) else load_global_config(source)
         self.global_config = glob
-        infer = glob.common_config.infer_config
-        if embedding_checkpoint is None and infer is not None:
-            embedding_checkpoint = infer.embedding_checkpoint
-        if embedding_checkpoint is None:
-            raise ConfigError(
-                "InferCtx needs an embedding checkpoint: pass embedding_checkpoint=... or set "
-                "common_config.infer_config.embedding_checkpoint in global_config.yml"
-            )
-        self.embedding_checkpoint = Path(embedding_checkpoint)
-        spec = load_spec(self.embedding_config_file, glob, self.embedding_config, None)
-        ckpt = checkpoint.read(self.embedding_checkpoint)
-        store = build_store(spec)
-        checkpoint.restore_store(store, ckpt)
-        self.checkpoint_delta_seq = int(ckpt.meta.get("delta_seq") or 0)
-        worker = EmbeddingWorker.from_spec(spec, local_parameter_servers(store))
-        runtime = Runtime(worker, store, backward_buffer_size=1)
-        runtime.training_allowed = False
-        self._runtime = runtime
-        self._saved_training_allowed = False
-        #: held by a lookup, and by whatever changes rows, so a request sees whole updates only
-        self._rows_lock = threading.Lock()
-        self._index = 0
-        _logger.info(
-            "InferCtx: serving %d embedding rows of %s", int(ckpt.meta.get("rows") or 0), ckpt.path
-        )
-        ps = glob.embedding_parameter_server_config
-        if incremental_dir is None and ps.enable_incremental_update:
-            incremental_dir = ps.incremental_dir
-        self.incremental_dir = None if incremental_dir is None else Path(incremental_dir)
-        self.poll_interval_s = float(poll_interval_s)
-        self._delta_reader: DeltaReader | None = None
-        self._delta_error: str | None = None
-        self._stop = threading.Event()
-        self._follower: threading.Thread | None = None
-        if self.incremental_dir is not None:
-            self._delta_reader = DeltaReader(self.incremental_dir, self.checkpoint_delta_seq)
-            self._poll_deltas()  # serve the newest complete state from the first request on
-            self._follower = threading.Thread(
-                target=self._follow, name="persia-infer-delta", daemon=True
-            )
-            self._follower.start()
+        runtime: Any
+        if self.backend == "ray":
+            from persia.runtime import registry
 
-    # ------------------------------------------------------------ deltas
-    def _follow(self) -> None:
-        while not self._stop.wait(self.poll_interval_s):
-            self._poll_deltas()
-
-    def _poll_deltas(self) -> list[int]:
-        """Applies the complete deltas not applied yet; a refused one is logged (once per
-        distinct error) and retried at the next poll. Never raises: serving goes on."""
-        reader = self._delta_reader
-        if reader is None:
-            return []
-        before = reader.last_seq
-        try:
-            reader.apply_pending(self.runtime.store, lock=self._rows_lock)
-        except Exception as exc:  # a refused delta must not stop serving
-            message = f"{type(exc).__name__}: {exc}"
-            if message != self._delta_error:
-                _logger.warning(
-                    "InferCtx: delta %d refused, serving the state after delta %d: %s",
-                    reader.last_seq + 1,
-                    reader.last_seq,
-                    message,
+            if addresses:
+                warn_once(
+                    _logger,
+                    "InferCtx.embedding_worker_address_list",
+                    f"InferCtx({addresses}): persia has no embedding-worker services (the "
+                    "embedding worker runs in this process); it looks up through the "
+                    "inference-mode parameter servers of the job PERSIA_JOB_NAME names on the "
+                    "Ray cluster (started by persia-launcher embedding-parameter-server under "
+                    "job_type: Infer)",
                 )
-            self._delta_error = message
+            runtime = registry.inference_backend("ray").build_inference_runtime(
+                self.embedding_config_file,
+                glob,
+                self.embedding_config,
+                self.cluster,
+                attach=True if addresses else None,
+                embedding_checkpoint=embedding_checkpoint,
+                incremental_dir=incremental_dir,
+                follow_checkpoint=follow_checkpoint,
+                poll_interval_s=poll_interval_s,
+            )
         else:
-            self._delta_error = None
-        return list(range(before + 1, reader.last_seq + 1))
+            runtime = serving_runtime(
+                self.embedding_config_file,
+                glob,
+                self.embedding_config,
+                embedding_checkpoint=embedding_checkpoint,
+                incremental_dir=incremental_dir,
+                follow_checkpoint=follow_checkpoint,
+                poll_interval_s=poll_interval_s,
+            )
+        self._runtime = runtime
+        self.serving = runtime
+        self.poll_interval_s = float(poll_interval_s)
+        self._saved_training_allowed = False
+        self._index = itertools.count()
+
+    @property
+    def checkpoint_delta_seq(self) -> int:
+        """The delta the served checkpoint generation already held."""
+        return int(self.serving.freshness().get("checkpoint_delta_seq") or 0)
 
     def freshness(self) -> dict[str, Any]:
-        """How far behind the training job the served rows are (a persia extension).
-
-        Returns:
-            ``{"incremental_dir", "checkpoint_delta_seq", "last_delta_seq",
-            "last_delta_flushed_unix_s", "age_s", "last_error"}``: the delta directory followed
-            (None: none), the delta the checkpoint already held, the last delta applied, when the
-            training job flushed it and how many seconds ago that was (None before any delta),
-            and why the next delta was refused at the last poll (None: it was not).
-        """
-        reader = self._delta_reader
-        flushed = None if reader is None else reader.last_flushed_unix_s
-        return {
-            "incremental_dir": None if self.incremental_dir is None else str(self.incremental_dir),
-            "checkpoint_delta_seq": self.checkpoint_delta_seq,
-            "last_delta_seq": self.checkpoint_delta_seq if reader is None else reader.last_seq,
-            "last_delta_flushed_unix_s": flushed,
-            "age_s": None if flushed is None else max(0.0, time.time() - flushed),
-            "last_error": self._delta_error,
-        }
+        """How far behind the training job the served rows are (a persia extension):
+        :meth:`persia.checkpoint.follow.ServingRuntime.freshness` (the generation served, the
+        last delta applied, its flush time and age, why the next one was refused)."""
+        return self.serving.freshness()
 
     # ------------------------------------------------------------ context protocol
     def _enter(self) -> None:
@@ -224,13 +203,7 @@ class InferCtx(EmbeddingCtx):
     def close(self) -> None:
         """Stops serving: stops following deltas and releases the store (a persia extension;
         idempotent)."""
-        self._stop.set()
-        follower, self._follower = self._follower, None
-        if follower is not None:
-            follower.join()
-        runtime = self._runtime
-        if runtime is not None and not runtime.closed:
-            runtime.close()
+        self.serving.close()
 
     def wait_for_serving(self) -> None:
         """Returns once the context can serve (PERSIA's API). In process the checkpoint is
@@ -243,8 +216,9 @@ class InferCtx(EmbeddingCtx):
 
     def _read_only(self, what: str) -> PersiaError:
         return PersiaError(
-            f"InferCtx.{what}: an InferCtx serves a read-only store; create a new InferCtx on "
-            "the new checkpoint instead"
+            f"InferCtx.{what}: an InferCtx serves a read-only store; it picks up a new "
+            "generation of its checkpoint directory itself (follow_checkpoint), or create a new "
+            "InferCtx on another checkpoint"
         )
 
     def load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -272,11 +246,8 @@ class InferCtx(EmbeddingCtx):
             )
         self._check_device(device_id)
         self._enter()
-        runtime = self.runtime
-        with self._rows_lock:
-            index = self._index
-            self._index += 1
-            return runtime.lookup(persia_batch, False, index, None)
+        index = next(self._index)
+        return self.serving.lookup(persia_batch, False, index, None)
 
     def get_embedding_from_bytes(self, data: bytes, device_id: int | None = None) -> TrainingBatch:
         """:meth:`get_embedding_from_data` of :meth:`PersiaBatch.from_bytes` ``(data)``.

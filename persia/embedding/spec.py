@@ -41,6 +41,8 @@ __all__ = [
     "assign_prefixes",
     "prefix_bits_expected",
     "per_shard_capacity",
+    "spec_to_dict",
+    "spec_from_dict",
 ]
 
 #: Pooling of a slot's IDs per sample: sum; mean; sum * 1/sqrt(n); raw (padded sequence + mask).
@@ -278,3 +280,83 @@ class EmbeddingSpec:
     def shard_capacity(self, num_shards: int) -> int:
         """Rows per parameter server when ``num_shards`` of them hold :attr:`capacity`."""
         return per_shard_capacity(self.capacity, num_shards)
+
+
+_SLOT_FIELDS = (
+    "name",
+    "dim",
+    "pooling",
+    "prefix",
+    "sample_fixed_size",
+    "hash_stack_rounds",
+    "hash_stack_size",
+    "group",
+)
+_SPEC_FIELDS = (
+    "optimizer",
+    "optimizer_args",
+    "capacity",
+    "shards",
+    "admit_probability",
+    "init",
+    "weight_bound",
+    "feature_index_prefix_bit",
+    "feature_groups",
+    "seed",
+    "incremental",
+    "incremental_dir",
+    "incremental_buffer_size",
+)
+
+
+def spec_to_dict(spec: EmbeddingSpec) -> dict[str, Any]:
+    """``spec`` as plain JSON values (what checkpoints record for serving);
+    :func:`spec_from_dict` reads it back to an equal spec."""
+    out: dict[str, Any] = {"slots": [{f: getattr(s, f) for f in _SLOT_FIELDS} for s in spec.slots]}
+    for f in _SPEC_FIELDS:
+        out[f] = getattr(spec, f)
+    out["optimizer_args"] = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in spec.optimizer_args.items()
+    }
+    out["init"] = list(spec.init)
+    out["feature_groups"] = [[g, list(members)] for g, members in spec.feature_groups]
+    if math.isinf(spec.weight_bound):
+        out["weight_bound"] = "inf"  # JSON has no infinity
+    return out
+
+
+def spec_from_dict(data: Any, source: str | None = None) -> EmbeddingSpec:
+    """The :class:`EmbeddingSpec` that :func:`spec_to_dict` wrote.
+
+    Raises:
+        ConfigError: ``data`` is not such a dict, or the spec it gives is invalid.
+    """
+    where = source or "embedding spec"
+    if not isinstance(data, Mapping) or not isinstance(data.get("slots"), list):
+        raise ConfigError(f"{where}: expected a dict with a list of slots, got {data!r:.200}")
+    slots = []
+    for raw in data["slots"]:
+        if not isinstance(raw, Mapping) or set(raw) != set(_SLOT_FIELDS):
+            raise ConfigError(
+                f"{where}: a slot must have exactly the fields {list(_SLOT_FIELDS)}, "
+                f"got {raw!r:.200}"
+            )
+        slots.append(SlotSpec(**{f: raw[f] for f in _SLOT_FIELDS}))
+    missing = [f for f in _SPEC_FIELDS if f not in data]
+    if missing:
+        raise ConfigError(f"{where}: missing field(s) {missing}")
+    fields = {f: data[f] for f in _SPEC_FIELDS}
+    try:
+        fields["optimizer_args"] = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in dict(fields["optimizer_args"]).items()
+        }
+        fields["init"] = tuple(fields["init"])
+        fields["feature_groups"] = tuple(
+            (str(g), tuple(members)) for g, members in fields["feature_groups"]
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: malformed field: {exc}") from None
+    if fields["weight_bound"] == "inf":
+        fields["weight_bound"] = math.inf
+    return EmbeddingSpec(slots=tuple(slots), **fields)

@@ -31,7 +31,8 @@ import numpy as np
 
 __all__ = ["PROPERTIES", "RowParts", "ShardProtocol"]
 
-#: ``{dim: {"keys": u64[n], "values": f32[n, dim], "state": f32[n, W]}}``: rows of a shard.
+#: ``{dim: {"keys": u64[n], "values": f32[n, dim], "state": f32[n, W]}}``: rows of a shard
+#: (``take_changes`` adds ``"removed": u64[m]``, the keys evicted).
 RowParts = dict[int, dict[str, np.ndarray]]
 
 #: Members that are read-only properties in this process and zero-argument methods on an actor.
@@ -79,5 +80,6 @@ class ShardProtocol(Protocol):
         ...
 
     def take_changes(self) -> RowParts:
-        """The current rows of every key changed since the last call; resets the record."""
+        """The current rows of every key changed since the last call, and (``"removed"``) the
+        keys evicted since; resets the record."""
         ...

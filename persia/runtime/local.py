@@ -38,7 +38,7 @@ def runtime_from_spec(spec: EmbeddingSpec, backward_buffer_size: int = 10) -> Ru
     """
     store = build_store(spec)
     worker = EmbeddingWorker.from_spec(spec, local_parameter_servers(store))
-    return Runtime(worker, store, backward_buffer_size=backward_buffer_size)
+    return Runtime(worker, store, backward_buffer_size=backward_buffer_size, spec=spec)
 
 
 def build_local_runtime(

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from persia.embedding.data import PersiaBatch
+from persia.embedding.spec import EmbeddingSpec
 from persia.errors import BackendError, PersiaError
 from persia.logger import get_default_logger
 from persia.runtime.staleness import StalenessGate
@@ -77,9 +78,15 @@ class RuntimeProtocol(Protocol):
             nothing).
         counts: int64 ``[applied, skipped_absent, skipped_nonfinite]`` over every batch applied.
         batches_applied: batches whose gradients were applied.
+        spec: the embedding layer the runtime was built from (None: not known); checkpoints
+            record it, so that they are served without the job's YAML files.
+        read_only: True for inference-mode parameter servers (``job_type: Infer``): the
+            contexts refuse whatever would change a row.
     """
 
     store: ShardedStore
+    spec: EmbeddingSpec | None
+    read_only: bool
     training_allowed: bool
     counts: np.ndarray
     batches_applied: int
@@ -132,16 +139,22 @@ class Runtime:
             remote ones.
         store: the store (for dump/load/stats): in this process, or a facade of remote shards.
         backward_buffer_size: gradient batches that may wait for the applier.
+        spec: the embedding layer the runtime was built from, if known.
     """
+
+    read_only = False
 
     def __init__(
         self,
         worker: EmbeddingWorkerProtocol,
         store: ShardedStore,
         backward_buffer_size: int = 10,
+        *,
+        spec: EmbeddingSpec | None = None,
     ) -> None:
         self.worker = worker
         self.store = store
+        self.spec = spec
         self.training_allowed = True
         self.backward_buffer_size = max(1, backward_buffer_size)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.backward_buffer_size)

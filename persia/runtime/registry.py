@@ -14,6 +14,12 @@ A backend module provides the functions of :class:`Backend`:
   train function plus scaling config;
 * ``stream_sender(**options)`` / ``receive_batches(channel, timeout_s)``: the two ends of a
   data-loader stream between processes (``DataCtx`` / ``StreamingDataset``).
+
+A backend whose parameter servers run outside the NN worker's process also provides
+``build_inference_runtime(...)`` (:class:`InferenceBackend`): the read-only runtime of
+inference-mode parameter servers (``job_type: Infer``). The local backend has none here: its
+inference-mode servers are the in-process :class:`persia.checkpoint.follow.ServingRuntime`, which
+sits above this floor and is built by ``persia.ctx`` itself.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ if TYPE_CHECKING:
     from persia.embedding.optim import EmbeddingOptimizer
     from persia.runtime.pipeline import RuntimeProtocol
 
-__all__ = ["BACKENDS", "Backend", "backend", "names"]
+__all__ = ["BACKENDS", "Backend", "InferenceBackend", "backend", "inference_backend", "names"]
 
 #: Every backend persia knows: name -> module. The local backend is the default.
 BACKENDS: Mapping[str, str] = {
@@ -57,6 +63,35 @@ class Backend(Protocol):
     def stream_sender(self, **options: Any) -> Any: ...
 
     def receive_batches(self, channel: str | None, timeout_s: float) -> Iterator[Any]: ...
+
+
+class InferenceBackend(Protocol):
+    """What a backend with inference-mode parameter servers of its own provides."""
+
+    def build_inference_runtime(
+        self,
+        embedding_config_file: str | os.PathLike | Any | None,
+        global_config: Any,
+        embedding_config: EmbeddingConfig | None = None,
+        cluster: Any = None,
+        **options: Any,
+    ) -> RuntimeProtocol: ...
+
+
+def inference_backend(name: str) -> InferenceBackend:
+    """The module of backend ``name`` as an :class:`InferenceBackend`.
+
+    Raises:
+        PersiaError: ``name`` is not a registered backend, or has no inference-mode servers of
+            its own (``local``: built in process by ``persia.ctx``).
+        BackendError: the backend's module cannot be imported.
+    """
+    module = backend(name)
+    if not hasattr(module, "build_inference_runtime"):
+        raise PersiaError(
+            f"the {name!r} backend has no inference-mode parameter servers of its own"
+        )
+    return cast(InferenceBackend, module)
 
 
 def names() -> list[str]:

@@ -7,6 +7,10 @@ Example (the test ``tests/serving/test_serving.py`` runs the same)::
     python -c "import persia.serving as s; print(s.load('/tmp/adult-export').predict(
         [{'workclass': 'Private', 'education': 'Bachelors', 'age': 39, ...}]))"
 
+:func:`open_model` is the one entry point for serving both kinds of model: such an export, or a
+checkpoint written by the PERSIA API (``TrainCtx.dump_checkpoint(dir, with_jit_model=True)``),
+which can also follow the training job's deltas and new checkpoints.
+
 See docs/serving.md for the layout and the guarantees.
 """
 
@@ -19,9 +23,14 @@ from persia.serving.export import (
     run_and_export,
     serving_meta,
 )
+from persia.serving.model import CheckpointModel, ExportModel, ServedModel, open_model
 from persia.serving.predictor import Predictor, load
 
 __all__ = [
+    "CheckpointModel",
+    "ExportModel",
+    "ServedModel",
+    "open_model",
     "KIND",
     "SERVING_FORMAT",
     "Predictor",

@@ -77,6 +77,8 @@ __all__ = [
     "read_generation",
     "list_generations",
     "current_generation",
+    "current_kind",
+    "current_meta",
 ]
 
 #: Version of the on-disk layout described in the module docstring. Bump it when a change would
@@ -287,6 +289,33 @@ def current_generation(directory: str | os.PathLike[str]) -> Path:
     """
     root = Path(directory)
     return root / _read_pointer(root)
+
+
+def current_kind(directory: str | os.PathLike[str]) -> str:
+    """The kind of the generation ``CURRENT`` names (its manifest is read and checked; its arrays
+    are not).
+
+    Raises:
+        CheckpointError: no directory, pointer or manifest, or a malformed one.
+    """
+    return str(_read_manifest(current_generation(directory))["kind"])
+
+
+def current_meta(directory: str | os.PathLike[str], *, kind: str) -> tuple[Path, dict[str, Any]]:
+    """The folder and manifest meta of the generation ``CURRENT`` names, its arrays neither read
+    nor verified (a cheap look at what a checkpoint is).
+
+    Raises:
+        CheckpointError: as :func:`current_kind`, or another kind.
+    """
+    gen = current_generation(directory)
+    manifest = _read_manifest(gen)
+    if manifest["kind"] != kind:
+        raise CheckpointError(
+            f"{gen / MANIFEST_NAME}: expected a checkpoint of kind {kind!r}, "
+            f"found kind {manifest['kind']!r}"
+        )
+    return gen, manifest["meta"]
 
 
 def write_generation(

@@ -8,9 +8,12 @@ under the shard's lock) and writes them as the next numbered delta::
 
     incremental_dir/
       CURRENT          names the newest complete delta
-      gen-000001/      delta 1: d{dim}.keys.npy / .values.npy / .state.npy + manifest.json
+      gen-000001/      delta 1: d{dim}.keys.npy / .values.npy / .state.npy / .removed.npy
+                                + manifest.json
       gen-000002/      delta 2 ...
       .tmp-gen-000003-4242/   being written (or left by a crash): not a delta yet
+
+with ``d{dim}.removed.npy`` (u64: the keys evicted since the previous delta) beside the rows.
 
 Each delta is one generation of :mod:`persia.store.checkpoint` (kind ``"persia-delta"``): it is
 written under a ``.tmp-`` name, the manifest (sizes and CRC-32 of every file) last, and only then
@@ -25,8 +28,17 @@ is applied, so none is ever half-applied. Deltas hold whole rows, so applying on
 than a full checkpoint's copy of a row is always right: a restore is "full checkpoint, then every
 delta after the ``delta_seq`` it recorded".
 
-Not propagated: evictions (a row evicted from the training store stays in a reader's store until
-its own capacity evicts it) and the admission sketch.
+**Evictions** travel too: the keys a shard evicted since the previous delta (LRU eviction at
+capacity, see :meth:`persia.store.Shard.take_changes`) are the delta's ``removed`` keys, and a
+reader deletes them, so that they read as zeros on the inference side as they would in training.
+A store emptied or reloaded while deltas are written (``clear_embeddings``, ``load_checkpoint``,
+``load_embedding`` of the training job) makes the next delta a **reset** delta (``"reset": true``
+in its meta): it holds every row of the store, and a reader drops all its rows before applying
+it. Not propagated: the admission sketch.
+
+Format: deltas written before ``removed`` existed (``delta_format`` absent) are read as deltas
+without removals; a reader refuses a ``delta_format`` newer than its own
+(:data:`DELTA_FORMAT`).
 """
 
 from __future__ import annotations
@@ -44,9 +56,11 @@ import numpy as np
 from persia.errors import CheckpointError, StoreError
 from persia.store.checkpoint import list_generations, read_generation, write_generation
 
-__all__ = ["KIND", "DeltaInfo", "DeltaWriter", "DeltaReader", "apply_rows"]
+__all__ = ["KIND", "DELTA_FORMAT", "DeltaInfo", "DeltaWriter", "DeltaReader", "apply_rows"]
 
 KIND = "persia-delta"
+#: Version of the delta meta and arrays (2: ``removed`` keys and reset deltas).
+DELTA_FORMAT = 2
 _KEEP_ALL = 1 << 40
 _POLL_S = 0.05
 
@@ -69,6 +83,15 @@ def apply_rows(store: Any, dim: int, keys: np.ndarray, values: np.ndarray, state
         sel = np.flatnonzero(where == s)
         if sel.size:
             shard.import_rows(dim, keys[sel], values[sel], state[sel])
+
+
+def remove_rows(store: Any, dim: int, keys: np.ndarray) -> None:
+    """Delete the rows of ``keys`` from ``store`` (routed to their shards by the fixed hash)."""
+    where = store.shard_of(keys)
+    for s, shard in enumerate(store.shards):
+        sel = np.flatnonzero(where == s)
+        if sel.size:
+            shard.remove_rows(dim, keys[sel])
 
 
 class DeltaWriter:
@@ -114,6 +137,9 @@ class DeltaWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._since = time.time()
+        # the store's count of clears and reloads when the last delta was taken: a change means
+        # the next delta must be a reset delta
+        self._resets_seen = int(getattr(store, "resets", 0))
 
     def _track(self) -> None:
         for shard in self.store.shards:  # shards replaced by a load need tracking again
@@ -158,25 +184,38 @@ class DeltaWriter:
         with self._flush_lock:
             self._track()
             first, now = self._since, time.time()
+            resets = int(getattr(self.store, "resets", 0))
+            reset = resets != self._resets_seen
             merged: dict[int, list[dict[str, np.ndarray]]] = {}
             for shard in self.store.shards:
-                for dim, part in shard.take_changes().items():
+                changes = shard.take_changes()  # taken (and the record reset) in both cases
+                parts = shard.export_rows() if reset else changes
+                for dim, part in parts.items():
                     merged.setdefault(dim, []).append(part)
             self._since = now
-            if not merged:
+            if not merged and not reset:
                 return None
             arrays: dict[str, np.ndarray] = {}
-            rows = 0
+            rows = removed = 0
             for dim, parts in sorted(merged.items()):
                 for what in ("keys", "values", "state"):
                     arrays[f"d{dim}.{what}"] = np.concatenate([p[what] for p in parts])
+                arrays[f"d{dim}.removed"] = np.concatenate(
+                    [p.get("removed", np.zeros(0, np.uint64)) for p in parts]
+                    if not reset
+                    else [np.zeros(0, np.uint64)]
+                ).astype(np.uint64, copy=False)
                 rows += int(arrays[f"d{dim}.keys"].shape[0])
+                removed += int(arrays[f"d{dim}.removed"].shape[0])
             seq = self.last_seq + 1
             meta = {
                 "seq": seq,
+                "delta_format": DELTA_FORMAT,
                 "base": self.base,
                 "dims": sorted(merged),
                 "rows": rows,
+                "removed": removed,
+                "reset": reset,
                 "first_unix_s": first,
                 "flushed_unix_s": now,
                 "optimizer": self.store.optimizer.to_dict(),
@@ -188,6 +227,7 @@ class DeltaWriter:
                     "is another writer using this directory?"
                 )
             self.last_seq = seq
+            self._resets_seen = resets
             info = DeltaInfo(seq, rows, path, first, now)
             self.written.append(info)
             return info
@@ -250,8 +290,8 @@ class DeltaReader:
 
         Raises:
             CheckpointError: a gap, a corrupt delta, another base, a dim the store does not
-                declare, or rows the store refuses; the deltas before it stay applied and
-                ``last_seq`` names the last one.
+                declare, a newer delta format, or rows the store refuses; the deltas before it
+                stay applied and ``last_seq`` names the last one.
         """
         applied = []
         for path in self.pending():
@@ -268,7 +308,27 @@ class DeltaReader:
             dims = meta.get("dims")
             if not isinstance(dims, list):
                 raise CheckpointError(f"{path}: dims must be a list, got {dims!r}")
+            version = meta.get("delta_format", 1)
+            if isinstance(version, bool) or not isinstance(version, int) or version > DELTA_FORMAT:
+                raise CheckpointError(
+                    f"{path}: delta_format {version!r} is not one this persia reads "
+                    f"(<= {DELTA_FORMAT}); upgrade persia to follow these deltas"
+                )
+            reset = meta.get("reset", False)
+            if not isinstance(reset, bool):
+                raise CheckpointError(f"{path}: reset must be true or false, got {reset!r}")
+            removed: dict[int, np.ndarray] = {}
             for dim in dims:
+                gone = arrays.get(f"d{dim}.removed")
+                if gone is None and version >= 2:
+                    raise CheckpointError(f"{path}: dim {dim}: the removed keys are missing")
+                if gone is not None:
+                    if gone.dtype != np.uint64 or gone.ndim != 1:
+                        raise CheckpointError(
+                            f"{path}: dim {dim}: removed keys must be u64[m], got "
+                            f"{gone.dtype}{list(gone.shape)}"
+                        )
+                    removed[dim] = gone
                 keys = arrays.get(f"d{dim}.keys")
                 values = arrays.get(f"d{dim}.values")
                 state = arrays.get(f"d{dim}.state")
@@ -293,6 +353,12 @@ class DeltaReader:
                     )
             try:
                 with lock if lock is not None else contextlib.nullcontext():
+                    if reset:  # the training store was emptied or reloaded: start over
+                        for shard in store.shards:
+                            shard.clear()
+                    for dim, gone in removed.items():
+                        if gone.size:
+                            remove_rows(store, dim, gone)
                     for dim in dims:
                         apply_rows(
                             store,

@@ -101,6 +101,9 @@ class Shard:
         # change record for incremental updates (persia.store.delta): None = not tracking
         self._changed: dict[int, list[np.ndarray]] | None = None
         self._changed_count = 0
+        # per dim, the keys of every row (row order) just before the first operation since the
+        # last take_changes that may evict: what take_changes compares to find the evicted keys
+        self._evict_snap: dict[int, np.ndarray] = {}
         self.declared_dims: tuple[int, ...] | None = None
         if dims is not None:
             checked = sorted({check_positive_int(d, "dims[]") for d in dims})
@@ -142,6 +145,7 @@ class Shard:
             )
         shares = split_capacity(self.capacity, dims)
         for d, t in self._tables.items():
+            self._before_evicting(d, t, t.rows > shares[d])
             t.set_capacity(shares[d])
         table = self._new_table(dim, shares[dim])
         self._tables[dim] = table
@@ -193,7 +197,9 @@ class Shard:
             rows = table.probe(keys)
             self._check_other_dims(keys, rows, dim)
             if self._changed is not None:
-                self._note_changed(dim, keys[rows < 0])  # rows this lookup may create
+                missing = keys[rows < 0]
+                self._note_changed(dim, missing)  # rows this lookup may create
+                self._before_evicting(dim, table, table.rows + missing.size > table.capacity)
             return table.train_lookup(keys, rows)
 
     def apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
@@ -256,7 +262,35 @@ class Shard:
             if table is None:  # pragma: no cover - create=True always gives a table
                 raise StoreError(f"dim {dim} has no table")
             self._check_other_dims(keys, table.probe(keys), dim)
+            self._before_evicting(dim, table, table.rows + keys.size > table.capacity)
             table.import_rows(keys, values, state)
+
+    def remove_rows(self, dim: int, keys: Any) -> int:
+        """Deletes the rows of ``keys`` in dim ``dim`` (absent keys are ignored): what a reader
+        of incremental deltas does with the rows training evicted. Returns how many were held."""
+        dim = check_positive_int(dim, "dim")
+        keys = check_keys(keys)
+        with self._lock:
+            table = self._tables.get(dim)
+            if table is None:
+                if self.declared_dims is not None and dim not in self.declared_dims:
+                    raise StoreError(f"dim must be one of {list(self.declared_dims)}, got {dim}")
+                return 0
+            return table.remove_keys(keys)
+
+    def clear(self) -> None:
+        """Drops every row (the configuration, the declared dims and change tracking stay; the
+        change record restarts empty)."""
+        with self._lock:
+            if self.declared_dims is not None:
+                shares = split_capacity(self.capacity, self.declared_dims)
+                self._tables = {d: self._new_table(d, cap) for d, cap in shares.items()}
+            else:
+                self._tables = {}
+            if self._changed is not None:
+                self._changed = {}
+                self._changed_count = 0
+            self._evict_snap = {}
 
     # ------------------------------------------------------------------ change tracking
     def _note_changed(self, dim: int, keys: np.ndarray) -> None:
@@ -264,17 +298,28 @@ class Shard:
             self._changed.setdefault(dim, []).append(keys)  # type: ignore[union-attr]
             self._changed_count += int(keys.size)
 
+    def _before_evicting(self, dim: int, table: EmbeddingTable, may_evict: bool) -> None:
+        """Called (under the lock) before an operation on ``table`` that ``may_evict``: while
+        tracking, the first one since the last :meth:`take_changes` takes a copy of the table's
+        row keys (what :meth:`take_changes` compares)."""
+        if may_evict and self._changed is not None and dim not in self._evict_snap:
+            self._evict_snap[dim] = table.row_keys[: table.rows].copy()
+
     def track_changes(self, enabled: bool = True) -> None:
         """Start (or stop) recording the keys that training lookups create and gradients
-        change, for :meth:`take_changes` (incremental updates). Off by default: costs one copy
-        of the keys per call while on."""
+        change, and the rows evicted, for :meth:`take_changes` (incremental updates). Off by
+        default: costs one copy of the keys per call while on and, once per
+        :meth:`take_changes` in which a table is full, one copy of its row keys (8 bytes a
+        row)."""
         with self._lock:
             if enabled and self._changed is None:
                 self._changed = {}
                 self._changed_count = 0
+                self._evict_snap = {}
             elif not enabled:
                 self._changed = None
                 self._changed_count = 0
+                self._evict_snap = {}
 
     @property
     def tracking_changes(self) -> bool:
@@ -287,31 +332,59 @@ class Shard:
         return self._changed_count
 
     def take_changes(self) -> dict[int, dict[str, np.ndarray]]:
-        """The current rows of every key changed since the last call, and reset the record.
+        """The current rows of every key changed since the last call, the keys evicted since
+        then, and reset the record.
 
-        Returns ``{dim: {"keys": u64[n], "values": f32[n, dim], "state": f32[n, W]}}``, keys
-        unique and ascending; keys no longer held (evicted, or not admitted) are left out. Taken
-        under the shard's lock, so each row is whole. Empty when not tracking.
+        Returns ``{dim: {"keys": u64[n], "values": f32[n, dim], "state": f32[n, W],
+        "removed": u64[m]}}``, keys unique and ascending: ``keys`` are the changed keys still
+        held (those evicted, or not admitted, are left out); ``removed`` are the keys that were
+        held at the last call, or noted since, and are held no more (LRU eviction, a capacity
+        split; also missed keys that were not admitted, which no reader holds); the two never
+        share a key. A reader that started from any state between the two calls (a checkpoint
+        dumped in between) reaches this shard's state by deleting ``removed`` and writing
+        ``keys``. Taken under the shard's lock, so each row is whole.
+        Empty when not tracking.
         """
         with self._lock:
             changed = self._changed
-            if not changed:
+            snaps = self._evict_snap
+            if not changed and not snaps:
                 return {}
-            self._changed = {}
-            self._changed_count = 0
+            if changed is not None:
+                self._changed = {}
+                self._changed_count = 0
+            self._evict_snap = {}
             out: dict[int, dict[str, np.ndarray]] = {}
-            for dim, parts in sorted(changed.items()):
+            for dim in sorted(set(changed or {}) | set(snaps)):
                 table = self._tables.get(dim)
                 if table is None:
                     continue
-                keys = np.unique(np.concatenate(parts))
+                parts = (changed or {}).get(dim)
+                keys = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
                 rows = table.probe(keys)
                 held = rows >= 0
                 rows = rows[held]
+                # keys noted since the last take and not held now: created and evicted since
+                # (held by a checkpoint dumped in between), or never admitted (absent anywhere)
+                gone = [keys[~held]]
+                old = snaps.get(dim)
+                if old is not None and old.size:
+                    # a key held at the snapshot is gone iff its row now holds another key (or
+                    # is past the live rows) and it is not held elsewhere (rows move on eviction)
+                    n = min(table.rows, old.size)
+                    moved = np.ones(old.size, dtype=bool)
+                    moved[:n] = table.row_keys[:n] != old[:n]
+                    candidates = old[moved]
+                    if candidates.size:
+                        gone.append(candidates[table.probe(candidates) < 0])
+                removed = np.unique(np.concatenate(gone))
+                if not rows.size and not removed.size:
+                    continue
                 out[dim] = {
                     "keys": keys[held],
                     "values": table.values[rows],
                     "state": table.state[rows],
+                    "removed": removed,
                 }
             return out
 

@@ -56,6 +56,9 @@ class ShardedStore:
         self.weight_bound = weight_bound
         self.dims = tuple(sorted(set(dims))) if dims is not None else None
         self.shards = self._new_shards(self.num_shards)
+        #: how many times every row was replaced (:meth:`clear`, :meth:`replace_rows`): the
+        #: incremental-delta writer then writes a reset delta (:mod:`persia.store.delta`)
+        self.resets = 0
 
     def _new_shards(self, n: int) -> list[Shard]:
         per = per_shard_capacity(self.capacity, n)
@@ -131,6 +134,7 @@ class ShardedStore:
     def clear(self) -> None:
         """Drops every row (the configuration stays)."""
         self._replace_shards(self._new_shards(self.num_shards))
+        self.resets += 1
 
     def _replace_shards(self, shards: list[Shard]) -> None:
         # In place: clients (e.g. the local transport) hold this very list.
@@ -195,3 +199,4 @@ class ShardedStore:
             self.optimizer = old_optimizer
             raise
         self._replace_shards(shards)
+        self.resets += 1

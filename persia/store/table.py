@@ -455,6 +455,62 @@ class EmbeddingTable:
                 return
             self._grow()
 
+    def remove_keys(self, keys: Any) -> int:
+        """Delete the rows of ``keys`` (absent keys are ignored); rows stay dense and the LRU
+        order of the others is kept. Counts as no eviction. Returns how many rows were deleted.
+
+        The rows are moved to the oldest end of the LRU list and evicted from there (the
+        eviction kernel keeps the index and the rows dense)."""
+        keys = check_keys(keys)
+        if keys.size == 0 or self.rows == 0:
+            return 0
+        found = self.probe(keys)
+        rows = np.unique(found[found >= 0])
+        count = int(rows.size)
+        if count == 0:
+            return 0
+        meta = self.meta
+        prev, nxt = self.lru_prev, self.lru_next
+        if count * 8 < self.rows:  # a few: relink one by one
+            for r in rows.tolist():
+                p, n = int(prev[r]), int(nxt[r])
+                if p >= 0:
+                    nxt[p] = n
+                else:
+                    meta[K.M_HEAD] = n
+                if n >= 0:
+                    prev[n] = p
+                else:
+                    meta[K.M_TAIL] = p
+                head = int(meta[K.M_HEAD])
+                prev[r] = -1
+                nxt[r] = head
+                if head >= 0:
+                    prev[head] = r
+                else:
+                    meta[K.M_TAIL] = r
+                meta[K.M_HEAD] = r
+        else:  # many: rebuild the whole list, the removed rows first
+            order = np.empty(self.rows, dtype=np.int32)
+            k = K.lru_order_kernel(nxt[: self.rows].copy(), meta.copy(), order)
+            order = order[:k]
+            gone = np.zeros(self.rows, dtype=bool)
+            gone[rows] = True
+            order = np.concatenate([rows.astype(np.int32), order[~gone[order]]])
+            prev[order[1:]] = order[:-1]
+            nxt[order[:-1]] = order[1:]
+            prev[order[0]] = -1
+            nxt[order[-1]] = -1
+            meta[K.M_HEAD] = order[0]
+            meta[K.M_TAIL] = order[-1]
+        evictions = int(meta[K.M_EVICTIONS])
+        K.evict_oldest_kernel(
+            count, self.index, self._shift, self.row_keys, self.values, self.state,
+            self.lru_prev, self.lru_next, meta,
+        )  # fmt: skip
+        meta[K.M_EVICTIONS] = evictions
+        return count
+
     def stats(self) -> dict[str, int]:
         """Counters: rows, capacity, evictions, misses, admissions, rejections, applied,
         skipped_absent, skipped_nonfinite, bytes_used."""

@@ -136,7 +136,7 @@ def test_dump_embedding_writes_a_job_checkpoint_without_dense_state(tmp_path):
         ctx.dump_checkpoint(tmp_path / "full")
         rows = rows_by_key(ctx.runtime.store)
     ckpt = checkpoint.read(tmp_path / "emb")
-    assert ckpt.meta["dense"] == {"model": False, "optimizer": False}
+    assert ckpt.meta["dense"] == {"model": False, "optimizer": False, "jit": False}
     assert ckpt.meta["num_shards"] == 2 and ckpt.meta["rows"] > 0
     model_b = Net()
     with make_ctx(model_b, 3) as ctx_b:

@@ -252,3 +252,31 @@ def test_ray_namespace_has_one_default(monkeypatch) -> None:
     monkeypatch.setenv(_settings.PERSIA_RAY_NAMESPACE, " team ")
     assert naming.namespace() == "team"
     assert naming.ps_actor_name("j", 3) == "persia-j-ps-3"
+
+
+def test_a_spec_round_trips_through_json():
+    """What checkpoints record for serving (spec_to_dict) reads back to an equal spec."""
+    import json
+    import math
+
+    from persia.embedding.spec import EmbeddingSpec, SlotSpec, spec_from_dict, spec_to_dict
+    from persia.errors import ConfigError
+
+    spec = EmbeddingSpec(
+        slots=(
+            SlotSpec("a", 8, "sum", 1, group="g"),
+            SlotSpec("b", 8, "mean", 1, group="g"),
+            SlotSpec("c", 4, "raw", 2, sample_fixed_size=3, hash_stack_rounds=2, hash_stack_size=9),
+        ),
+        optimizer="adam",
+        optimizer_args={"lr": 0.01, "betas": (0.9, 0.99)},
+        weight_bound=math.inf,
+        feature_groups=(("g", ("a", "b")),),
+        seed=7,
+    )
+    data = json.loads(json.dumps(spec_to_dict(spec), allow_nan=False))
+    assert spec_from_dict(data) == spec
+    with pytest.raises(ConfigError, match="exactly the fields"):
+        spec_from_dict({**data, "slots": [{"name": "a"}]})
+    with pytest.raises(ConfigError, match="missing field"):
+        spec_from_dict({"slots": data["slots"]})

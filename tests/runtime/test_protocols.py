@@ -14,6 +14,8 @@ import torch
 
 from persia.backends.ray.embedding_workers import RemoteEmbeddingWorker, RemoteLookup
 from persia.backends.ray.runtime import RayRuntime
+from persia.backends.ray.serving import RayServingRuntime
+from persia.checkpoint.follow import ServingRuntime
 from persia.ctx import TrainCtx
 from persia.data import DataLoader
 from persia.embedding.optim import Adagrad
@@ -67,6 +69,8 @@ def test_the_runtime_protocol_declares_what_its_callers_use():
     }
     assert set(RuntimeProtocol.__annotations__) == {
         "store",
+        "spec",
+        "read_only",
         "training_allowed",
         "counts",
         "batches_applied",
@@ -74,7 +78,7 @@ def test_the_runtime_protocol_declares_what_its_callers_use():
     assert set(_members(EmbeddingWorkerProtocol)) == {"forward", "backward", "close"}
 
 
-@pytest.mark.parametrize("cls", [Runtime, RayRuntime])
+@pytest.mark.parametrize("cls", [Runtime, RayRuntime, ServingRuntime, RayServingRuntime])
 def test_every_runtime_implements_the_protocol(cls):
     assert _problems(cls, RuntimeProtocol) == []
 

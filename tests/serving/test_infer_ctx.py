@@ -142,12 +142,12 @@ def test_persia_handler_shape_with_infer_config(trained, monkeypatch, tmp_path):
 
 def test_infer_ctx_refusals(trained, monkeypatch):
     monkeypatch.delenv("PERSIA_GLOBAL_CONFIG", raising=False)
-    with pytest.raises(BackendError, match="pass an empty list"):
-        InferCtx(["embedding_worker:8887"], embedding_checkpoint=trained.ckpt)
+    with pytest.raises(BackendError, match="Pass an empty list to serve in this process"):
+        InferCtx(["embedding_worker:8887"], embedding_checkpoint=trained.ckpt, backend="local")
     with pytest.raises(ConfigError, match="needs an embedding checkpoint"):
         InferCtx([], embedding_config_file=embedding_file(), global_config_file=None)
-    with pytest.raises(PersiaError, match="backend must be 'local'"):
-        InferCtx([], embedding_checkpoint=trained.ckpt, backend="ray")
+    with pytest.raises(PersiaError, match="backend must be 'local' or 'ray'"):
+        InferCtx([], embedding_checkpoint=trained.ckpt, backend="mpi")
     ctx = InferCtx([], embedding_checkpoint=trained.ckpt, embedding_config_file=embedding_file())
     with pytest.raises(PersiaError, match="expects a PersiaBatch"):
         ctx.get_embedding_from_data(b"bytes")  # type: ignore[arg-type]
@@ -168,3 +168,44 @@ def test_train_ctx_refuses_job_type_infer():
     with pytest.raises(ConfigError, match="job_type: Infer makes the parameter servers read-only"):
         with train_ctx(Net(), global_config_file=glob):
             pass
+
+
+def test_eval_ctx_under_job_type_infer_serves_the_checkpoint(trained):
+    """job_type: Infer makes eval_ctx use inference-mode parameter servers, as PERSIA's: the
+    checkpoint infer_config names, read-only, not the training runtime alive in this process;
+    a second context on the same checkpoint uses the same servers."""
+    from persia.checkpoint.follow import ServingRuntime
+    from persia.data import DataLoader, IterableDataset
+
+    class Batches(IterableDataset):
+        def __iter__(self):
+            yield from trained.batches
+
+    glob = parse_global_config(
+        {
+            "common_config": {
+                "job_type": "Infer",
+                "infer_config": {"embedding_checkpoint": str(trained.ckpt)},
+            }
+        }
+    )
+    jit = torch.jit.load(str(trained.ckpt / "jit_dense.pt"))
+    with train_ctx(JitNet()) as train:  # another, live training store in this process
+        run(train, make_batches(2, seed=5))
+        with eval_ctx(model=jit, global_config_file=glob) as ctx, torch.no_grad():
+            runtime = ctx.runtime
+            assert isinstance(runtime, ServingRuntime)
+            assert sum(ctx.get_embedding_size()) == trained.rows
+            outputs = [ctx.forward(b)[0].numpy() for b in DataLoader(Batches())]
+            ctx.current_batch = None
+            for out, (_, expected) in zip(outputs, trained.expected, strict=True):
+                np.testing.assert_allclose(out, expected, atol=1e-6)
+            with pytest.raises(PersiaError, match="read-only"):
+                ctx.clear_embeddings()
+            with pytest.raises(PersiaError, match="read-only"):
+                ctx.load_embedding(trained.ckpt)
+            assert sum(ctx.get_embedding_size()) == trained.rows  # no row created or dropped
+        with eval_ctx(model=jit, global_config_file=glob) as again:
+            assert again.runtime is runtime
+        assert train.runtime is not runtime and train.runtime.training_allowed
+    runtime.close()

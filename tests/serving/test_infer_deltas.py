@@ -268,3 +268,48 @@ def test_a_training_process_followed_then_killed(tmp_path):
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_rows_evicted_by_training_read_as_zeros_when_served(tmp_path):
+    """A training store at capacity evicts; the next delta removes those rows from InferCtx."""
+    from persia.embedding.data import IDTypeFeature, PersiaBatch
+
+    deltas, ckpt = tmp_path / "deltas", tmp_path / "ckpt"
+    server = {
+        "capacity": 24,  # fewer rows than the 50 IDs the batches touch: training evicts
+        "enable_incremental_update": True,
+        "incremental_dir": str(deltas),
+        "incremental_buffer_size": 10**9,
+    }
+    config = parse_global_config({"embedding_parameter_server_config": server})
+    with train_ctx(Net(), global_config_file=config) as train:
+        run(train, make_batches(2))
+        train.dump_embedding(ckpt)
+        # a serving store with room for every row: only the deltas' removals drop rows
+        roomy = parse_global_config({"embedding_parameter_server_config": {"capacity": 10**6}})
+        infer = InferCtx(
+            [],
+            embedding_checkpoint=ckpt,
+            embedding_config_file=embedding_file(),
+            global_config_file=roomy,
+            incremental_dir=deltas,
+            poll_interval_s=0.02,
+        )
+        every = np.arange(30, dtype=np.uint64)  # each ID of slot a, one per sample
+        probe = PersiaBatch(
+            [
+                IDTypeFeature.from_columnar("a", every, np.ones(30, np.int64)),
+                IDTypeFeature.from_columnar("b", np.zeros(0, np.uint64), np.zeros(30, np.int64)),
+            ],
+            requires_grad=False,
+        )
+        before = infer.get_embedding_from_data(probe).lookup.summed[:, :4]
+        run(train, make_batches(6, seed=3))
+        _wait_for(infer, _flush(train))
+        trained = train.runtime.lookup(probe, False, 0, None).lookup.summed[:, :4]
+        served = infer.get_embedding_from_data(probe).lookup.summed[:, :4]
+        np.testing.assert_array_equal(served, trained)
+        gone = before.any(axis=1) & ~trained.any(axis=1)
+        assert gone.any()  # rows served before, evicted by training, now zeros on both sides
+        assert sum(infer.get_embedding_size()) == sum(train.get_embedding_size())
+        infer.close()

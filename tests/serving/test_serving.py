@@ -313,3 +313,50 @@ def test_a_persia_handler_over_infer_ctx_equals_training_on_the_adult_test_set(
         served.extend(handler.postprocess(handler.inference(handler.preprocess(request)))[0])
     handler.persia_context.close()
     np.testing.assert_allclose(np.array(served, np.float32), expected, rtol=0, atol=1e-6)
+
+
+def test_open_model_serves_the_export_on_rows_and_batches(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """open_model recognises the export: predict equals load().predict, and predict_batch on the
+    job reader's test batches equals the training code path to 1e-6."""
+    from persia.errors import PersiaError
+    from persia.job.readers import JobReader
+    from persia.serving import load, open_model
+
+    job, tmp = trained["job"], trained["tmp"]
+    expected = _training_predictions(job, tmp / "ckpt")
+    model = open_model(trained["export"])
+    assert model.kind == "export" and model.freshness() is None
+    table = _raw_test_table(job).slice(0, 300)
+    np.testing.assert_array_equal(model.predict(table), load(trained["export"]).predict(table))
+    served = []
+    assert job.data.test is not None
+    batches = list(JobReader(job.data).batches(job.data.test, 4096, training=False))
+    for pb in batches:
+        served.append(model.predict_batch(pb))
+    np.testing.assert_allclose(np.concatenate(served), expected, rtol=0, atol=1e-6)
+    info = model.info()
+    assert [s["name"] for s in info["slots"]] == [s.name for s in job.embedding.slots]
+    # features in another order, or a missing dense feature: a BatchError naming the order
+    from persia.embedding.data import PersiaBatch
+
+    pb = batches[0]
+    swapped = PersiaBatch(
+        pb.id_type_features[::-1], non_id_type_features=pb.non_id_type_features, requires_grad=False
+    )
+    with pytest.raises(BatchError, match="in this order"):
+        model.predict_batch(swapped)
+    no_dense = PersiaBatch(pb.id_type_features, requires_grad=False)
+    with pytest.raises(BatchError, match="one non-ID feature"):
+        model.predict_batch(no_dense)
+    with pytest.raises(PersiaError, match="follows no deltas"):
+        open_model(trained["export"], follow=tmp_path)
+    # the job's own checkpoint has no TorchScript model; an empty folder is neither kind
+    with pytest.raises(CheckpointError, match="holds no TorchScript dense model"):
+        open_model(tmp / "ckpt")
+    with pytest.raises(CheckpointError, match="neither a serving export nor a job checkpoint"):
+        open_model(tmp_path)
+    model.close()
+    with pytest.raises(PersiaError, match="closed"):
+        model.predict(table)

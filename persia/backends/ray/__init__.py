@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClusterConfig",
     "RecoveryConfig",
+    "build_inference_runtime",
     "build_runtime",
     "receive_batches",
     "run_job",
@@ -31,6 +32,14 @@ def build_runtime(*args: Any, **kwargs: Any) -> Runtime:
     from persia.backends.ray.runtime import build_ray_runtime
 
     return build_ray_runtime(*args, **kwargs)
+
+
+def build_inference_runtime(*args: Any, **kwargs: Any) -> Any:
+    """:func:`persia.backends.ray.serving.build_inference_runtime`: inference-mode parameter
+    servers (``job_type: Infer``)."""
+    from persia.backends.ray.serving import build_inference_runtime as build
+
+    return build(*args, **kwargs)
 
 
 def run_job(train_fn: Callable[..., dict[str, Any]], job: Any, **options: Any) -> dict[str, Any]:

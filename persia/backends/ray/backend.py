@@ -167,6 +167,8 @@ class ParameterServer:
         bind_host: where the ZeroMQ channel binds (None: no channel).
         port: the channel's port (None: a free one).
         security: the channel's mechanism, ``"curve"`` or ``"null"`` (:mod:`persia.rpc.security`).
+        shard: the shard to serve (default: a new :class:`persia.store.Shard` of
+            ``shard_kwargs``; the inference-mode servers give their read-only one).
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class ParameterServer:
         *,
         port: int | None = None,
         security: str = "curve",
+        shard: Any = None,
     ) -> None:
         from persia._settings import ensure_numba_cache_dir
 
@@ -185,7 +188,7 @@ class ParameterServer:
 
         self.rank = rank
         self._kwargs = dict(shard_kwargs)
-        self.shard = Shard(**self._kwargs)
+        self.shard = Shard(**self._kwargs) if shard is None else shard
         self._server = None
         if bind_host is not None:
             from persia.rpc.zmq_transport import ZmqServer

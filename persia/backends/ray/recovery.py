@@ -81,6 +81,12 @@ class _Sink:
     def import_rows(self, dim: int, keys: Any, values: Any, state: Any | None = None) -> None:
         return None
 
+    def remove_rows(self, dim: int, keys: Any) -> int:
+        return 0
+
+    def clear(self) -> None:
+        return None
+
 
 class _OneShardView:
     """What :class:`persia.store.delta.DeltaReader` needs of a store, keeping one shard's rows."""

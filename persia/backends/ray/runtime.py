@@ -70,8 +70,10 @@ class RayRuntime(Runtime):
         servers: ParameterServerClient,
         backward_buffer_size: int = 10,
         recovery: ShardRecovery | None = None,
+        *,
+        spec: EmbeddingSpec | None = None,
     ) -> None:
-        super().__init__(worker, store, backward_buffer_size=backward_buffer_size)
+        super().__init__(worker, store, backward_buffer_size=backward_buffer_size, spec=spec)
         self.servers = servers
         self.recovery = recovery
 
@@ -174,7 +176,12 @@ def ray_runtime_from_spec(
         worker = EmbeddingWorker.from_spec(spec, client)
     recovery = store.recovery if isinstance(store, RecoverableRayStore) else None
     return RayRuntime(
-        worker, store, client, backward_buffer_size=backward_buffer_size, recovery=recovery
+        worker,
+        store,
+        client,
+        backward_buffer_size=backward_buffer_size,
+        recovery=recovery,
+        spec=spec,
     )
 
 
