@@ -236,7 +236,7 @@ class Live(Recorder):
         self._k("update_gradient_time_cost_sec", EW).set(seconds)
 
     def feature_stats(self, prefix_bits: int, features: dict[int, str]) -> FeatureStats | None:
-        if prefix_bits <= 0 or not features:
+        if not 0 < prefix_bits <= 16 or not features:
             return None
         return _Features(self, prefix_bits, features)
 
