@@ -230,20 +230,20 @@ def shutdown(linger_s: float = 0.0) -> None:
 def watch_shards(owner: Any, fn: Callable[[Any], list[tuple[int, dict[str, Any]]]]) -> None:
     """Reads ``fn(owner)`` -> ``[(replica, Shard.stats()), ...]`` whenever the metrics are
     collected (rows held, evictions, misses, ...), for as long as ``owner`` lives."""
-    from persia.telemetry._live import SOURCES
+    from persia.telemetry._sources import SOURCES
 
     SOURCES.add("shards", owner, fn)
 
 
 def watch_delta_lag(owner: Any, fn: Callable[[Any], float | None]) -> None:
     """Reads ``fn(owner)``, a delta writer's lag in seconds, whenever the metrics are collected."""
-    from persia.telemetry._live import SOURCES
+    from persia.telemetry._sources import SOURCES
 
     SOURCES.add("delta_lag", owner, fn)
 
 
 def unwatch(owner: Any) -> None:
     """Stops reading ``owner``."""
-    from persia.telemetry._live import SOURCES
+    from persia.telemetry._sources import SOURCES
 
     SOURCES.remove(owner)

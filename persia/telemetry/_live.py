@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from persia.telemetry._catalog import BY_NAME, CATALOG, EW, LOADER, NN, PS, SERVER
 from persia.telemetry._distinct import DistinctEstimator
 from persia.telemetry._recorder import FeatureStats, Recorder
+from persia.telemetry._sources import SOURCES
 
 LABELS = ("role", "replica")
 SECONDS_BUCKETS = (
@@ -30,36 +30,6 @@ SECONDS_BUCKETS = (
 )  # fmt: skip
 CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
-
-#: What a watched shard owner gives: ``[(replica, Shard.stats()), ...]``.
-ShardSource = Callable[[Any], list[tuple[int, dict[str, Any]]]]
-
-
-class _Sources:
-    """Objects read when the metrics are collected (never on the hot path), held weakly."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: list[tuple[str, weakref.ref, Callable[[Any], Any]]] = []
-
-    def add(self, kind: str, owner: Any, fn: Callable[[Any], Any]) -> None:
-        with self._lock:
-            self._items = [it for it in self._items if it[1]() is not None]
-            self._items.append((kind, weakref.ref(owner), fn))
-
-    def remove(self, owner: Any) -> None:
-        with self._lock:
-            self._items = [it for it in self._items if it[1]() not in (None, owner)]
-
-    def read(self, kind: str) -> Iterator[Any]:
-        with self._lock:
-            items = [(ref(), fn) for k, ref, fn in self._items if k == kind]
-        for owner, fn in items:
-            if owner is not None:
-                yield fn(owner)
-
-
-SOURCES = _Sources()
 
 
 def _esc(value: str) -> str:

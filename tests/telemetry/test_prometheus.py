@@ -181,3 +181,49 @@ def test_the_dashboard_covers_the_issue_panels() -> None:
         assert word in titles
     for expr in _dashboard_exprs():
         assert re.search(r'job=~"\$job"', expr), expr
+
+
+RAY_JOB = "persia_ray_test"
+
+
+def test_every_ray_actor_pushes_its_own_metrics(prometheus_stack: Stack) -> None:
+    """The cluster backend with 2 parameter-server actors: each actor pushes its own group
+    (instance parameter-server-<rank>), the NN worker (the driver) its own, and the rows the
+    two shards report add up to the job's summary."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install .[ray])")
+    result = _persia_train(
+        [
+            "--backend",
+            "ray",
+            "--num-ps",
+            "2",
+            "--set",
+            "training.max_samples=1024",
+            "--set",
+            "metrics.enable_metrics=true",
+            "--set",
+            f"metrics.job_name={RAY_JOB}",
+            "--set",
+            "metrics.push_interval_seconds=1",
+        ],  # fmt: skip
+        _env(PERSIA_METRICS_GATEWAY_ADDR=prometheus_stack.gateway),
+    )
+    assert result["backend"] == "ray" and result["num_ps"] == 2
+    sel = f'job="{RAY_JOB}"'
+    rows = result["embedding_rows"]
+    assert prometheus_stack.wait_value(f"persia_rows_held{{{sel}}}", rows) == rows
+    shards = prometheus_stack.query(f"persia_rows_held{{{sel}}}")
+    assert sorted((s["metric"]["instance"], s["metric"]["replica"]) for s in shards) == [
+        ("parameter-server-0", "0"),
+        ("parameter-server-1", "1"),
+    ]
+    assert all(s["metric"]["role"] == "parameter-server" for s in shards)
+    # each actor timed its own shard calls; the driver is the NN worker and embedding worker
+    calls = prometheus_stack.query(f"persia_shard_lookup_seconds_count{{{sel}}}")
+    assert {s["metric"]["instance"] for s in calls} == {"parameter-server-0", "parameter-server-1"}
+    samples = result["train_samples"]
+    assert prometheus_stack.wait_value(f"persia_samples_trained_total{{{sel}}}", samples) == samples
+    nn = prometheus_stack.query(f"persia_samples_trained_total{{{sel}}}")
+    assert [(s["metric"]["instance"], s["metric"]["role"]) for s in nn] == [
+        ("nn-worker-0", "nn-worker")
+    ]
