@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -51,7 +52,7 @@ class _Features(FeatureStats):
             for name in set(features.values())
         }
         with live._lock:
-            live._estimators.append(self.distinct)
+            live._estimators.add(self.distinct)
 
     def observe(self, uniques: np.ndarray, ids_per_prefix: dict[int, int]) -> None:
         if uniques.size == 0:
@@ -91,7 +92,8 @@ class Live(Recorder):
         self.registry = CollectorRegistry(auto_describe=False)
         self._lock = threading.Lock()
         self._persia_counts: dict[tuple[str, str, str, str], float] = {}
-        self._estimators: list[DistinctEstimator] = []
+        # the live embedding workers' estimators (a worker that is gone stops counting)
+        self._estimators: weakref.WeakSet[DistinctEstimator] = weakref.WeakSet()
         self._model_time: float | None = None
         self.c: dict[str, Counter] = {}
         self.g: dict[str, Gauge] = {}
