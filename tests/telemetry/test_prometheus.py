@@ -186,6 +186,7 @@ def test_the_dashboard_covers_the_issue_panels() -> None:
 RAY_JOB = "persia_ray_test"
 
 
+@pytest.mark.slow
 def test_every_ray_actor_pushes_its_own_metrics(prometheus_stack: Stack) -> None:
     """The cluster backend with 2 parameter-server actors: each actor pushes its own group
     (instance parameter-server-<rank>), the NN worker (the driver) its own, and the rows the
