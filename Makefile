@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 LINT_DIRS := $(wildcard persia tests benchmarks examples)
 
-.PHONY: install demo test lint typecheck unit bench-quick docs clean
+.PHONY: install demo test lint typecheck unit bench-quick docs clean prometheus-install
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,8 +26,27 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy persia
 
-unit: $(STAMP)
+unit: $(STAMP) prometheus-install
 	$(BIN)/pytest -q
+
+# Debian's Prometheus and Pushgateway, for the metrics integration tests (tests/telemetry/): the
+# tests start them on free loopback ports. Installed once (skipped when both are on PATH), as root
+# (CI is), with no recommended packages, and without starting their system services (a
+# policy-rc.d refusing every start is put in place for the install when none exists).
+prometheus-install:
+	@if command -v prometheus >/dev/null && command -v prometheus-pushgateway >/dev/null; then \
+		echo "prometheus and prometheus-pushgateway: installed"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "prometheus-install: not root: install Debian's prometheus and" \
+			"prometheus-pushgateway (tests/telemetry skips its Prometheus tests without them)"; \
+	else \
+		policy=/usr/sbin/policy-rc.d; made=; \
+		if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy; \
+			chmod 755 $$policy; made=1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends prometheus prometheus-pushgateway >/dev/null; \
+		status=$$?; if [ -n "$$made" ]; then rm -f $$policy; fi; exit $$status; \
+	fi
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run_quick.py

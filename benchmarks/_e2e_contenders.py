@@ -325,9 +325,12 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
     emb_config = parse_embedding_config(
         {"feature_index_prefix_bit": 8, "slots_config": {n: {"dim": DIM} for n in names}}
     )
+    common: dict[str, Any] = {"job_type": "Train"}
+    if spec.get("metrics"):  # PERSIA's metrics_config: collected (no gateway: not pushed)
+        common["metrics_config"] = {"enable_metrics": True, "job_name": "bench_e2e"}
     glob_config = parse_global_config(
         {
-            "common_config": {"job_type": "Train"},
+            "common_config": common,
             "embedding_parameter_server_config": {
                 "capacity": int(sum(spec["cardinalities"])) + 1,
                 "num_hashmap_internal_shards": spec["ps_shards"],
@@ -420,6 +423,12 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
         n = len(train_indices(spec))
         result["link_mb_per_step"] = link[0] / 1e6 / n
         result["link_wait_ms_per_step"] = 1000.0 * link[1] / n
+    if spec.get("metrics"):  # what the metrics run collected (a check that they were on)
+        from persia import telemetry
+
+        text = telemetry.render()[0].decode()
+        trained = [ln for ln in text.splitlines() if ln.startswith("persia_samples_trained_total")]
+        result["metrics_samples_trained"] = float(trained[0].rsplit(" ", 1)[1]) if trained else 0
     return result
 
 

@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,8 @@ def plan(args: argparse.Namespace, have_torchrec: bool) -> list[dict[str, Any]]:
     if args.sweep:
         for k in (2, 4, 16):
             runs.append(persia(f"persia-staleness-{k}", k))
+    if args.metrics:  # persia-hybrid with PERSIA's metrics_config on (docs/metrics.md)
+        runs.append(persia("persia-hybrid+metrics", args.staleness, metrics=True))
     return runs
 
 
@@ -181,6 +184,8 @@ def ratios(results: dict[str, dict[str, Any]], notes: dict[str, str]) -> list[di
         gap("auc_gap_hybrid_vs_sync", "persia-hybrid", "persia-sync"),
         gap("auc_gap_hybrid_vs_torch", "persia-hybrid", "torch-embeddingbag"),
     ]
+    if "persia-hybrid+metrics" in results:  # cpu_ratio: CPU per step, metrics on / off
+        out.append(ratio("metrics_overhead", "persia-hybrid", "persia-hybrid+metrics"))
     extra = [n.split("@", 1)[1] for n in results if n.startswith("persia-hybrid@")]
     for name in list(LINKS) + sorted(set(extra) - set(LINKS)):
         out.append(
@@ -228,6 +233,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "persia-hybrid@NAME; repeatable)",
     )
     p.add_argument("--sweep", action="store_true", help="also staleness 2, 4, 16 (AUC chart)")
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also persia-hybrid+metrics: Prometheus metrics on (collected, not pushed)",
+    )
     p.add_argument("--only", default=None, help="comma-separated labels to run (debugging)")
     p.add_argument("--torchrec-path", type=Path, default=TORCHREC_DIR)
     p.add_argument("--no-torchrec", action="store_true")
@@ -265,6 +275,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.max_rows = 100_000
     if quick:
         args.rowwise = False
+        if args.chart is None:  # --quick draws the chart, so that the chart code cannot rot
+            args.chart = Path(tempfile.gettempdir()) / "persia-bench-e2e-quick.png"
     return args
 
 

@@ -78,6 +78,10 @@ DEFAULT_EMBEDDING_WORKER_SERVICE = "embedding_worker:8887"
 #: ``persia.distributed.DDPOption``'s tcp initialisation when it is given no address or port.
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
+#: PERSIA-compatible: the Prometheus Pushgateway (``host:port`` or ``http://host:port``) every
+#: role pushes its metrics to when ``metrics_config.enable_metrics`` is on (docs/metrics.md);
+#: unset or blank: no push (PERSIA defaulted to ``metrics_gateway:9091``).
+PERSIA_METRICS_GATEWAY_ADDR = "PERSIA_METRICS_GATEWAY_ADDR"
 
 
 def ensure_numba_cache_dir() -> str:
@@ -258,3 +262,8 @@ def master_port() -> int | None:
     if not 1 <= port <= 65535:
         raise ConfigError(f"environment variable {MASTER_PORT}: expected a port, got {raw!r}")
     return port
+
+
+def metrics_gateway_addr() -> str | None:
+    """``PERSIA_METRICS_GATEWAY_ADDR`` (surrounding blanks ignored); None when unset or blank."""
+    return os.environ.get(PERSIA_METRICS_GATEWAY_ADDR, "").strip() or None

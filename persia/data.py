@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from persia import telemetry
 from persia.embedding.data import PersiaBatch
 from persia.errors import BackendError, BatchError, PersiaError
 from persia.logger import get_default_logger
@@ -204,7 +206,13 @@ class _Run:
     def _produce(self) -> None:
         index = 0
         try:
-            for batch in self.loader.dataset:
+            batches = iter(self.loader.dataset)
+            while True:
+                rec = telemetry.current()
+                t0 = time.perf_counter() if rec.on else 0.0
+                batch = next(batches, _DONE)
+                if batch is _DONE:
+                    break
                 if self.stop.is_set():
                     return
                 if not isinstance(batch, PersiaBatch):
@@ -212,6 +220,8 @@ class _Run:
                         f"the dataset must yield PersiaBatch objects, got {type(batch).__name__} "
                         f"(batch {index})"
                     )
+                if rec.on:
+                    rec.loader_batch(batch.batch_size, time.perf_counter() - t0)
                 training = batch.requires_grad and self.runtime.training_allowed
                 staleness = None
                 if training:
@@ -219,7 +229,10 @@ class _Run:
                     if staleness is None:
                         return
                 try:
+                    t1 = time.perf_counter() if rec.on else 0.0
                     item = self.runtime.lookup(batch, training, index, self.loader.gate)
+                    if rec.on:
+                        rec.forward_client(time.perf_counter() - t1)
                 except BaseException:
                     if training:
                         self.loader.gate.release()
@@ -228,6 +241,8 @@ class _Run:
                 if not self._put(item):
                     item.discard()
                     return
+                if rec.on:
+                    rec.pending_batches(self.queue.qsize())
                 index += 1
         except BaseException as exc:  # handed to the consumer, which raises it
             self._put(exc)

@@ -32,6 +32,8 @@ FLOORS: list[list[str]] = [
         "persia.metrics",
         "persia.service",
         "persia.version",
+        # Prometheus metrics of every role: the only importer of prometheus_client
+        "persia.telemetry",
     ],
     # PERSIA's data types, optimizers, the embedding-layer spec, the YAML loaders (and the old
     # path of the loaders, persia.config)
@@ -233,6 +235,15 @@ def test_the_registry_is_the_only_computed_import_into_persia():
 def test_ray_only_in_the_ray_backend():
     outside = sorted(
         m for m, other in OTHER.items() if "ray" in other and not m.startswith(RAY_UNITS)
+    )
+    assert outside == []
+
+
+def test_prometheus_client_only_in_telemetry():
+    outside = sorted(
+        m
+        for m, other in OTHER.items()
+        if "prometheus_client" in other and not m.startswith("persia.telemetry")
     )
     assert outside == []
 

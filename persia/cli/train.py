@@ -19,7 +19,12 @@ of training rows is known), periodic log lines otherwise, each periodic evaluati
 happens, and a summary at the end. The last line on stdout is one JSON object with test_auc,
 test_logloss, samples_per_s, wall_s, staleness_max, staleness_mean, embedding_rows, backend,
 num_ps, num_nn_workers, persia_version and more. --metrics-file writes the training loss,
-the evaluations and the throughput as JSON lines as they happen."""
+the evaluations and the throughput as JSON lines as they happen; --tensorboard DIR writes them
+as TensorBoard scalars.
+
+Prometheus metrics (docs/metrics.md): --metrics-port serves them for scraping; the job file's
+metrics section (PERSIA's metrics_config: enable_metrics, push_interval_seconds, job_name)
+pushes them to the Pushgateway at $PERSIA_METRICS_GATEWAY_ADDR, from every role."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -57,6 +62,36 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="PATH",
         help="write the training loss and throughput (every training.log_every_batches "
         "batches), each evaluation and the final result to PATH as JSON lines",
+    )
+    p.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="write TensorBoard scalars to DIR: train/loss, train/samples_per_s and "
+        "train/staleness every training.log_every_batches batches, eval/auc and eval/logloss "
+        "per evaluation (needs the tensorboard package)",
+    )
+    g = p.add_argument_group("Prometheus metrics (docs/metrics.md)")
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve this process's metrics at http://HOST:PORT/metrics for Prometheus to scrape",
+    )
+    g.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="address the metrics endpoint binds (default 0.0.0.0)",
+    )
+    g.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="after the job, keep the endpoint up until it is scraped once more (at most S "
+        "seconds), so that Prometheus sees the final values (default 0)",
     )
     add_cluster_options(p)
     p.set_defaults(run=run)
@@ -251,13 +286,33 @@ def run(args: argparse.Namespace) -> int:
         "resume": getattr(args, "resume", None),
         "metrics_file": getattr(args, "metrics_file", None),
     }
-    export = getattr(args, "export", None)
-    if export is not None:
-        from persia.serving import run_and_export
+    tensorboard = getattr(args, "tensorboard", None)
+    if tensorboard is not None:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(
+                f"--tensorboard needs the tensorboard package (pip install tensorboard): {exc}"
+            ) from None
+        options["tensorboard"] = tensorboard
+    from persia import telemetry
 
-        result = run_and_export(job, export, **options)
-    else:
-        result = run_job(job, **options)
+    port = getattr(args, "metrics_port", None)
+    if port is not None:
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"--metrics-port must be a port number (0-65535), got {port}")
+        server = telemetry.serve(port, args.metrics_host)
+        logger.info(f"metrics at http://{args.metrics_host}:{server.port}/metrics")
+    export = getattr(args, "export", None)
+    try:
+        if export is not None:
+            from persia.serving import run_and_export
+
+            result = run_and_export(job, export, **options)
+        else:
+            result = run_job(job, **options)
+    finally:  # the last push, and the endpoint's last scrape
+        telemetry.shutdown(linger_s=getattr(args, "metrics_linger", 0.0) if port else 0.0)
     for line in summary_lines(result):
         logger.info(line)
     sys.stdout.write(dumps(result) + "\n")

@@ -8,11 +8,13 @@ import functools
 import io
 import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from persia import telemetry
 from persia.errors import CheckpointError, PersiaError
 from persia.logger import get_default_logger
 
@@ -133,7 +135,7 @@ class CheckpointService:
             # copies now, so that training may change the model while the thread writes
             model_state = {k: v.detach().clone() for k, v in model_state.items()}
             optimizer_state = copy.deepcopy(optimizer_state)
-        dump = functools.partial(
+        write_checkpoint = functools.partial(
             checkpoint.dump,
             dst,
             store,
@@ -145,6 +147,15 @@ class CheckpointService:
             jit_model=jit_bytes,
             embedding_spec=spec,
         )
+
+        def dump() -> Any:
+            t0 = time.perf_counter()
+            out = write_checkpoint()
+            rec = telemetry.current()
+            if rec.on:
+                rec.checkpoint(time.perf_counter() - t0)
+            return out
+
         if blocking:
             return dump()
         self._dump_error: BaseException | None = None

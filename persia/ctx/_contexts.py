@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from persia import _settings, env
+from persia import _settings, env, telemetry
 from persia.checkpoint.follow import ServingRuntime
 from persia.ctx._checkpoint import CheckpointService
 from persia.ctx._serving import serving_runtime
@@ -81,6 +81,16 @@ class DataCtx(BaseCtx):
 
     def _enter(self) -> None:
         if self._sender is None:
+            from persia.embedding.config import load_global_config
+
+            # PERSIA's metrics_config of $PERSIA_GLOBAL_CONFIG: this loader's own metrics
+            glob = load_global_config(None)
+            index = self._sender_kwargs["replica_index"]
+            telemetry.enable_from_config(
+                glob.common_config.metrics_config,
+                telemetry.LOADER,
+                env.get_replica_index() if index is None else index,
+            )
             try:
                 self._sender = registry.backend("ray").stream_sender(**self._sender_kwargs)
             except ImportError as exc:
@@ -93,6 +103,7 @@ class DataCtx(BaseCtx):
         sender, self._sender = self._sender, None
         if sender is not None:
             sender.close()
+            telemetry.push_now()  # the last push: this loader is done
 
     def send_data(self, data: Any, blocking: bool = True) -> None:
         """Sends one :class:`PersiaBatch` to the next NN worker that asks for one."""
@@ -432,6 +443,9 @@ class TrainCtx(EmbeddingCtx):
                 "needs job_type: Train (serve with persia.ctx.InferCtx)",
                 source=glob.source,
             )
+        # PERSIA's metrics_config: collect (and push to PERSIA_METRICS_GATEWAY_ADDR) before the
+        # runtime is built, so that its roles (and the actors it starts) report
+        telemetry.enable_from_config(glob.common_config.metrics_config, telemetry.NN, self.rank)
         last = last_runtime()
         if last is not None and not last.closed:
             # the previous job's runtime: an error it still holds (a late failure of its applier
@@ -490,6 +504,7 @@ class TrainCtx(EmbeddingCtx):
         if writer is not None:
             self._delta_writer = None
             writer.close()
+        telemetry.push_now()  # the values at the job's end (PERSIA's last push)
 
     def backward(
         self, loss: torch.Tensor, embedding_gradient_check_frequency: int = 20
@@ -520,6 +535,9 @@ class TrainCtx(EmbeddingCtx):
         self.current_batch = None
         if batch.training:
             self.runtime.submit(batch, summed_grad, raw_grads)
+            rec = telemetry.current()
+            if rec.on:
+                rec.trained(batch.batch.batch_size)
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.dense_optimizer)
             self.grad_scaler.update()

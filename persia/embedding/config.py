@@ -46,7 +46,7 @@ is ``(x & key_mask) | index_prefix`` with ``key_mask = 2**(64 - bits) - 1`` (PER
       incremental_dir: /workspace/incremental_dir/  # TrainCtx writes them, InferCtx follows
 
 Every key PERSIA's own configs and docs use is accepted. Keys persia builds on are used; keys of
-features persia has not built (metrics, PERSIA's I/O tuning knobs) are
+features persia has not built (PERSIA's I/O tuning knobs) are
 accepted with a one-time warning when set to something other than PERSIA's default; PERSIA's
 misspellings and old names (``push_interval_sec``, ``slot_config``, ``intent``,
 ``shard_server_config``, ...) are accepted with a warning naming the right key. Anything else
@@ -233,7 +233,10 @@ class CheckpointingConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """``common_config.metrics_config`` (metrics are not built yet: accepted, no effect)."""
+    """``common_config.metrics_config``: with ``enable_metrics`` every role collects Prometheus
+    metrics and, with ``PERSIA_METRICS_GATEWAY_ADDR`` set, pushes them every
+    ``push_interval_seconds`` seconds under ``job_name`` (:mod:`persia.telemetry`,
+    docs/metrics.md)."""
 
     enable_metrics: bool = False
     push_interval_seconds: int = 10
@@ -491,9 +494,26 @@ def parse_embedding_config(data: object, source: str | None = None) -> Embedding
 # global_config.yml
 # --------------------------------------------------------------------------------------------
 
-_METRICS_WHY = "metrics are not built yet"
 _INCREMENTAL_WHY = "persia writes deltas without a channel between threads"
 _TUNING_WHY = "a knob of PERSIA's own server internals; persia has no equivalent"
+
+
+def parse_metrics_config(r: Problems, raw: object, path: str) -> MetricsConfig:
+    """PERSIA's ``metrics_config`` (``global_config.yml``'s, or a job file's ``metrics``):
+    ``enable_metrics``, ``push_interval_seconds`` (old name ``push_interval_sec``, accepted with
+    a warning) and ``job_name``; problems go to ``r``."""
+    m = r.mapping(raw, path) or {}
+    m = r.keys(
+        m,
+        path,
+        ("enable_metrics", "push_interval_seconds", "job_name"),
+        renamed={"push_interval_sec": "push_interval_seconds"},
+    )
+    return MetricsConfig(
+        enable_metrics=r.bool_(m, "enable_metrics", path, False),
+        push_interval_seconds=r.int_(m, "push_interval_seconds", path, 10),
+        job_name=r.str_(m, "job_name", path, "persia_default_jobname"),
+    )
 
 
 def _parse_common(r: Problems, raw: object) -> CommonConfig:
@@ -520,21 +540,7 @@ def _parse_common(r: Problems, raw: object) -> CommonConfig:
     workers = r.int_(c, "num_workers", cpath, 4)
     r.no_effect(c, "num_workers", cpath, workers, 4, "checkpoints are written by one thread")
 
-    mpath = join(path, "metrics_config")
-    m = r.mapping(d.get("metrics_config"), mpath) or {}
-    m = r.keys(
-        m,
-        mpath,
-        ("enable_metrics", "push_interval_seconds", "job_name"),
-        renamed={"push_interval_sec": "push_interval_seconds"},
-    )
-    metrics = MetricsConfig(
-        enable_metrics=r.bool_(m, "enable_metrics", mpath, False),
-        push_interval_seconds=r.int_(m, "push_interval_seconds", mpath, 10),
-        job_name=r.str_(m, "job_name", mpath, "persia_default_jobname"),
-    )
-    for key, default in vars(MetricsConfig()).items():
-        r.no_effect(m, key, mpath, getattr(metrics, key), default, _METRICS_WHY)
+    metrics = parse_metrics_config(r, d.get("metrics_config"), join(path, "metrics_config"))
 
     infer = None
     if "infer_config" in d:

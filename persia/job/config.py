@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from persia.embedding._problems import MISSING, Problems, is_number
+from persia.embedding.config import MetricsConfig, parse_metrics_config
 from persia.embedding.spec import (
     EMBEDDING_OPTIMIZERS,
     POOLINGS,
@@ -192,6 +193,8 @@ class JobConfig:
     model: ModelSpec
     training: TrainingSpec
     source: str | None = field(default=None, compare=False)
+    #: PERSIA's ``metrics_config`` (the ``metrics`` section): Prometheus metrics, docs/metrics.md
+    metrics: MetricsConfig = MetricsConfig()
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,16 +601,19 @@ def parse_job(
         ConfigError: listing every problem of the file.
     """
     c = Problems(positive_int="an int >= 1", null_is_absent=True)
-    top = c.section(raw, "<top level>", ("data", "embedding", "model", "training"))
+    top = c.section(raw, "<top level>", ("data", "embedding", "model", "training", "metrics"))
     if raw is not None and not isinstance(raw, Mapping):
         raise ConfigError(c.problems, source=source)
     data = _data(c, top.get("data", MISSING), Path(base_dir))
     embedding = _embedding(c, top.get("embedding"), data)
     model = _model(c, top.get("model"))
     training = _training(c, top.get("training"))
+    metrics = MetricsConfig()
+    if top.get("metrics") is not None:
+        metrics = parse_metrics_config(c, top.get("metrics"), "metrics")
     if c.problems or data is None or embedding is None:
         raise ConfigError(c.problems or ["data: missing"], source=source)
-    return JobConfig(data, embedding, model, training, source)
+    return JobConfig(data, embedding, model, training, source, metrics)
 
 
 def _parse_value(text: str) -> Any:

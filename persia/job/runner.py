@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import persia
-from persia import env
+from persia import env, telemetry
 from persia.ctx import TrainCtx
 from persia.data import DataLoader, IterableDataset
 from persia.embedding import EmbeddingConfig
@@ -69,7 +69,11 @@ def embedding_configs(
     spec = job.embedding
     if incremental_dir is not None:
         spec = replace(spec, incremental=True, incremental_dir=incremental_dir)
-    return persia_configs(spec, source=job.source)
+    emb_file, global_file = persia_configs(spec, source=job.source)
+    if job.metrics.enable_metrics:  # the job file's metrics section is PERSIA's metrics_config
+        common = replace(global_file.common_config, metrics_config=job.metrics)
+        global_file = replace(global_file, common_config=common)
+    return emb_file, global_file
 
 
 def embedding_optimizer(job: JobConfig) -> EmbeddingOptimizer:
@@ -336,6 +340,7 @@ class _Progress:
         *,
         metrics_file: str | Path | None = None,
         worker: str = "",
+        tensorboard: str | Path | None = None,
     ) -> None:
         if mode == "auto":
             mode = "bar" if stream.isatty() else "log"
@@ -348,6 +353,13 @@ class _Progress:
         self.samples = 0
         self.loss_sum = 0.0
         self.loss_n = 0
+        self.stale_sum = 0
+        self.stale_n = 0
+        self.tb: Any = None
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(tensorboard))
 
     def begin(self, initial: int = 0) -> None:
         """Training starts now (the clock of :attr:`train_s`), ``initial`` samples already
@@ -392,6 +404,9 @@ class _Progress:
         self.samples += size
         self.loss_sum += loss
         self.loss_n += 1
+        if staleness is not None:
+            self.stale_sum += staleness
+            self.stale_n += 1
         if self.bar is not None:
             self.bar.update(size)
             if batches % 10 == 0:
@@ -402,6 +417,17 @@ class _Progress:
             return
         rate = self.rate()
         mean_loss = self.loss_sum / self.loss_n
+        rec = telemetry.current()
+        if rec.on:
+            rec.progress(rate, mean_loss)
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", mean_loss, batches)
+            if rate is not None:
+                self.tb.add_scalar("train/samples_per_s", rate, batches)
+            if self.stale_n:
+                self.tb.add_scalar("train/staleness", self.stale_sum / self.stale_n, batches)
+            self.tb.flush()
+        self.stale_sum, self.stale_n = 0, 0
         if self.bar is None and self.mode == "log":
             shown = "n/a" if rate is None else f"{rate:,.0f}"
             _logger.info(
@@ -433,6 +459,17 @@ class _Progress:
             always=True,
         )
         self.record({"event": "eval", "batch": batches, "samples": samples, **result})
+        self.scalars(batches, result)
+
+    def scalars(self, batches: int, result: dict[str, Any]) -> None:
+        """An evaluation's AUC and log loss as metrics and TensorBoard scalars."""
+        telemetry.current().test_auc(result.get("test_auc"))
+        if self.tb is not None:
+            for key, tag in (("test_auc", "eval/auc"), ("test_logloss", "eval/logloss")):
+                value = result.get(key)
+                if value is not None and math.isfinite(value):
+                    self.tb.add_scalar(tag, value, batches)
+            self.tb.flush()
 
     def record(self, entry: dict[str, Any]) -> None:
         """One JSON line to the metrics file, if there is one."""
@@ -455,6 +492,12 @@ class _Progress:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+
+    def close_tensorboard(self) -> None:
+        """Closes the TensorBoard writer (after the final evaluation's scalars)."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 def _total_samples(reader: JobReader, job: JobConfig, stream: Any, world: int) -> int | None:
@@ -599,6 +642,7 @@ def run_job(
     on_trained: Callable[[TrainCtx, JobConfig, Any], Any] | None = None,
     export: Any = None,
     metrics_file: str | Path | None = None,
+    tensorboard: str | Path | None = None,
 ) -> dict[str, Any]:
     """Trains and tests the job; returns the result (what ``persia train`` prints as JSON).
 
@@ -613,7 +657,8 @@ def run_job(
     the data position saved with it. ``on_trained(ctx, job, reader_stats)`` runs at the end of
     training, once (on rank 0 between barriers with several NN workers): the serving export
     (:func:`persia.serving.run_and_export`) is such a hook. ``metrics_file`` gets the loss,
-    throughput, evaluations and result as JSON lines (see :func:`train_loop`).
+    throughput, evaluations and result as JSON lines, and ``tensorboard`` (a folder) the loss,
+    samples/s, staleness and evaluations as TensorBoard scalars (see :func:`train_loop`).
 
     Raises:
         ConfigError: a setting that only shows up when the job is built (model arguments, ...).
@@ -631,6 +676,8 @@ def run_job(
     options: dict[str, Any] = {"stderr": stderr, "resume": resume, "on_trained": on_trained}
     if metrics_file is not None:
         options["metrics_file"] = str(metrics_file)
+    if tensorboard is not None:
+        options["tensorboard"] = str(tensorboard)
     if cluster is not None:
         options["cluster"] = cluster
     return registry.backend(t.backend).run_job(train_loop, job, **options)
@@ -647,6 +694,7 @@ def train_loop(
     on_data_end: Callable[[], None] | None = None,
     incremental_dir: str | None = None,
     metrics_file: str | Path | None = None,
+    tensorboard: str | Path | None = None,
 ) -> dict[str, Any]:
     """The training loop of one NN worker, as a plain function that a backend calls.
 
@@ -663,6 +711,10 @@ def train_loop(
         incremental_dir: where the parameter servers' incremental deltas go (recovery).
         metrics_file: a file that gets one JSON line per log interval (loss, throughput), per
             periodic evaluation and the final result (written by rank 0 only).
+        tensorboard: a folder that gets TensorBoard scalars (rank 0 only): ``train/loss``,
+            ``train/samples_per_s`` and ``train/staleness`` (the interval's mean) every
+            ``log_every_batches`` batches, ``eval/auc`` and ``eval/logloss`` per evaluation
+            (periodic and final).
 
     Raises:
         BatchError: no training batch was read (and the job is not resumed), or data that
@@ -697,6 +749,7 @@ def train_loop(
         stderr or sys.stderr,
         metrics_file=metrics_file if env.get_rank() == 0 else None,
         worker=f"NN worker {env.get_rank()}: " if world > 1 else "",
+        tensorboard=tensorboard if env.get_rank() == 0 else None,
     )
     pauses = _Pauses([t.eval_every_batches if job.data.test else 0, t.checkpoint_every_batches])
     evals: list[dict[str, Any]] = []
@@ -782,6 +835,7 @@ def train_loop(
                 final = evaluate(
                     ctx, reader, job.data.test, t.eval_batch_size, t.eval_max_samples, logits
                 )
+                progress.scalars(batches, final)
             if t.checkpoint_dir:
                 _dump(ctx, job, dataset.last)
             if on_trained is not None:
@@ -797,6 +851,7 @@ def train_loop(
     finally:
         pauses.close()
         progress.close()
+        progress.close_tensorboard()
     if skipped:
         _logger.warning(
             f"skipped {skipped} training batch(es) of one sample: model {job.model.type!r} "

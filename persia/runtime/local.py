@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from persia import telemetry
 from persia.embedding import EmbeddingConfig
 from persia.embedding.config import EmbeddingFileConfig, GlobalConfig, load_spec
 from persia.embedding.optim import EmbeddingOptimizer
@@ -37,6 +38,8 @@ def runtime_from_spec(spec: EmbeddingSpec, backward_buffer_size: int = 10) -> Ru
     The store has ``spec.shards`` shards holding ``spec.capacity`` rows in all.
     """
     store = build_store(spec)
+    # the shards' rows, evictions, misses, ... are read when the metrics are collected
+    telemetry.watch_shards(store, lambda st: [(i, s.stats()) for i, s in enumerate(st.shards)])
     worker = EmbeddingWorker.from_spec(spec, local_parameter_servers(store))
     return Runtime(worker, store, backward_buffer_size=backward_buffer_size, spec=spec)
 

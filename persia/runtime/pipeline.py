@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from persia import telemetry
 from persia.embedding.data import PersiaBatch
 from persia.embedding.spec import EmbeddingSpec
 from persia.errors import BackendError, PersiaError
@@ -204,7 +206,11 @@ class Runtime:
             item, summed_grad, raw_grads = job
             try:
                 if self._error is None:
+                    rec = telemetry.current()
+                    t0 = time.perf_counter() if rec.on else 0.0
                     counts = self.worker.backward(item.lookup, summed_grad, raw_grads)
+                    if rec.on:
+                        rec.backward_client(time.perf_counter() - t0)
                     self.counts += counts
                     self.batches_applied += 1
             except BaseException as exc:  # surfaced in the NN worker's thread

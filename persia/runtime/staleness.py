@@ -16,6 +16,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
+from persia import telemetry
 from persia.errors import PersiaError
 
 _POLL_S = 0.05
@@ -75,7 +76,11 @@ class StalenessGate:
             staleness = self._started - self._finished
             self._started += 1
             self._hist[staleness] += 1
-            self._max_in_flight = max(self._max_in_flight, self._started - self._finished)
+            in_flight = self._started - self._finished
+            self._max_in_flight = max(self._max_in_flight, in_flight)
+        rec = telemetry.current()
+        if rec.on:
+            rec.staleness_taken(staleness, in_flight)
         return staleness
 
     def release(self) -> None:
@@ -84,7 +89,11 @@ class StalenessGate:
             if self._finished >= self._started:
                 raise PersiaError("staleness gate released more often than acquired")
             self._finished += 1
+            in_flight = self._started - self._finished
         self._sem.release()
+        rec = telemetry.current()
+        if rec.on:
+            rec.staleness_returned(in_flight)
 
     @property
     def in_flight(self) -> int:

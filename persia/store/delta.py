@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from persia import telemetry
 from persia.errors import CheckpointError, StoreError
 from persia.store.checkpoint import list_generations, read_generation, write_generation
 
@@ -150,6 +151,8 @@ class DeltaWriter:
         """Turn change tracking on and start the flushing thread (if a trigger is set)."""
         self._track()
         self._since = time.time()
+        # the metrics' persia_delta_lag_seconds: how old the oldest change not in a delta is
+        telemetry.watch_delta_lag(self, lambda w: time.time() - w._since)
         if (self.interval_s is not None or self.max_rows is not None) and self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="persia-delta", daemon=True)
@@ -230,6 +233,9 @@ class DeltaWriter:
             self._resets_seen = resets
             info = DeltaInfo(seq, rows, path, first, now)
             self.written.append(info)
+            rec = telemetry.current()
+            if rec.on:
+                rec.delta_written(rows)
             return info
 
     def close(self) -> DeltaInfo | None:
@@ -242,6 +248,7 @@ class DeltaWriter:
         info = self.flush()
         for shard in self.store.shards:
             shard.track_changes(False)
+        telemetry.unwatch(self)
         return info
 
 
@@ -373,4 +380,8 @@ class DeltaReader:
             flushed = meta.get("flushed_unix_s")
             self.last_flushed_unix_s = float(flushed) if isinstance(flushed, (int, float)) else None
             applied.append(int(seq))
+            rec = telemetry.current()
+            if rec.on:  # PERSIA's inc_update_delay_sec: written -> loaded
+                written = self.last_flushed_unix_s
+                rec.delta_applied(None if written is None else max(0.0, time.time() - written))
         return applied

@@ -20,11 +20,13 @@ release the GIL, so different shards run in parallel on different threads.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from persia import telemetry
 from persia.errors import StoreError
 from persia.store.config import Admission, Init, Uniform
 from persia.store.kernels import table as K
@@ -94,6 +96,8 @@ class Shard:
         self.admission = admission if admission is not None else Admission()
         self.seed = seed
         self.weight_bound = weight_bound
+        #: this shard's index among its store's (the ``replica`` label of its metrics)
+        self.replica = 0
         self._lock = threading.Lock()
         self._tables: dict[int, EmbeddingTable] = {}
         self._absent_no_table = 0
@@ -176,6 +180,22 @@ class Shard:
         A training lookup refreshes the recency of found keys and creates admitted missing ones;
         an evaluation lookup changes nothing.
         """
+        rec = telemetry.current()
+        if not rec.on:
+            return self._lookup(keys, dim, training)
+        t0 = time.perf_counter()
+        misses = self._misses()
+        out = self._lookup(keys, dim, training)
+        rec.shard_lookup(self.replica, time.perf_counter() - t0, len(out), self._misses() - misses)
+        return out
+
+    def _misses(self) -> int:
+        """Keys missed so far (read without the lock: for the metrics' miss ratio)."""
+        return self._misses_no_table + sum(
+            int(t.meta[K.M_MISSES]) for t in list(self._tables.values())
+        )
+
+    def _lookup(self, keys: Any, dim: int, training: bool) -> np.ndarray:
         keys = check_keys(keys)
         dim = check_positive_int(dim, "dim")
         n = keys.shape[0]
@@ -211,6 +231,15 @@ class Shard:
         Returns:
             int64 ``[applied, skipped_absent, skipped_nonfinite]``.
         """
+        rec = telemetry.current()
+        if not rec.on:
+            return self._apply_gradients(keys, grads)
+        t0 = time.perf_counter()
+        out = self._apply_gradients(keys, grads)
+        rec.shard_apply(self.replica, time.perf_counter() - t0)
+        return out
+
+    def _apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
         keys = check_keys(keys)
         n = keys.shape[0]
         if not isinstance(grads, np.ndarray) or grads.ndim != 2:

@@ -62,7 +62,7 @@ class ShardedStore:
 
     def _new_shards(self, n: int) -> list[Shard]:
         per = per_shard_capacity(self.capacity, n)
-        return [
+        shards = [
             Shard(
                 per,
                 self.optimizer,
@@ -74,6 +74,9 @@ class ShardedStore:
             )
             for _ in range(n)
         ]
+        for i, shard in enumerate(shards):
+            shard.replica = i
+        return shards
 
     def shard_of(self, keys: Any) -> np.ndarray:
         """The shard index (int32) of every key."""

@@ -17,11 +17,14 @@ The worker is stateless between batches: what backward needs travels in :class:`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from persia import telemetry
 from persia.embedding.data import PersiaBatch
 from persia.embedding.spec import POOLINGS, EmbeddingSpec, SlotSpec
 from persia.errors import BatchError
@@ -95,6 +98,8 @@ class EmbeddingWorker:
         # of a pooling call per slot. Same results; False forces the per-slot path.
         self.one_hot_fast_path = True
         self.nonfinite_gradients = 0  # unique keys whose gradient had a NaN or infinity
+        self._rpc_s = 0.0  # shard lookup calls of the current batch (metrics on)
+        self._features: tuple[Any, Any] = (None, None)  # (recorder, its FeatureStats)
 
     @classmethod
     def from_spec(cls, spec: EmbeddingSpec, servers: ParameterServerClient) -> EmbeddingWorker:
@@ -104,6 +109,25 @@ class EmbeddingWorker:
     # ------------------------------------------------------------------ forward
     def forward(self, batch: PersiaBatch, training: bool) -> Lookup:
         """Looks up and pools the embeddings of every ID feature of ``batch``."""
+        rec = telemetry.current()
+        if not rec.on:
+            return self._forward(batch, training, None)
+        t0 = time.perf_counter()
+        self._rpc_s = 0.0
+        out = self._forward(batch, training, rec)
+        keys = sum(len(g.inverse) for g in out.groups)
+        uniques = sum(len(g.uniques) for g in out.groups)
+        rec.lookup(time.perf_counter() - t0, self._rpc_s, keys, uniques)
+        return out
+
+    def _feature_stats(self, rec: Any) -> Any:
+        """The recorder's per-feature statistics of this worker's slots (by key prefix)."""
+        if self._features[0] is not rec:
+            names = {s.prefix: s.group or s.name for s in self.slots.values()}
+            self._features = (rec, rec.feature_stats(self.prefix_bits, names))
+        return self._features[1]
+
+    def _forward(self, batch: PersiaBatch, training: bool, rec: Any) -> Lookup:
         n = batch.batch_size
         groups: dict[int, _DimGroup] = {}
         keys_by_dim: dict[int, list[np.ndarray]] = {}
@@ -141,6 +165,14 @@ class EmbeddingWorker:
             deduper = self._dedupers.setdefault(dim, pooling.Deduper())
             uniques, inverse = deduper.unique_inverse(keys)
             group.uniques, group.inverse = uniques, inverse
+            if rec is not None:
+                stats = self._feature_stats(rec)
+                if stats is not None:
+                    ids: dict[int, int] = {}
+                    for part in group.parts:
+                        p = part.spec.prefix
+                        ids[p] = ids.get(p, 0) + part.stop - part.start
+                    stats.observe(uniques, ids)
             rows = self._gather(group, uniques, training)
             group.one_hot = self.one_hot_fast_path and _spans_summed(group, n, column)
             if group.one_hot:
@@ -185,15 +217,19 @@ class EmbeddingWorker:
 
     def _gather(self, group: _DimGroup, uniques: np.ndarray, training: bool) -> np.ndarray:
         rows = np.empty((len(uniques), group.dim), dtype=np.float32)
+        timed = telemetry.current().on
+        t0 = time.perf_counter() if timed else 0.0
         if self.servers.num_shards == 1:
             group.shard = np.zeros(len(uniques), dtype=np.int32)
             rows[:] = self.servers.lookup(0, uniques, group.dim, training)
-            return rows
-        group.shard = self.servers.shard_of(uniques)
-        for s in range(self.servers.num_shards):
-            sel = np.flatnonzero(group.shard == s)
-            if len(sel):
-                rows[sel] = self.servers.lookup(s, uniques[sel], group.dim, training)
+        else:
+            group.shard = self.servers.shard_of(uniques)
+            for s in range(self.servers.num_shards):
+                sel = np.flatnonzero(group.shard == s)
+                if len(sel):
+                    rows[sel] = self.servers.lookup(s, uniques[sel], group.dim, training)
+        if timed:
+            self._rpc_s += time.perf_counter() - t0
         return rows
 
     # ----------------------------------------------------------------- backward
@@ -210,6 +246,29 @@ class EmbeddingWorker:
         Returns:
             int64 counts ``[applied, skipped_absent, skipped_nonfinite]`` over all shards.
         """
+        rec = telemetry.current()
+        if not rec.on:
+            return self._backward(lookup, summed_grad, raw_grads, None)
+        t0 = time.perf_counter()
+        out = self._backward(lookup, summed_grad, raw_grads, rec)
+        rec.apply(time.perf_counter() - t0)
+        return out
+
+    def _nonfinite(self, rec: Any, group: _DimGroup, bad: np.ndarray) -> None:
+        """Reports the features whose gradient had a non-finite row (PERSIA's ``nan_count``)."""
+        if self.prefix_bits <= 0:
+            return
+        prefixes = np.unique(group.uniques[bad] >> np.uint64(64 - self.prefix_bits))
+        names = {s.prefix: s.group or s.name for s in self.slots.values()}
+        rec.nonfinite(sorted({names[int(p)] for p in prefixes if int(p) in names}))
+
+    def _backward(
+        self,
+        lookup: Lookup,
+        summed_grad: np.ndarray | None,
+        raw_grads: dict[int, np.ndarray],
+        rec: Any,
+    ) -> np.ndarray:
         totals = np.zeros(3, dtype=np.int64)
         for group in lookup.groups:
             grad_u = np.zeros((len(group.uniques), group.dim), dtype=np.float32)
@@ -225,8 +284,10 @@ class EmbeddingWorker:
                     "sum",
                     out=grad_u,
                 )
-                _, bad = pooling.nonfinite_rows(grad_u)
+                mask, bad = pooling.nonfinite_rows(grad_u)
                 self.nonfinite_gradients += bad
+                if bad and rec is not None:
+                    self._nonfinite(rec, group, mask)
                 totals += self._apply(group, grad_u)
                 continue
             touched = False
@@ -253,8 +314,10 @@ class EmbeddingWorker:
                 touched = True
             if not touched:
                 continue
-            _, bad = pooling.nonfinite_rows(grad_u)
+            mask, bad = pooling.nonfinite_rows(grad_u)
             self.nonfinite_gradients += bad
+            if bad and rec is not None:
+                self._nonfinite(rec, group, mask)
             totals += self._apply(group, grad_u)
         return totals
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from persia import _settings
+from persia import _settings, telemetry
 from persia.backends.ray.config import TRANSPORTS, ClusterConfig, RoleSpec
 from persia.backends.ray.naming import namespace, ps_actor_name
 from persia.embedding.spec import EmbeddingSpec
@@ -119,7 +119,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 def _forwarded_env() -> dict[str, str]:
     """The variables every actor gets from the driver (numba cache, deep checks)."""
     _settings.ensure_numba_cache_dir()
-    names = (_settings.NUMBA_CACHE_DIR, _settings.PERSIA_DEEP_CHECKS, _settings.OMP_WAIT_POLICY)
+    names = (
+        _settings.NUMBA_CACHE_DIR,
+        _settings.PERSIA_DEEP_CHECKS,
+        _settings.OMP_WAIT_POLICY,
+        _settings.PERSIA_METRICS_GATEWAY_ADDR,  # NN-worker actors push where the driver does
+    )
     return _settings.env_values(names)
 
 
@@ -169,6 +174,8 @@ class ParameterServer:
         security: the channel's mechanism, ``"curve"`` or ``"null"`` (:mod:`persia.rpc.security`).
         shard: the shard to serve (default: a new :class:`persia.store.Shard` of
             ``shard_kwargs``; the inference-mode servers give their read-only one).
+        metrics: where to push this actor's metrics (:func:`persia.telemetry.settings` of the
+            driver; None: metrics off here).
     """
 
     def __init__(
@@ -180,6 +187,7 @@ class ParameterServer:
         port: int | None = None,
         security: str = "curve",
         shard: Any = None,
+        metrics: dict[str, Any] | None = None,
     ) -> None:
         from persia._settings import ensure_numba_cache_dir
 
@@ -187,8 +195,13 @@ class ParameterServer:
         from persia.store import Shard
 
         self.rank = rank
+        if metrics is not None:
+            telemetry.configure(telemetry.PS, rank, push=metrics)
+        # this shard's rows, evictions, misses, ... are read when the metrics are collected
+        telemetry.watch_shards(self, lambda ps: [(ps.rank, ps.shard.stats())])
         self._kwargs = dict(shard_kwargs)
         self.shard = Shard(**self._kwargs) if shard is None else shard
+        self.shard.replica = rank
         self._server = None
         if bind_host is not None:
             from persia.rpc.zmq_transport import ZmqServer
@@ -224,6 +237,10 @@ class ParameterServer:
     def ping(self) -> int:
         return self.rank
 
+    def flush_metrics(self) -> bool | None:
+        """Pushes this actor's metrics now (None: it does not push)."""
+        return telemetry.push_now()
+
     def lookup(self, keys: np.ndarray, dim: int, training: bool) -> np.ndarray:
         return self.shard.lookup(keys, dim, training)
 
@@ -248,6 +265,7 @@ class ParameterServer:
         if optimizer is not None:
             kwargs["optimizer"] = EmbeddingOptimizer.from_dict(optimizer)
         fresh = Shard(**kwargs)
+        fresh.replica = self.rank
         for dim, part in parts.items():
             fresh.import_rows(dim, part["keys"], part["values"], part["state"])
         self.shard = fresh
@@ -275,11 +293,13 @@ class ParameterServer:
         from persia.store import Shard
 
         self.shard = Shard(**self._kwargs)
+        self.shard.replica = self.rank
 
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
+        telemetry.shutdown()  # the last push
 
 
 def start_parameter_servers(
@@ -299,9 +319,10 @@ def start_parameter_servers(
         options["max_concurrency"] = 4
     actor_cls = ray.remote(ParameterServer)
     bind = _bind_host(cluster) if cluster.transport == "zmq" else None
+    metrics = telemetry.settings()  # each actor pushes its own, where this process does
     actors: list[Any] = [
         actor_cls.options(name=ps_actor_name(job, i), namespace=namespace(), **options).remote(
-            i, shard_kwargs, bind, security=cluster.channel_security
+            i, shard_kwargs, bind, security=cluster.channel_security, metrics=metrics
         )
         for i in range(first_rank, first_rank + n)
     ]
@@ -500,11 +521,28 @@ class RayStore(_sharded_store_base()):  # type: ignore[misc]
         import ray
 
         self._owned = False
+        flush_actor_metrics(self.actors, PARAMETER_SERVER)
         for a in self.actors:
             try:
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+
+
+def flush_actor_metrics(actors: list[Any], role: str, timeout_s: float = 10.0) -> None:
+    """Has each actor push its metrics a last time before it is stopped (when this process
+    pushes; failures are only logged: the job's result does not depend on them)."""
+    if telemetry.settings() is None:
+        return
+    import ray
+
+    refs = [a.flush_metrics.remote() for a in actors]
+    try:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - a dead actor has nothing left to push
+        from persia.logger import get_default_logger
+
+        get_default_logger().warning(f"persia metrics: last push of the {role} actors: {exc}")
 
 
 def _liveness(roles: dict[str, list[Any]]) -> Any:

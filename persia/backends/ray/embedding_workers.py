@@ -116,6 +116,7 @@ class EmbeddingWorkerActor:
         cluster: transport and timeout of the parameter-server calls.
         bind_host: where this worker's ZeroMQ socket binds (``"node"``: the node's Ray address).
         context_ttl_s: how long a training batch's backward context waits for its gradients.
+        metrics: where to push this actor's metrics (None: metrics off here).
     """
 
     def __init__(
@@ -127,10 +128,15 @@ class EmbeddingWorkerActor:
         cluster: ClusterConfig,
         bind_host: str,
         context_ttl_s: float,
+        metrics: dict[str, Any] | None = None,
     ) -> None:
         from persia._settings import ensure_numba_cache_dir
 
         ensure_numba_cache_dir()
+        if metrics is not None:
+            from persia import telemetry
+
+            telemetry.configure(telemetry.EW, rank, push=metrics)
         from persia.backends.ray.backend import parameter_server_client
 
         self.rank = rank
@@ -166,6 +172,12 @@ class EmbeddingWorkerActor:
         """What a client of the job needs (address and, with CURVE, keys; only as this
         call's reply over Ray)."""
         return self._access
+
+    def flush_metrics(self) -> bool | None:
+        """Pushes this actor's metrics now (None: it does not push)."""
+        from persia import telemetry
+
+        return telemetry.push_now()
 
     def ping(self) -> int:
         return self.rank
@@ -240,6 +252,9 @@ class EmbeddingWorkerActor:
         self._security.stop()
         self._ctx.term()
         self.client.transport.close()
+        from persia import telemetry
+
+        telemetry.shutdown()  # the last push
 
 
 def start_embedding_workers(
@@ -264,9 +279,12 @@ def start_embedding_workers(
     timeout = cluster.resolved_timeout_s()
     actor_cls = ray.remote(EmbeddingWorkerActor)
     bind = _bind_host(cluster)
+    from persia import telemetry
+
+    metrics = telemetry.settings()  # each actor pushes its own, where this process does
     actors: list[Any] = [
         actor_cls.options(name=ew_actor_name(job, r), namespace=namespace(), **options).remote(
-            r, list(slots), prefix_bits, ps_actors, cluster, bind, max(2 * timeout, 60.0)
+            r, list(slots), prefix_bits, ps_actors, cluster, bind, max(2 * timeout, 60.0), metrics
         )
         for r in range(n)
     ]
@@ -302,9 +320,12 @@ def attach_embedding_workers(job: str, n: int, timeout_s: float) -> list[Any]:
 
 
 def stop_embedding_workers(actors: list[Any]) -> None:
-    """Kills the actors (already dead ones are skipped)."""
+    """Kills the actors (already dead ones are skipped), after their last metrics push."""
     import ray
 
+    from persia.backends.ray.backend import flush_actor_metrics
+
+    flush_actor_metrics(actors, EMBEDDING_WORKER)
     for a in actors:
         try:
             ray.kill(a)

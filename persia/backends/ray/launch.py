@@ -104,6 +104,11 @@ class LaunchedParameterServer(ParameterServer):
         self.replicas = replicas
         self._configured = False
         self._configs = configs
+        glob = configs[1] if configs is not None else None
+        if glob is not None:  # PERSIA's metrics_config of the server's global_config.yml
+            from persia import telemetry
+
+            telemetry.enable_from_config(glob.common_config.metrics_config, telemetry.PS, rank)
 
     def job_configs(self) -> tuple[Any, Any] | None:
         """(EmbeddingFileConfig, GlobalConfig) this server was started with, or None."""
@@ -122,6 +127,7 @@ class LaunchedParameterServer(ParameterServer):
             return False
         self._kwargs = dict(shard_kwargs)
         self.shard = Shard(**self._kwargs)
+        self.shard.replica = self.rank
         self._configured = True
         return True
 

@@ -126,13 +126,24 @@ class DataLoaderActor:
         world: the number of NN workers.
         bind_host: the address its ZeroMQ socket binds (None: the node's Ray address).
         security: its channel's mechanism (``ClusterConfig.channel_security``).
+        metrics: where to push this actor's metrics (None: metrics off here).
     """
 
     def __init__(
-        self, index: int, size: int, world: int, bind_host: str | None, security: str = "curve"
+        self,
+        index: int,
+        size: int,
+        world: int,
+        bind_host: str | None,
+        security: str = "curve",
+        metrics: dict[str, Any] | None = None,
     ) -> None:
         self.index, self.size, self.world, self.bind_host = index, size, world, bind_host
         self.security = security
+        if metrics is not None:
+            from persia import telemetry
+
+            telemetry.configure(telemetry.LOADER, index, push=metrics)
 
     def run(self, job: Any, job_name: str, timeout_s: float) -> int:
         """Sends this loader's batches to their NN workers (module doc); returns how many it
@@ -163,6 +174,9 @@ class DataLoaderActor:
         finally:
             for sender in senders.values():
                 sender.close()
+            from persia import telemetry
+
+            telemetry.push_now()  # the last push: the loader is done
         return sum(sender.sent for sender in senders.values())
 
 
@@ -184,6 +198,9 @@ def start_data_loaders(job: Any, cluster: Any, job_name: str) -> list[tuple[Any,
     if cluster.loader_resources:
         options["resources"] = dict(cluster.loader_resources)
     actor_cls: Any = ray.remote(DataLoaderActor)
+    from persia import telemetry
+
+    metrics = telemetry.settings()  # each actor pushes its own, where this process does
     # the stream's read side waits longer than the slowest training step; the job's timeout
     # bounds how long a loader waits for its NN worker to ask for the next batch
     timeout_s = max(cluster.resolved_timeout_s(), 600.0)
@@ -191,7 +208,7 @@ def start_data_loaders(job: Any, cluster: Any, job_name: str) -> list[tuple[Any,
     for d in range(size):
         actor = actor_cls.options(
             name=loader_actor_name(job_name, d), namespace=namespace(), **options
-        ).remote(d, size, world, bind_host, cluster.channel_security)
+        ).remote(d, size, world, bind_host, cluster.channel_security, metrics)
         out.append((actor, actor.run.remote(job, job_name, timeout_s)))
     return out
 

@@ -381,6 +381,9 @@ class ShardRecovery:
                 "lost_update_window_s": lost,
             }
         )
+        from persia import telemetry
+
+        telemetry.current().recovery(1)
 
 
 class RecoveringTransport(Transport):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from persia import _settings, env
+from persia import _settings, env, telemetry
 from persia.backends.ray.naming import namespace, stream_actor_name
 from persia.embedding.data import PersiaBatch
 from persia.errors import BackendError, ConfigError
@@ -176,7 +176,11 @@ class StreamSender:
         arrays = batch.to_arrays()
         names = list(arrays)
         frames = encode({"op": "batch", "names": names}, [arrays[n] for n in names])
+        rec = telemetry.current()
+        t0 = time.perf_counter() if rec.on else 0.0
         ident = self._next_request(self.timeout_s)
+        if rec.on:  # the wait for an NN worker to ask
+            rec.loader_batch(batch.batch_size, time.perf_counter() - t0)
         if ident is None:
             raise BackendError(
                 f"no NN worker asked for a batch within {self.timeout_s:g} s",
