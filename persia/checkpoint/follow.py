@@ -516,6 +516,9 @@ class ServingRuntime:
         """None: no shard recovery."""
         return None
 
+    def push_metrics(self) -> None:
+        """Nothing to do: the shards are in this process, whose own push reports them."""
+
     def close(self) -> None:
         """Stops following and refuses further lookups (idempotent)."""
         self._closed = True

@@ -504,6 +504,10 @@ class TrainCtx(EmbeddingCtx):
         if writer is not None:
             self._delta_writer = None
             writer.close()
+        if self._runtime is not None:
+            # the actors of the Ray backend push theirs too: they may outlive this process's
+            # last push only to be killed with it, before their next periodic push
+            self._runtime.push_metrics()
         telemetry.push_now()  # the values at the job's end (PERSIA's last push)
 
     def backward(

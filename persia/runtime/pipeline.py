@@ -131,6 +131,12 @@ class RuntimeProtocol(Protocol):
         """What shard recovery did (None: no recovery)."""
         ...
 
+    def push_metrics(self) -> None:
+        """Has the roles this runtime runs in other processes (the Ray backend's actors) push
+        their metrics now, and waits for them: the training context calls it when the job ends,
+        beside this process's own last push (:mod:`persia.telemetry`)."""
+        ...
+
 
 class Runtime:
     """Store, worker and applier thread of one job in this process (a
@@ -252,6 +258,10 @@ class Runtime:
     def recovery_report(self) -> dict[str, Any] | None:
         """None: this backend has no shard recovery."""
         return None
+
+    def push_metrics(self) -> None:
+        """Nothing to do: every role of this runtime is in this process, whose own push
+        reports them."""
 
     def close(self) -> None:
         if self._closed:

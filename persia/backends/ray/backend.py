@@ -514,6 +514,10 @@ class RayStore(_sharded_store_base()):  # type: ignore[misc]
         for i, r in enumerate(refs):
             get_with_timeout(r, self.timeout_s, PARAMETER_SERVER, i)
 
+    def push_metrics(self) -> None:
+        """Has the actors push their metrics now (:func:`flush_actor_metrics`)."""
+        flush_actor_metrics(self.actors, PARAMETER_SERVER)
+
     def close(self) -> None:
         """Stops the actors this store started."""
         if not self._owned:
@@ -529,20 +533,45 @@ class RayStore(_sharded_store_base()):  # type: ignore[misc]
                 pass
 
 
-def flush_actor_metrics(actors: list[Any], role: str, timeout_s: float = 10.0) -> None:
-    """Has each actor push its metrics a last time before it is stopped (when this process
-    pushes; failures are only logged: the job's result does not depend on them)."""
-    if telemetry.settings() is None:
+def flush_actor_metrics(actors: list[Any], role: str, timeout_s: float = 30.0) -> None:
+    """Has each actor push its metrics now and waits (at most ``timeout_s``) until each has:
+    when the job ends, and before the actors are stopped. Only when this process pushes; a push
+    that fails or does not finish in time is logged as a warning (the job's result does not
+    depend on it)."""
+    if telemetry.settings() is None or not actors:
         return
     import ray
 
-    refs = [a.flush_metrics.remote() for a in actors]
-    try:
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    except Exception as exc:  # noqa: BLE001 - a dead actor has nothing left to push
+    problems = []
+    refs = []
+    for i, a in enumerate(actors):
+        try:
+            refs.append((i, a.flush_metrics.remote()))
+        except Exception as exc:  # noqa: BLE001 - a dead actor has nothing left to push
+            problems.append(f"{i}: {type(exc).__name__}")
+    done = set()
+    if refs:
+        try:
+            done = set(ray.wait([r for _, r in refs], num_returns=len(refs), timeout=timeout_s)[0])
+        except Exception as exc:  # noqa: BLE001 - Ray already shut down: nothing to push
+            problems.append(f"{type(exc).__name__}: {exc}")
+            refs = []
+    for i, ref in refs:
+        if ref not in done:
+            problems.append(f"{i}: no answer within {timeout_s:g} s")
+            continue
+        try:
+            if ray.get(ref) is False:
+                problems.append(f"{i}: the push failed (see the actor's log)")
+        except Exception as exc:  # noqa: BLE001 - a dead actor has nothing left to push
+            problems.append(f"{i}: {type(exc).__name__}")
+    if problems:
         from persia.logger import get_default_logger
 
-        get_default_logger().warning(f"persia metrics: last push of the {role} actors: {exc}")
+        get_default_logger().warning(
+            f"persia metrics: the push of the {role} actors' metrics did not reach the "
+            f"Pushgateway from every actor ({'; '.join(problems)})"
+        )
 
 
 def _liveness(roles: dict[str, list[Any]]) -> Any:

@@ -424,6 +424,13 @@ class RemoteEmbeddingWorker:
             get_with_timeout(r, self.timeout_s, EMBEDDING_WORKER, i) for i, r in enumerate(refs)
         ]
 
+    def push_metrics(self) -> None:
+        """Has the actors push their metrics now (:func:`flush_actor_metrics`)."""
+        from persia.backends.ray.backend import flush_actor_metrics
+
+        if not self._closed:
+            flush_actor_metrics(self.actors, EMBEDDING_WORKER)
+
     def close(self) -> None:
         """Closes the channel and stops the actors this proxy started (once)."""
         if self._closed:

@@ -92,6 +92,17 @@ class RayRuntime(Runtime):
         recovery is off)."""
         return None if self.recovery is None else self.recovery.report()
 
+    def push_metrics(self) -> None:
+        """Has the parameter-server actors, and the embedding-worker actors if any, push their
+        metrics now (each its own group; a no-op unless this process pushes)."""
+        if self.closed:
+            return
+        from persia.backends.ray.embedding_workers import RemoteEmbeddingWorker
+
+        self.store.push_metrics()
+        if isinstance(self.worker, RemoteEmbeddingWorker):
+            self.worker.push_metrics()
+
     def close(self) -> None:
         try:
             super().close()

@@ -345,6 +345,11 @@ class RayServingRuntime:
     def recovery_report(self) -> dict[str, Any] | None:
         return None
 
+    def push_metrics(self) -> None:
+        """Has the parameter-server actors push their metrics now."""
+        if not self._closed:
+            self._store.push_metrics()
+
     def freshness(self) -> dict[str, Any]:
         """Every server's freshness (``"shards"``, by rank) and the job's: the smallest
         ``last_delta_seq`` (every server has applied the deltas up to it), the largest
