@@ -14,7 +14,13 @@ import torch
 
 from persia import _settings, env
 from persia.ctx._checkpoint import CheckpointService
-from persia.ctx._stack import BaseCtx, cnt_ctx, last_runtime, set_last_runtime
+from persia.ctx._stack import (
+    BaseCtx,
+    close_last_runtime,
+    cnt_ctx,
+    last_runtime,
+    set_last_runtime,
+)
 from persia.embedding import EmbeddingConfig, get_default_embedding_config
 from persia.embedding.data import PersiaBatch
 from persia.embedding.optim import EmbeddingOptimizer
@@ -399,17 +405,7 @@ class TrainCtx(EmbeddingCtx):
                 "needs job_type: Train (serve with persia.ctx.InferCtx)",
                 source=glob.source,
             )
-        last = last_runtime()
-        if last is not None and not last.closed:
-            # the previous job's runtime: an error it still holds (a late failure of its applier
-            # thread, after its context ended) belongs to that job, not to this one
-            try:
-                last.close()
-            except Exception as exc:  # noqa: BLE001 - reported, and not this job's error
-                _logger.warning(
-                    f"the previous training runtime ended with an error, ignored by the new "
-                    f"TrainCtx: {type(exc).__name__}: {exc}"
-                )
+        close_last_runtime("TrainCtx")
         self._runtime = self._build_runtime(self.embedding_optimizer, self.backward_buffer_size)
         self._owns_runtime = True
         set_last_runtime(self._runtime)
