@@ -14,12 +14,12 @@ import importlib.util
 import json
 from pathlib import Path
 
-# Load train.py by path: a module named "train" may already be imported (e.g. by another test).
+# Load train_local.py by path: a module of that name may already be imported (another test).
 _spec = importlib.util.spec_from_file_location(
-    "adult_income_train", Path(__file__).resolve().parent / "train.py"
+    "adult_income_train", Path(__file__).resolve().parent / "train_local.py"
 )
 if _spec is None or _spec.loader is None:
-    raise ImportError("cannot load train.py beside parity.py")
+    raise ImportError("cannot load train_local.py beside parity.py")
 _train = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_train)
 run = _train.run

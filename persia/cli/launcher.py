@@ -342,6 +342,8 @@ def _port_taken(port: int) -> bool:
     import socket
 
     with socket.socket() as s:
+        # a port left in TIME_WAIT by a head that just stopped is free for Ray's own bind
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))
         except OSError:

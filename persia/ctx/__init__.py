@@ -11,7 +11,7 @@ A PERSIA training script runs unchanged::
             loss = loss_fn(output, labels[0])
             ctx.backward(loss)
 
-(``examples/adult_income/train.py`` is the tested, complete version.)
+(``examples/adult_income/train_local.py`` is the tested, complete version.)
 
 In the embedded backend every role lives in this process: a ``TrainCtx`` starts a fresh set of
 parameter-server shards (configured by ``embedding_config.yml`` / ``global_config.yml``, found

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from enum import Enum
 from pathlib import Path
@@ -16,7 +17,13 @@ from persia import _settings, env, telemetry
 from persia.checkpoint.follow import ServingRuntime
 from persia.ctx._checkpoint import CheckpointService
 from persia.ctx._serving import serving_runtime
-from persia.ctx._stack import BaseCtx, cnt_ctx, last_runtime, set_last_runtime
+from persia.ctx._stack import (
+    BaseCtx,
+    close_last_runtime,
+    cnt_ctx,
+    last_runtime,
+    set_last_runtime,
+)
 from persia.embedding import EmbeddingConfig, get_default_embedding_config
 from persia.embedding.data import PersiaBatch
 from persia.embedding.optim import EmbeddingOptimizer
@@ -330,13 +337,16 @@ class TrainCtx(EmbeddingCtx):
     Args:
         embedding_optimizer: optimizer of the embedding rows (``persia.embedding.optim``).
         dense_optimizer: torch optimizer of the dense model.
-        grad_scalar_update_factor: mixed-precision loss-scale factor (CUDA only).
+        grad_scalar_update_factor: with mixed precision, when a check of the embedding
+            gradients (see :meth:`backward`) finds a NaN or infinity, the loss scale is divided
+            by this factor (PERSIA's meaning; > 0, default 4).
         backward_buffer_size: gradient batches that may wait to be applied.
         backward_workers_size: PERSIA's gradient-sender threads; persia applies gradients on
             one thread (values other than the default warn once: no effect).
         grad_update_buffer_size: PERSIA internal; no effect (warns once when changed).
         lookup_emb_directly: PERSIA internal; no effect (warns once when changed).
-        mixed_precision: use a CUDA grad scaler; a no-op on the CPU.
+        mixed_precision: scale the loss with a CUDA ``torch.amp.GradScaler``
+            (``ctx.grad_scaler``); a no-op on the CPU, where PERSIA refused it.
         distributed_option: a :class:`persia.distributed.DDPOption` (default
             :func:`persia.distributed.get_default_distributed_option`: gloo on CPU, NCCL on
             GPU); with ``WORLD_SIZE > 1`` the model is wrapped in ``DistributedDataParallel``. ``WORLD_SIZE > 1``
@@ -383,10 +393,14 @@ class TrainCtx(EmbeddingCtx):
             )
         if model is None:
             problems.append("model is required (TrainCtx(..., model=model))")
-        if not grad_scalar_update_factor > 0:
-            problems.append(
-                f"grad_scalar_update_factor must be > 0, got {grad_scalar_update_factor}"
-            )
+        factor = grad_scalar_update_factor
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not math.isfinite(factor)
+            or not factor > 0
+        ):
+            problems.append(f"grad_scalar_update_factor must be a number > 0, got {factor!r}")
         if (
             isinstance(backward_buffer_size, bool)
             or not isinstance(backward_buffer_size, int)
@@ -418,7 +432,12 @@ class TrainCtx(EmbeddingCtx):
         self.backward_buffer_size = backward_buffer_size
         self.mixed_precision = bool(mixed_precision) and self.device.type == "cuda"
         self.grad_scalar_update_factor = grad_scalar_update_factor
-        self.grad_scaler = torch.amp.GradScaler("cuda") if self.mixed_precision else None
+        self.grad_scaler: Any = torch.amp.GradScaler("cuda") if self.mixed_precision else None
+        #: backward() calls so far (the embedding gradients are checked when this is a multiple
+        #: of ``embedding_gradient_check_frequency``)
+        self.update_times = 0
+        #: checks that found a NaN or infinity in the embedding gradients
+        self.nonfinite_gradient_checks = 0
         self.world_size = env.get_world_size()
         self.rank = env.get_rank()
         if self.world_size > 1 and self.backend == "local":
@@ -446,17 +465,7 @@ class TrainCtx(EmbeddingCtx):
         # PERSIA's metrics_config: collect (and push to PERSIA_METRICS_GATEWAY_ADDR) before the
         # runtime is built, so that its roles (and the actors it starts) report
         telemetry.enable_from_config(glob.common_config.metrics_config, telemetry.NN, self.rank)
-        last = last_runtime()
-        if last is not None and not last.closed:
-            # the previous job's runtime: an error it still holds (a late failure of its applier
-            # thread, after its context ended) belongs to that job, not to this one
-            try:
-                last.close()
-            except Exception as exc:  # noqa: BLE001 - reported, and not this job's error
-                _logger.warning(
-                    f"the previous training runtime ended with an error, ignored by the new "
-                    f"TrainCtx: {type(exc).__name__}: {exc}"
-                )
+        close_last_runtime("TrainCtx")
         self._runtime = self._build_runtime(self.embedding_optimizer, self.backward_buffer_size)
         self._owns_runtime = True
         set_last_runtime(self._runtime)
@@ -514,7 +523,17 @@ class TrainCtx(EmbeddingCtx):
         self, loss: torch.Tensor, embedding_gradient_check_frequency: int = 20
     ) -> torch.Tensor:
         """Backpropagates ``loss``: steps the dense optimizer (all-reduced under DDP) and
-        queues the embedding gradients of the current batch. Returns the (scaled) loss."""
+        queues the embedding gradients of the current batch. Returns the (scaled) loss.
+
+        Every ``embedding_gradient_check_frequency``-th call (the 1st, the ``f + 1``-th, ...;
+        PERSIA's setting, an int >= 1) checks the batch's embedding gradients for NaN or
+        infinity. When one is found, a warning says so (the parameter servers skip every
+        gradient row that is not finite) and, with mixed precision, the loss scale is divided
+        by ``grad_scalar_update_factor`` (PERSIA's rule) instead of the scaler's own update.
+        """
+        f = embedding_gradient_check_frequency
+        if isinstance(f, bool) or not isinstance(f, int) or f < 1:
+            raise PersiaError(f"embedding_gradient_check_frequency must be an int >= 1, got {f!r}")
         batch = self.current_batch
         if batch is None or not hasattr(batch, "_tensors"):
             raise PersiaError("backward() needs a batch: call ctx.forward(batch) first")
@@ -537,6 +556,22 @@ class TrainCtx(EmbeddingCtx):
                 raw_grads[i] = g / np.float32(scale) if scale != 1.0 else g
         del batch._tensors
         self.current_batch = None
+        finite = True
+        if self.update_times % f == 0:
+            grads = [g for g in (summed_grad, *raw_grads.values()) if g is not None]
+            finite = all(bool(np.isfinite(g).all()) for g in grads)
+            if not finite:
+                self.nonfinite_gradient_checks += 1
+                _logger.warning(
+                    f"backward() call {self.update_times}: the embedding gradients hold NaN or "
+                    "infinity; the parameter servers skip those rows"
+                    + (
+                        f", and the loss scale drops by {self.grad_scalar_update_factor}x"
+                        if self.grad_scaler is not None
+                        else ""
+                    )
+                )
+        self.update_times += 1
         if batch.training:
             self.runtime.submit(batch, summed_grad, raw_grads)
             rec = telemetry.current()
@@ -544,7 +579,10 @@ class TrainCtx(EmbeddingCtx):
                 rec.trained(batch.batch.batch_size)
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.dense_optimizer)
-            self.grad_scaler.update()
+            if finite:
+                self.grad_scaler.update()
+            else:
+                self.grad_scaler.update(scale / self.grad_scalar_update_factor)
         else:
             self.dense_optimizer.step()
         self.dense_optimizer.zero_grad()

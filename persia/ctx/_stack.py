@@ -34,6 +34,25 @@ def set_last_runtime(runtime: RuntimeProtocol) -> None:
     _LAST_RUNTIME = runtime
 
 
+def close_last_runtime(by: str) -> None:
+    """Closes the runtime a context built most recently (kept open after its context ended, so
+    that an ``eval_ctx`` may follow) because a new job named ``by`` replaces it: its parameter
+    servers go, and with them what they hold of the cluster. Does nothing while a context uses
+    it. An error it still holds (a late failure of its applier thread) belongs to that job and
+    is logged, not raised."""
+    last = _LAST_RUNTIME
+    current = _CURRENT_CTX
+    if last is None or last.closed or (current is not None and current._runtime is last):
+        return
+    try:
+        last.close()
+    except Exception as exc:  # noqa: BLE001 - reported, and not this job's error
+        _logger.warning(
+            f"the previous training runtime ended with an error, ignored by the new {by}: "
+            f"{type(exc).__name__}: {exc}"
+        )
+
+
 class BaseCtx:
     """Common base of persia's contexts (PERSIA's API); not used directly.
 

@@ -26,10 +26,13 @@ class EmbeddingConfig:
     Args:
         emb_initialization: ``(low, high)`` of the uniform initialisation of a new row;
             ``low < high``.
-        admit_probability: probability that a new key gets a row on its first training lookup
-            (``0 < p <= 1``; 1 admits every key). A key not admitted reads zeros.
+        admit_probability: probability that a new key gets a row on a training lookup that
+            misses it (``0 <= p <= 1``, PERSIA's range; 1 admits every key, 0 none: a key not
+            admitted reads zeros and is drawn again on its next miss). 0 is accepted as PERSIA
+            accepts it; the embedding spec built from it warns that no row would ever be made.
         weight_bound: every value of a row is clipped to ``[-weight_bound, weight_bound]`` after
-            each update; ``> 0`` (``math.inf`` disables clipping).
+            each update when ``weight_bound > 0`` (PERSIA's rule); ``<= 0`` (PERSIA's way to
+            turn it off, e.g. ``0``) or ``math.inf`` disables clipping. NaN is refused.
 
     Raises:
         ConfigError: listing every invalid field, with the value received.
@@ -55,12 +58,13 @@ class EmbeddingConfig:
         else:
             object.__setattr__(self, "emb_initialization", (float(init[0]), float(init[1])))
         p = self.admit_probability
-        if not _is_number(p) or not 0 < p <= 1:
-            problems.append(f"admit_probability: expected a number in (0, 1], got {p!r}")
+        if not _is_number(p) or not 0 <= p <= 1:
+            problems.append(f"admit_probability: expected a number in [0, 1], got {p!r}")
         bound = self.weight_bound
-        if not _is_number(bound) or math.isnan(bound) or not bound > 0:
+        if not _is_number(bound) or math.isnan(bound):
             problems.append(
-                f"weight_bound: expected a number > 0 (inf: no clipping), got {bound!r}"
+                f"weight_bound: expected a number (> 0: clip to [-bound, bound]; <= 0 or inf: "
+                f"no clipping), got {bound!r}"
             )
         if problems:
             raise ConfigError(problems, source="EmbeddingConfig")

@@ -44,6 +44,8 @@ is ``(x & key_mask) | index_prefix`` with ``key_mask = 2**(64 - bits) - 1`` (PER
       num_hashmap_internal_shards: 1   # shards of the table (PERSIA's default was 100)
       enable_incremental_update: false # deltas of changed rows (incremental_buffer_size rows each)
       incremental_dir: /workspace/incremental_dir/  # TrainCtx writes them, InferCtx follows
+      admit_min_count: 0               # persia extension: a new key gets a row only once training
+                                       # lookups missed it this many times (0 or 1: at once)
 
 Every key PERSIA's own configs and docs use is accepted. Keys persia builds on are used; keys of
 features persia has not built (PERSIA's I/O tuning knobs) are
@@ -279,6 +281,7 @@ class EmbeddingParameterServerConfig:
     incremental_buffer_size: int = 1_000_000
     incremental_dir: str = "/workspace/incremental_dir/"
     incremental_channel_capacity: int = 1000
+    admit_min_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -599,6 +602,7 @@ def _parse_server(r: Problems, raw: object) -> EmbeddingParameterServerConfig:
         incremental_channel_capacity=r.int_(
             d, "incremental_channel_capacity", path, default.incremental_channel_capacity
         ),
+        admit_min_count=r.int_(d, "admit_min_count", path, 0, minimum=0),
     )
     r.no_effect(
         d,
@@ -750,6 +754,7 @@ def embedding_spec(
         capacity=ps.capacity,
         shards=ps.num_hashmap_internal_shards,
         admit_probability=hyper.admit_probability,
+        admit_min_count=ps.admit_min_count,
         init=(low, high),
         weight_bound=hyper.weight_bound,
         feature_index_prefix_bit=embedding_file.feature_index_prefix_bit,
@@ -817,6 +822,8 @@ def persia_configs(
         "capacity": spec.capacity,
         "num_hashmap_internal_shards": spec.shards,
     }
+    if spec.admit_min_count:
+        server["admit_min_count"] = spec.admit_min_count
     if spec.incremental:
         server.update(
             enable_incremental_update=True,

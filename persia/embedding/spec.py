@@ -30,6 +30,7 @@ from typing import Any
 
 from persia.embedding._problems import is_int, is_number
 from persia.errors import ConfigError
+from persia.logger import get_logger, warn_once
 
 __all__ = [
     "POOLINGS",
@@ -44,6 +45,8 @@ __all__ = [
     "spec_to_dict",
     "spec_from_dict",
 ]
+
+_log = get_logger("persia.embedding.spec")
 
 #: Pooling of a slot's IDs per sample: sum; mean; sum * 1/sqrt(n); raw (padded sequence + mask).
 POOLINGS = ("sum", "mean", "sqrt", "raw")
@@ -150,9 +153,14 @@ class EmbeddingSpec:
         capacity: rows over all parameter servers before LRU eviction.
         shards: the number of parameter-server shards (PERSIA's
             ``num_hashmap_internal_shards``).
-        admit_probability: probability that a new key gets a row on its first training lookup.
+        admit_probability: probability in ``[0, 1]`` that a new key gets a row on a training
+            lookup that misses it (PERSIA's range; 0: no row is ever made, with a warning).
+        admit_min_count: a new key gets a row only once training lookups have missed it this
+            many times (0 or 1: at once; the store's ``Admission.min_count``, counted in a
+            count-min sketch).
         init: ``(low, high)`` of the uniform initialisation of a new row.
-        weight_bound: values are clipped to ``[-weight_bound, weight_bound]`` after each update.
+        weight_bound: values are clipped to ``[-weight_bound, weight_bound]`` after each update
+            when ``> 0``; ``<= 0`` (PERSIA's "off", e.g. 0) or ``inf``: no clipping.
         feature_index_prefix_bit: top bits of a key that hold the slot/group prefix.
         feature_groups: ``(group, (slot, ...))`` as written (slots of a group share a prefix).
         seed: seed of new rows' initialisation and admission draws; None: the one of
@@ -171,6 +179,7 @@ class EmbeddingSpec:
     capacity: int = 1_000_000_000
     shards: int = 1
     admit_probability: float = 1.0
+    admit_min_count: int = 0
     init: tuple[float, float] = (-0.01, 0.01)
     weight_bound: float = 10.0
     feature_index_prefix_bit: int = DEFAULT_FEATURE_INDEX_PREFIX_BIT
@@ -201,8 +210,10 @@ class EmbeddingSpec:
             if unknown:
                 problems.append(f"optimizer_args: unknown option(s) of {self.optimizer}: {unknown}")
         p = self.admit_probability
-        if not is_number(p) or not 0 < p <= 1:
-            problems.append(f"admit_probability must be a number in (0, 1], got {p!r}")
+        if not is_number(p) or not 0 <= p <= 1:
+            problems.append(f"admit_probability must be a number in [0, 1], got {p!r}")
+        if not is_int(self.admit_min_count) or self.admit_min_count < 0:
+            problems.append(f"admit_min_count must be an int >= 0, got {self.admit_min_count!r}")
         init = self.init
         if (
             not isinstance(init, tuple)
@@ -212,12 +223,21 @@ class EmbeddingSpec:
         ):
             problems.append(f"init must be (low, high) with finite low < high, got {init!r}")
         bound = self.weight_bound
-        if not is_number(bound) or math.isnan(bound) or not bound > 0:
-            problems.append(f"weight_bound must be a number > 0 (inf: no clipping), got {bound!r}")
+        if not is_number(bound) or math.isnan(bound):
+            problems.append(
+                f"weight_bound must be a number (> 0: clip; <= 0 or inf: no clipping), got {bound!r}"
+            )
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             problems.append(f"seed must be an int >= 0 or None, got {self.seed!r}")
         if problems:
             raise ConfigError(problems, source="EmbeddingSpec")
+        if p == 0 and self.optimizer is not None:
+            warn_once(
+                _log,
+                "admit_probability=0",
+                "admit_probability is 0: no key will ever get a row, so every embedding reads "
+                "zeros and none is trained (PERSIA accepts 0 with this meaning)",
+            )
 
     def _slot_problems(self) -> list[str]:
         problems: list[str] = []

@@ -378,6 +378,7 @@ _EMBEDDING_KEYS = (
     "capacity",
     "shards",
     "admit_probability",
+    "admit_min_count",
     "init",
     "weight_bound",
     "feature_index_prefix_bit",
@@ -492,9 +493,17 @@ def _embedding(c: Problems, raw: object, data: DataSpec | None) -> EmbeddingSpec
     capacity = c.int_(d, "capacity", "embedding", 1_000_000)
     shards = c.int_(d, "shards", "embedding", 1)
     admit = c.number(
-        d, "admit_probability", "embedding", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"
+        d, "admit_probability", "embedding", 1.0, lambda v: 0 <= v <= 1, "a number in [0, 1]"
     )
-    bound = c.number(d, "weight_bound", "embedding", 10.0, lambda v: v > 0, "a number > 0")
+    min_count = c.int_(d, "admit_min_count", "embedding", 0, minimum=0)
+    bound = c.number(
+        d,
+        "weight_bound",
+        "embedding",
+        10.0,
+        None,
+        "a number (> 0: clip to [-bound, bound]; <= 0: no clipping)",
+    )
     if c.problems or not slots:
         return None
     return EmbeddingSpec(
@@ -504,6 +513,7 @@ def _embedding(c: Problems, raw: object, data: DataSpec | None) -> EmbeddingSpec
         capacity=capacity,
         shards=shards,
         admit_probability=admit,
+        admit_min_count=min_count,
         init=(float(init[0]), float(init[1])),
         weight_bound=bound,
         feature_index_prefix_bit=bits,

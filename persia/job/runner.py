@@ -1,9 +1,9 @@
 """Runs a validated job: reader -> DataLoader (bounded staleness) -> TrainCtx, with evaluation,
 checkpoints, progress and a JSON result.
 
-The training loop is the one of ``examples/adult_income/train.py``; what the job file adds is built
-here: the slots and parameter-server settings (:func:`embedding_configs`), the optimizers, the model
-(:mod:`persia.job.models`) and the reader (:mod:`persia.job.readers`).
+The training loop is the one of ``examples/adult_income/train_local.py``; what the job file adds
+is built here: the slots and parameter-server settings (:func:`embedding_configs`), the optimizers,
+the model (:mod:`persia.job.models`) and the reader (:mod:`persia.job.readers`).
 
 Evaluation and checkpoints in the middle of training happen at *pause points*: after yielding a
 batch that ends an interval, the training dataset waits until the NN worker has trained that batch

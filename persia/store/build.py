@@ -36,7 +36,9 @@ def store_options(spec: EmbeddingSpec) -> dict[str, Any]:
         "capacity": spec.capacity,
         "optimizer": store_optimizer(spec),
         "init": Uniform(float(low), float(high)),
-        "admission": Admission(probability=float(spec.admit_probability)),
+        "admission": Admission(
+            probability=float(spec.admit_probability), min_count=int(spec.admit_min_count)
+        ),
         "seed": embedding_seed() if spec.seed is None else spec.seed,
         "weight_bound": float(spec.weight_bound),
         "dims": list(spec.dims),

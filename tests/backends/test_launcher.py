@@ -246,3 +246,92 @@ def test_ray_head_refuses_a_port_in_use(monkeypatch, capsys):
         assert launcher_main(["ray-head", "--port", str(port)]) == 1
     assert f"port {port} is in use: another Ray head?" in capsys.readouterr().err
     assert launcher_main(["ray-head", "--port", "0"]) == 2
+
+
+ADULT = ROOT / "examples" / "adult_income"
+#: what PERSIA's examples/src/adult-income/.honcho.env sets (the NATS URL has no use in persia)
+PERSIA_HONCHO_ENV = {"PERSIA_NATS_URL": "nats://0.0.0.0:4222", "LOG_LEVEL": "info"}
+
+
+def _procfile_lines(path: Path) -> dict[str, str]:
+    """``name: command`` lines, read as honcho reads a Procfile (other lines are comments)."""
+    import re
+
+    out = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_-]+):\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the line's process (a one-command line's shell execs it), SIGKILL after 60 s;
+    then SIGKILL to whatever of its process group is left."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def test_adult_example_runs_from_its_procfile(tmp_path):
+    """Acceptance: examples/adult_income as a PERSIA user runs it: one process per line of its
+    Procfile, each line verbatim in a shell in the example's folder, the environment holding
+    nothing of persia's or Ray's beyond what PERSIA's .honcho.env sets. Reaches test AUC >= 0.89.
+
+    The only thing the test adds is TMPDIR, a folder of its own for the Ray head's files (the
+    folder every Ray cluster persia starts on this machine shares by default, so a test running
+    beside this one would otherwise see its head)."""
+    lines = _procfile_lines(ADULT / "Procfile")
+    assert set(lines) == {"data_loader", "nn_worker", "embedding_worker", "embedding_server"} | {
+        "ray_head"
+    }
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
+        try:
+            s.bind(("", 6379))
+        except OSError:
+            pytest.fail("port 6379, the Procfile's Ray head port, is in use on this machine")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PERSIA_", "RAY_"))}
+    env.update(PERSIA_HONCHO_ENV)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["TMPDIR"] = tempfile.mkdtemp(prefix="pa-")  # short: Ray's socket paths
+    procs = {
+        name: subprocess.Popen(
+            ["bash", "-c", line],
+            cwd=ADULT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for name, line in lines.items()
+    }
+    try:
+        out, err = procs["nn_worker"].communicate(timeout=400)
+        assert procs["nn_worker"].returncode == 0, err[-3000:]
+        loader_out, loader_err = procs["data_loader"].communicate(timeout=60)
+        assert procs["data_loader"].returncode == 0, loader_err[-3000:]
+        for name in ("embedding_server", "embedding_worker", "ray_head"):
+            assert procs[name].poll() is None, f"{name} ended early"
+    finally:
+        for name in ("embedding_server", "embedding_worker", "data_loader", "nn_worker"):
+            _stop_group(procs[name])
+        _stop_group(procs["ray_head"])  # the head last: the others leave it first
+        shutil.rmtree(env["TMPDIR"], ignore_errors=True)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["train_samples"] == 32561  # the whole training split, each row once
+    assert result["embedding_rows"] > 90  # ~100 categories over the 8 slots
+    assert result["test_auc"] >= 0.89, result
+    print(json.dumps(result))

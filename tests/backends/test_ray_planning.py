@@ -132,8 +132,8 @@ def test_a_joined_cluster_gets_a_grace_period_for_nodes_still_joining(monkeypatc
     from persia.backends.ray.config import ClusterConfig
     from persia.errors import ConfigError
 
-    small = ({"CPU": 1.0}, [{"CPU": 1.0}])
-    grown = ({"CPU": 3.0}, [{"CPU": 1.0}, {"CPU": 2.0}])
+    small = ({"CPU": 1.0}, [{"CPU": 1.0}]) * 2  # (total, nodes, free, free per node)
+    grown = ({"CPU": 3.0}, [{"CPU": 1.0}, {"CPU": 2.0}]) * 2
     answers = [small, small, grown]
     monkeypatch.setattr(
         planning, "_cluster_resources", lambda: answers.pop(0) if answers else grown
@@ -147,7 +147,84 @@ def test_a_joined_cluster_gets_a_grace_period_for_nodes_still_joining(monkeypatc
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ConfigError, match="short by"):
         planning.check_job_fits(local, 2)
-    monkeypatch.setattr(planning, "JOIN_GRACE_S", 0.0)
+    monkeypatch.setattr(planning, "GRACE_S", 0.0)
     monkeypatch.setattr(planning, "_cluster_resources", lambda: small)
     with pytest.raises(ConfigError, match="short by"):
         planning.check_job_fits(joined, 2)  # still short when the grace ends
+
+
+def test_free_resources_not_the_total_decide():
+    """Other actors hold part of the cluster: the job is compared with what is free, and the
+    message gives the free and the total amounts."""
+    asks = job_asks(ClusterConfig(num_ps=2, ps_num_cpus=1.0), 2)  # 2 CPUs
+    total, nodes = {"CPU": 4.0}, [{"CPU": 2.0}, {"CPU": 2.0}]
+    assert shortfalls(asks, total, nodes) == []  # the old check: fits the total
+    free, free_nodes = {"CPU": 1.5}, [{"CPU": 0.5}, {"CPU": 1.0}]
+    problems = shortfalls(asks, total, nodes, free, free_nodes)
+    assert problems[0].startswith(
+        "CPU: the job asks Ray for 2 (parameter servers 2 x 1), the cluster has 1.5 free of 4 "
+        "(other actors hold 2.5): short by 0.5. Wait for them to end"
+    )
+    assert len(problems) == 1
+    # one replica that fits a node's total but no node's free part
+    wide = [RoleAsk("NN workers", 1, {"CPU": 1.25}, "--nn-cpus")]
+    assert shortfalls(wide, total, nodes, free, free_nodes) == [
+        "CPU: each of the NN workers asks for 1.25, but no node has more than 1 free now "
+        "(--nn-cpus)"
+    ]
+    assert shortfalls(wide, total, nodes, {"CPU": 3.0}, [{"CPU": 1.0}, {"CPU": 2.0}]) == []
+
+
+def test_a_job_short_of_free_resources_waits_the_grace_then_fails(monkeypatch):
+    from persia.backends.ray import planning
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(planning.time, "sleep", lambda s: None)
+    busy = ({"CPU": 4.0}, [{"CPU": 4.0}], {"CPU": 0.5}, [{"CPU": 0.5}])
+    freed = ({"CPU": 4.0}, [{"CPU": 4.0}], {"CPU": 4.0}, [{"CPU": 4.0}])
+    answers = [busy, busy, freed]  # an ended job's actors give their CPUs back a moment later
+    monkeypatch.setattr(planning, "_cluster_resources", lambda: answers.pop(0))
+    cluster = ClusterConfig(num_ps=2, ps_num_cpus=1.0, timeout_s=30)
+    planning.check_runtime_fits(cluster, 2)
+    assert answers == []
+    monkeypatch.setattr(planning, "_cluster_resources", lambda: busy)
+    monkeypatch.setattr(planning, "GRACE_S", 0.0)
+    with pytest.raises(ConfigError, match=r"0.5 free of 4 \(other actors hold 3.5\): short by 1.5"):
+        planning.check_runtime_fits(cluster, 2)
+
+
+def test_train_ctx_on_ray_fails_when_other_actors_hold_the_cpus(ray_cluster, monkeypatch):
+    import torch
+    from runtime._jobs import Net, embedding_file
+
+    from persia.backends.ray import planning
+    from persia.ctx import TrainCtx
+    from persia.embedding.optim import Adagrad
+
+    monkeypatch.setattr(planning, "GRACE_S", 1.0)
+
+    @ray_cluster.remote(num_cpus=1.5)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    try:
+        ray_cluster.get(holder.ready.remote(), timeout=60)
+        cluster = ClusterConfig(num_ps=2, ps_num_cpus=0.5)
+        model = Net()
+        ctx = TrainCtx(
+            Adagrad(lr=0.1),
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model=model,
+            embedding_config_file=embedding_file(),
+            backend="ray",
+            cluster=cluster,
+        )
+        want = r"asks Ray for 1 \(parameter servers 2 x 0.5\), the cluster has 0.5 free of 2"
+        with pytest.raises(ConfigError, match=want):
+            with ctx:
+                pass
+    finally:
+        ray_cluster.kill(holder)
+    planning.check_runtime_fits(cluster, 2)  # fits once the holder is gone (within the grace)

@@ -379,18 +379,29 @@ def test_embedding_config_bad_initialization():
 
 
 def test_embedding_config_bad_admit_probability():
-    with pytest.raises(
-        ConfigError, match=r"admit_probability: expected a number in \(0, 1\], got 0"
-    ):
-        EmbeddingConfig(admit_probability=0)
+    # PERSIA asserts 0 <= p <= 1; outside it persia refuses as well
+    for bad in (-0.1, 1.5):
+        with pytest.raises(
+            ConfigError, match=rf"admit_probability: expected a number in \[0, 1\], got {bad}"
+        ):
+            EmbeddingConfig(admit_probability=bad)
+
+
+def test_embedding_config_accepts_persia_range():
+    # PERSIA: 0 <= admit_probability <= 1, and weight_bound <= 0 turns clipping off
+    assert EmbeddingConfig(admit_probability=0).admit_probability == 0.0
+    assert EmbeddingConfig(weight_bound=0).weight_bound == 0.0
+    assert EmbeddingConfig(weight_bound=-1).weight_bound == -1.0
 
 
 def test_embedding_config_bad_weight_bound():
-    with pytest.raises(ConfigError, match=r"weight_bound: expected a number > 0.*got -1"):
-        EmbeddingConfig(weight_bound=-1)
+    with pytest.raises(ConfigError, match=r"weight_bound: expected a number .*got nan"):
+        EmbeddingConfig(weight_bound=float("nan"))
+    with pytest.raises(ConfigError, match=r"weight_bound: expected a number .*got '3'"):
+        EmbeddingConfig(weight_bound="3")
 
 
 def test_embedding_config_lists_every_problem():
     with pytest.raises(ConfigError) as info:
-        EmbeddingConfig(emb_initialization=(1,), admit_probability=2.0, weight_bound=0)
+        EmbeddingConfig(emb_initialization=(1,), admit_probability=2.0, weight_bound=None)
     assert len(info.value.problems) == 3

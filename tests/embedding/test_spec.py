@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from persia.embedding import EmbeddingConfig
@@ -148,7 +150,7 @@ def test_spec_lists_every_problem_with_field_names() -> None:
         "slot 'job': pooling must be one of sum, mean, sqrt, raw, got 'max'",
         "capacity must be an int > 0, got 0",
         "optimizer must be one of sgd, adagrad, rowwise_adagrad, adam or None, got 'rmsprop'",
-        "admit_probability must be a number in (0, 1], got 2.0",
+        "admit_probability must be a number in [0, 1], got 2.0",
         "init must be (low, high) with finite low < high, got (0.1, -0.1)",
     ]
 
@@ -280,3 +282,87 @@ def test_a_spec_round_trips_through_json():
         spec_from_dict({**data, "slots": [{"name": "a"}]})
     with pytest.raises(ConfigError, match="missing field"):
         spec_from_dict({"slots": data["slots"]})
+
+
+# --- PERSIA's admission and weight-bound settings reach the store -------------------------------
+
+
+def _store_of(spec):
+    from persia.store.build import build_store
+
+    return build_store(spec, num_shards=1)
+
+
+def test_admit_min_count_from_global_config_and_job_file(tmp_path) -> None:
+    import yaml
+
+    server = {**_GLOBAL_YML["embedding_parameter_server_config"], "admit_min_count": 3}
+    glob = {"embedding_parameter_server_config": server}
+    glob_path = tmp_path / "global_config.yml"
+    glob_path.write_text(yaml.safe_dump(glob))
+    hyper = EmbeddingConfig(emb_initialization=(-0.1, 0.1), admit_probability=0.5, weight_bound=3)
+    from_yaml = load_spec(parse_embedding_config(_EMBEDDING_YML), glob_path, hyper, Adam(lr=0.01))
+    job = {**_JOB, "embedding": {**_JOB["embedding"], "admit_min_count": 3}}
+    from_job = parse_job(job, tmp_path).embedding
+    assert from_yaml.admit_min_count == from_job.admit_min_count == 3
+    assert from_yaml == from_job
+    # and back through PERSIA's files (what the Ray backend hands its roles)
+    emb, glob_cfg = persia_configs(from_job)
+    assert glob_cfg.embedding_parameter_server_config.admit_min_count == 3
+    assert embedding_spec(emb, glob_cfg, hyper, Adam(lr=0.01)) == from_job
+    assert parse_global_config(glob_cfg.to_dict()) == glob_cfg
+    # the store's admission: a key gets a row on its third training miss, not before
+    store = _store_of(replace(from_job, admit_probability=1.0))
+    assert store.admission.min_count == 3
+    keys = np.array([7, 8], dtype=np.uint64)
+    for miss in (1, 2):
+        assert not store.lookup(keys, 8, training=True).any(), f"miss {miss} made a row"
+        assert store.rows == 0
+    assert store.lookup(keys, 8, training=True).any()
+    assert store.rows == 2
+
+
+def test_admit_min_count_refused_when_bad(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"admit_min_count: expected an int >= 0, got -1"):
+        parse_global_config({"embedding_parameter_server_config": {"admit_min_count": -1}})
+    job = {**_JOB, "embedding": {**_JOB["embedding"], "admit_min_count": 1.5}}
+    with pytest.raises(ConfigError, match=r"embedding.admit_min_count: expected an int >= 0"):
+        parse_job(job, tmp_path)
+
+
+def test_persia_weight_bound_zero_turns_clipping_off(tmp_path) -> None:
+    # PERSIA: weight_bound > 0 enables the bound; 0 (or less) turns it off
+    keys = np.array([5], dtype=np.uint64)
+    big = np.full((1, 8), -100.0, np.float32)  # SGD lr 0.5: the value moves by +50
+    values = {}
+    for bound in (3, 0, -1):
+        hyper = EmbeddingConfig(weight_bound=bound)
+        spec = embedding_spec(parse_embedding_config(_EMBEDDING_YML), None, hyper, SGD(lr=0.5))
+        store = _store_of(spec)
+        store.lookup(keys, 8, training=True)
+        store.apply_gradients(keys, big)
+        values[bound] = store.lookup(keys, 8, training=False)
+    assert np.allclose(values[3], 3.0)
+    assert values[0].min() > 49 and np.array_equal(values[0], values[-1])
+    job = {**_JOB, "embedding": {**_JOB["embedding"], "weight_bound": 0}}
+    assert parse_job(job, tmp_path).embedding.weight_bound == 0.0
+
+
+def test_persia_admit_probability_zero_makes_no_row(tmp_path, caplog) -> None:
+    from persia.logger import reset_warn_once
+
+    reset_warn_once()
+    job = {**_JOB, "embedding": {**_JOB["embedding"], "admit_probability": 0}}
+    with caplog.at_level(logging.WARNING):
+        spec = parse_job(job, tmp_path).embedding
+    assert spec.admit_probability == 0.0
+    assert "admit_probability is 0: no key will ever get a row" in caplog.text
+    store = _store_of(spec)
+    keys = np.arange(50, dtype=np.uint64)
+    for _ in range(3):
+        assert not store.lookup(keys, 8, training=True).any()
+    assert store.rows == 0
+    for bad in (-0.5, 1.5):
+        job = {**_JOB, "embedding": {**_JOB["embedding"], "admit_probability": bad}}
+        with pytest.raises(ConfigError, match=r"admit_probability: expected a number in \[0, 1\]"):
+            parse_job(job, tmp_path)

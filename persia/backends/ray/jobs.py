@@ -51,6 +51,9 @@ def run_job(
             )
     if cluster is not None:  # before any actor starts: can the cluster hold the whole job?
         from persia.backends.ray.planning import check_job_fits, job_asks, local_cluster_cpus
+        from persia.ctx._stack import close_last_runtime
+
+        close_last_runtime("job")  # the previous job's servers give their resources back
 
         num_ps = cluster.num_ps if cluster.num_ps is not None else job.embedding.shards
         init_ray(cluster.address, local_cluster_cpus(cluster, job_asks(cluster, num_ps)))

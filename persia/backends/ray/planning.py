@@ -4,13 +4,20 @@ Ray queues an actor whose resources no node can give; persia's roles would then 
 other until a timeout that says nothing about resources. :func:`check_job_fits` (``persia
 train --backend ray``, :func:`persia.backends.ray.jobs.run_job`) and :func:`check_runtime_fits`
 (``TrainCtx(backend="ray")``: the parameter servers and embedding workers a runtime starts)
-compare the asks with the cluster's **total** resources and raise :class:`ConfigError` at once,
-naming the short resource, the asks per role, and by how much it is short:
+compare the asks with the cluster's resources and raise :class:`ConfigError`, naming the short
+resource, the asks per role, and by how much it is short:
 
 * in total: the sum over roles of ``count x per-replica ask``, per resource (``CPU``,
   ``memory``, custom resources such as ``ps_host``), against the sum over the cluster's nodes;
-* per replica: one actor runs on one node, so each role's per-replica ask must fit the largest
-  node.
+* per replica: one actor runs on one node, so each role's per-replica ask must fit a node.
+
+Both are checked against what the cluster has **free** now (``ray.available_resources()``, and
+each node's free resources), not its total: the actors of other jobs (or of this job's own
+data loaders, started before a runtime) hold theirs until they end. A job larger than the
+cluster's total fails at once; a job that fits the total but not what is free now fails once
+that persists for :data:`GRACE_S` (Ray frees the resources of ended actors a moment after they
+end, and nodes may still be joining a cluster joined by address), the message giving both the
+free and the total amount.
 
 On a Ray cluster that persia starts itself (no ``address``, no ``RAY_ADDRESS``, no
 ``ClusterConfig(num_cpus=)``), the defaults fit the machine: :func:`local_cluster_cpus` gives
@@ -19,9 +26,7 @@ are scheduling shares; the fractional defaults already share cores), so a small 
 waits on a laptop.
 
 Only the actors count: an NN worker that is this process (one NN worker) and the 0-CPU stream
-announcement actors ask for nothing. A job that fits the cluster but not what other jobs leave
-free still waits for them, as Ray queues it. :func:`shortfalls` is the pure function behind
-both checks.
+announcement actors ask for nothing. :func:`shortfalls` is the pure function behind both checks.
 """
 
 from __future__ import annotations
@@ -132,6 +137,8 @@ def shortfalls(
     asks: Sequence[RoleAsk],
     total: Mapping[str, float],
     nodes: Sequence[Mapping[str, float]],
+    free: Mapping[str, float] | None = None,
+    free_nodes: Sequence[Mapping[str, float]] | None = None,
 ) -> list[str]:
     """What the cluster cannot give the job: one line per short resource (in total) and per
     role whose one replica fits no node. Empty when the job fits.
@@ -140,8 +147,14 @@ def shortfalls(
         asks: the job's roles (:func:`job_asks`).
         total: the cluster's resources summed over its nodes (``ray.cluster_resources()``).
         nodes: each node's resources (for the per-replica check).
+        free: what is free now, summed over the nodes (``ray.available_resources()``; None:
+            everything, i.e. ``total``). A resource short of ``free`` but not of ``total`` is
+            reported with both amounts.
+        free_nodes: what is free now on each node (None: ``nodes``).
     """
     problems = []
+    free = total if free is None else free
+    free_nodes = nodes if free_nodes is None else free_nodes
     needed: dict[str, list[RoleAsk]] = {}
     for ask in asks:
         for res in ask.per_replica:
@@ -149,39 +162,69 @@ def shortfalls(
     for res, roles in needed.items():
         need = sum(a.count * a.per_replica[res] for a in roles)
         have = float(total.get(res, 0.0))
+        have_free = min(float(free.get(res, 0.0)), have)
+        if need <= have_free + _EPS:
+            continue
+        parts = ", ".join(
+            f"{a.role} {a.count} x {_fmt(res, a.per_replica[res])}" for a in roles if a.count
+        )
+        fields = "; ".join(a.fields for a in roles if a.count)
         if need > have + _EPS:
-            parts = ", ".join(
-                f"{a.role} {a.count} x {_fmt(res, a.per_replica[res])}" for a in roles if a.count
-            )
-            fields = "; ".join(a.fields for a in roles if a.count)
             problems.append(
                 f"{res}: the job asks Ray for {_fmt(res, need)} ({parts}), the cluster has "
                 f"{_fmt(res, have)}: short by {_fmt(res, need - have)}. Ask less per replica "
                 f"({fields}), run fewer replicas, or add nodes with {res}"
+            )
+        else:
+            problems.append(
+                f"{res}: the job asks Ray for {_fmt(res, need)} ({parts}), the cluster has "
+                f"{_fmt(res, have_free)} free of {_fmt(res, have)} (other actors hold "
+                f"{_fmt(res, have - have_free)}): short by {_fmt(res, need - have_free)}. Wait "
+                f"for them to end, ask less per replica ({fields}), run fewer replicas, or add "
+                f"nodes with {res}"
             )
     for ask in asks:
         if not ask.count:
             continue
         for res, per in ask.per_replica.items():
             largest = max((float(n.get(res, 0.0)) for n in nodes), default=0.0)
+            largest_free = max((float(n.get(res, 0.0)) for n in free_nodes), default=0.0)
             if per > largest + _EPS and per <= float(total.get(res, 0.0)) + _EPS:
                 problems.append(
                     f"{res}: each of the {ask.role} asks for {_fmt(res, per)}, but no node has "
                     f"more than {_fmt(res, largest)} ({ask.fields})"
                 )
+            elif (
+                largest + _EPS >= per > largest_free + _EPS
+                and per <= float(free.get(res, 0.0)) + _EPS
+            ):
+                problems.append(
+                    f"{res}: each of the {ask.role} asks for {_fmt(res, per)}, but no node has "
+                    f"more than {_fmt(res, largest_free)} free now ({ask.fields})"
+                )
     return problems
 
 
-def _cluster_resources() -> tuple[dict[str, float], list[dict[str, float]]]:
+def _cluster_resources() -> tuple[
+    dict[str, float], list[dict[str, float]], dict[str, float], list[dict[str, float]]
+]:
+    """(total, each node's total, free now, each node's free now) of the connected cluster."""
     import ray
 
     total = {k: float(v) for k, v in ray.cluster_resources().items()}
-    nodes = [
-        {k: float(v) for k, v in n.get("Resources", {}).items()}
-        for n in ray.nodes()
-        if n.get("Alive", True)
-    ]
-    return total, nodes
+    alive = [n for n in ray.nodes() if n.get("Alive", True)]
+    nodes = [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in alive]
+    free = {k: float(v) for k, v in ray.available_resources().items()}
+    try:  # Ray has no public per-node view of free resources
+        from ray._private.state import available_resources_per_node
+
+        per_node = available_resources_per_node()
+        free_nodes = [
+            {k: float(v) for k, v in per_node.get(n.get("NodeID"), {}).items()} for n in alive
+        ]
+    except Exception:  # noqa: BLE001 - without it, each node's total stands in
+        free_nodes = nodes
+    return total, nodes, free, free_nodes
 
 
 def _raise(problems: list[str]) -> None:
@@ -189,19 +232,22 @@ def _raise(problems: list[str]) -> None:
         raise ConfigError(problems, source="the Ray cluster's resources")
 
 
-#: How long a job joining an existing Ray cluster waits for nodes that are still joining (a
-#: worker node started just before the driver) before a shortfall is an error.
-JOIN_GRACE_S = 10.0
+#: How long a shortfall may last before it is an error, when the job fits the cluster's total
+#: (resources of just-ended actors come back a moment later) or the cluster was joined by
+#: address (a worker node started just before the driver may not have joined yet).
+GRACE_S = 10.0
 
 
 def _check(cluster: ClusterConfig, asks: Sequence[RoleAsk]) -> None:
-    """Raises the shortfalls of ``asks``: at once on a cluster persia started itself; on a
-    cluster joined by address only once they persist for :data:`JOIN_GRACE_S` (capped by the
-    cluster timeout), since nodes may still be joining it."""
-    problems = shortfalls(asks, *_cluster_resources())
+    """Raises the shortfalls of ``asks`` against what is free: at once when the job is larger
+    than the whole of a cluster persia started itself; otherwise only once they persist for
+    :data:`GRACE_S` (capped by the cluster timeout)."""
+    resources = _cluster_resources()
+    problems = shortfalls(asks, *resources)
     joined = bool(cluster.address or _settings.ray_address())
-    if problems and joined:
-        deadline = time.monotonic() + min(JOIN_GRACE_S, cluster.resolved_timeout_s())
+    beyond_total = bool(shortfalls(asks, resources[0], resources[1]))
+    if problems and (joined or not beyond_total):
+        deadline = time.monotonic() + min(GRACE_S, cluster.resolved_timeout_s())
         while problems and time.monotonic() < deadline:
             time.sleep(0.5)
             problems = shortfalls(asks, *_cluster_resources())
