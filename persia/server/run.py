@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -43,12 +44,15 @@ def serve_model(
     *,
     log_level: str = "warning",
     on_ready: Callable[[dict[str, Any]], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
     """Serves ``model`` until interrupted, then stops both front ends (the caller closes the
     model).
 
     Once both front ends listen, ``on_ready`` gets ``{"http": URL, "grpc": "host:port" or None,
-    "kind": ...}``; by default that object is printed as one JSON line on stdout.
+    "kind": ...}``; by default that object is printed as one JSON line on stdout. Setting
+    ``stop`` ends the server as a signal does (for a server run on another thread, where uvicorn
+    installs no signal handler).
 
     Raises:
         OSError: a port cannot be bound.
@@ -80,6 +84,13 @@ def serve_model(
             timeout_graceful_shutdown=5,
         )
         server = uvicorn.Server(config)
+        if stop is not None:
+
+            def watch() -> None:
+                stop.wait()
+                server.should_exit = True
+
+            threading.Thread(target=watch, name="persia-serve-stop", daemon=True).start()
         if on_ready is None:
             sys.stdout.write(json.dumps(info) + "\n")
             sys.stdout.flush()
