@@ -217,6 +217,10 @@ def _rows_table(rows: list[dict[str, Any]]) -> pa.Table:
     for row in rows:
         for key in row:
             names.setdefault(key, None)
+    if not names:
+        raise RequestError(
+            422, ["body", "rows"], "the rows have no columns (each row names its values)", "missing"
+        )
     columns = {}
     for name in names:
         values = [row.get(name) for row in rows]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.server.conftest import raw_test_rows
+from server.conftest import raw_test_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -215,7 +215,7 @@ def test_concurrent_requests_while_deltas_are_applied(tmp_path, checkpoint):
 
     from persia.ctx._stack import last_runtime
     from persia.embedding.config import parse_global_config
-    from tests.server.conftest import JitNet, Server, eval_predictions, write_embedding_config
+    from server.conftest import JitNet, Server, eval_predictions, write_embedding_config
 
     deltas, ckpt = tmp_path / "deltas", tmp_path / "ckpt"
     glob = parse_global_config(

@@ -2,7 +2,8 @@
 
 Each replica is a Ray Serve deployment replica that opens the model itself
 (:func:`persia.server.open_model`) and serves :func:`persia.server.app.create_app` over it; Ray
-Serve's proxy spreads the requests over the replicas.
+Serve's proxy spreads the requests over the replicas; each answer names its replica in the
+``x-persia-replica`` header.
 
 **Deltas: every replica follows them itself.** With ``--follow`` each replica's own
 ``InferCtx`` polls the delta directory and applies every complete delta in order, exactly as a
@@ -53,12 +54,32 @@ class PersiaServer:
     def __serve_build_asgi_app__(self) -> Any:
         from persia.server.app import create_app
 
-        return create_app(self.model, self.settings)
+        app = create_app(self.model, self.settings)
+        replica = serve.get_replica_context().replica_id.unique_id
+        return _with_header(app, (b"x-persia-replica", replica.encode()))
 
     def __del__(self) -> None:
         model = getattr(self, "model", None)
         if model is not None:
             model.close()
+
+
+def _with_header(app: Any, header: tuple[bytes, bytes]) -> Any:
+    """``app`` answering every HTTP response with ``header`` too (which replica answered)."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def add(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await app(scope, receive, add)
+
+    return wrapped
 
 
 def application(
