@@ -92,6 +92,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help=f"requests waiting beyond those; more get 503 (default {d.max_queue})",
     )
     lim.add_argument(
+        "--coalesce-rows",
+        type=int,
+        default=d.coalesce_rows,
+        metavar="N",
+        help="JSON-rows requests waiting at the same moment are computed in one model call, up "
+        f"to N rows (default {d.coalesce_rows}; 0: one call per request)",
+    )
+    lim.add_argument(
         "--max-delta-age",
         type=float,
         metavar="S",
@@ -147,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_delta_age_s=args.max_delta_age,
         model_name=args.model_name,
+        coalesce_rows=args.coalesce_rows,
     )
     if not (args.poll_interval > 0):
         raise ConfigError(f"--poll-interval must be > 0, got {args.poll_interval}")

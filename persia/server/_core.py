@@ -36,6 +36,9 @@ class ServerSettings:
         max_delta_age_s: readiness fails while the last applied delta is older than this
             (None: no bound).
         model_name: the gRPC ``model_name`` served (None: any name).
+        coalesce_rows: JSON-rows requests waiting at the same moment are computed in one
+            model call up to this many rows (:mod:`persia.server._coalesce`; 0: one call per
+            request).
     """
 
     host: str = "127.0.0.1"
@@ -47,6 +50,7 @@ class ServerSettings:
     max_queue: int = 64
     max_delta_age_s: float | None = None
     model_name: str | None = None
+    coalesce_rows: int = 1024
 
     def __post_init__(self) -> None:
         problems = []
@@ -54,10 +58,10 @@ class ServerSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int):
-            problems.append(f"max_queue must be an int >= 0, got {self.max_queue!r}")
-        elif self.max_queue < 0:
-            problems.append(f"max_queue must be an int >= 0, got {self.max_queue!r}")
+        for name in ("max_queue", "coalesce_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                problems.append(f"{name} must be an int >= 0, got {value!r}")
         for name in ("port", "grpc_port"):
             value = getattr(self, name)
             if value is None and name == "grpc_port":

@@ -22,12 +22,14 @@ failure is logged and answered 500, and the server goes on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Literal
 
 import anyio
+import numpy as np
 import pyarrow as pa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,10 +38,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from persia.errors import BatchError
 from persia.logger import get_default_logger
+from persia.server._coalesce import Coalescer
 from persia.server._core import RequestError, ServerSettings, Stats, as_predictions, decode_batch
 from persia.server._model import RowsNotSupported, ServedModel
 
-__all__ = ["create_app", "RowsRequest", "Predictions"]
+__all__ = ["create_app", "RowsRequest", "Predictions", "parse_rows", "rows_table"]
 
 _logger = get_default_logger()
 
@@ -60,6 +63,8 @@ Value = (
 )
 
 ROWS_PATH, BATCH_PATH = "/predict", "/predict/batch"
+#: JSON-rows bodies up to this size are parsed on the event loop (no thread hop)
+_INLINE_PARSE_BYTES = 32 << 10
 _ENDPOINTS = {
     ROWS_PATH: "rows",
     BATCH_PATH: "batch",
@@ -70,7 +75,11 @@ _ENDPOINTS = {
 
 
 class RowsRequest(BaseModel):
-    """Raw request rows, as the training files hold them (the label column is not needed)."""
+    """Raw request rows, as the training files hold them (the label column is not needed).
+
+    The schema of ``POST /predict`` (the server checks bodies with :func:`parse_rows` and
+    :func:`rows_table`, to the same rules, plus one: a column's values are of one JSON type
+    across rows, numbers mixing ints and floats)."""
 
     model_config = ConfigDict(extra="forbid")
     rows: list[dict[str, Value]] = Field(
@@ -211,8 +220,77 @@ def _too_large(size: int, limit: int) -> RequestError:
     )
 
 
-def _rows_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """The rows as columns (every key of any row; a row without it gives null there)."""
+def parse_rows(body: bytes) -> list[dict[str, Any]]:
+    """The ``rows`` of a ``/predict`` body (:class:`RowsRequest`), checked without a pydantic
+    pass over every value (the column types are checked once per column, by Arrow).
+
+    Raises:
+        RequestError: 422 naming the field: not JSON, not an object, another key than ``rows``,
+            ``rows`` not a list, a row not an object.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(422, ["body"], f"not JSON: {exc}", "json_invalid") from None
+    if not isinstance(data, dict):
+        raise RequestError(422, ["body"], 'expected an object {"rows": [...]}', "model_type")
+    if "rows" not in data:
+        raise RequestError(422, ["body", "rows"], "field required", "missing")
+    extra = [k for k in data if k != "rows"]
+    if extra:
+        raise RequestError(
+            422, ["body", extra[0]], "extra inputs are not permitted", "extra_forbidden"
+        )
+    rows = data["rows"]
+    if not isinstance(rows, list):
+        raise RequestError(422, ["body", "rows"], "expected a list of objects", "list_type")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise RequestError(422, ["body", "rows", i], "expected an object", "dict_type")
+    return rows
+
+
+def _scalar_ok(t: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_null(t)
+        or pa.types.is_string(t)
+        or pa.types.is_int64(t)
+        or pa.types.is_uint64(t)
+        or pa.types.is_float64(t)
+    )
+
+
+def _column(name: str, values: list[Any]) -> pa.Array:
+    """One request column as Arrow; 422 naming it when its values are not one JSON type
+    (numbers may mix ints and floats) or not text, numbers, booleans, nulls or flat lists."""
+    problem = None
+    try:
+        try:
+            arr = pa.array(values)
+        except OverflowError:  # ints past int64: unsigned 64-bit IDs
+            arr = pa.array(values, type=pa.uint64())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as exc:
+        problem = f"the values must be of one type across rows ({exc})"
+    else:
+        t = arr.type
+        if pa.types.is_list(t):
+            if not _scalar_ok(t.value_type):
+                problem = f"a list must hold text or numbers of one type, got {t.value_type}"
+        elif not (_scalar_ok(t) or pa.types.is_boolean(t)):
+            problem = f"values must be text, numbers, booleans, null or lists, got {t}"
+    if problem is not None:
+        raise RequestError(
+            422, ["body", "rows", "*", name], f"column {name!r}: {problem}", "value_error"
+        )
+    return arr
+
+
+def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """The rows as columns (every key of any row; a row without it gives null there).
+
+    Raises:
+        RequestError: 422 naming the column whose values cannot be one column.
+    """
     names: dict[str, None] = {}
     for row in rows:
         for key in row:
@@ -221,19 +299,7 @@ def _rows_table(rows: list[dict[str, Any]]) -> pa.Table:
         raise RequestError(
             422, ["body", "rows"], "the rows have no columns (each row names its values)", "missing"
         )
-    columns = {}
-    for name in names:
-        values = [row.get(name) for row in rows]
-        try:
-            columns[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as exc:
-            raise RequestError(
-                422,
-                ["body", "rows", "*", name],
-                f"column {name!r}: the values must be of one type across rows ({exc})",
-                "value_error",
-            ) from None
-    return pa.table(columns)
+    return pa.table({name: _column(name, [row.get(name) for row in rows]) for name in names})
 
 
 def create_app(model: ServedModel, settings: ServerSettings | None = None) -> FastAPI:
@@ -285,7 +351,9 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
         }
         return JSONResponse(body, status_code=500)
 
-    def _rows(rows: list[dict[str, Any]]) -> list[Any]:
+    def _table(body: bytes) -> pa.Table | None:
+        """The request's rows as a table (None: no rows)."""
+        rows = parse_rows(body)
         if len(rows) > settings.max_batch:
             raise RequestError(
                 413,
@@ -293,16 +361,22 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
                 f"{len(rows)} rows, more than this server's limit of {settings.max_batch}",
                 "too_large",
             )
-        if not rows:
-            return []
-        table = _rows_table(rows)
+        return rows_table(rows) if rows else None
+
+    def _predict_rows(table: pa.Table) -> np.ndarray:
         try:
-            out = model.predict(table)
+            return model.predict(table)
         except RowsNotSupported as exc:
             raise RequestError(409, ["body", "rows"], str(exc), "model_kind") from None
         except BatchError as exc:
             raise RequestError(422, ["body", "rows"], str(exc), "value_error") from None
-        return as_predictions(out, len(rows))
+
+    coalescer = None
+    if model.kind == "export" and settings.coalesce_rows > 0:
+        coalescer = Coalescer(
+            _predict_rows, max_rows=settings.coalesce_rows, workers=settings.max_concurrent
+        )
+    app.state.coalescer = coalescer
 
     def _batch(data: bytes) -> list[Any]:
         batch = decode_batch(data, settings.max_batch, ["body"])
@@ -324,10 +398,27 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
             "409": {"model": ErrorBody, "description": "the model is a checkpoint"},
         },
         summary="Predict raw JSON rows (exports)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": RowsRequest.model_json_schema()}},
+            }
+        },
     )
-    async def predict_rows(request: RowsRequest) -> JSONResponse:
-        preds = await anyio.to_thread.run_sync(_rows, request.rows, limiter=limiter)
-        return JSONResponse({"predictions": preds})
+    async def predict_rows(request: Request) -> JSONResponse:
+        # checked without a pydantic pass over every value; a large body off the event loop
+        body = await request.body()
+        if len(body) <= _INLINE_PARSE_BYTES:
+            table = _table(body)
+        else:
+            table = await anyio.to_thread.run_sync(_table, body, limiter=limiter)
+        if table is None:
+            return JSONResponse({"predictions": []})
+        if coalescer is not None:
+            out = await asyncio.wrap_future(coalescer.submit(table))
+        else:
+            out = await anyio.to_thread.run_sync(_predict_rows, table, limiter=limiter)
+        return JSONResponse({"predictions": as_predictions(out, table.num_rows)})
 
     @app.post(
         BATCH_PATH,

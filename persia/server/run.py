@@ -103,4 +103,6 @@ def serve_model(
     finally:
         if grpc_server is not None:
             grpc_server.stop(grace=2).wait()
+        if app.state.coalescer is not None:
+            app.state.coalescer.close()
         sock.close()

@@ -110,7 +110,11 @@ def test_limits_and_bad_requests_get_4xx_naming_the_field(export, export_server)
         cases = [
             ({"rowz": rows}, ["body", "rows"]),  # no rows
             ({"rows": "x"}, ["body", "rows"]),
-            ({"rows": [{"age": {"nested": 1}}]}, ["body", "rows", 0, "age"]),
+            ({"rows": [{"age": {"nested": 1}}]}, ["body", "rows", "*", "age"]),
+            ({"rows": [{"age": [[1]]}]}, ["body", "rows", "*", "age"]),
+            ({"rows": [1]}, ["body", "rows", 0]),
+            ({"rows": [], "extra": 1}, ["body", "extra"]),
+            ([], ["body"]),
             ({"rows": [rows[0], {**rows[1], "age": 7}]}, ["body", "rows", "*", "age"]),
         ]
         for body, loc in cases:
