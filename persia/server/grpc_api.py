@@ -30,11 +30,12 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, message_factory
 
 from persia.errors import BatchError, ConfigError
 from persia.logger import get_default_logger
-from persia.server._core import RequestError, ServerSettings, Stats, as_predictions, decode_batch
+from persia.server._core import RequestError, ServerSettings, Stats, decode_batch
 from persia.server._model import ServedModel
 
 __all__ = [
@@ -173,12 +174,14 @@ class _Servicer:
             raise RequestError(
                 422, ["input['batch']"], f"the model cannot run on this batch: {exc}", "value_error"
             ) from None
-        # TorchServe's PERSIA handler answers reshape(output, (-1,)).tolist()
-        values = as_predictions(out, batch.batch_size)
-        flat = (
-            [v for row in values for v in row] if values and isinstance(values[0], list) else values
+        # PERSIA's handler answers reshape(output, (-1,)).tolist(); a value that is not finite
+        # is written NaN / Infinity, which PERSIA's client reads back with float()
+        arr = np.asarray(out)
+        if arr.ndim == 0 or arr.shape[0] != batch.batch_size:
+            raise ValueError(f"the model returned shape {arr.shape} for {batch.batch_size} samples")
+        return self.Response(
+            prediction=format_prediction(arr.reshape(-1).astype(np.float64).tolist())
         )
-        return self.Response(prediction=format_prediction(flat))
 
 
 class _NotFound(Exception):
