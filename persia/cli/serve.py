@@ -22,7 +22,7 @@ Reference: docs/server.md."""
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Adds ``serve`` to the subcommands."""
-    from persia.server._core import ServerSettings
+    from persia.server.settings import ServerSettings
 
     d = ServerSettings()
     p = sub.add_parser(

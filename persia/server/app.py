@@ -39,8 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from persia.errors import BatchError
 from persia.logger import get_default_logger
 from persia.server._coalesce import Coalescer
-from persia.server._core import RequestError, ServerSettings, Stats, as_predictions, decode_batch
+from persia.server._core import RequestError, Stats, as_predictions, decode_batch
 from persia.server._model import RowsNotSupported, ServedModel
+from persia.server.settings import ServerSettings
 
 __all__ = ["create_app", "RowsRequest", "Predictions", "parse_rows", "rows_table"]
 

@@ -35,8 +35,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, message_
 
 from persia.errors import BatchError, ConfigError
 from persia.logger import get_default_logger
-from persia.server._core import RequestError, ServerSettings, Stats, decode_batch
+from persia.server._core import RequestError, Stats, decode_batch
 from persia.server._model import ServedModel
+from persia.server.settings import ServerSettings
 
 __all__ = [
     "PACKAGE",

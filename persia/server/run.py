@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from persia.logger import get_default_logger
-from persia.server._core import ServerSettings
 from persia.server._model import ServedModel
+from persia.server.settings import ServerSettings
 
 __all__ = ["serve_model", "bind"]
 

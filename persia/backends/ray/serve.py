@@ -31,7 +31,7 @@ from ray import serve
 
 from persia.backends.ray.backend import init_ray
 from persia.errors import ConfigError
-from persia.server._core import ServerSettings
+from persia.server.settings import ServerSettings
 
 __all__ = ["PersiaServer", "application", "deploy", "run_ray_serve", "APP_NAME"]
 
