@@ -61,8 +61,8 @@ def serve_model(
 
     from persia.server.app import create_app
 
+    sock = bind(settings.host, settings.port)  # before the app starts any thread
     app = create_app(model, settings)
-    sock = bind(settings.host, settings.port)
     grpc_server, grpc_port = None, None
     try:
         if settings.grpc_port is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from persia.cli.main import EXIT_BAD_INPUT, main
@@ -36,3 +38,5 @@ def test_a_port_in_use_is_refused(export, capsys):
     finally:
         sock.close()
     assert "cannot listen" in capsys.readouterr().err
+    # nothing the server would have started is left running
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("persia-rows")]

@@ -61,7 +61,8 @@ def test_waiting_requests_are_computed_together_and_split_back():
 
 def test_close_computes_what_is_queued_and_stops_the_threads():
     c = Coalescer(lambda t: np.zeros(t.num_rows), max_rows=10, workers=2)
+    threads = list(c._threads)
     futures = [c.submit(_t(1.0)) for _ in range(5)]
     c.close()
     assert all(f.result(0).shape == (1,) for f in futures)
-    assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("persia-rows"))
+    assert len(threads) == 2 and not any(t.is_alive() for t in threads)
