@@ -1,6 +1,6 @@
 """Serving benchmark: ``persia serve`` against a hand-written FastAPI baseline, and freshness.
 
-    python benchmarks/bench_serving.py --quick    # CI: a few requests per cell (~1 min)
+    python benchmarks/bench_serving.py --quick    # CI: 16 requests per cell (~40 s)
     python benchmarks/bench_serving.py            # >= 1,000 requests per cell and server
 
 **Latency and throughput** (JSON-rows endpoint). An Adult-income export is trained
@@ -759,10 +759,10 @@ def main() -> int:
     p.add_argument("--probe-interval", type=float, default=0.01)
     p.add_argument("--only", choices=("latency", "freshness"), default=None)
     p.add_argument(
-        "--no-predictor-server",
-        dest="predictor_server",
-        action="store_false",
-        help="leave out the fastapi-predictor reference",
+        "--predictor-server",
+        choices=("yes", "no"),
+        default=None,
+        help="run the fastapi-predictor reference (default: yes, no with --quick)",
     )
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -781,7 +781,8 @@ def main() -> int:
         return 0
     args.batches = [int(x) for x in args.batches.split(",")]
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
-    args.requests = args.requests or (24 if args.quick else 1000)
+    args.requests = args.requests or (16 if args.quick else 1000)
+    args.predictor_server = (args.predictor_server or ("no" if args.quick else "yes")) == "yes"
     args.rounds = args.rounds or (2 if args.quick else 4)
     args.run_budget_s = args.run_budget_s or (30.0 if args.quick else 300.0)
     args.markers = args.markers or (4 if args.quick else 200)
