@@ -11,7 +11,7 @@ LINT_DIRS := $(wildcard persia tests benchmarks examples)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=24"
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,ray]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,ray,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)

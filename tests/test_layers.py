@@ -47,6 +47,8 @@ FLOORS: list[list[str]] = [
     ["persia.ctx", "persia.data"],
     ["persia.job", "persia.datasets"],
     ["persia.serving"],
+    # the inference server (FastAPI, gRPC) over a served model
+    ["persia.server"],
     # the Ray backend (and the old import paths of its configs, persia.cluster)
     ["persia.backends", "persia.cluster"],
     ["persia.cli"],

@@ -1,4 +1,4 @@
-"""``persia``: train a recommender from one job file, or check a job file.
+"""``persia``: train a recommender from one job file, check a job file, export or serve a model.
 
 Errors from a bad job file or bad data (:class:`~persia.errors.PersiaError`) are printed as a
 clean message and exit with status 2; any other error keeps its traceback. Imports stay light
@@ -33,6 +33,7 @@ examples:
   persia train job.yaml --backend ray --num-ps 2
   persia train job.yaml --metrics-file metrics.jsonl
   persia export job.yaml --checkpoint ckpt/ --out served/
+  persia serve served/ --port 8080          (HTTP and gRPC inference server, docs/server.md)
 
 The job file's reference: docs/job-file.md."""
 
@@ -40,7 +41,7 @@ The job file's reference: docs/job-file.md."""
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``persia`` and its subcommands."""
     from persia import __version__
-    from persia.cli import export, train, validate
+    from persia.cli import export, serve, train, validate
 
     parser = argparse.ArgumentParser(
         prog="persia",
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     validate.add_parser(sub)
     export.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

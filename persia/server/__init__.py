@@ -1,0 +1,46 @@
+"""``persia serve``: an HTTP (FastAPI under uvicorn) and gRPC (TorchServe's inference API)
+server for a job-file export or a PERSIA-API checkpoint. See docs/server.md.
+
+* :func:`open_model`: the model, whichever kind the directory holds (an interim adapter until
+  ``persia.serving.open_model`` lands; same interface);
+* :func:`persia.server.app.create_app`: the FastAPI application over a model;
+* :func:`persia.server.grpc_api.start_grpc_server`: the gRPC front end;
+* :func:`persia.server.run.serve_model`: both, until interrupted (what ``persia serve`` runs).
+
+Importing this package is light (``persia serve --help`` loads no torch): the names below load
+their module on first use. FastAPI, uvicorn and grpcio are imported only by the submodules above
+(``pip install persia[serve]``); the Ray Serve deployment lives in
+:mod:`persia.backends.ray.serve`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from persia.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from persia.server._core import RequestError, Stats
+    from persia.server._model import JIT_FILENAME, RowsNotSupported, ServedModel, open_model
+
+__all__ = [
+    "JIT_FILENAME",
+    "RequestError",
+    "RowsNotSupported",
+    "ServedModel",
+    "ServerSettings",
+    "Stats",
+    "open_model",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("RequestError", "Stats"):
+        from persia.server import _core
+
+        return getattr(_core, name)
+    if name in ("JIT_FILENAME", "RowsNotSupported", "ServedModel", "open_model"):
+        from persia.server import _model
+
+        return getattr(_model, name)
+    raise AttributeError(f"module 'persia.server' has no attribute {name!r}")
