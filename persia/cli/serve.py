@@ -8,7 +8,7 @@ from typing import Any
 HELP = "serve an export or a PERSIA-API checkpoint over HTTP (FastAPI) and gRPC"
 DESCRIPTION = """\
 Serve DIR: a job-file export (persia export / persia train --export) or a checkpoint written by
-TrainCtx.dump_checkpoint(dir, with_jit_model=True) (with PERSIA's embedding_config.yml).
+TrainCtx.dump_checkpoint(dir, with_jit_model=True) (persia.serving.open_model opens either).
 
 HTTP (uvicorn, one process): POST /predict (JSON rows; exports only), POST /predict/batch
 (PersiaBatch.to_bytes()), GET /healthz, /readyz, /metrics, /openapi.json, /docs.
@@ -52,7 +52,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     m.add_argument(
         "--embedding-config",
         metavar="FILE",
-        help="a checkpoint's embedding_config.yml (default: $PERSIA_EMBEDDING_CONFIG)",
+        help="a checkpoint's embedding_config.yml: needed only by a checkpoint that records no "
+        "embedding layer (an older persia's), else checked against it (default: "
+        "$PERSIA_EMBEDDING_CONFIG)",
     )
     m.add_argument(
         "--global-config",

@@ -1,8 +1,8 @@
 """``persia serve``: an HTTP (FastAPI under uvicorn) and gRPC (TorchServe's inference API)
 server for a job-file export or a PERSIA-API checkpoint. See docs/server.md.
 
-* :func:`open_model`: the model, whichever kind the directory holds (an interim adapter until
-  ``persia.serving.open_model`` lands; same interface);
+* :func:`open_model`: the model, whichever kind the directory holds
+  (:func:`persia.serving.open_model` with the command line's defaults for a checkpoint);
 * :func:`persia.server.app.create_app`: the FastAPI application over a model;
 * :func:`persia.server.grpc_api.start_grpc_server`: the gRPC front end;
 * :func:`persia.server.run.serve_model`: both, until interrupted (what ``persia serve`` runs).
@@ -21,10 +21,9 @@ from persia.server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from persia.server._core import RequestError, Stats
-    from persia.server._model import JIT_FILENAME, RowsNotSupported, ServedModel, open_model
+    from persia.server._model import RowsNotSupported, ServedModel, open_model
 
 __all__ = [
-    "JIT_FILENAME",
     "RequestError",
     "RowsNotSupported",
     "ServedModel",
@@ -39,7 +38,7 @@ def __getattr__(name: str) -> Any:
         from persia.server import _core
 
         return getattr(_core, name)
-    if name in ("JIT_FILENAME", "RowsNotSupported", "ServedModel", "open_model"):
+    if name in ("RowsNotSupported", "ServedModel", "open_model"):
         from persia.server import _model
 
         return getattr(_model, name)

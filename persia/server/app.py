@@ -9,8 +9,9 @@ Endpoints (the schema: ``GET /openapi.json``, browsable at ``/docs``):
   (``application/octet-stream``); both kinds of model. Answer as above (a list per sample when the
   model returns several outputs per sample).
 * ``GET /healthz``: the process answers (liveness).
-* ``GET /readyz``: the model is loaded, with the last training delta applied and its age; 503
-  while that age exceeds ``max_delta_age_s``.
+* ``GET /readyz``: the model is loaded, with the last training delta applied and its age
+  (``freshness``: None for a static model, an export); 503 while that age exceeds
+  ``max_delta_age_s``.
 * ``GET /metrics``: Prometheus text.
 
 Limits: a body over ``max_request_bytes`` gets 413 before it is read whole; a request with more
@@ -101,7 +102,10 @@ class Readiness(BaseModel):
     ready: bool
     kind: Literal["export", "checkpoint"]
     reason: str | None
-    freshness: dict[str, Any]
+    freshness: dict[str, Any] | None = Field(
+        description="persia.serving.ServedModel.freshness(): the generation served, the last "
+        "delta applied, when it was flushed and its age; null for a static model (an export)"
+    )
 
 
 class _ErrorItem(BaseModel):
@@ -452,7 +456,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
     )
     async def readyz() -> JSONResponse:
         fresh = model.freshness()
-        age, reason = fresh.get("age_s"), None
+        age, reason = (None if fresh is None else fresh.get("age_s")), None
         limit = settings.max_delta_age_s
         if limit is not None and age is not None and age > limit:
             reason = f"the last delta applied is {age:.1f} s old (limit {limit} s)"
@@ -465,7 +469,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
         summary="Prometheus metrics",
     )
     async def metrics() -> Response:
-        text = stats.render(model.kind, model.freshness())
+        text = stats.render(model.kind, model.freshness() or {})
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.add_middleware(_Guard, settings=settings, stats=stats)  # type: ignore[arg-type]

@@ -23,12 +23,19 @@ from persia.serving.export import (
     run_and_export,
     serving_meta,
 )
-from persia.serving.model import CheckpointModel, ExportModel, ServedModel, open_model
+from persia.serving.model import (
+    CheckpointModel,
+    ExportModel,
+    RowsNotSupported,
+    ServedModel,
+    open_model,
+)
 from persia.serving.predictor import Predictor, load
 
 __all__ = [
     "CheckpointModel",
     "ExportModel",
+    "RowsNotSupported",
     "ServedModel",
     "open_model",
     "KIND",

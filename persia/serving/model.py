@@ -39,11 +39,16 @@ from persia.store.checkpoint import current_kind
 from persia.worker.embedding_worker import EmbeddingWorker
 from persia.worker.protocol import LookupResult
 
-__all__ = ["ServedModel", "ExportModel", "CheckpointModel", "open_model"]
+__all__ = ["ServedModel", "ExportModel", "CheckpointModel", "RowsNotSupported", "open_model"]
 
 #: the manifest kinds :func:`open_model` recognises
 EXPORT_KIND = "persia-serving"
 CHECKPOINT_KIND = "persia-job"
+
+
+class RowsNotSupported(PersiaError):
+    """Raw rows were given to a model without a raw-row recipe (a PERSIA-API checkpoint, which
+    predicts on :class:`~persia.embedding.data.PersiaBatch` requests only)."""
 
 
 def _check_batch(batch: Any) -> PersiaBatch:
@@ -102,7 +107,7 @@ class ServedModel:
         """Probabilities (float32, one per row) for raw request rows (exports only).
 
         Raises:
-            PersiaError: a checkpoint (no raw-row recipe); BatchError: bad rows.
+            RowsNotSupported: a checkpoint (no raw-row recipe); BatchError: bad rows.
         """
         raise NotImplementedError
 
@@ -285,11 +290,11 @@ class CheckpointModel(ServedModel):
         return _as_numpy(out, False)
 
     def predict(self, rows: Any) -> np.ndarray:
-        raise PersiaError(
+        raise RowsNotSupported(
             f"{self.path} is a PERSIA-API checkpoint: it carries no recipe from raw rows to "
             "IDs (the training script formed them), so it predicts on PersiaBatch requests "
-            "only (predict_batch). Serve a job-file export (persia export) to predict on raw "
-            "rows"
+            "only (predict_batch; a server's PersiaBatch.to_bytes() endpoint). Serve a job-file "
+            "export (persia export) to predict on raw rows"
         )
 
     def freshness(self) -> dict[str, Any] | None:
@@ -342,23 +347,27 @@ def open_model(
         A :class:`ServedModel` (``.kind`` ``"export"`` or ``"checkpoint"``).
 
     Raises:
-        CheckpointError: ``path`` is neither, is corrupt or incomplete, or is a checkpoint
+        CheckpointError: ``path`` is no directory, is neither, is corrupt or incomplete, or is a checkpoint
             without a TorchScript model.
         ConfigError: a checkpoint without a recorded embedding layer and no
             ``embedding_config``, or one that differs from it.
         PersiaError: ``follow`` for an export (a snapshot: it follows nothing).
     """
     root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: no such directory (an export or a job checkpoint)")
     try:
         kind = current_kind(root)
     except CheckpointError as exc:
         raise CheckpointError(
-            f"{root} is neither a serving export nor a job checkpoint: {exc}"
+            f"{root} is neither a serving export nor a job checkpoint (one that "
+            f"TrainCtx.dump_checkpoint(dir, with_jit_model=True) writes, with jit_dense.pt "
+            f"beside its generations): {exc}"
         ) from None
     if kind == EXPORT_KIND:
         if follow is not None:
             raise PersiaError(
-                f"{root} is a serving export, a snapshot that follows no deltas; serve the "
+                f"{root} is a serving export, a snapshot that does not follow deltas; serve the "
                 "job's checkpoint (dump_checkpoint(dir, with_jit_model=True)) to follow training"
             )
         if embedding_config is not None:

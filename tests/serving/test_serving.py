@@ -350,7 +350,7 @@ def test_open_model_serves_the_export_on_rows_and_batches(
     no_dense = PersiaBatch(pb.id_type_features, requires_grad=False)
     with pytest.raises(BatchError, match="one non-ID feature"):
         model.predict_batch(no_dense)
-    with pytest.raises(PersiaError, match="follows no deltas"):
+    with pytest.raises(PersiaError, match="does not follow deltas"):
         open_model(trained["export"], follow=tmp_path)
     # the job's own checkpoint has no TorchScript model; an empty folder is neither kind
     with pytest.raises(CheckpointError, match="holds no TorchScript dense model"):

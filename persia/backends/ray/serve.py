@@ -5,8 +5,8 @@ Each replica is a Ray Serve deployment replica that opens the model itself
 Serve's proxy spreads the requests over the replicas; each answer names its replica in the
 ``x-persia-replica`` header.
 
-**Deltas: every replica follows them itself.** With ``--follow`` each replica's own
-``InferCtx`` polls the delta directory and applies every complete delta in order, exactly as a
+**Deltas: every replica follows them itself.** With ``--follow`` each replica's own model
+(:func:`persia.serving.open_model`) polls the delta directory and applies every complete delta in order, exactly as a
 single server does; no replica waits for another. Replicas therefore hold the same rows up to one
 poll interval apart, and two requests sent at the same moment to two replicas may see two
 consecutive deltas. The alternative, one shared set of inference parameter servers, would add a
