@@ -178,8 +178,10 @@ def run(args: argparse.Namespace) -> int:
             open_kwargs=open_kwargs,
         )
         return 0
+    from persia import telemetry
     from persia.server.run import serve_model
 
+    telemetry.configure(telemetry.SERVER)  # GET /metrics: latency, answers by status, freshness
     model = open_model(args.dir, **open_kwargs)
     try:
         serve_model(model, settings, log_level=args.log_level)

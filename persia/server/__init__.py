@@ -20,21 +20,21 @@ from typing import TYPE_CHECKING, Any
 from persia.server.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from persia.server._core import RequestError, Stats
+    from persia.server._core import InFlight, RequestError
     from persia.server._model import RowsNotSupported, ServedModel, open_model
 
 __all__ = [
+    "InFlight",
     "RequestError",
     "RowsNotSupported",
     "ServedModel",
     "ServerSettings",
-    "Stats",
     "open_model",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("RequestError", "Stats"):
+    if name in ("InFlight", "RequestError"):
         from persia.server import _core
 
         return getattr(_core, name)

@@ -1,21 +1,26 @@
-"""What the HTTP and the gRPC front ends share: request errors naming the field, the request
-counters behind ``/metrics``, and the decoding and checks of a batch request (the settings:
-:mod:`persia.server.settings`)."""
+"""What the HTTP and the gRPC front ends share: request errors naming the field, admission, what
+they record in :mod:`persia.telemetry` (served at ``/metrics``), and the decoding and checks of a
+batch request (the settings: :mod:`persia.server.settings`)."""
 
 from __future__ import annotations
 
 import threading
-import time
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from persia import telemetry
 from persia.embedding.data import PersiaBatch
 from persia.errors import BatchError
 
-__all__ = ["RequestError", "Stats", "decode_batch", "as_predictions"]
+__all__ = [
+    "RequestError",
+    "InFlight",
+    "record",
+    "record_freshness",
+    "decode_batch",
+    "as_predictions",
+]
 
 
 class RequestError(Exception):
@@ -30,77 +35,45 @@ class RequestError(Exception):
         return {"detail": [{"loc": self.loc, "msg": self.msg, "type": self.kind}]}
 
 
-@dataclass
-class Stats:
-    """Request counters for ``/metrics`` (thread-safe).
+class InFlight:
+    """Prediction requests being computed or queued, for admission (thread-safe)."""
 
-    **Interim**: a minimal Prometheus text body of persia's own counters until the metrics issue's
-    ``persia.telemetry`` renders it.
-    """
-
-    started_unix_s: float = field(default_factory=time.time)
-    _requests: Counter[tuple[str, str]] = field(default_factory=Counter)
-    _seconds: dict[str, float] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    in_flight: int = 0
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
 
     def enter(self) -> int:
         """One more prediction request in flight; returns how many were before it."""
         with self._lock:
-            self.in_flight += 1
-            return self.in_flight - 1
+            self.count += 1
+            return self.count - 1
 
     def leave(self) -> None:
         """One prediction request done."""
         with self._lock:
-            self.in_flight -= 1
+            self.count -= 1
 
-    def record(self, endpoint: str, code: str, seconds: float) -> None:
-        with self._lock:
-            self._requests[(endpoint, code)] += 1
-            self._seconds[endpoint] = self._seconds.get(endpoint, 0.0) + seconds
 
-    def render(self, model_kind: str, freshness: dict[str, Any]) -> str:
-        """The Prometheus text exposition of the counters and the model's freshness."""
-        with self._lock:
-            requests = sorted(self._requests.items())
-            seconds = sorted(self._seconds.items())
-            in_flight = self.in_flight
-        lines = [
-            "# persia serve: interim metrics (the metrics issue's persia.telemetry replaces them)",
-            "# HELP persia_server_requests_total Requests answered, by endpoint and status code.",
-            "# TYPE persia_server_requests_total counter",
-        ]
-        for (endpoint, code), n in requests:
-            lines.append(f'persia_server_requests_total{{endpoint="{endpoint}",code="{code}"}} {n}')
-        lines += [
-            "# HELP persia_server_request_seconds_total Seconds spent answering, by endpoint.",
-            "# TYPE persia_server_request_seconds_total counter",
-        ]
-        for endpoint, s in seconds:
-            lines.append(f'persia_server_request_seconds_total{{endpoint="{endpoint}"}} {s:.6f}')
-        lines += [
-            "# HELP persia_server_in_flight Prediction requests being computed or queued.",
-            "# TYPE persia_server_in_flight gauge",
-            f"persia_server_in_flight {in_flight}",
-            "# HELP persia_server_info The model served.",
-            "# TYPE persia_server_info gauge",
-            f'persia_server_info{{kind="{model_kind}"}} 1',
-        ]
-        seq, age = freshness.get("last_delta_seq"), freshness.get("age_s")
-        if seq is not None:
-            lines += [
-                "# HELP persia_server_last_delta_seq The last training delta applied.",
-                "# TYPE persia_server_last_delta_seq gauge",
-                f"persia_server_last_delta_seq {int(seq)}",
-            ]
-        if age is not None:
-            lines += [
-                "# HELP persia_server_delta_age_seconds Age of the last training delta applied.",
-                "# TYPE persia_server_delta_age_seconds gauge",
-                f"persia_server_delta_age_seconds {float(age):.3f}",
-            ]
-        return "\n".join(lines) + "\n"
+def record(endpoint: str, code: str, seconds: float, samples: int | None = None) -> None:
+    """One answer, to :mod:`persia.telemetry` (nothing while it is off): every answer by endpoint
+    and status code, and a prediction answered (``samples`` given) with its latency and samples.
+    """
+    rec = telemetry.current()
+    if not rec.on:
+        return
+    rec.serving_response(endpoint, code)
+    if samples is not None:
+        rec.serving_request(seconds, samples)
+
+
+def record_freshness(freshness: dict[str, Any] | None) -> None:
+    """The served model's training time (when the last delta applied was flushed), for the
+    ``persia_serving_freshness_seconds`` gauge; nothing for a static model or before a delta."""
+    rec = telemetry.current()
+    if rec.on and freshness is not None:
+        flushed = freshness.get("last_delta_flushed_unix_s")
+        if flushed is not None:
+            rec.serving_model_time(float(flushed))
 
 
 def decode_batch(data: bytes, max_batch: int, loc: list[str | int]) -> PersiaBatch:

@@ -12,7 +12,8 @@ Endpoints (the schema: ``GET /openapi.json``, browsable at ``/docs``):
 * ``GET /readyz``: the model is loaded, with the last training delta applied and its age
   (``freshness``: None for a static model, an export); 503 while that age exceeds
   ``max_delta_age_s``.
-* ``GET /metrics``: Prometheus text.
+* ``GET /metrics``: Prometheus text, :func:`persia.telemetry.render` (``persia serve`` turns
+  collection on for the ``server`` role; with it off the body is empty).
 
 Limits: a body over ``max_request_bytes`` gets 413 before it is read whole; a request with more
 than ``max_batch`` samples gets 413; more than ``max_concurrent + max_queue`` prediction requests
@@ -37,10 +38,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from persia import telemetry
 from persia.errors import BatchError
 from persia.logger import get_default_logger
 from persia.server._coalesce import Coalescer
-from persia.server._core import RequestError, Stats, as_predictions, decode_batch
+from persia.server._core import (
+    InFlight,
+    RequestError,
+    as_predictions,
+    decode_batch,
+    record,
+    record_freshness,
+)
 from persia.server._model import RowsNotSupported, ServedModel
 from persia.server.settings import ServerSettings
 
@@ -74,6 +83,8 @@ _ENDPOINTS = {
     "/readyz": "readyz",
     "/metrics": "metrics",
 }
+#: the scope key a prediction handler sets to the number of samples it answered
+SAMPLES_KEY = "persia.samples"
 
 
 class RowsRequest(BaseModel):
@@ -134,10 +145,11 @@ async def _send_error(send: Send, err: RequestError, headers: dict[str, str] | N
 
 class _Guard:
     """ASGI middleware: body size (413 before the body is read whole), admission of prediction
-    requests (503 over ``max_concurrent + max_queue``) and the request counters."""
+    requests (503 over ``max_concurrent + max_queue``) and what is recorded in
+    :mod:`persia.telemetry` (every answer by status; latency and samples of a prediction)."""
 
-    def __init__(self, app: ASGIApp, settings: ServerSettings, stats: Stats) -> None:
-        self.app, self.settings, self.stats = app, settings, stats
+    def __init__(self, app: ASGIApp, settings: ServerSettings, in_flight: InFlight) -> None:
+        self.app, self.settings, self.in_flight = app, settings, in_flight
         self.admit = settings.max_concurrent + settings.max_queue
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -156,7 +168,8 @@ class _Guard:
         try:
             await self._handle(scope, receive, counted_send, endpoint)
         finally:
-            self.stats.record(endpoint, status["code"], time.perf_counter() - start)
+            samples = scope.get(SAMPLES_KEY) if status["code"] == "200" else None
+            record(endpoint, status["code"], time.perf_counter() - start, samples)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         limit = self.settings.max_request_bytes
@@ -198,7 +211,7 @@ class _Guard:
         if endpoint not in ("rows", "batch"):
             await self.app(scope, replay, send)
             return
-        before = self.stats.enter()
+        before = self.in_flight.enter()
         try:
             if before >= self.admit:
                 err = RequestError(
@@ -213,7 +226,7 @@ class _Guard:
                 return
             await self.app(scope, replay, send)
         finally:
-            self.stats.leave()
+            self.in_flight.leave()
 
 
 def _too_large(size: int, limit: int) -> RequestError:
@@ -310,11 +323,13 @@ def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
 def create_app(model: ServedModel, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI application serving ``model`` (see the module docstring).
 
-    The caller owns ``model`` (closes it after the server stops). ``app.state.stats`` holds the
-    request counters (shared with a gRPC front end on the same model).
+    The caller owns ``model`` (closes it after the server stops). ``app.state.in_flight`` counts
+    the prediction requests admitted (shared with a gRPC front end on the same model). What is
+    served at ``/metrics`` is :mod:`persia.telemetry`'s: turn it on with
+    ``persia.telemetry.configure("server")`` (``persia serve`` does).
     """
     settings = settings or ServerSettings()
-    stats = Stats()
+    in_flight = InFlight()
     limiter = anyio.CapacityLimiter(settings.max_concurrent)
     refused: dict[int | str, dict[str, Any]] = {
         "413": {"model": ErrorBody, "description": "request body or batch too large"},
@@ -327,7 +342,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
         description="Predictions of a persia model: raw JSON rows (job-file exports) or "
         "PersiaBatch.to_bytes() batches (exports and PERSIA-API checkpoints).",
     )
-    app.state.stats = stats
+    app.state.in_flight = in_flight
     app.state.model = model
 
     @app.exception_handler(RequestError)
@@ -418,12 +433,15 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
         else:
             table = await anyio.to_thread.run_sync(_table, body, limiter=limiter)
         if table is None:
+            request.scope[SAMPLES_KEY] = 0
             return JSONResponse({"predictions": []})
         if coalescer is not None:
             out = await asyncio.wrap_future(coalescer.submit(table))
         else:
             out = await anyio.to_thread.run_sync(_predict_rows, table, limiter=limiter)
-        return JSONResponse({"predictions": as_predictions(out, table.num_rows)})
+        preds = as_predictions(out, table.num_rows)
+        request.scope[SAMPLES_KEY] = table.num_rows
+        return JSONResponse({"predictions": preds})
 
     @app.post(
         BATCH_PATH,
@@ -442,6 +460,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
     async def predict_batch(request: Request) -> JSONResponse:
         data = await request.body()
         preds = await anyio.to_thread.run_sync(_batch, data, limiter=limiter)
+        request.scope[SAMPLES_KEY] = len(preds)
         return JSONResponse({"predictions": preds})
 
     @app.get("/healthz", summary="Liveness")
@@ -456,6 +475,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
     )
     async def readyz() -> JSONResponse:
         fresh = model.freshness()
+        record_freshness(fresh)
         age, reason = (None if fresh is None else fresh.get("age_s")), None
         limit = settings.max_delta_age_s
         if limit is not None and age is not None and age > limit:
@@ -469,8 +489,9 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
         summary="Prometheus metrics",
     )
     async def metrics() -> Response:
-        text = stats.render(model.kind, model.freshness() or {})
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        record_freshness(model.freshness())
+        body, content_type = telemetry.render()
+        return Response(body, media_type=content_type)
 
-    app.add_middleware(_Guard, settings=settings, stats=stats)  # type: ignore[arg-type]
+    app.add_middleware(_Guard, settings=settings, in_flight=in_flight)  # type: ignore[arg-type]
     return app

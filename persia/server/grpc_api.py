@@ -35,7 +35,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, message_
 
 from persia.errors import BatchError, ConfigError
 from persia.logger import get_default_logger
-from persia.server._core import RequestError, Stats, decode_batch
+from persia.server._core import InFlight, RequestError, decode_batch, record
 from persia.server._model import ServedModel
 from persia.server.settings import ServerSettings
 
@@ -119,20 +119,22 @@ def format_prediction(predictions: list[Any]) -> bytes:
 
 
 class _Servicer:
-    def __init__(self, model: ServedModel, settings: ServerSettings, stats: Stats) -> None:
-        self.model, self.settings, self.stats = model, settings, stats
+    def __init__(self, model: ServedModel, settings: ServerSettings, in_flight: InFlight) -> None:
+        self.model, self.settings, self.in_flight = model, settings, in_flight
         m = messages()
         self.Request, self.Response = m["PredictionsRequest"], m["PredictionResponse"]
         self.Health = m["TorchServeHealthResponse"]
 
     def ping(self, request: Any, context: grpc.ServicerContext) -> Any:
+        record("grpc_ping", "OK", 0.0)
         return self.Health(health=json.dumps({"status": "Healthy"}, indent=2))
 
     def predictions(self, raw: bytes, context: grpc.ServicerContext) -> Any:
-        start, code = time.perf_counter(), "OK"
-        self.stats.enter()
+        start, code, samples = time.perf_counter(), "OK", None
+        self.in_flight.enter()
         try:
-            return self._predictions(raw)
+            response, samples = self._predictions(raw)
+            return response
         except RequestError as exc:
             code = {413: "RESOURCE_EXHAUSTED"}.get(exc.status, "INVALID_ARGUMENT")
             where = ".".join(str(p) for p in exc.loc)
@@ -145,10 +147,11 @@ class _Servicer:
             _logger.exception("persia serve: gRPC Predictions failed")
             context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
-            self.stats.leave()
-            self.stats.record("grpc_predictions", code, time.perf_counter() - start)
+            self.in_flight.leave()
+            record("grpc_predictions", code, time.perf_counter() - start, samples)
 
-    def _predictions(self, raw: bytes) -> Any:
+    def _predictions(self, raw: bytes) -> tuple[Any, int]:
+        """The response and the number of samples predicted."""
         try:
             request = self.Request.FromString(raw)
         except Exception as exc:  # protobuf's DecodeError
@@ -180,9 +183,10 @@ class _Servicer:
         arr = np.asarray(out)
         if arr.ndim == 0 or arr.shape[0] != batch.batch_size:
             raise ValueError(f"the model returned shape {arr.shape} for {batch.batch_size} samples")
-        return self.Response(
+        response = self.Response(
             prediction=format_prediction(arr.reshape(-1).astype(np.float64).tolist())
         )
+        return response, batch.batch_size
 
 
 class _NotFound(Exception):
@@ -190,7 +194,7 @@ class _NotFound(Exception):
 
 
 def start_grpc_server(
-    model: ServedModel, settings: ServerSettings, stats: Stats | None = None
+    model: ServedModel, settings: ServerSettings, in_flight: InFlight | None = None
 ) -> tuple[grpc.Server, int]:
     """Starts the gRPC front end on ``settings.host:settings.grpc_port``.
 
@@ -200,8 +204,7 @@ def start_grpc_server(
     Raises:
         OSError: the port cannot be bound.
     """
-    stats = stats or Stats()
-    servicer = _Servicer(model, settings, stats)
+    servicer = _Servicer(model, settings, in_flight or InFlight())
     m = messages()
     handlers = {
         "Ping": grpc.unary_unary_rpc_method_handler(

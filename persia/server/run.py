@@ -68,7 +68,7 @@ def serve_model(
         if settings.grpc_port is not None:
             from persia.server.grpc_api import start_grpc_server
 
-            grpc_server, grpc_port = start_grpc_server(model, settings, app.state.stats)
+            grpc_server, grpc_port = start_grpc_server(model, settings, app.state.in_flight)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         info = {

@@ -136,6 +136,9 @@ CATALOG: tuple[MetricDef, ...] = (
               "prediction requests answered"),
     MetricDef("persia_serving_samples", "counter", "samples", (), SERVER,
               "samples predicted"),
+    MetricDef("persia_serving_responses", "counter", "responses", ("endpoint", "code"), SERVER,
+              "answers by endpoint and status code (HTTP status, or gRPC status name), refusals "
+              "and errors included"),
     MetricDef("persia_serving_freshness_seconds", "gauge", "seconds", (), SERVER,
               "age of the served model: now - when its newest rows were trained"),
 )  # fmt: skip

@@ -241,6 +241,11 @@ class Live(Recorder):
         self._k("persia_serving_requests", SERVER).inc()
         self._k("persia_serving_samples", SERVER).inc(samples)
 
+    def serving_response(self, endpoint: str, code: str) -> None:
+        self.c["persia_serving_responses"].labels(
+            SERVER, self.replica_of(SERVER), endpoint, code
+        ).inc()
+
     def serving_model_time(self, unix_s: float) -> None:
         self._model_time = float(unix_s)
 

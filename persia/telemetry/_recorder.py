@@ -90,6 +90,9 @@ class Recorder:
     def serving_request(self, seconds: float, samples: int) -> None:
         """One prediction request answered."""
 
+    def serving_response(self, endpoint: str, code: str) -> None:
+        """One answer of ``endpoint`` with status ``code`` (any status, errors included)."""
+
     def serving_model_time(self, unix_s: float) -> None:
         """The served model's newest rows were trained at ``unix_s``."""
 

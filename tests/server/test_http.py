@@ -135,13 +135,68 @@ def test_limits_and_bad_requests_get_4xx_naming_the_field(export, export_server)
         # the server serves on
         assert client.get("/healthz").json() == {"status": "ok"}
         assert _post_rows(client, rows).shape == (2,)
-        metrics = client.get("/metrics").text
-        assert 'persia_server_requests_total{endpoint="rows",code="422"}' in metrics
-        assert 'persia_server_requests_total{endpoint="batch",code="413"}' in metrics
+        answers = _samples(client.get("/metrics"), "persia_serving_responses_total")
+        assert answers[(("code", "422"), ("endpoint", "rows"))] >= 1
+        assert answers[(("code", "413"), ("endpoint", "batch"))] >= 1
         schema = client.get("/openapi.json").json()
         assert {"/predict", "/predict/batch", "/healthz", "/readyz", "/metrics"} <= set(
             schema["paths"]
         )
+
+
+def _samples(r: httpx.Response, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of ``name`` in a /metrics answer (parsed by prometheus_client's text parser),
+    by their labels other than role and replica."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            if s.name == name:
+                assert s.labels["role"] == "server"
+                key = tuple(
+                    sorted((k, v) for k, v in s.labels.items() if k not in ("role", "replica"))
+                )
+                out[key] = s.value
+    return out
+
+
+def test_metrics_count_the_requests_made(export, export_server):
+    """/metrics is persia.telemetry's text: after a few requests it holds their count, their
+    samples and their latencies, and the refusals by status code."""
+    rows = raw_test_rows(export.job, 5)
+    with httpx.Client(base_url=export_server.url, timeout=60) as client:
+
+        def read() -> dict[str, dict]:
+            r = client.get("/metrics")
+            return {
+                n: _samples(r, n)
+                for n in (
+                    "persia_serving_requests_total",
+                    "persia_serving_samples_total",
+                    "persia_serving_request_seconds_count",
+                    "persia_serving_responses_total",
+                )
+            }
+
+        before = read()
+        for n in (1, 2, 5):
+            _post_rows(client, rows[:n])
+        assert client.post("/predict", json={"rows": "x"}).status_code == 422
+        after = read()
+
+    def delta(name: str, key: tuple = ()) -> float:
+        return after[name].get(key, 0.0) - before[name].get(key, 0.0)
+
+    assert delta("persia_serving_requests_total") == 3
+    assert delta("persia_serving_samples_total") == 8
+    assert delta("persia_serving_request_seconds_count") == 3
+    assert delta("persia_serving_responses_total", (("code", "200"), ("endpoint", "rows"))) == 3
+    assert delta("persia_serving_responses_total", (("code", "422"), ("endpoint", "rows"))) == 1
+    # an export follows no deltas: no freshness gauge
+    metrics = httpx.get(f"{export_server.url}/metrics", timeout=30)
+    assert _samples(metrics, "persia_serving_freshness_seconds") == {}
 
 
 class _Blocking:
@@ -274,6 +329,10 @@ def test_concurrent_requests_while_deltas_are_applied(tmp_path, checkpoint):
                 n = len(seen)
                 while len(seen) < n + 3 and time.monotonic() < deadline:
                     time.sleep(0.02)
+                with httpx.Client(base_url=server.url, timeout=60) as client:
+                    # the last delta's age, as /metrics reports it
+                    age = _samples(client.get("/metrics"), "persia_serving_freshness_seconds")
+                    assert 0 <= age[()] < 60, age
             stop.set()
             for t in askers:
                 t.join(60)

@@ -16,6 +16,10 @@ path on every node (a shared file system).
 
 The gRPC front end is not deployed on Ray Serve (Ray Serve's gRPC proxy needs generated
 servicer code); run ``persia serve`` without ``--backend ray`` for it.
+
+Each replica turns :mod:`persia.telemetry` on for the ``server`` role with its rank as
+``replica``; ``GET /metrics`` through Ray Serve's proxy answers the metrics of the replica that
+took the request.
 """
 
 from __future__ import annotations
@@ -46,8 +50,10 @@ class PersiaServer:
     def __init__(
         self, path: str, settings: ServerSettings, open_kwargs: dict[str, Any] | None = None
     ) -> None:
+        from persia import telemetry
         from persia.server import open_model
 
+        telemetry.configure(telemetry.SERVER, _replica_rank())  # this replica's GET /metrics
         self.settings = settings
         self.model = open_model(path, **(open_kwargs or {}))
 
@@ -62,6 +68,13 @@ class PersiaServer:
         model = getattr(self, "model", None)
         if model is not None:
             model.close()
+
+
+def _replica_rank() -> int:
+    """This replica's rank in the deployment (0 where Ray Serve does not say)."""
+    rank: Any = getattr(serve.get_replica_context(), "rank", 0)
+    rank = getattr(rank, "rank", rank)  # Ray 2.5x: a ReplicaRank; earlier: an int
+    return rank if isinstance(rank, int) else 0
 
 
 def _with_header(app: Any, header: tuple[bytes, bytes]) -> Any:
