@@ -82,6 +82,10 @@ MASTER_PORT = "MASTER_PORT"
 #: role pushes its metrics to when ``metrics_config.enable_metrics`` is on (docs/metrics.md);
 #: unset or blank: no push (PERSIA defaulted to ``metrics_gateway:9091``).
 PERSIA_METRICS_GATEWAY_ADDR = "PERSIA_METRICS_GATEWAY_ADDR"
+#: ``persia serve``'s bearer token (docs/security.md): every request but ``/healthz`` must send
+#: ``Authorization: Bearer <token>``. ``--token-file`` wins when both are given; set and blank:
+#: refused. Unset: no token.
+PERSIA_SERVE_TOKEN = "PERSIA_SERVE_TOKEN"
 
 
 def ensure_numba_cache_dir() -> str:
@@ -267,3 +271,20 @@ def master_port() -> int | None:
 def metrics_gateway_addr() -> str | None:
     """``PERSIA_METRICS_GATEWAY_ADDR`` (surrounding blanks ignored); None when unset or blank."""
     return os.environ.get(PERSIA_METRICS_GATEWAY_ADDR, "").strip() or None
+
+
+def serve_token() -> str | None:
+    """``PERSIA_SERVE_TOKEN`` (surrounding blanks ignored); None when unset.
+
+    Raises:
+        ConfigError: set but blank (an empty token would admit anyone who sends an empty one).
+    """
+    raw = os.environ.get(PERSIA_SERVE_TOKEN)
+    if raw is None:
+        return None
+    if not raw.strip():
+        raise ConfigError(
+            f"environment variable {PERSIA_SERVE_TOKEN}: the token is empty (unset it to serve "
+            "without a token)"
+        )
+    return raw.strip()

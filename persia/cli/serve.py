@@ -17,6 +17,9 @@ PERSIA's serve_client.py runs unchanged against --grpc-port (default 7070).
 --follow DIR applies the training job's deltas as they are written (checkpoints).
 --backend ray --replicas N deploys the same application on Ray Serve, each replica following
 the deltas itself. Once listening, one JSON line on stdout gives the addresses.
+--token-file FILE (or $PERSIA_SERVE_TOKEN) requires "Authorization: Bearer <token>" on every
+request but /healthz (gRPC: the same metadata); --ssl-certfile/--ssl-keyfile serve TLS on both
+ports. See docs/security.md.
 Reference: docs/server.md."""
 
 
@@ -107,6 +110,18 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="S",
         help="/readyz answers 503 while the last applied delta is older (default: no bound)",
     )
+    sec = p.add_argument_group("security (docs/security.md)")
+    sec.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="a file holding the bearer token every request but /healthz must send "
+        "(Authorization: Bearer <token>; gRPC: the same metadata); default: "
+        "$PERSIA_SERVE_TOKEN; neither: no token",
+    )
+    sec.add_argument(
+        "--ssl-certfile", metavar="PEM", help="TLS certificate (chain) for both front ends"
+    )
+    sec.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key")
     r = p.add_argument_group("scale out (Ray Serve)")
     r.add_argument("--backend", choices=("local", "ray"), default="local")
     r.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default 1)")
@@ -130,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``persia serve``."""
     from persia.errors import ConfigError, PersiaError
     from persia.server import ServerSettings, open_model
+    from persia.server.settings import read_token
 
     try:
         import fastapi  # noqa: F401
@@ -147,6 +163,11 @@ def run(args: argparse.Namespace) -> int:
         )
     if not ray and (args.replicas != 1 or args.replica_cpus != 1.0):
         raise ConfigError("--replicas / --replica-cpus need --backend ray")
+    if ray and (args.ssl_certfile or args.ssl_keyfile):
+        raise ConfigError(
+            "--ssl-certfile / --ssl-keyfile: TLS is not served on the Ray Serve backend (Ray "
+            "Serve's proxy listens); terminate TLS in front of it, or run without --backend ray"
+        )
     settings = ServerSettings(
         host=args.host,
         port=args.port,
@@ -158,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
         max_delta_age_s=args.max_delta_age,
         model_name=args.model_name,
         coalesce_rows=args.coalesce_rows,
+        token=read_token(args.token_file),
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
     )
     if not (args.poll_interval > 0):
         raise ConfigError(f"--poll-interval must be > 0, got {args.poll_interval}")

@@ -15,6 +15,10 @@ Endpoints (the schema: ``GET /openapi.json``, browsable at ``/docs``):
 * ``GET /metrics``: Prometheus text, :func:`persia.telemetry.render` (``persia serve`` turns
   collection on for the ``server`` role; with it off the body is empty).
 
+Authentication (``settings.token``): every request but ``GET /healthz`` must send
+``Authorization: Bearer <token>``, compared in constant time; otherwise 401 with the error body
+below and ``WWW-Authenticate: Bearer``, before the body is read.
+
 Limits: a body over ``max_request_bytes`` gets 413 before it is read whole; a request with more
 than ``max_batch`` samples gets 413; more than ``max_concurrent + max_queue`` prediction requests
 at once get 503 with ``Retry-After``. Every refusal is a 4xx (or that 503) with FastAPI's error
@@ -25,6 +29,7 @@ failure is logged and answered 500, and the server goes on.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -151,6 +156,27 @@ class _Guard:
     def __init__(self, app: ASGIApp, settings: ServerSettings, in_flight: InFlight) -> None:
         self.app, self.settings, self.in_flight = app, settings, in_flight
         self.admit = settings.max_concurrent + settings.max_queue
+        self.token = None if settings.token is None else settings.token.encode()
+
+    def _unauthorized(self, scope: Scope) -> RequestError | None:
+        """None when the request may pass: no token configured, ``/healthz``, or
+        ``Authorization: Bearer <token>`` (compared in constant time); else the 401."""
+        if self.token is None or scope["path"] == "/healthz":
+            return None
+        given = None
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                given = value
+                break
+        if given is None:
+            msg = "missing: this server requires Authorization: Bearer <token>"
+        else:
+            scheme, _, credentials = given.partition(b" ")
+            ok = hmac.compare_digest(credentials.strip(), self.token)
+            if ok and scheme.lower() == b"bearer":
+                return None
+            msg = "wrong token (expected Authorization: Bearer <token>)"
+        return RequestError(401, ["header", "authorization"], msg, "unauthorized")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -166,6 +192,10 @@ class _Guard:
             await send(message)
 
         try:
+            refused = self._unauthorized(scope)
+            if refused is not None:
+                await _send_error(counted_send, refused, {"WWW-Authenticate": "Bearer"})
+                return
             await self._handle(scope, receive, counted_send, endpoint)
         finally:
             samples = scope.get(SAMPLES_KEY) if status["code"] == "200" else None

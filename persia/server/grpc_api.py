@@ -13,7 +13,11 @@ Refusals are gRPC status codes with a message naming the field: ``INVALID_ARGUME
 ``input["batch"]``, bytes that are not a batch, a batch the model cannot run),
 ``RESOURCE_EXHAUSTED`` (a message over ``max_request_bytes``, more than ``max_batch`` samples, or
 more than ``max_concurrent + max_queue`` calls at once), ``NOT_FOUND`` (another ``model_name`` when
-the server was given one).
+the server was given one), ``UNAUTHENTICATED`` (with ``settings.token``: a call without the
+metadata ``authorization: Bearer <token>``, Ping included).
+
+With ``settings.ssl_certfile`` / ``ssl_keyfile`` the port speaks TLS only
+(``grpc.ssl_server_credentials``).
 
 **The messages are built in code** from descriptors (:func:`file_descriptor`), not generated: the
 schema is small, generated ``_pb2`` modules are tied to the protobuf release that generated them,
@@ -24,9 +28,12 @@ descriptor, then runs a client generated from it.
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
+from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -193,6 +200,40 @@ class _NotFound(Exception):
     pass
 
 
+class _TokenCheck(grpc.ServerInterceptor):
+    """Every call must carry the metadata ``authorization: Bearer <token>`` (compared in
+    constant time), else it is aborted with UNAUTHENTICATED before its message is decoded."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token.encode()
+
+    def _ok(self, metadata: Any) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                raw = value.encode() if isinstance(value, str) else bytes(value)
+                scheme, _, credentials = raw.partition(b" ")
+                same = hmac.compare_digest(credentials.strip(), self.token)
+                return same and scheme.lower() == b"bearer"
+        return False
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    ) -> Any:
+        if self._ok(handler_call_details.invocation_metadata):
+            return continuation(handler_call_details)
+        endpoint = "grpc_" + str(handler_call_details.method).rsplit("/", 1)[-1].lower()
+
+        def deny(request: bytes, context: grpc.ServicerContext) -> Any:
+            record(endpoint, "UNAUTHENTICATED", 0.0)
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "authorization: this server requires the metadata 'authorization: Bearer <token>'",
+            )
+
+        # raw bytes in and out: the message of a refused call is not decoded
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
 def start_grpc_server(
     model: ServedModel, settings: ServerSettings, in_flight: InFlight | None = None
 ) -> tuple[grpc.Server, int]:
@@ -224,6 +265,7 @@ def start_grpc_server(
             max_workers=settings.max_concurrent, thread_name_prefix="persia-grpc"
         ),
         handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers)],
+        interceptors=[] if settings.token is None else [_TokenCheck(settings.token)],
         maximum_concurrent_rpcs=settings.max_concurrent + settings.max_queue,
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
@@ -235,7 +277,18 @@ def start_grpc_server(
         raise ConfigError("grpc_port is None: this server has no gRPC front end")
     where = f"{settings.host}:{settings.grpc_port}"
     try:
-        port = server.add_insecure_port(where)
+        if settings.ssl_certfile is not None and settings.ssl_keyfile is not None:
+            credentials = grpc.ssl_server_credentials(
+                [
+                    (
+                        Path(settings.ssl_keyfile).read_bytes(),
+                        Path(settings.ssl_certfile).read_bytes(),
+                    )
+                ]
+            )
+            port = server.add_secure_port(where, credentials)
+        else:
+            port = server.add_insecure_port(where)
     except RuntimeError as exc:
         raise OSError(f"gRPC: cannot listen on {where}: {exc}") from None
     if port == 0:

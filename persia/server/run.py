@@ -49,7 +49,8 @@ def serve_model(
     """Serves ``model`` until interrupted, then stops both front ends (the caller closes the
     model).
 
-    Once both front ends listen, ``on_ready`` gets ``{"http": URL, "grpc": "host:port" or None,
+    Once both front ends listen, ``on_ready`` gets ``{"http": URL (``https://`` with TLS),
+    "grpc": "host:port" or None,
     "kind": ...}``; by default that object is printed as one JSON line on stdout. Setting
     ``stop`` ends the server as a signal does (for a server run on another thread, where uvicorn
     installs no signal handler).
@@ -71,8 +72,9 @@ def serve_model(
             grpc_server, grpc_port = start_grpc_server(model, settings, app.state.in_flight)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
+        scheme = "https" if settings.tls else "http"
         info = {
-            "http": f"http://{shown}:{port}",
+            "http": f"{scheme}://{shown}:{port}",
             "grpc": None if grpc_port is None else f"{shown}:{grpc_port}",
             "kind": model.kind,
         }
@@ -82,6 +84,8 @@ def serve_model(
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=5,
+            ssl_certfile=settings.ssl_certfile,
+            ssl_keyfile=settings.ssl_keyfile,
         )
         server = uvicorn.Server(config)
         if stop is not None:

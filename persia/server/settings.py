@@ -4,11 +4,14 @@ imported)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from persia import _settings
 from persia.errors import ConfigError
 
-__all__ = ["ServerSettings"]
+__all__ = ["ServerSettings", "read_token"]
 
 MiB = 1 << 20
 
@@ -32,6 +35,11 @@ class ServerSettings:
         coalesce_rows: JSON-rows requests waiting at the same moment are computed in one
             model call up to this many rows (:mod:`persia.server._coalesce`; 0: one call per
             request).
+        token: every request but ``GET /healthz`` must send ``Authorization: Bearer <token>``
+            (HTTP) or the metadata ``authorization: Bearer <token>`` (gRPC), else 401 /
+            UNAUTHENTICATED (None: no token; see docs/security.md). Not shown in ``repr``.
+        ssl_certfile, ssl_keyfile: a PEM certificate (chain) and its private key: both front
+            ends then speak TLS only (None, None: plain text).
     """
 
     host: str = "127.0.0.1"
@@ -44,9 +52,30 @@ class ServerSettings:
     max_delta_age_s: float | None = None
     model_name: str | None = None
     coalesce_rows: int = 1024
+    token: str | None = field(default=None, repr=False)
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Whether both front ends speak TLS."""
+        return self.ssl_certfile is not None
 
     def __post_init__(self) -> None:
         problems = []
+        token = self.token
+        if token is not None and (
+            not isinstance(token, str) or not token or not all(33 <= ord(c) <= 126 for c in token)
+        ):
+            problems.append(
+                "token must be a non-empty string of visible ASCII characters (no blanks)"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            problems.append("ssl_certfile and ssl_keyfile go together: give both or neither")
+        for name in ("ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                problems.append(f"{name}: no such file {value!r}")
         for name in ("max_request_bytes", "max_batch", "max_concurrent"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -68,3 +97,21 @@ class ServerSettings:
             problems.append(f"max_delta_age_s must be > 0 or None, got {age!r}")
         if problems:
             raise ConfigError(problems, source="persia serve")
+
+
+def read_token(token_file: str | os.PathLike[str] | None) -> str | None:
+    """``persia serve``'s token: the content of ``token_file`` (surrounding blanks and the final
+    newline ignored) when given, else ``$PERSIA_SERVE_TOKEN``, else None (no token).
+
+    Raises:
+        ConfigError: the file cannot be read or is empty, or the variable is set but blank.
+    """
+    if token_file is None:
+        return _settings.serve_token()
+    try:
+        token = Path(token_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--token-file: cannot read {str(token_file)!r}: {exc}") from None
+    if not token:
+        raise ConfigError(f"--token-file: {str(token_file)!r} is empty")
+    return token

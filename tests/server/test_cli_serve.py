@@ -19,6 +19,9 @@ from persia.cli.main import EXIT_BAD_INPUT, main
         (["{export}", "--max-batch", "0"], "max_batch must be an int >= 1"),
         (["{export}", "--poll-interval", "0"], "--poll-interval must be > 0"),
         (["{tmp}"], "jit_dense.pt"),  # neither an export nor a checkpoint with its model
+        (["{export}", "--token-file", "{tmp}/none"], "--token-file: cannot read"),
+        (["{export}", "--ssl-certfile", "{export}/CURRENT"], "give both or neither"),
+        (["{export}", "--backend", "ray", "--ssl-certfile", "c", "--ssl-keyfile", "k"], "TLS"),
     ],
 )
 def test_refusals_exit_2_with_a_message(args, message, export, tmp_path, capsys):
