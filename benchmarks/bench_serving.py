@@ -115,11 +115,10 @@ def write_baseline_files(export_dir: Path, out: Path) -> None:
     (out / "recipe.json").write_text(json.dumps(meta))
 
 
-def baseline_app(files: Path) -> Any:
-    """The baseline: a minimal FastAPI handler a user would write for this model by hand."""
+def baseline_compute(files: Path) -> Any:
+    """The baseline handler's computation, ``rows (list of dicts) -> list of floats``: what a user
+    would write by hand for this model (also timed in process by ``bench_predict.py``)."""
     import torch
-    from fastapi import FastAPI
-    from pydantic import BaseModel
 
     from persia.hashing import hash_strings
 
@@ -157,14 +156,7 @@ def baseline_app(files: Path) -> Any:
             x = float(np.log1p(max(x, 0.0)))
         return (x - c["mean"]) / c["std"] if c["standardize"] else x
 
-    class Rows(BaseModel):
-        rows: list[dict[str, str | int | float | bool | None | list[str | int | float]]]
-
-    app = FastAPI()
-
-    @app.post("/predict")
-    def predict(req: Rows) -> dict[str, list[float]]:
-        rows = req.rows
+    def compute(rows: list[dict[str, Any]]) -> list[float]:
         n = len(rows)
         embeddings = []
         offsets = torch.arange(n, dtype=torch.int64)
@@ -181,7 +173,26 @@ def baseline_app(files: Path) -> Any:
             out = model([dense], embeddings)
             if recipe["logits"]:
                 out = torch.sigmoid(out)
-        return {"predictions": out.reshape(-1).tolist()}
+        return out.reshape(-1).tolist()  # type: ignore[no-any-return]
+
+    return compute
+
+
+def baseline_app(files: Path) -> Any:
+    """The baseline: a minimal FastAPI handler a user would write for this model by hand."""
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+
+    compute = baseline_compute(files)
+
+    class Rows(BaseModel):
+        rows: list[dict[str, str | int | float | bool | None | list[str | int | float]]]
+
+    app = FastAPI()
+
+    @app.post("/predict")
+    def predict(req: Rows) -> dict[str, list[float]]:
+        return {"predictions": compute(req.rows)}
 
     return app
 

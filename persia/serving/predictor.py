@@ -64,8 +64,30 @@ def _is_empty(rows: Rows) -> bool:
     return isinstance(rows, list | tuple) and len(rows) == 0
 
 
+def _array(col: pa.ChunkedArray) -> pa.Array:
+    """A table column as one array (without a copy when it is one chunk already)."""
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
 def _is_text(t: pa.DataType) -> bool:
     return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
+
+
+def _pool_groups(slots: list[dict[str, Any]]) -> list[tuple[list[int], np.uint64, np.ndarray]]:
+    """The slots whose keys are looked up and pooled in one pass (same dim, pooling and prefix
+    bits; a ``raw`` slot alone): per group the slot indices, the keys' low-bits mask and each
+    slot's high bits (its prefix as :func:`persia.worker.pooling.add_prefix` places it)."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for j, s in enumerate(slots):
+        how = (s["pooling"], int(s["dim"]), int(s["prefix_bits"]))
+        groups.setdefault(how if s["pooling"] != "raw" else (j,), []).append(j)
+    out = []
+    zero = np.zeros(1, dtype=np.uint64)
+    for js in groups.values():
+        bits = int(slots[js[0]]["prefix_bits"])
+        high = [pooling.add_prefix(zero, int(slots[j]["prefix"]), bits)[0] for j in js]
+        out.append((js, np.uint64((1 << (64 - bits)) - 1), np.array(high, dtype=np.uint64)))
+    return out
 
 
 class Predictor:
@@ -100,6 +122,25 @@ class Predictor:
         inp = meta["input"]
         self._markers = pa.array(list(inp["missing_values"]), type=pa.string())
         self._token_id = hash_strings([inp["missing_token"]])[0]
+        self._marker_lookup = pc.SetLookupOptions(self._markers)
+        self._trim = bool(inp["trim_whitespace"])
+        self._columns = self.columns
+        self._pool_groups = _pool_groups(meta["slots"])
+        # The dense recipe as one constant per column (an identity where a step is off).
+        dense = meta["dense"]
+        fill_mean = inp["missing_dense"] == "mean"
+        self._log1p = np.array([bool(c["log1p"]) for c in dense])
+        self._mean = np.array([c["mean"] if c["standardize"] else 0.0 for c in dense], np.float64)
+        self._std = np.array([c["std"] if c["standardize"] else 1.0 for c in dense], np.float64)
+        self._fill = np.array(
+            [
+                (0.0 if fill_mean else -c["mean"] / c["std"])
+                if c["standardize"]
+                else (c["mean"] if fill_mean else 0.0)
+                for c in dense
+            ],
+            np.float64,
+        )
 
     @property
     def label_meaning(self) -> str:
@@ -114,10 +155,12 @@ class Predictor:
     # ------------------------------------------------------------------ features
     def _clean(self, arr: pa.Array) -> pa.Array:
         if _is_text(arr.type):
-            if self.meta["input"]["trim_whitespace"]:
+            if self._trim:
                 arr = pc.utf8_trim_whitespace(arr)
             if len(self._markers):
-                arr = pc.if_else(pc.is_in(arr, value_set=self._markers), None, arr)
+                marked = pc.is_in(arr, options=self._marker_lookup)
+                if marked.true_count:
+                    arr = pc.if_else(marked, pa.scalar(None, arr.type), arr)
         return arr
 
     def _ids(self, slot: Mapping[str, Any], arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -131,29 +174,81 @@ class Predictor:
             what=f"column {slot['column']!r}",
         )
 
-    def _dense(self, table: pa.Table, n: int) -> np.ndarray:
-        cols = self.meta["dense"]
-        out = np.zeros((n, len(cols)), dtype=np.float32)
-        fill_mean = self.meta["input"]["missing_dense"] == "mean"
-        for j, c in enumerate(cols):
-            arr = self._clean(table.column(c["name"]).combine_chunks())
-            try:
-                x = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise BatchError(f"dense column {c['name']!r}: expected numbers ({exc})") from None
-            x = np.array(x, dtype=np.float64)
-            if c["log1p"]:
-                x = np.log1p(np.maximum(x, 0.0))
-            nan = np.isnan(x)
-            mean, std = c["mean"], c["std"]
-            if c["standardize"]:
-                x = (x - mean) / std
-                fill = 0.0 if fill_mean else -mean / std
-            else:
-                fill = mean if fill_mean else 0.0
-            x[nan] = fill
-            out[:, j] = x
+    def _all_ids(self, table: pa.Table) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(IDs, lengths) of every slot. The columns of the slots with the same recipe (type,
+        separator) and the same Arrow type are read end to end in one pass; should that fail,
+        slot by slot: the error (if any) is then the one of the first bad column, as before."""
+        slots = self.meta["slots"]
+        cols = [_array(table.column(s["column"])) for s in slots]
+        n = table.num_rows
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for j, (s, col) in enumerate(zip(slots, cols, strict=True)):
+            groups.setdefault((s["type"], s["separator"], col.type), []).append(j)
+        out: list[tuple[np.ndarray, np.ndarray]] = [None] * len(slots)  # type: ignore[list-item]
+        try:
+            for js in groups.values():
+                both = cols[js[0]] if len(js) == 1 else pa.concat_arrays([cols[j] for j in js])
+                ids, lengths = self._ids(slots[js[0]], both)
+                ends = np.cumsum(lengths.reshape(len(js), n).sum(axis=1))
+                for i, j in enumerate(js):
+                    start = int(ends[i - 1]) if i else 0
+                    out[j] = (ids[start : int(ends[i])], lengths[i * n : (i + 1) * n])
+        except (BatchError, pa.ArrowException):  # e.g. dictionaries that do not concatenate
+            return [self._ids(s, col) for s, col in zip(slots, cols, strict=True)]
         return out
+
+    def _embeddings(self, ids: list[tuple[np.ndarray, np.ndarray]], n: int) -> list[torch.Tensor]:
+        """Each slot's pooled rows; the slots of one pooling group with one key lookup and one
+        pooling pass (each sample of each slot pooled on its own, as slot by slot)."""
+        slots = self.meta["slots"]
+        out: list[torch.Tensor] = [None] * len(slots)  # type: ignore[list-item]
+        for js, low, high in self._pool_groups:
+            s = slots[js[0]]
+            counts = [ids[j][0].shape[0] for j in js]
+            keys = (np.concatenate([ids[j][0] for j in js]) & low) | np.repeat(high, counts)
+            uniques, inverse = pooling.unique_inverse(keys)
+            emb = self._lookup(int(s["dim"]), uniques)
+            lengths = np.concatenate([ids[j][1] for j in js])
+            if s["pooling"] == "raw":
+                pooled, _ = pooling.pool_raw_forward(
+                    lengths, inverse, emb, int(s["sample_fixed_size"])
+                )
+            else:
+                pooled = pooling.pool_forward(lengths, inverse, emb, s["pooling"])
+            for i, j in enumerate(js):
+                out[j] = torch.from_numpy(pooled[i * n : (i + 1) * n])
+        return out
+
+    def _numbers(self, name: str, arr: pa.Array) -> np.ndarray:
+        """A dense column (cleaned) as float64, NaN where missing."""
+        try:
+            x = pc.cast(self._clean(arr), pa.float64()).to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise BatchError(f"dense column {name!r}: expected numbers ({exc})") from None
+        return np.asarray(x, dtype=np.float64)
+
+    def _dense(self, table: pa.Table, n: int) -> np.ndarray:
+        """f32[n, columns]: the dense columns parsed, transformed, standardised and filled. The
+        columns of one Arrow type are parsed end to end in one pass; should that fail, column by
+        column, so that the error names the first bad one."""
+        names = [c["name"] for c in self.meta["dense"]]
+        cols = [_array(table.column(name)) for name in names]
+        x = np.empty((len(cols), n), dtype=np.float64)
+        groups: dict[pa.DataType, list[int]] = {}
+        for j, col in enumerate(cols):
+            groups.setdefault(col.type, []).append(j)
+        try:
+            for js in groups.values():
+                both = cols[js[0]] if len(js) == 1 else pa.concat_arrays([cols[j] for j in js])
+                x[js] = self._numbers(names[js[0]], both).reshape(len(js), n)
+        except (BatchError, pa.ArrowException):
+            for j, (name, col) in enumerate(zip(names, cols, strict=True)):
+                x[j] = self._numbers(name, col)
+        x = np.where(self._log1p[:, None], np.log1p(np.maximum(x, 0.0)), x)
+        missing = np.isnan(x)
+        x = (x - self._mean[:, None]) / self._std[:, None]
+        x = np.where(missing, self._fill[:, None], x)
+        return np.ascontiguousarray(x.T, dtype=np.float32)
 
     def _lookup(self, dim: int, uniques: np.ndarray) -> np.ndarray:
         keys, values = self.tables[dim]
@@ -171,26 +266,15 @@ class Predictor:
             BatchError: a column the model reads is absent, or a value does not parse.
         """
         table = _as_table(rows)
-        lacking = [c for c in self.columns if c not in table.column_names]
+        have = set(table.column_names)
+        lacking = [c for c in self._columns if c not in have]
         if lacking:
             raise BatchError(
                 f"predict: missing column(s) {', '.join(map(repr, lacking))} "
                 f"(the model reads {', '.join(self.columns)})"
             )
         n = table.num_rows
-        embeddings: list[torch.Tensor] = []
-        for slot in self.meta["slots"]:
-            ids, lengths = self._ids(slot, table.column(slot["column"]).combine_chunks())
-            keys = pooling.add_prefix(ids, int(slot["prefix"]), int(slot["prefix_bits"]))
-            uniques, inverse = pooling.unique_inverse(keys)
-            emb = self._lookup(int(slot["dim"]), uniques)
-            if slot["pooling"] == "raw":
-                out, _ = pooling.pool_raw_forward(
-                    lengths, inverse, emb, int(slot["sample_fixed_size"])
-                )
-            else:
-                out = pooling.pool_forward(lengths, inverse, emb, slot["pooling"])
-            embeddings.append(torch.from_numpy(out))
+        embeddings = self._embeddings(self._all_ids(table), n)
         non_id = [torch.from_numpy(self._dense(table, n))] if self.meta["dense"] else []
         return non_id, embeddings
 
