@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -197,17 +198,29 @@ STAGE_FUNCTIONS = [
     ("prefix_route", "pooling", "add_prefix"),
     ("prefix_route", "pooling", "prefix_concat"),
     ("prefix_route", "servers", "shard_of"),
+    ("prefix_route", "kernels", "group_by_shard_kernel"),
     ("dedupe", "Deduper", "unique_inverse"),
     ("dedupe", "Deduper", "unique_inverse_segments"),
+    ("dedupe", "Deduper", "prefix_unique_inverse"),  # prefixing fused in (since issue 16)
+    ("dedupe", "Deduper", "prefix_unique_unchecked"),
     # the store's training lookup: probe, create missing rows, gather (one kernel since b936917)
     ("probe_insert_gather", "table", "train_lookup_probed"),
     ("probe_insert_gather", "table", "train_lookup"),
+    ("probe_insert_gather", "table", "train_lookup_rows"),
+    # the LRU relinks a training lookup defers to its touch log (since issue 16)
+    ("lru_relink", "table", "flush_lru"),
+    ("lru_relink", "table", "_stamp_lru"),
     ("pooling", "numpy", "take"),
     ("pooling", "pooling", "pool_forward"),
     ("pooling", "pooling", "pool_raw_forward"),
+    ("pooling", "kernels", "pool_onehot_forward_kernel"),
+    ("pooling", "kernels", "pool_slots_forward_kernel"),
     ("segment_sum", "pooling", "pool_backward"),
     ("segment_sum", "pooling", "pool_raw_backward"),
+    ("segment_sum", "kernels", "pool_onehot_backward_kernel"),  # counts non-finite rows too
+    ("segment_sum", "kernels", "pool_slots_backward_kernel"),
     ("nonfinite_check", "pooling", "nonfinite_rows"),
+    ("nonfinite_check", "kernels", "count_nonfinite_kernel"),
     ("probe_gradients", "table", "probe"),
     ("optimizer", "optimizer", "_run"),
 ]
@@ -345,14 +358,17 @@ def profile_lines(
 
 
 class _SumModel(torch.nn.Module):
-    """A near-free dense step: one Linear over the concatenated pooled embeddings."""
+    """A near-free dense step: one Linear over the pooled embeddings (their common base tensor,
+    as bench_e2e's model takes it: ``torch.cat`` of the 26 column views would cost torch's
+    autograd a full-width gradient per view, ~17 ms a step here, and measure torch, not persia)."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.linear = torch.nn.Linear(width, 1)
 
     def forward(self, non_id: list[torch.Tensor], embeddings: list[torch.Tensor]) -> torch.Tensor:
-        return self.linear(torch.cat(embeddings, dim=1))
+        base = embeddings[0]._base
+        return self.linear(base if base is not None else torch.cat(embeddings, dim=1))
 
 
 def pipeline_line(
@@ -374,18 +390,29 @@ def pipeline_line(
     ctx, per_shard = _train_ctx(pbs, model, optimizer, lr, shards)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     cpu = [0.0, 0.0]
+    main = [0.0, 0.0]
+    apply = [0.0, 0.0]
+
+    def apply_cpu() -> float:
+        for t in threading.enumerate():
+            if t.name == "persia-apply" and t.ident is not None:
+                return time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        return 0.0
+
     with ctx:
         _reserve(ctx, per_shard)
         loader = DataLoader(ListDataset(pbs), embedding_staleness=1, reproducible=True)
         for i, batch in enumerate(loader):
             if i == warmup:
                 ctx.runtime.flush()
-                cpu[0] = time.process_time()
+                cpu[0], main[0], apply[0] = time.process_time(), time.thread_time(), apply_cpu()
             output, labels = ctx.forward(batch)
             ctx.backward(loss_fn(output, labels[0]))
         ctx.runtime.flush()
-        cpu[1] = time.process_time()
-    ids = sum(sum(len(f.values) for f in pb.id_type_features) for pb in pbs[warmup:])
+        cpu[1], main[1], apply[1] = time.process_time(), time.thread_time(), apply_cpu()
+    ids = max(sum(sum(len(f.values) for f in pb.id_type_features) for pb in pbs[warmup:]), 1)
+    per_id = {k: 1e9 * (v[1] - v[0]) / ids for k, v in (("all", cpu), ("main", main),
+                                                         ("apply", apply))}  # fmt: skip
     return {
         "metric": "emb_pipeline_ns_per_id",
         "unit": "ns",
@@ -393,7 +420,12 @@ def pipeline_line(
         "optimizer": optimizer,
         "shards": shards,
         "persia_tree": _tree(),
-        "value": round(1e9 * (cpu[1] - cpu[0]) / max(ids, 1), 2),
+        "value": round(per_id["all"], 2),
+        # the NN worker's thread (the near-free model, the context's conversions), the applier
+        # thread (gradients), the rest (the lookup thread, the data loader's reader)
+        "main_ns_per_id": round(per_id["main"], 2),
+        "apply_ns_per_id": round(per_id["apply"], 2),
+        "other_ns_per_id": round(per_id["all"] - per_id["main"] - per_id["apply"], 2),
         "steps": len(pbs) - warmup,
         "torch_threads": torch.get_num_threads(),
     }

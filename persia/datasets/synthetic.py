@@ -224,7 +224,7 @@ def _per_slot_ids(ids_per_sample: int | Sequence[int], num_slots: int) -> tuple[
     """The per-slot bounds of ``ids_per_sample``, or the problem with it."""
 
     def ok(k: object) -> bool:
-        return isinstance(k, int | np.integer) and not isinstance(k, bool) and k >= 1
+        return isinstance(k, int | np.integer) and not isinstance(k, bool) and bool(k >= 1)
 
     if isinstance(ids_per_sample, int | np.integer) and not isinstance(ids_per_sample, bool):
         if not ok(ids_per_sample):
