@@ -245,7 +245,7 @@ class EmbeddingWorker:
                 )
                 # one ID per sample: as many IDs as samples, none without (lengths sum to
                 # len(values), so then all are 1)
-                one_hot = one_hot and values.shape[0] == n and (n == 0 or feature.min_length >= 1)
+                one_hot = one_hot and values.shape[0] == n and (n == 0 or _min_length(feature) >= 1)
             deduper = scratch.dedupers.get(gp.dim)
             if deduper is None:
                 deduper = scratch.dedupers[gp.dim] = pooling.Deduper()
@@ -384,6 +384,16 @@ class EmbeddingWorker:
                     s, group.uniques[a:b], grad_u[a:b], hints[s]
                 )
         return totals
+
+
+def _min_length(feature: object) -> int:
+    """The fewest IDs of a sample: an IDTypeFeature knows it; any other feature-like object (a
+    backend's own columnar batch) is asked for its lengths."""
+    known = getattr(feature, "min_length", None)
+    if known is not None:
+        return int(known)
+    lengths = feature.lengths  # type: ignore[attr-defined]
+    return int(lengths.min()) if lengths.size else 0
 
 
 def _run_arrays(group: _DimGroup, run: _Run, n: int) -> tuple[np.ndarray, np.ndarray]:
