@@ -378,8 +378,8 @@ class EmbeddingTable:
             self._stamp_lru()
             made = np.empty(n, dtype=np.int32)
             missing = K.train_probe_create_kernel(
-                self.index, self._shift, self.row_keys, self.values, keys, rows, made, out,
-                self.lru_ts, self.meta,
+                self.index, self._shift, self.row_keys, self.values, self.state, keys, rows, made,
+                out, self.lru_ts, self.meta,
             )  # fmt: skip
             if missing:
                 K.train_link_new_kernel(

@@ -52,17 +52,39 @@ class _SlotPart:
     column: int  # first column in the summed buffer (summed slots), else -1
 
 
-@dataclass
 class _DimGroup:
-    dim: int
-    parts: list[_SlotPart] = field(default_factory=list)
-    uniques: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # u64[u]
-    inverse: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # i32[n]
-    # each shard's range of ``uniques`` (they are grouped by shard): int64[shards + 1]
-    shard_bounds: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
-    one_hot: bool = False  # every part: summed, one ID per sample, columns side by side = all
-    plan: _GroupPlan | None = None
-    hints: list[object] = field(default_factory=list)  # per shard: its lookup's row hint
+    """One dim's keys of a batch: what its backward needs."""
+
+    __slots__ = ("plan", "lengths", "bounds", "uniques", "inverse", "shard_bounds", "one_hot",
+                 "hints")  # fmt: skip
+
+    def __init__(self, plan: _GroupPlan, lengths: list[np.ndarray], bounds: list[int]) -> None:
+        self.plan = plan
+        self.lengths = lengths  # per part: IDs per sample, as pooled (after hash stacking)
+        self.bounds = bounds  # part p's keys are ``bounds[p]:bounds[p + 1]`` of the group's
+        self.uniques: np.ndarray = _NO_KEYS  # u64[u]
+        self.inverse: np.ndarray = _NO_ROWS  # i32[n]
+        # each shard's range of ``uniques`` (they are grouped by shard): int64[shards + 1]
+        self.shard_bounds: np.ndarray = _NO_ROWS
+        self.one_hot = False  # every part: summed, one ID per sample, side by side = all
+        self.hints: list[object] = []  # per shard: its lookup's row hint
+
+    @property
+    def dim(self) -> int:
+        return self.plan.dim
+
+    @property
+    def parts(self) -> list[_SlotPart]:
+        """Each slot's part of the group (built on demand: the one-hot path needs none)."""
+        gp, b = self.plan, self.bounds
+        return [
+            _SlotPart(gp.specs[p], gp.features[p], b[p], b[p + 1], self.lengths[p], gp.columns[p])
+            for p in range(len(gp.features))
+        ]
+
+
+_NO_KEYS = np.empty(0, dtype=np.uint64)
+_NO_ROWS = np.empty(0, dtype=np.int32)
 
 
 @dataclass
@@ -84,6 +106,7 @@ class _GroupPlan:
     masks: pooling.PrefixMasks
     runs: list[_Run]
     spans: bool  # all summed, columns side by side from 0 filling the summed buffer
+    stacked: list[bool] = field(default_factory=list)  # per part: hash stacking on
 
 
 @dataclass
@@ -195,6 +218,7 @@ class EmbeddingWorker:
                 column += spec.dim
         for g in groups.values():
             g.masks = pooling.prefix_masks([s.prefix for s in g.specs], self.prefix_bits)
+            g.stacked = [s.hash_stack_rounds > 0 for s in g.specs]
             for p, spec in enumerate(g.specs):
                 raw = spec.pooling == "raw"
                 if raw or not g.runs or g.runs[-1].raw:
@@ -228,24 +252,26 @@ class EmbeddingWorker:
         dropped = 0
         scratch = self._scratch
         for gp in plan.groups:
-            group = _DimGroup(gp.dim, plan=gp)
-            ids, seg = [], np.zeros(len(gp.features) + 1, dtype=np.int64)
+            ids, lens, bounds = [], [], [0]
+            pos = 0
             one_hot = gp.spans and self.one_hot_fast_path
             for p, fi in enumerate(gp.features):
-                spec = gp.specs[p]
                 feature = features[fi]
                 values, lengths = feature.values, feature.lengths
-                if spec.hash_stack_rounds > 0:
+                if gp.stacked[p]:
+                    spec = gp.specs[p]
                     values = hash_stack(values, spec.hash_stack_rounds, spec.hash_stack_size)
                     lengths = lengths * spec.hash_stack_rounds
                 ids.append(values)
-                seg[p + 1] = seg[p] + values.shape[0]
-                group.parts.append(
-                    _SlotPart(spec, fi, int(seg[p]), int(seg[p + 1]), lengths, gp.columns[p])
-                )
+                lens.append(lengths)
+                pos += values.shape[0]
+                bounds.append(pos)
                 # one ID per sample: as many IDs as samples, none without (lengths sum to
                 # len(values), so then all are 1)
-                one_hot = one_hot and values.shape[0] == n and (n == 0 or _min_length(feature) >= 1)
+                if one_hot:
+                    one_hot = values.shape[0] == n and (n == 0 or _min_length(feature) >= 1)
+            group = _DimGroup(gp, lens, bounds)
+            seg = np.array(bounds, dtype=np.int64)
             deduper = scratch.dedupers.get(gp.dim)
             if deduper is None:
                 deduper = scratch.dedupers[gp.dim] = pooling.Deduper()
@@ -260,19 +286,19 @@ class EmbeddingWorker:
                 continue
             for run in gp.runs:
                 if run.raw:
-                    part = group.parts[run.parts[0]]
+                    p = run.parts[0]
                     out, d = pooling.pool_raw_forward(
-                        part.lengths,
-                        group.inverse[part.start : part.stop],
+                        lens[p],
+                        group.inverse[bounds[p] : bounds[p + 1]],
                         rows,
-                        part.spec.sample_fixed_size,
+                        gp.specs[p].sample_fixed_size,
                     )
                     dropped += d
-                    raw[part.feature_index] = out
+                    raw[gp.features[p]] = out
                     continue
-                lengths2d, bounds = _run_arrays(group, run, n)
+                lengths2d, run_bounds = _run_arrays(group, run, n)
                 _k.pool_slots_forward_kernel(
-                    lengths2d, group.inverse, bounds, run.cols, run.modes, rows, summed,
+                    lengths2d, group.inverse, run_bounds, run.cols, run.modes, rows, summed,
                     scratch.vec(gp.dim),
                 )  # fmt: skip
         return Lookup(n, summed, raw, plan.layout, training, groups, dropped)
@@ -344,18 +370,19 @@ class EmbeddingWorker:
                 continue
             grad_u.fill(0.0)
             touched = False
-            for run in group.plan.runs:  # type: ignore[union-attr]
+            gp = group.plan
+            for run in gp.runs:
                 if run.raw:
-                    part = group.parts[run.parts[0]]
-                    g = raw_grads.get(part.feature_index)
+                    p = run.parts[0]
+                    g = raw_grads.get(gp.features[p])
                     if g is None:
                         continue
-                    inv = group.inverse[part.start : part.stop]
-                    pooling.pool_raw_backward(part.lengths, inv, g, out=grad_u)
+                    inv = group.inverse[group.bounds[p] : group.bounds[p + 1]]
+                    pooling.pool_raw_backward(group.lengths[p], inv, g, out=grad_u)
                 elif summed_grad is not None:
-                    lengths2d, bounds = _run_arrays(group, run, n)
+                    lengths2d, run_bounds = _run_arrays(group, run, n)
                     _k.pool_slots_backward_kernel(
-                        lengths2d, group.inverse, bounds, run.cols, run.modes, summed_grad,
+                        lengths2d, group.inverse, run_bounds, run.cols, run.modes, summed_grad,
                         grad_u, scratch.vec(group.dim),
                     )  # fmt: skip
                 else:
@@ -398,13 +425,10 @@ def _min_length(feature: object) -> int:
 
 def _run_arrays(group: _DimGroup, run: _Run, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``(parts, batch)`` lengths and the key bounds of a summed run, for its kernels."""
-    parts = [group.parts[p] for p in run.parts]
-    lengths2d = np.empty((len(parts), n), dtype=np.int64)
-    bounds = np.empty(len(parts) + 1, dtype=np.int64)
-    for i, part in enumerate(parts):
-        lengths2d[i] = part.lengths
-        bounds[i] = part.start
-    bounds[len(parts)] = parts[-1].stop
+    lengths2d = np.empty((len(run.parts), n), dtype=np.int64)
+    for i, p in enumerate(run.parts):
+        lengths2d[i] = group.lengths[p]
+    bounds = np.array([group.bounds[p] for p in run.parts] + [group.bounds[run.parts[-1] + 1]])
     return lengths2d, bounds
 
 

@@ -47,7 +47,7 @@ import numpy as np
 from numba import njit
 
 # the prefetch hint lives with the optimizer kernels (the layer below), which use it too
-from persia.embedding.kernels import prefetch
+from persia.embedding.kernels import prefetch, prefetch_at
 
 PROBE_SALT = np.uint64(0x9E3779B97F4A7C15)
 SHARD_SALT = np.uint64(0xD1B54A32D192ED03)
@@ -412,7 +412,7 @@ def train_probe_hits_kernel(
 
 @njit(nogil=True, cache=True)
 def train_probe_create_kernel(
-    index, shift, row_keys, values, keys, rows, made, out, lru_ts, meta
+    index, shift, row_keys, values, state, keys, rows, made, out, lru_ts, meta
 ):  # fmt: skip
     """``train_probe_hits_kernel`` that also creates the missing keys' rows and index entries
     while their probe chains are in the cache (the table must have room for every key without
@@ -422,7 +422,8 @@ def train_probe_create_kernel(
     ``train_misses_kernel`` would have. Returns the number of keys absent before the batch.
 
     The LRU must be in its stamped form: each hit gets the next stamp (``lru_ts``), in batch
-    order, where the linked form would relink it.
+    order, where the linked form would relink it. A hit's optimizer state is prefetched too:
+    the gradients of the batch update it soon (a hint only).
 
     Its prefetch, hit and gather-and-relink loops repeat ``train_probe_hits_kernel``'s on
     purpose: the same loops as shared ``inline="always"`` helpers measured 8-9% slower in both
@@ -465,6 +466,8 @@ def train_probe_create_kernel(
             else:
                 rows[i] = r
                 prefetch(values, r)
+                for c in range(0, state.shape[1], 16):
+                    prefetch_at(state, r, c)
         for i in range(g0, g1):
             r = rows[i]
             if r >= 0:
