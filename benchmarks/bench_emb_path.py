@@ -253,10 +253,12 @@ def _gather_alone(ctx: Any, lookup: Any, scratch: dict[str, np.ndarray]) -> int:
     """Thread CPU ns of gathering this batch's unique rows from the store's values alone (a
     measure of the gather inside the fused training lookup; not part of the step)."""
     ns = 0
-    shards = ctx.runtime.store.shards
+    store = ctx.runtime.store
+    shards = store.shards
     for group in lookup.groups:
+        where = store.shard_of(group.uniques) if len(shards) > 1 else None
         for s, shard in enumerate(shards):
-            keys = group.uniques if len(shards) == 1 else group.uniques[group.shard == s]
+            keys = group.uniques if where is None else group.uniques[where == s]
             table = shard._tables[group.dim]
             rows = table.probe(keys)
             rows = rows[rows >= 0]
