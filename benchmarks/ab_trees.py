@@ -37,6 +37,9 @@ DEFAULT_FIELDS = "value,value_cpu,samples_per_s,cpu_ms_per_step,ms_per_step"
 DISCRIMINATORS = (
     "workload", "system", "stage", "backend", "transport", "payload", "staleness", "optimizer",
 )  # fmt: skip
+#: A field left out of the key at this value: a line without it means the same (bench_e2e.py's
+#: lines before it had workloads were dlrm's), so an older tree's lines pair with the new tree's.
+DEFAULTS = {"workload": "dlrm"}
 
 
 def run_once(tree: Path, command: list[str], timeout_s: float) -> list[dict[str, Any]]:
@@ -70,7 +73,11 @@ def summarise(rows: list[dict[str, Any]], fields: list[str]) -> list[dict[str, A
         name = row.get("metric") or row.get("system")
         if name is None:
             continue
-        extra = [f"{k}={row[k]}" for k in DISCRIMINATORS if k in row and row[k] != name]
+        extra = [
+            f"{k}={row[k]}"
+            for k in DISCRIMINATORS
+            if k in row and row[k] != name and DEFAULTS.get(k, None) != row[k]
+        ]
         key = " ".join([str(name), *extra])
         for f in fields:
             v = row.get(f)
