@@ -34,32 +34,44 @@ EVAL_OFFSET = 10_000_000  # held-out batches start at this index: never trained 
 DIM = 16
 
 
-class BenchModel(nn.Module):
-    """Bottom MLP 13-512-256-64-16 on the dense features, concatenated with the pooled
-    embeddings, then the top MLP 512-256-1 (returns logits)."""
+def _mlp(sizes: list[int], last_relu: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        layers.append(nn.Linear(a, b))
+        if last_relu or i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return layers
 
-    def __init__(self, num_dense: int = 13, num_slots: int = 26, dim: int = DIM) -> None:
+
+class BenchModel(nn.Module):
+    """Bottom MLP num_dense-...-dim on the dense features, concatenated with the pooled
+    embeddings, then the top MLP (returns logits). The default sizes are the DLRM workload's
+    (bottom 13-512-256-64-16, top 432-512-256-1); the embedding-bound workload's are
+    ``bottom=(), top=(32,)`` (bottom 13-16, top 432-32-1)."""
+
+    def __init__(
+        self,
+        num_dense: int = 13,
+        num_slots: int = 26,
+        dim: int = DIM,
+        bottom: tuple[int, ...] | list[int] = (512, 256, 64),
+        top: tuple[int, ...] | list[int] = (512, 256),
+    ) -> None:
         super().__init__()
-        self.bottom = nn.Sequential(
-            nn.Linear(num_dense, 512),
-            nn.ReLU(),
-            nn.Linear(512, 256),
-            nn.ReLU(),
-            nn.Linear(256, 64),
-            nn.ReLU(),
-            nn.Linear(64, dim),
-            nn.ReLU(),
-        )
-        self.top = nn.Sequential(
-            nn.Linear(dim + num_slots * dim, 512),
-            nn.ReLU(),
-            nn.Linear(512, 256),
-            nn.ReLU(),
-            nn.Linear(256, 1),
-        )
+        self.bottom = nn.Sequential(*_mlp([num_dense, *bottom, dim], last_relu=True))
+        self.top = nn.Sequential(*_mlp([dim + num_slots * dim, *top, 1], last_relu=False))
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         return self.top(torch.cat([self.bottom(dense), pooled], dim=1))
+
+
+def make_model(spec: dict[str, Any], num_slots: int) -> BenchModel:
+    """The workload's model (``spec["bottom"]``, ``spec["top"]``: hidden sizes)."""
+    return BenchModel(
+        num_slots=num_slots,
+        bottom=spec.get("bottom", (512, 256, 64)),
+        top=spec.get("top", (512, 256)),
+    )
 
 
 class PersiaBenchModel(nn.Module):
@@ -97,7 +109,9 @@ def _concat_views(parts: list[torch.Tensor]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- the data
 def make_stream(spec: dict[str, Any]) -> SyntheticStream:
-    return SyntheticStream(spec["cardinalities"], seed=spec["seed"])
+    return SyntheticStream(
+        spec["cardinalities"], ids_per_sample=spec.get("ids_per_sample", 1), seed=spec["seed"]
+    )
 
 
 def train_indices(spec: dict[str, Any]) -> range:
@@ -159,7 +173,7 @@ def run_dense_only(spec: dict[str, Any]) -> dict[str, Any]:
     for i in train_indices(spec):
         sb = stream.batch(i, b)
         data.append((torch.from_numpy(sb.dense), torch.from_numpy(sb.labels)))
-    model = BenchModel(num_slots=nslots)
+    model = make_model(spec, nslots)
     opt = _dense_optimizer(model, spec)
     loss_fn = nn.BCEWithLogitsLoss()
     counter = iter(range(len(data)))
@@ -203,14 +217,13 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
     def prep(i: int) -> tuple[Any, ...]:
         sb = stream.batch(i, b)
         ids = [torch.from_numpy(r) for r in sb.ranks]
-        lens = [torch.from_numpy(n) for n in sb.lengths]
-        offs = [
-            offsets if spec["ids_per_sample"] == 1 else _offsets(n) for n in lens
-        ]  # one ID per sample: offsets 0..B-1
+        # one ID per sample: offsets 0..B-1
+        offs = [offsets if len(r) == b else _offsets(torch.from_numpy(n)) for r, n in
+                zip(sb.ranks, sb.lengths, strict=True)]  # fmt: skip
         return torch.from_numpy(sb.dense), ids, offs, torch.from_numpy(sb.labels)
 
     data = [prep(i) for i in train_indices(spec)]
-    model = BenchModel(num_slots=len(cards))
+    model = make_model(spec, len(cards))
     opt_dense = _dense_optimizer(model, spec)
     opt_sparse = torch.optim.Adagrad(
         bags.parameters(), lr=spec["emb_lr"], initial_accumulator_value=0.0, eps=1e-10
@@ -287,7 +300,7 @@ def run_torchrec(spec: dict[str, Any]) -> dict[str, Any]:
         return torch.from_numpy(sb.dense), kjt, torch.from_numpy(sb.labels)
 
     data = [prep(i) for i in train_indices(spec)]
-    model = BenchModel(num_slots=len(cards))
+    model = make_model(spec, len(cards))
     opt_dense = _dense_optimizer(model, spec)
     loss_fn = nn.BCEWithLogitsLoss()
 
@@ -351,7 +364,7 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
         def __iter__(self) -> Iterator[Any]:
             return iter(self.items)
 
-    model = PersiaBenchModel(BenchModel(num_slots=nslots))
+    model = PersiaBenchModel(make_model(spec, nslots))
     emb_opt = Adagrad(
         lr=spec["emb_lr"],
         initial_accumulator_value=0.0,
@@ -446,6 +459,7 @@ def _result(spec: dict[str, Any], seconds: float, auc: float, ll: float) -> dict
     return {
         "cpu_ms_per_step": 1000.0 * (_CPU[1] - _CPU[0]) / spec["steps"],
         "system": spec["label"],
+        "workload": spec.get("workload", "dlrm"),
         "samples_per_s": samples / seconds,
         "ms_per_step": 1000.0 * seconds / spec["steps"],
         "auc": auc,
@@ -454,7 +468,28 @@ def _result(spec: dict[str, Any], seconds: float, auc: float, ll: float) -> dict
         "optimizer": spec["optimizer"],
         "steps": spec["steps"],
         "torch_threads": torch.get_num_threads(),
+        "cores": len(os.sched_getaffinity(0)),
     }
+
+
+def run_profile(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The embedding path's cost per stage (``bench_emb_path.py``) on this workload's batches."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_emb_path import profile_lines
+
+    stream = make_stream(spec)
+    names = stream.slot_names()
+    batches = [stream.batch(i, spec["batch_size"]).to_persia_batch(names) for i in
+               train_indices(spec)]  # fmt: skip
+    lines = profile_lines(
+        batches,
+        warmup=spec["warmup_steps"],
+        optimizer=spec["optimizer"],
+        lr=spec["emb_lr"],
+        shards=spec["ps_shards"],
+        workload=spec.get("workload", "dlrm"),
+    )
+    return [{**line, "run": spec["label"]} for line in lines]
 
 
 RUNNERS = {
@@ -462,16 +497,21 @@ RUNNERS = {
     "torch-embeddingbag": run_torch,
     "torchrec-fused": run_torchrec,
     "persia": run_persia,
+    "profile": run_profile,
 }
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
-    if spec.get("torch_threads"):
-        torch.set_num_threads(int(spec["torch_threads"]))
-    torch.manual_seed(spec["seed"])
-    result = RUNNERS[spec["runner"]](spec)
-    print(json.dumps(result), flush=True)
+    """Runs one spec (a JSON object) or several in turn (a JSON list: quick mode, where peak RSS
+    is then the process's, not each contender's); one JSON line per result."""
+    arg = json.loads(sys.argv[1])
+    for spec in arg if isinstance(arg, list) else [arg]:
+        if spec.get("torch_threads"):
+            torch.set_num_threads(int(spec["torch_threads"]))
+        torch.manual_seed(spec["seed"])
+        result = RUNNERS[spec["runner"]](spec)
+        for line in result if isinstance(result, list) else [result]:
+            print(json.dumps(line), flush=True)
     sys.stdout.flush()
     os._exit(0)  # skip freeing multi-GB tables
 

@@ -6,6 +6,11 @@
 Each round runs the script once per tree, in the order base, new on odd rounds and new, base on
 even ones (so drift of a shared, noisy machine hits both alike), with ``PYTHONPATH`` set to the
 tree and the tree as the working directory; the script's path is taken relative to each tree.
+An absolute script path runs that one script against both trees (``bench_emb_path.py`` is
+written for this: it imports persia from ``PYTHONPATH`` and uses only APIs both trees have)::
+
+    python benchmarks/ab_trees.py --base ../persia-b936917 --fields value,ns_per_unique \
+        -- "$PWD/benchmarks/bench_emb_path.py"
 Every JSON line the script prints comes out again with ``tree`` ("base" / "new") and ``round``
 added; then, per key (a line's ``metric``, else its ``system``, plus the fields that tell lines of one metric
 apart: transport, payload, backend, staleness, ...) and numeric field (``--fields``),
@@ -29,7 +34,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 DEFAULT_FIELDS = "value,value_cpu,samples_per_s,cpu_ms_per_step,ms_per_step"
 #: Fields that tell two lines of one metric apart (a transport, a payload size, ...).
-DISCRIMINATORS = ("system", "backend", "transport", "payload", "staleness", "optimizer")
+DISCRIMINATORS = (
+    "workload", "system", "stage", "backend", "transport", "payload", "staleness", "optimizer",
+)  # fmt: skip
+#: A field left out of the key at this value: a line without it means the same (bench_e2e.py's
+#: lines before it had workloads were dlrm's), so an older tree's lines pair with the new tree's.
+DEFAULTS = {"workload": "dlrm"}
 
 
 def run_once(tree: Path, command: list[str], timeout_s: float) -> list[dict[str, Any]]:
@@ -63,7 +73,11 @@ def summarise(rows: list[dict[str, Any]], fields: list[str]) -> list[dict[str, A
         name = row.get("metric") or row.get("system")
         if name is None:
             continue
-        extra = [f"{k}={row[k]}" for k in DISCRIMINATORS if k in row and row[k] != name]
+        extra = [
+            f"{k}={row[k]}"
+            for k in DISCRIMINATORS
+            if k in row and row[k] != name and DEFAULTS.get(k, None) != row[k]
+        ]
         key = " ".join([str(name), *extra])
         for f in fields:
             v = row.get(f)

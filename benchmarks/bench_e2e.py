@@ -4,12 +4,21 @@
     python benchmarks/bench_e2e.py                  # full: Criteo's 33.8M rows, all contenders
     python benchmarks/bench_e2e.py --sweep --chart benchmarks/e2e.png   # + AUC vs staleness
     python benchmarks/bench_e2e.py --chart-from a.jsonl b.jsonl --chart e2e.png  # saved runs
+    python benchmarks/bench_e2e.py --workload embedding-bound --repeat 3    # the GPU-worker regime
 
-Every contender trains one fixed model (bottom MLP 13-512-256-64-16, the 26 pooled dim-16
-embeddings concatenated with it, top MLP 512-256-1), batch 2048, element-wise Adagrad on the
+Every contender trains one fixed model per workload, batch 2048, element-wise Adagrad on the
 embeddings (row-wise Adagrad as a second setting), dense Adagrad, on the same seeded
 Criteo-shaped stream (:class:`persia.datasets.SyntheticStream`), each in its own subprocess
-(``_e2e_contenders.py``), one after the other:
+(``_e2e_contenders.py``), one after the other. The workloads (``--workload``, comma-separated):
+
+* ``dlrm`` (the default): bottom MLP 13-512-256-64-16, the 26 pooled dim-16 embeddings
+  concatenated with it, top MLP 512-256-1; 26 one-hot slots. The dense step dominates.
+* ``embedding-bound``: bottom MLP 13-16, top MLP (16 + 26 * 16)-32-1, the same slots: the dense
+  step takes a few ms and the embedding path sets the pace (PERSIA's GPU-NN-worker regime).
+* ``multi-hot``: the embedding-bound model, with six slots multi-hot (up to 20 IDs per sample in
+  slots 2, 11, 20; up to 5 in slots 3, 15, 23; uniform from 1), summed.
+
+The contenders:
 
 * ``persia-hybrid``: persia's embedded backend, staleness 8;
 * ``persia-sync``: the same, staleness 1;
@@ -23,8 +32,13 @@ With ``--links`` (default on) persia-sync and persia-hybrid also run with a simu
 between the embedding worker and the parameter servers (:mod:`persia.rpc.simlink`): 10 Gbit/s
 with 50 us and 1 Gbit/s with 100 us one-way latency.
 
-Output: one JSON line per run (``system``, ``samples_per_s``, ``auc``, ``logloss``,
-``peak_rss_bytes``, ...), then ratio lines ``{"metric": ..., "value": ..., "unit": ...}``.
+Output: one JSON line per run (``workload``, ``system``, ``samples_per_s``, ``auc``,
+``logloss``, ``peak_rss_bytes``, ...), then per workload ratio lines ``{"metric": ..., "value": ...,
+"unit": ..., "workload": ...}``, among them the hybrid's bound (``hybrid_bound_ms_per_step``:
+a step takes at least the dense-only step and at least persia-sync's CPU time per step spread
+over the cores) and ``hybrid_over_bound``. The embedding-bound and multi-hot workloads also
+get the embedding path's cost per stage (``bench_emb_path.py``'s ``emb_path_ns_per_id`` lines,
+from their own process).
 """
 
 from __future__ import annotations
@@ -50,14 +64,33 @@ from persia.rpc.simlink import parse_link  # noqa: E402
 #: Where ``make bench-torchrec-install`` puts TorchRec and fbgemm (outside the venv's packages).
 TORCHREC_DIR = ROOT / ".venv" / "bench-torchrec"
 LINKS = {"10gbit": "10gbit:50us", "1gbit": "1gbit:100us"}
+#: Slot -> the most IDs per sample of the multi-hot workload (``bench_emb_path.MULTI_HOT``).
+MULTI_HOT = {2: 20, 11: 20, 20: 20, 3: 5, 15: 5, 23: 5}
+#: name -> the model's hidden sizes, the IDs per sample of each slot, the default timed steps.
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "dlrm": {"bottom": [512, 256, 64], "top": [512, 256], "ids_per_sample": 1, "steps": 200},
+    "embedding-bound": {"bottom": [], "top": [32], "ids_per_sample": 1, "steps": 600},
+    "multi-hot": {
+        "bottom": [],
+        "top": [32],
+        "ids_per_sample": [MULTI_HOT.get(s, 1) for s in range(len(CRITEO_CARDINALITIES))],
+        "steps": 600,
+    },
+}
+#: The contenders a quick run of a workload other than dlrm runs (in one process, to stay fast).
+QUICK_CONTENDERS = ("dense-only", "torch-embeddingbag", "persia-sync", "persia-hybrid",
+                    "torchrec-fused", "persia-profile")  # fmt: skip
 
 
 def torchrec_available(path: Path) -> bool:
     return (path / "torchrec").is_dir() and (path / "fbgemm_gpu").is_dir()
 
 
-def run_one(spec: dict[str, Any], extra_path: Path | None, timeout_s: float) -> dict[str, Any]:
-    """Runs one contender in a subprocess; returns its JSON result (or an error record)."""
+def run_one(
+    spec: dict[str, Any] | list[dict[str, Any]], extra_path: Path | None, timeout_s: float
+) -> list[dict[str, Any]]:
+    """Runs one contender (or a list of them, one after the other) in a subprocess; returns its
+    JSON lines (or an error record per contender that printed none)."""
     env = dict(os.environ)
     env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
     env["PYTHONPATH"] = os.pathsep.join(
@@ -70,30 +103,50 @@ def run_one(spec: dict[str, Any], extra_path: Path | None, timeout_s: float) -> 
             cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
         )
     except subprocess.TimeoutExpired:
-        return {"system": spec["label"], "error": f"timed out after {timeout_s:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"system": spec["label"], "error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    result = json.loads(lines[-1])
-    result["process_s"] = round(time.perf_counter() - t0, 1)
-    return result
+        proc = None
+    specs = spec if isinstance(spec, list) else [spec]
+    lines = [json.loads(ln) for ln in (proc.stdout if proc else "").splitlines()
+             if ln.startswith("{")]  # fmt: skip
+    took = round(time.perf_counter() - t0, 1)
+    out = []
+    for one in specs:
+        mine = [x for x in lines if (x.get("system") or x.get("run")) == one["label"]]
+        if mine:
+            for x in mine:
+                x["process_s"] = took
+                if len(specs) > 1:
+                    x["shared_process"] = True  # peak RSS is the process's, not this run's
+            out.extend(mine)
+        elif proc is None:
+            out.append({"system": one["label"], "workload": one["workload"],
+                        "error": f"timed out after {timeout_s:.0f} s"})  # fmt: skip
+        else:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            out.append({"system": one["label"], "workload": one["workload"],
+                        "error": f"exit {proc.returncode}: " + " | ".join(tail)})  # fmt: skip
+    return out
 
 
-def plan(args: argparse.Namespace, have_torchrec: bool) -> list[dict[str, Any]]:
-    """The runs, in order: one spec per subprocess."""
+def plan(
+    args: argparse.Namespace, have_torchrec: bool, workload: str = "dlrm"
+) -> list[dict[str, Any]]:
+    """The runs of one workload, in order: one spec per subprocess."""
     cards = [min(c, args.max_rows) for c in CRITEO_CARDINALITIES] if args.max_rows else None
+    w = WORKLOADS[workload]
     base = {
+        "workload": workload,
+        "bottom": w["bottom"],
+        "top": w["top"],
         "cardinalities": cards or list(CRITEO_CARDINALITIES),
         "batch_size": args.batch_size,
         "warmup_steps": args.warmup,
-        "steps": args.steps,
+        "steps": args.steps if args.steps is not None else w["steps"],
         "eval_batches": args.eval_batches,
         "seed": args.seed,
         "emb_lr": args.emb_lr,
         "dense_lr": args.dense_lr,
         "ps_shards": args.ps_shards,
-        "ids_per_sample": 1,
+        "ids_per_sample": w["ids_per_sample"],
         "optimizer": "adagrad",
         "torch_threads": args.torch_threads,
     }
@@ -129,11 +182,17 @@ def plan(args: argparse.Namespace, have_torchrec: bool) -> list[dict[str, Any]]:
             runs.append(persia(f"persia-staleness-{k}", k))
     if args.metrics:  # persia-hybrid with PERSIA's metrics_config on (docs/metrics.md)
         runs.append(persia("persia-hybrid+metrics", args.staleness, metrics=True))
+    if workload != "dlrm" and args.profile:
+        runs.append({**base, "runner": "profile", "label": "persia-profile"})
+    if args.quick and workload != "dlrm":
+        runs = [r for r in runs if r["label"] in QUICK_CONTENDERS]
     return runs
 
 
-def ratios(results: dict[str, dict[str, Any]], notes: dict[str, str]) -> list[dict[str, Any]]:
-    """The ratio lines (a missing contender gives value None and a note)."""
+def ratios(
+    results: dict[str, dict[str, Any]], notes: dict[str, str], workload: str = "dlrm"
+) -> list[dict[str, Any]]:
+    """The ratio lines of one workload (a missing contender gives value None and a note)."""
 
     def sps(name: str) -> float | None:
         r = results.get(name)
@@ -179,6 +238,7 @@ def ratios(results: dict[str, dict[str, Any]], notes: dict[str, str]) -> list[di
         ratio("hybrid_vs_torch", "persia-hybrid", "torch-embeddingbag"),
         ratio("hybrid_vs_sync", "persia-hybrid", "persia-sync"),
         ratio("hybrid_vs_dense_ceiling", "persia-hybrid", "dense-only"),
+        *bound_lines(results, notes),
         ratio("hybrid_vs_torchrec", "persia-hybrid-rowwise", "torchrec-fused-rowwise"),
         ratio("hybrid_vs_torchrec_elementwise", "persia-hybrid", "torchrec-fused"),
         gap("auc_gap_hybrid_vs_sync", "persia-hybrid", "persia-sync"),
@@ -197,7 +257,46 @@ def ratios(results: dict[str, dict[str, Any]], notes: dict[str, str]) -> list[di
                 hybrid_idle_ms_per_step=idle(f"persia-hybrid@{name}"),
             )
         )
+    for line in out:
+        line["workload"] = workload
     return out
+
+
+def bound_lines(results: dict[str, dict[str, Any]], notes: dict[str, str]) -> list[dict[str, Any]]:
+    """The fastest the hybrid could go in this run, and how close it came.
+
+    A hybrid step takes at least the dense-only step's wall time (the NN worker's part), and at
+    least persia-sync's CPU time per step spread over the cores (the hybrid does the same work,
+    only overlapped): ``bound = max(dense-only ms/step, persia-sync CPU ms/step / cores)``.
+    """
+    dense, sync, hybrid = (results.get(n) for n in ("dense-only", "persia-sync", "persia-hybrid"))
+    cores = int((sync or {}).get("cores") or len(os.sched_getaffinity(0)))
+    bound = None
+    if dense and sync:
+        bound = max(dense["ms_per_step"], sync["cpu_ms_per_step"] / cores)
+    missing = [n for n, r in (("dense-only", dense), ("persia-sync", sync)) if not r]
+    line: dict[str, Any] = {
+        "metric": "hybrid_bound_ms_per_step",
+        "value": None if bound is None else round(bound, 3),
+        "unit": "ms",
+        "of": "max(dense-only ms/step, persia-sync CPU ms/step / cores)",
+        "cores": cores,
+        "dense_ms_per_step": dense and round(dense["ms_per_step"], 3),
+        "sync_cpu_ms_per_step": sync and round(sync["cpu_ms_per_step"], 3),
+    }
+    over: dict[str, Any] = {
+        "metric": "hybrid_over_bound",
+        "value": None if bound is None or not hybrid else round(hybrid["ms_per_step"] / bound, 3),
+        "unit": "x",
+        "of": "persia-hybrid ms/step / hybrid_bound_ms_per_step (target <= 1.15)",
+        "hybrid_ms_per_step": hybrid and round(hybrid["ms_per_step"], 3),
+    }
+    if not hybrid:
+        missing.append("persia-hybrid")
+    if missing:
+        note = "; ".join(notes.get(n, f"{n} did not run") for n in missing)
+        line["note"] = over["note"] = note
+    return [line, over]
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -209,7 +308,17 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small tables and few steps (CI)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 200; quick 15)")
+    p.add_argument(
+        "--workload",
+        default=None,
+        help="comma-separated, of " + ", ".join(WORKLOADS) + ", or all (default dlrm; quick: all)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps (default 200 for dlrm, 600 for the others; quick 15)",
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (20; quick 4)")
     p.add_argument("--eval-batches", type=int, default=None, help="held-out batches (20; 4)")
     p.add_argument("--batch-size", type=int, default=2048)
@@ -223,6 +332,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-rowwise", dest="rowwise", action="store_false")
+    p.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="no per-stage profile run (embedding-bound and multi-hot)",
+    )
     p.add_argument("--no-links", dest="links", action="store_false")
     p.add_argument(
         "--link",
@@ -265,8 +380,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         links[name] = spec
     args.link = links
     quick = args.quick
-    if args.steps is None:
-        args.steps = 15 if quick else 200
+    names = (args.workload or ("all" if quick else "dlrm")).split(",")
+    if "all" in names:
+        names = list(WORKLOADS)
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        p.error(f"--workload must be among {', '.join(WORKLOADS)} or all, got {', '.join(unknown)}")
+    args.workloads = list(dict.fromkeys(names))
+    if args.steps is None and quick:
+        args.steps = 15
     if args.warmup is None:
         args.warmup = 4 if quick else 20
     if args.eval_batches is None:
@@ -283,27 +405,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def from_saved(paths: list[Path], chart: Path | None) -> int:
     """The median run of each system in earlier ``--json-out`` files, their ratio lines, and the
     chart: to draw one chart from several invocations (the contenders and the staleness sweep)."""
-    done: dict[str, list[dict[str, Any]]] = {}
+    done: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for path in paths:
         for n, text in enumerate(path.read_text().splitlines(), 1):
             try:
                 rec = json.loads(text)
             except json.JSONDecodeError as e:
                 raise SystemExit(f"{path}:{n}: not a JSON line ({e.msg})") from None
-            if "system" in rec and "error" not in rec:
-                done.setdefault(rec["system"], []).append(rec)
+            if "system" in rec and "error" not in rec and "samples_per_s" in rec:
+                by = done.setdefault(rec.get("workload", "dlrm"), {})
+                by.setdefault(rec["system"], []).append(rec)
     if not done:
         raise SystemExit(f"no contender runs in {', '.join(map(str, paths))}")
-    results = {label: _median_run(rs) for label, rs in done.items()}
-    for r in results.values():
-        print(json.dumps({**r, "median_of": len(done[r["system"]])}), flush=True)
-    for line in ratios(results, {}):
-        print(json.dumps(line), flush=True)
-    if chart:
-        from _e2e_chart import write_chart
-
-        write_chart(chart, results)
+    for workload, by in done.items():
+        results = {label: _median_run(rs) for label, rs in by.items()}
+        for r in results.values():
+            print(json.dumps({**r, "median_of": len(by[r["system"]])}), flush=True)
+        for line in ratios(results, {}, workload):
+            print(json.dumps(line), flush=True)
+        if chart:
+            _chart(chart, workload, results)
     return 0
+
+
+def chart_path(chart: Path, workload: str) -> Path:
+    """Where the chart of ``workload`` goes: ``chart`` for dlrm, ``<stem>-<workload><suffix>``
+    beside it for the others (``e2e.png`` -> ``e2e-embedding-bound.png``)."""
+    if workload == "dlrm":
+        return chart
+    return chart.with_name(f"{chart.stem}-{workload}{chart.suffix}")
+
+
+def _chart(chart: Path, workload: str, results: dict[str, dict[str, Any]]) -> None:
+    from _e2e_chart import write_chart
+
+    write_chart(chart_path(chart, workload), results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,41 +457,55 @@ def main(argv: list[str] | None = None) -> int:
         for n in ("torchrec-fused", "torchrec-fused-rowwise"):
             notes[n] = note
         print(json.dumps({"note": note}), flush=True)
-    runs = plan(args, have_torchrec)
-    if args.only:
-        wanted = set(args.only.split(","))
-        runs = [r for r in runs if r["label"] in wanted]
+    wanted = set(args.only.split(",")) if args.only else None
+    plans = {
+        w: [r for r in plan(args, have_torchrec, w) if wanted is None or r["label"] in wanted]
+        for w in args.workloads
+    }
     lines: list[dict[str, Any]] = []
-    done: dict[str, list[dict[str, Any]]] = {}
+    done: dict[str, dict[str, list[dict[str, Any]]]] = {w: {} for w in args.workloads}
     for rep in range(args.repeat):  # interleaved, so slow phases of a shared box hit all alike
-        for spec in runs:
-            extra = args.torchrec_path if spec["runner"] == "torchrec-fused" else None
-            result = run_one(spec, extra, args.timeout)
-            if "link" in spec:
-                result["link"] = spec["link"]
-            if spec["runner"] == "persia":
-                result["staleness"] = spec["staleness"]
-            if args.repeat > 1:
-                result["repeat"] = rep
-            print(json.dumps(result), flush=True)
-            lines.append(result)
-            if "error" in result:
-                notes[spec["label"]] = f"{spec['label']} failed: {result['error']}"
-            else:
-                done.setdefault(spec["label"], []).append(result)
-    results = {label: _median_run(rs) for label, rs in done.items()}
-    if args.repeat > 1:
-        for r in results.values():
-            print(json.dumps({**r, "median_of": args.repeat}), flush=True)
-    for line in ratios(results, notes):
-        print(json.dumps(line), flush=True)
-        lines.append(line)
+        for workload, runs in plans.items():
+            # quick runs of the embedding-bound workloads share one process (seconds, not a
+            # minute); full runs give every contender its own (its peak RSS is its own)
+            units = [runs] if args.quick and workload != "dlrm" and runs else [[r] for r in runs]
+            for specs in units:
+                torchrec = any(r["runner"] == "torchrec-fused" for r in specs)
+                extra = args.torchrec_path if torchrec else None
+                group = specs if len(specs) > 1 else specs[0]
+                for result in run_one(group, extra, args.timeout * len(specs)):
+                    spec = next((r for r in specs if r["label"] == result.get("system")), None)
+                    if spec is not None and "link" in spec:
+                        result["link"] = spec["link"]
+                    if spec is not None and spec["runner"] == "persia":
+                        result["staleness"] = spec["staleness"]
+                    if args.repeat > 1:
+                        result["repeat"] = rep
+                    print(json.dumps(result), flush=True)
+                    lines.append(result)
+                    if "error" in result:
+                        notes[f"{workload}/{result['system']}"] = (
+                            f"{result['system']} failed: {result['error']}"
+                        )
+                    elif "samples_per_s" in result:
+                        done[workload].setdefault(result["system"], []).append(result)
+    for workload in args.workloads:
+        results = {label: _median_run(rs) for label, rs in done[workload].items()}
+        if args.repeat > 1:
+            for r in results.values():
+                print(json.dumps({**r, "median_of": args.repeat}), flush=True)
+        prefix = f"{workload}/"
+        wnotes = {
+            **notes,
+            **{k[len(prefix) :]: v for k, v in notes.items() if k.startswith(prefix)},
+        }
+        for line in ratios(results, wnotes, workload):
+            print(json.dumps(line), flush=True)
+            lines.append(line)
+        if args.chart:
+            _chart(args.chart, workload, results)
     if args.json_out:
         args.json_out.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    if args.chart:
-        from _e2e_chart import write_chart
-
-        write_chart(args.chart, results)
     failed = [r["system"] for r in lines if "error" in r]
     return 1 if failed else 0
 

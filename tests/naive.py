@@ -300,3 +300,31 @@ class NaiveTable:
                 len(keys), width
             ),
         }
+
+
+def lru_relink_each(prev: list[int], nxt: list[int], head: int, tail: int, touched: list[int],
+                    linked: set[int]) -> tuple[list[int], list[int], int, int]:  # fmt: skip
+    """Twin of ``lru_flush_kernel``: relink each touched row at its touch, in order (a row not
+    in ``linked`` is appended, then linked). Returns the new (prev, next, head, tail)."""
+    prev, nxt = list(prev), list(nxt)
+    for r in touched:
+        if r in linked:
+            if r == tail:
+                continue
+            p, n = prev[r], nxt[r]
+            if p >= 0:
+                nxt[p] = n
+            else:
+                head = n
+            if n >= 0:
+                prev[n] = p
+            else:
+                tail = p
+        linked.add(r)
+        prev[r], nxt[r] = tail, -1
+        if tail >= 0:
+            nxt[tail] = r
+        else:
+            head = r
+        tail = r
+    return prev, nxt, head, tail

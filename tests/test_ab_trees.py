@@ -68,3 +68,42 @@ def test_lines_of_one_metric_are_told_apart_by_their_settings():
     ]
     got = {x["summary"]: x["new_over_base"] for x in ab.summarise(rows, ["value"])}
     assert got == {"rtt transport=zmq": pytest.approx(1.1), "rtt transport=ray": 1.0}
+
+
+def test_lines_of_an_older_bench_e2e_pair_with_the_dlrm_workload():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ab_trees", ROOT / "benchmarks" / "ab_trees.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    rows = [
+        {"system": "persia-sync", "cpu_ms_per_step": 10.0, "tree": "base"},  # no workload yet
+        {"system": "persia-sync", "cpu_ms_per_step": 8.0, "tree": "new", "workload": "dlrm"},
+        {
+            "system": "persia-sync",
+            "cpu_ms_per_step": 2.0,
+            "tree": "new",
+            "workload": "embedding-bound",
+        },  # fmt: skip
+        {
+            "metric": "emb_path_ns_per_id",
+            "stage": "total",
+            "value": 4.0,
+            "tree": "base",
+            "workload": "multi-hot",
+        },  # fmt: skip
+        {
+            "metric": "emb_path_ns_per_id",
+            "stage": "total",
+            "value": 2.0,
+            "tree": "new",
+            "workload": "multi-hot",
+        },  # fmt: skip
+    ]
+    got = {
+        x["summary"]: x["new_over_base"] for x in ab.summarise(rows, ["cpu_ms_per_step", "value"])
+    }
+    assert got == {
+        "persia-sync": pytest.approx(0.8),
+        "emb_path_ns_per_id workload=multi-hot stage=total": pytest.approx(0.5),
+    }

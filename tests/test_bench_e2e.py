@@ -72,3 +72,62 @@ def test_extra_links_are_planned_and_checked():
     }
     ratio = {r["metric"]: r for r in bench_e2e.ratios(results, {})}["hybrid_vs_sync_free"]
     assert ratio["value"] == pytest.approx(1.5)
+
+
+def test_workloads_are_planned_with_their_models_and_slots():
+    args = bench_e2e.parse_args(["--workload", "embedding-bound,multi-hot", "--no-links"])
+    assert args.workloads == ["embedding-bound", "multi-hot"]
+    eb = {r["label"]: r for r in bench_e2e.plan(args, False, "embedding-bound")}
+    assert eb["persia-hybrid"]["bottom"] == [] and eb["persia-hybrid"]["top"] == [32]
+    assert eb["persia-hybrid"]["steps"] == 600 and eb["persia-hybrid"]["ids_per_sample"] == 1
+    assert "persia-profile" in eb and eb["persia-profile"]["runner"] == "profile"
+    mh = {r["label"]: r for r in bench_e2e.plan(args, False, "multi-hot")}
+    ids = mh["torch-embeddingbag"]["ids_per_sample"]
+    assert len(ids) == 26 and ids[2] == 20 and ids[3] == 5 and ids[0] == 1
+    dlrm = {r["label"]: r for r in bench_e2e.plan(args, False)}
+    assert dlrm["dense-only"]["bottom"] == [512, 256, 64] and dlrm["dense-only"]["steps"] == 200
+    assert "persia-profile" not in dlrm
+    quick = bench_e2e.parse_args(["--quick"])
+    assert quick.workloads == ["dlrm", "embedding-bound", "multi-hot"]
+    labels = [r["label"] for r in bench_e2e.plan(quick, False, "multi-hot")]
+    assert labels == ["dense-only", "torch-embeddingbag", "persia-sync", "persia-hybrid",
+                      "persia-profile"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        bench_e2e.parse_args(["--workload", "dlrm,bogus"])
+
+
+def test_the_bound_of_the_hybrid():
+    results = {
+        "dense-only": run("dense-only", 100.0, 0.7),  # 1000 ms per step
+        "persia-sync": {**run("persia-sync", 50.0, 0.8), "cpu_ms_per_step": 3000.0, "cores": 2},
+        "persia-hybrid": run("persia-hybrid", 80.0, 0.8),  # 1250 ms per step
+    }
+    lines = {r["metric"]: r for r in bench_e2e.ratios(results, {}, "embedding-bound")}
+    assert lines["hybrid_bound_ms_per_step"]["value"] == pytest.approx(1500.0)  # 3000 / 2 cores
+    assert lines["hybrid_over_bound"]["value"] == pytest.approx(1250 / 1500, abs=1e-3)
+    assert all(r["workload"] == "embedding-bound" for r in lines.values())
+    results["dense-only"]["ms_per_step"] = 2000.0  # the dense step is the longer one
+    lines = {r["metric"]: r for r in bench_e2e.ratios(results, {})}
+    assert lines["hybrid_bound_ms_per_step"]["value"] == pytest.approx(2000.0)
+    del results["persia-sync"]
+    lines = {r["metric"]: r for r in bench_e2e.ratios(results, {})}
+    assert lines["hybrid_over_bound"]["value"] is None
+    assert "persia-sync did not run" in lines["hybrid_over_bound"]["note"]
+
+
+def test_chart_from_saved_runs_of_several_workloads(tmp_path, capsys):
+    saved = tmp_path / "w.jsonl"
+    lines = [
+        {**run("persia-hybrid", 30.0, 0.79, staleness=8), "workload": "embedding-bound"},
+        {**run("persia-hybrid", 10.0, 0.79, staleness=8)},  # no workload field: an older dlrm line
+        {**run("torch-embeddingbag", 5.0, 0.79), "workload": "embedding-bound"},
+        {"metric": "emb_path_ns_per_id", "stage": "total", "value": 50.0},
+    ]
+    saved.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    png = tmp_path / "e2e.png"
+    assert bench_e2e.main(["--chart-from", str(saved), "--chart", str(png)]) == 0
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    ratio = {(r["workload"], r["metric"]): r["value"] for r in out if "metric" in r}
+    assert ratio[("embedding-bound", "hybrid_vs_torch")] == pytest.approx(6.0)
+    assert ratio[("dlrm", "hybrid_vs_torch")] is None
+    assert png.exists() and (tmp_path / "e2e-embedding-bound.png").exists()

@@ -1,7 +1,7 @@
 """A seeded synthetic click stream with a planted teacher, shaped like real recommender data.
 
 Every sample has ``num_dense`` dense features (standard normal) and one ID per slot (or up to
-``ids_per_sample`` for multi-hot slots). IDs follow a Zipf-like law per slot (hot heads, long
+``ids_per_sample`` for multi-hot slots: one bound for every slot, or one per slot). IDs follow a Zipf-like law per slot (hot heads, long
 tails): a rank r in ``[0, cardinality)`` is drawn with probability about proportional to
 ``(r + 1) ** -zipf_exponent``, then mapped to a scattered uint64 ID by :func:`persia.hashing.hash_ints`
 salted with the slot index.
@@ -79,6 +79,9 @@ class SyntheticStream:
         num_dense: dense features per sample.
         zipf_exponent: skew of the ID law (> 0; about 1.05-1.2 is realistic).
         ids_per_sample: IDs per sample per slot; above 1, each sample gets a uniform 1..that many.
+            An int applies to every slot; a sequence (one int per slot) makes some slots
+            multi-hot and leaves others one-hot (a slot at 1 draws nothing for its lengths, so
+            ``[k] * num_slots`` gives exactly the batches of ``k``).
         id_effect_scale: standard deviation of one ID's effect on the logit.
         dense_effect_scale: standard deviation of each dense weight.
         bias: the teacher's intercept (sets the positive rate; the default -2.2 gives about 25%
@@ -91,7 +94,7 @@ class SyntheticStream:
         cardinalities: Sequence[int],
         num_dense: int = 13,
         zipf_exponent: float = 1.1,
-        ids_per_sample: int = 1,
+        ids_per_sample: int | Sequence[int] = 1,
         id_effect_scale: float = 0.5,
         dense_effect_scale: float = 0.3,
         bias: float = -2.2,
@@ -107,8 +110,9 @@ class SyntheticStream:
             problems.append(f"num_dense must be an int >= 0, got {num_dense!r}")
         if not zipf_exponent > 0:
             problems.append(f"zipf_exponent must be > 0, got {zipf_exponent!r}")
-        if not (isinstance(ids_per_sample, int) and ids_per_sample >= 1):
-            problems.append(f"ids_per_sample must be an int >= 1, got {ids_per_sample!r}")
+        per_slot = _per_slot_ids(ids_per_sample, len(cardinalities) if cardinalities else 0)
+        if isinstance(per_slot, str):
+            problems.append(per_slot)
         for name, value in (
             ("id_effect_scale", id_effect_scale),
             ("dense_effect_scale", dense_effect_scale),
@@ -123,6 +127,8 @@ class SyntheticStream:
         self.num_dense = num_dense
         self.zipf_exponent = float(zipf_exponent)
         self.ids_per_sample = ids_per_sample
+        #: the IDs-per-sample bound of each slot
+        self.slot_ids_per_sample: tuple[int, ...] = per_slot  # type: ignore[assignment]
         self.id_effect_scale = float(id_effect_scale)
         self.bias = float(bias)
         self.seed = int(seed)
@@ -165,14 +171,15 @@ class SyntheticStream:
         logits = self.bias + dense.astype(np.float64) @ self.dense_weights
         values, lengths, ranks_all = [], [], []
         for slot, card in enumerate(self.cardinalities):
-            if self.ids_per_sample == 1:
+            most = self.slot_ids_per_sample[slot]
+            if most == 1:
                 n = np.ones(batch_size, dtype=np.int64)
             else:
-                n = rng.integers(1, self.ids_per_sample + 1, batch_size).astype(np.int64)
+                n = rng.integers(1, most + 1, batch_size).astype(np.int64)
             total = int(n.sum())
             ranks = self._ranks(rng, total, card)
             eff = self.effects(slot, ranks)
-            if self.ids_per_sample == 1:
+            if most == 1:
                 logits += eff
             else:
                 sample = np.repeat(np.arange(batch_size), n)
@@ -211,6 +218,24 @@ class SyntheticStream:
             ys.append(b.labels[:, 0])
             ps.append(b.logits)
         return roc_auc(np.concatenate(ys), np.concatenate(ps))
+
+
+def _per_slot_ids(ids_per_sample: int | Sequence[int], num_slots: int) -> tuple[int, ...] | str:
+    """The per-slot bounds of ``ids_per_sample``, or the problem with it."""
+
+    def ok(k: object) -> bool:
+        return isinstance(k, int | np.integer) and not isinstance(k, bool) and bool(k >= 1)
+
+    if isinstance(ids_per_sample, int | np.integer) and not isinstance(ids_per_sample, bool):
+        if not ok(ids_per_sample):
+            return f"ids_per_sample must be an int >= 1, got {ids_per_sample!r}"
+        return (int(ids_per_sample),) * num_slots
+    if isinstance(ids_per_sample, str) or not isinstance(ids_per_sample, Sequence):
+        return f"ids_per_sample must be an int >= 1 or one per slot, got {ids_per_sample!r}"
+    bounds = list(ids_per_sample)
+    if len(bounds) != num_slots or not all(ok(k) for k in bounds):
+        return f"ids_per_sample must hold one int >= 1 per slot ({num_slots} slots), got {bounds!r}"
+    return tuple(int(k) for k in bounds)
 
 
 class _StreamDataset(IterableDataset):

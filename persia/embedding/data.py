@@ -148,7 +148,7 @@ class IDTypeFeature:
         BatchError: ``data`` is not a list of 1-D uint64 arrays; the message names the sample.
     """
 
-    __slots__ = ("_name", "_values", "_lengths", "_offsets")
+    __slots__ = ("_name", "_values", "_lengths", "_offsets", "_min_length")
 
     def __init__(self, name: str, data: Sequence[np.ndarray]) -> None:
         _check_name(name, "IDTypeFeature")
@@ -164,11 +164,14 @@ class IDTypeFeature:
         values = np.concatenate(data) if len(data) else np.empty(0, dtype=np.uint64)
         self._set(name, np.ascontiguousarray(values, dtype=np.uint64), lengths)
 
-    def _set(self, name: str, values: np.ndarray, lengths: np.ndarray) -> None:
+    def _set(
+        self, name: str, values: np.ndarray, lengths: np.ndarray, min_length: int | None = None
+    ) -> None:
         self._name = name
         self._values = values
         self._lengths = lengths
         self._offsets: np.ndarray | None = None
+        self._min_length = min_length
 
     @classmethod
     def from_columnar(
@@ -208,6 +211,7 @@ class IDTypeFeature:
         ):
             raise BatchError(f"{where}: a length is too large, got {int(lengths.max())}")
         lengths64 = np.ascontiguousarray(lengths, dtype=np.int64)
+        smallest = 0
         if lengths64.size:
             smallest = int(lengths64.min())
             if smallest < 0:
@@ -219,7 +223,7 @@ class IDTypeFeature:
                 f"{where}: must sum to len(values) = {values.shape[0]}, got sum {total}"
             )
         feature = IDTypeFeature.__new__(IDTypeFeature)
-        feature._set(name, np.ascontiguousarray(values), lengths64)
+        feature._set(name, np.ascontiguousarray(values), lengths64, smallest)
         return feature
 
     @property
@@ -252,6 +256,15 @@ class IDTypeFeature:
         return int(self._lengths.shape[0])
 
     @property
+    def min_length(self) -> int:
+        """The fewest IDs of any sample (0 for an empty batch); 1 with ``len(values) ==
+        batch_size`` means one ID per sample. Worked out once (the embedding worker asks it of
+        every slot of every batch)."""
+        if getattr(self, "_min_length", None) is None:
+            self._min_length = int(self._lengths.min()) if self._lengths.size else 0
+        return self._min_length  # type: ignore[return-value]
+
+    @property
     def data(self) -> list[np.ndarray]:
         """PERSIA's per-sample view: one array (a view into ``values``) per sample."""
         return np.split(self._values, self.offsets[1:-1])
@@ -280,7 +293,8 @@ class IDTypeFeatureWithSingleID(IDTypeFeature):
     def __init__(self, name: str, data: np.ndarray) -> None:  # noqa: D107
         _check_name(name, "IDTypeFeatureWithSingleID")
         values = _check_id_array(data, f"IDTypeFeatureWithSingleID {name!r}: data")
-        self._set(name, np.ascontiguousarray(values), np.ones(values.shape[0], dtype=np.int64))
+        n = values.shape[0]
+        self._set(name, np.ascontiguousarray(values), np.ones(n, dtype=np.int64), min(n, 1))
 
     @property
     def data(self) -> np.ndarray:  # type: ignore[override]

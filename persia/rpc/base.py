@@ -35,6 +35,12 @@ class Transport(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Releases connections; the default has none."""
 
+    def local_target(self, role: str, rank: int) -> Any | None:
+        """The replica itself when it is an object in this process that a caller may use
+        directly (for calls beyond the protocol, such as row hints); None by default, and for
+        any transport that does more than a method call (a network, a simulated link)."""
+        return None
+
 
 class ParameterServerClient:
     """Batched calls to the parameter-server shards, addressed by shard index.
@@ -65,6 +71,28 @@ class ParameterServerClient:
     def apply_gradients(self, shard: int, keys: np.ndarray, grads: np.ndarray) -> np.ndarray:
         """Applies one gradient per key on one shard; returns the shard's counts."""
         return self.transport.call(PARAMETER_SERVER, shard, "apply_gradients", keys, grads)
+
+    def lookup_hinted(
+        self, shard: int, keys: np.ndarray, dim: int, training: bool
+    ) -> tuple[np.ndarray, Any]:
+        """:meth:`lookup`, plus an opaque row hint for :meth:`apply_gradients_hinted` when the
+        shard is in this process and can give one (else None): the rows the keys are in, so
+        the gradients need not find them again."""
+        target = self.transport.local_target(PARAMETER_SERVER, shard)
+        if target is not None and training and hasattr(target, "lookup_hinted"):
+            return target.lookup_hinted(keys, dim)  # type: ignore[no-any-return]
+        return self.lookup(shard, keys, dim, training), None
+
+    def apply_gradients_hinted(
+        self, shard: int, keys: np.ndarray, grads: np.ndarray, hint: Any
+    ) -> np.ndarray:
+        """:meth:`apply_gradients` for the keys of a :meth:`lookup_hinted` whose hint is
+        ``hint`` (None: a plain :meth:`apply_gradients`). Same result either way: the shard
+        checks that the hint still holds and finds the rows again when it does not."""
+        target = self.transport.local_target(PARAMETER_SERVER, shard)
+        if hint is not None and target is not None and hasattr(target, "apply_gradients_hinted"):
+            return target.apply_gradients_hinted(keys, grads, hint)  # type: ignore[no-any-return]
+        return self.apply_gradients(shard, keys, grads)
 
     def each(self, method: str, *args: Any) -> list[Any]:
         """Calls ``method(*args)`` on every shard, in shard order."""

@@ -31,6 +31,11 @@ class LocalTransport(Transport):
             ) from None
         return getattr(target, method)(*args)
 
+    def local_target(self, role: str, rank: int) -> Any | None:
+        """The replica object itself (it is in this process)."""
+        replicas = self._roles.get(role, [])
+        return replicas[rank] if 0 <= rank < len(replicas) else None
+
 
 def local_parameter_servers(store: Any) -> ParameterServerClient:
     """A client over the shards of an in-process :class:`persia.store.ShardedStore`."""

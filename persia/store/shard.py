@@ -38,7 +38,21 @@ from persia.store.table import (
     check_positive_int,
 )
 
-__all__ = ["Shard", "shard_of"]
+__all__ = ["RowHint", "Shard", "shard_of"]
+
+
+class RowHint:
+    """Where a training lookup found (or made) its keys: a table, its eviction count then, and
+    the row of every key. :meth:`Shard.apply_gradients_hinted` uses the rows while the table is
+    the same and has evicted nothing since (rows move only by eviction), else finds them again.
+    Opaque to callers; valid only in the process of the shard that gave it."""
+
+    __slots__ = ("table", "evictions", "rows")
+
+    def __init__(self, table: EmbeddingTable, rows: np.ndarray) -> None:
+        self.table = table
+        self.evictions = table.evictions
+        self.rows = rows
 
 
 def shard_of(keys: Any, num_shards: int) -> np.ndarray:
@@ -222,6 +236,39 @@ class Shard:
                 self._before_evicting(dim, table, table.rows + missing.size > table.capacity)
             return table.train_lookup(keys, rows)
 
+    def lookup_hinted(self, keys: Any, dim: int) -> tuple[np.ndarray, RowHint | None]:
+        """A training :meth:`lookup`, plus a :class:`RowHint` for
+        :meth:`apply_gradients_hinted` when this lookup could give one (one table, no change
+        tracking, room for every key, distinct keys), else None."""
+        keys = check_keys(keys)
+        dim = check_positive_int(dim, "dim")
+        with self._lock:
+            table = self._tables.get(dim)
+            if table is not None and len(self._tables) == 1 and self._changed is None:
+                out, rows = table.train_lookup_rows(keys)
+                return out, None if rows is None else RowHint(table, rows)
+        return self.lookup(keys, dim, True), None
+
+    def apply_gradients_hinted(self, keys: Any, grads: Any, hint: RowHint | None) -> np.ndarray:
+        """:meth:`apply_gradients` of the keys a :meth:`lookup_hinted` gave ``hint`` for (in
+        the same order): the same result, without finding the rows again while the hint holds
+        (same table, no eviction since)."""
+        if not isinstance(hint, RowHint):
+            return self.apply_gradients(keys, grads)
+        keys = check_keys(keys)
+        n = keys.shape[0]
+        if not isinstance(grads, np.ndarray) or grads.ndim != 2 or hint.rows.shape[0] != n:
+            return self.apply_gradients(keys, grads)
+        dim = grads.shape[1]
+        grads = check_grads(grads, n, dim)
+        with self._lock:
+            table = self._tables.get(dim)
+            if table is not hint.table or table.evictions != hint.evictions:
+                return self._apply_locked(keys, grads, dim)
+            if self._changed is not None:
+                self._note_changed(dim, keys)
+            return table.apply_rows(hint.rows, grads)
+
     def apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
         """Apply ``grads[i]`` (``f32[n, dim]``) to the row of ``keys[i]`` in dim ``dim``.
 
@@ -250,15 +297,19 @@ class Shard:
             raise StoreError(f"grads must have dim > 0 columns, got shape {grads.shape}")
         grads = check_grads(grads, n, dim)
         with self._lock:
-            table = self._table_for(dim, create=False)
-            rows = table.probe(keys) if table is not None else np.full(n, -1, dtype=np.int32)
-            self._check_other_dims(keys, rows, dim)
-            if table is None:
-                self._absent_no_table += n
-                return np.array([0, n, 0], dtype=np.int64)
-            if self._changed is not None:
-                self._note_changed(dim, keys[rows >= 0])
-            return table.apply_rows(rows, grads)
+            return self._apply_locked(keys, grads, dim)
+
+    def _apply_locked(self, keys: np.ndarray, grads: np.ndarray, dim: int) -> np.ndarray:
+        n = keys.shape[0]
+        table = self._table_for(dim, create=False)
+        rows = table.probe(keys) if table is not None else np.full(n, -1, dtype=np.int32)
+        self._check_other_dims(keys, rows, dim)
+        if table is None:
+            self._absent_no_table += n
+            return np.array([0, n, 0], dtype=np.int64)
+        if self._changed is not None:
+            self._note_changed(dim, keys[rows >= 0])
+        return table.apply_rows(rows, grads)
 
     def reserve(self, rows: int, dim: int) -> None:
         """Allocate room for ``rows`` rows of dim ``dim`` now (at most its capacity share)."""

@@ -9,6 +9,9 @@ Layout (all plain numpy arrays, so a table pickles and saves without tricks)::
     state     f32[R, W]      optimizer state (W = optimizer.state_width(dim))
     lru_prev  i32[R]         LRU links: oldest (head) ... newest (tail)
     lru_next  i32[R]
+    lru_ts    i64[R]         the same bytes as the links, read as the time of each row's last
+                             touch while the LRU is held as stamps (fast training lookups, see
+                             persia.store.kernels.table)
 
 ``row_keys``, ``lru_prev`` and ``lru_next`` are strided views of one array of 16-byte records
 (key, prev, next), so the cache line a probe reads to compare a key also holds the row's links; a
@@ -149,6 +152,8 @@ class EmbeddingTable:
     row_keys: np.ndarray
     lru_prev: np.ndarray
     lru_next: np.ndarray
+    lru_ts: np.ndarray
+    _records: np.ndarray
     index: np.ndarray
 
     def __init__(
@@ -209,6 +214,18 @@ class EmbeddingTable:
         self.lru_next.fill(-1)
         self._set_index(_index_size(rows))
 
+    def flush_lru(self) -> None:
+        """The LRU in its linked form (from the stamps the fast training lookups left, when it
+        is held as stamps): what every operation but the fast training lookup works on."""
+        if self.meta[K.M_STAMPED]:
+            order = np.argsort(self.lru_ts[: self.rows], kind="stable").astype(np.int32)
+            K.lru_link_kernel(order, self.lru_prev, self.lru_next, self.meta)
+
+    def _stamp_lru(self) -> None:
+        """The LRU in its stamped form (what the fast training lookup works on)."""
+        if not self.meta[K.M_STAMPED]:
+            K.lru_stamp_kernel(self.lru_next, self.lru_ts, self.meta)
+
     def _set_records(self, rows: int, keep: int) -> None:
         """Allocate ``row_keys``, ``lru_prev`` and ``lru_next`` for ``rows`` rows as views of one
         16-byte record per row (key, prev, next), copying the first ``keep`` rows.
@@ -219,11 +236,29 @@ class EmbeddingTable:
         rec[keep:] = 0  # touch the pages now, not on the hot path
         links = rec.view(np.int32)
         row_keys, lru_prev, lru_next = rec[:, 0], links[:, 2], links[:, 3]
-        if keep:
-            row_keys[:keep] = self.row_keys[:keep]
-            lru_prev[:keep] = self.lru_prev[:keep]
-            lru_next[:keep] = self.lru_next[:keep]
+        if keep:  # the records' bytes: the links or the stamps, whichever form the LRU is in
+            rec[:keep] = self._records[:keep]
+        self._records = rec
         self.row_keys, self.lru_prev, self.lru_next = row_keys, lru_prev, lru_next
+        self.lru_ts = rec[:, 1].view(np.int64)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the records once, not their four views (a pickle would copy each view apart and the
+        # stamps would no longer share the links' bytes)
+        state = dict(self.__dict__)
+        for view in ("row_keys", "lru_prev", "lru_next", "lru_ts"):
+            state.pop(view, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        records = self._records
+        rec = aligned_empty(records.shape, np.uint64)
+        rec[:] = records
+        self._records = rec
+        links = rec.view(np.int32)
+        self.row_keys, self.lru_prev, self.lru_next = rec[:, 0], links[:, 2], links[:, 3]
+        self.lru_ts = rec[:, 1].view(np.int64)
 
     def _set_index(self, size: int) -> None:
         self.index = aligned_full((size,), K.EMPTY, np.uint64)
@@ -260,6 +295,7 @@ class EmbeddingTable:
         capacity = check_positive_int(capacity, "capacity")
         if capacity > _MAX_ROWS:
             raise StoreError(f"capacity must be < 2**31 rows, got {capacity}")
+        self.flush_lru()
         if self.rows > capacity:
             K.evict_oldest_kernel(
                 self.rows - capacity, self.index, self._shift, self.row_keys, self.values,
@@ -276,7 +312,7 @@ class EmbeddingTable:
 
     @property
     def bytes_used(self) -> int:
-        """Bytes of every array the table holds (rows, index, links, sketch)."""
+        """Bytes of every array the table holds (rows, index, links, touch log, sketch)."""
         arrays = (self.values, self.state, self.row_keys, self.lru_prev, self.lru_next)
         return sum(a.nbytes for a in arrays) + self.index.nbytes + self._sketch.nbytes
 
@@ -315,44 +351,64 @@ class EmbeddingTable:
         """Training lookup of checked ``keys`` whose rows ``probe`` just gave (the shard checks
         the misses between the two calls). ``rows`` is used as scratch."""
         out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
+        self.flush_lru()
         K.train_hits_kernel(self.values, rows, out, self.lru_prev, self.lru_next, self.meta)
         self._train_misses(keys, rows, out)
         return out
 
     def train_lookup_probed(self, keys: np.ndarray) -> np.ndarray:
+        """See :meth:`train_lookup_rows`; the values only."""
+        return self.train_lookup_rows(keys)[0]
+
+    def train_lookup_rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Training lookup of checked ``keys``, probing and refreshing the hits in one kernel
         (for a table whose misses need no check against other dims: same result as ``probe``
         then ``train_lookup``). When the arrays have room for every key and admission admits
         every key, missing keys get their rows and index slots in that same kernel, while their
-        probe chains are cached, and are linked (in batch order, after the hits) just after."""
+        probe chains are cached, and are linked (in batch order, after the hits) just after.
+
+        Returns ``(values f32[n, dim], rows)``: ``rows`` (i32[n]) is the row of every key when
+        that path ran and the keys were distinct, else None."""
         n = keys.shape[0]
         out = np.empty((n, self.dim), dtype=np.float32)
         rows = np.empty(n, dtype=np.int32)
         if not self._use_sketch and self.rows + n <= self.values.shape[0]:
-            # room for every key and every key admitted: create rows while probing
+            # room for every key and every key admitted: create rows while probing (and stamp
+            # the rows touched: the LRU in its stamped form)
+            self._stamp_lru()
             made = np.empty(n, dtype=np.int32)
             missing = K.train_probe_create_kernel(
-                self.index, self._shift, self.row_keys, self.values, keys, rows, made, out,
-                self.lru_prev, self.lru_next, self.meta,
+                self.index, self._shift, self.row_keys, self.values, self.state, keys, rows, made,
+                out, self.lru_ts, self.meta,
             )  # fmt: skip
             if missing:
                 K.train_link_new_kernel(
-                    keys, rows, made, self.index, self._shift, self.row_keys, self.lru_prev,
-                    self.lru_next, self.meta,
+                    keys, rows, made, self.index, self._shift, self.row_keys, self.lru_ts,
+                    self.meta,
                 )  # fmt: skip
                 kind, a, b = self._init_args
                 K.train_init_kernel(
                     keys, rows, made, out, self.values, self.state, self._init_state, kind, a, b,
                     np.uint64(self.seed),
                 )  # fmt: skip
-            return out
+                # every key now has a row: a hit's, or the one made for it (-2: a repeat of a
+                # key made earlier in this call, whose row is the earlier one's)
+                if K.merge_made_rows_kernel(rows, made):
+                    return out, None
+            return out, rows
+        self.flush_lru()
         missing = K.train_probe_hits_kernel(
             self.index, self._shift, self.row_keys, self.values, keys, rows, out, self.lru_prev,
             self.lru_next, self.meta,
         )  # fmt: skip
         if missing:
             self._train_misses(keys, rows, out)
-        return out
+        return out, None
+
+    @property
+    def evictions(self) -> int:
+        """Rows evicted so far: the only event that moves a key to another row (or out)."""
+        return int(self.meta[K.M_EVICTIONS])
 
     def _train_misses(self, keys: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """Create the admitted keys with ``rows[i] == -1`` (in order) and write ``out`` of every
@@ -413,20 +469,27 @@ class EmbeddingTable:
         n = self.rows
         meta = np.zeros_like(self.meta)
         meta[K.M_HEAD] = self.meta[K.M_HEAD]
-        return {
+        snap = {
             "keys": self.row_keys[:n].copy(),
-            "next": self.lru_next[:n].copy(),
             "meta": meta,
             "values": self.values[:n].copy(),
             "state": self.state[:n].copy(),
         }
+        if self.meta[K.M_STAMPED]:
+            snap["ts"] = self.lru_ts[:n].copy()
+        else:
+            snap["next"] = self.lru_next[:n].copy()
+        return snap
 
     @staticmethod
     def rows_from_snapshot(snap: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The rows of a :meth:`snapshot`, oldest first (as :meth:`export_rows` returns them)."""
-        order = np.empty(snap["keys"].shape[0], dtype=np.int32)
-        k = K.lru_order_kernel(snap["next"], snap["meta"], order)
-        order = order[:k]
+        if "ts" in snap:  # the LRU in its stamped form: oldest first is by stamp
+            order = np.argsort(snap["ts"], kind="stable")
+        else:
+            order = np.empty(snap["keys"].shape[0], dtype=np.int32)
+            k = K.lru_order_kernel(snap["next"], snap["meta"], order)
+            order = order[:k]
         return {
             "keys": snap["keys"][order],
             "values": snap["values"][order],
@@ -445,6 +508,7 @@ class EmbeddingTable:
         state = check_grads(state, n, self.state_width, field="state")
         if not np.isfinite(values).all():
             raise StoreError("values must be finite, got NaN or Inf")
+        self.flush_lru()
         start = 0
         while True:
             start = K.import_kernel(

@@ -2,21 +2,26 @@
 
 Forward, per batch (docs/ARCHITECTURE.md, "The path of one training batch", step 2):
 
-1. per slot, put the slot's prefix in the top bits of every ID (so slots never collide) -> keys;
-2. per embedding dim, concatenate the keys of all slots of that dim and de-duplicate them once;
-3. route every unique key to its shard (the store's ``shard_of``) and look the rows up, one
-   batched call per shard;
-4. pool per sample (sum, mean, sqrt, or raw: a padded sequence plus a mask channel).
+1. per embedding dim, the IDs of every slot of that dim, each keyed with its slot's prefix in the
+   top bits (so slots never collide), de-duplicated in one pass (the keys are never written out);
+2. route every unique key to its shard (the store's ``shard_of``; the uniques are grouped by
+   shard, keeping their order within a shard) and look the rows up, one batched call per shard;
+3. pool per sample (sum, mean, sqrt, or raw: a padded sequence plus a mask channel): one kernel
+   for a dim's summed slots, or for one-hot slots filling the summed buffer side by side.
 
 Backward: per dim, a segment sum of the per-sample gradients into one gradient per unique key
-(undoing the pooling's scaling), non-finite rows counted (the shards skip them), one batched
-``apply_gradients`` per shard.
+(undoing the pooling's scaling), non-finite rows counted in the same kernel (the shards skip
+them), one batched ``apply_gradients`` per shard.
 
-The worker is stateless between batches: what backward needs travels in :class:`Lookup`.
+The worker keeps no state between batches but scratch: what backward needs travels in
+:class:`Lookup`. What a batch's feature names imply (slot specs, prefixes, columns, which slots
+pool together) is worked out once per set of names and cached; scratch buffers (the
+de-duplication table, the gradient buffer) are reused, one set per thread.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,13 +32,17 @@ import numpy as np
 from persia import telemetry
 from persia.embedding.data import PersiaBatch
 from persia.embedding.spec import POOLINGS, EmbeddingSpec, SlotSpec
-from persia.errors import BatchError
+from persia.errors import BackendError, BatchError
 from persia.hashing import hash_ints
 from persia.rpc.base import ParameterServerClient
+from persia.worker import kernels as _k
 from persia.worker import pooling
 
 #: ``SlotSpec`` and ``POOLINGS`` are :mod:`persia.embedding.spec`'s, kept importable from here.
 __all__ = ["POOLINGS", "SlotSpec", "Lookup", "EmbeddingWorker", "hash_stack"]
+
+_MODE_CODES = {"sum": _k.SUM, "mean": _k.MEAN, "sqrt": _k.SQRT}
+_MAX_PLANS = 64
 
 
 @dataclass
@@ -46,14 +55,92 @@ class _SlotPart:
     column: int  # first column in the summed buffer (summed slots), else -1
 
 
-@dataclass
 class _DimGroup:
+    """One dim's keys of a batch: what its backward needs."""
+
+    __slots__ = ("plan", "lengths", "bounds", "uniques", "inverse", "shard_bounds", "one_hot",
+                 "hints")  # fmt: skip
+
+    def __init__(self, plan: _GroupPlan, lengths: list[np.ndarray], bounds: list[int]) -> None:
+        self.plan = plan
+        self.lengths = lengths  # per part: IDs per sample, as pooled (after hash stacking)
+        self.bounds = bounds  # part p's keys are ``bounds[p]:bounds[p + 1]`` of the group's
+        self.uniques: np.ndarray = _NO_KEYS  # u64[u]
+        self.inverse: np.ndarray = _NO_ROWS  # i32[n]
+        # each shard's range of ``uniques`` (they are grouped by shard): int64[shards + 1]
+        self.shard_bounds: np.ndarray = _NO_ROWS
+        self.one_hot = False  # every part: summed, one ID per sample, side by side = all
+        self.hints: list[object] = []  # per shard: its lookup's row hint
+
+    @property
+    def dim(self) -> int:
+        return self.plan.dim
+
+    @property
+    def parts(self) -> list[_SlotPart]:
+        """Each slot's part of the group (built on demand: the one-hot path needs none)."""
+        gp, b = self.plan, self.bounds
+        return [
+            _SlotPart(gp.specs[p], gp.features[p], b[p], b[p + 1], self.lengths[p], gp.columns[p])
+            for p in range(len(gp.features))
+        ]
+
+
+_NO_KEYS = np.empty(0, dtype=np.uint64)
+_NO_ROWS = np.empty(0, dtype=np.int32)
+
+
+@dataclass
+class _Run:
+    """Consecutive parts of a dim group pooled by one kernel call (summed) or one raw part."""
+
+    raw: bool
+    parts: list[int]  # indices into the group's parts
+    cols: np.ndarray  # int64, the summed parts' first columns
+    modes: np.ndarray  # int64, their pooling codes
+
+
+@dataclass
+class _GroupPlan:
     dim: int
-    parts: list[_SlotPart] = field(default_factory=list)
-    uniques: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # u64[u]
-    inverse: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # i32[n]
-    shard: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # i32[u]
-    one_hot: bool = False  # every part: summed, one ID per sample, columns side by side = all
+    features: list[int]  # feature indices of the group's parts, in batch order
+    specs: list[SlotSpec]
+    columns: list[int]
+    masks: pooling.PrefixMasks
+    runs: list[_Run]
+    spans: bool  # all summed, columns side by side from 0 filling the summed buffer
+    stacked: list[bool] = field(default_factory=list)  # per part: hash stacking on
+
+
+@dataclass
+class _Plan:
+    """What a batch's feature names imply, worked out once per set of names."""
+
+    groups: list[_GroupPlan]
+    layout: list[tuple[str, int, int]]
+    width: int  # columns of the summed buffer
+
+
+class _Scratch(threading.local):
+    """Per-thread reusable buffers."""
+
+    def __init__(self) -> None:
+        self.dedupers: dict[int, pooling.Deduper] = {}
+        self.grads: dict[int, np.ndarray] = {}
+        self.acc = np.empty(0, dtype=np.float32)
+
+    def grad(self, dim: int, rows: int) -> np.ndarray:
+        """A reused ``f32[rows, dim]`` gradient buffer (contents undefined)."""
+        buf = self.grads.get(dim)
+        if buf is None or buf.shape[0] < rows:
+            buf = np.empty((max(rows, 1024) * 5 // 4, dim), dtype=np.float32)
+            self.grads[dim] = buf
+        return buf[:rows]
+
+    def vec(self, dim: int) -> np.ndarray:
+        if self.acc.shape[0] < dim:
+            self.acc = np.empty(dim, dtype=np.float32)
+        return self.acc[:dim]
 
 
 @dataclass
@@ -92,7 +179,8 @@ class EmbeddingWorker:
         self.slots = {s.name: s for s in slots}
         self.prefix_bits = prefix_bits
         self.servers = servers
-        self._dedupers: dict[int, pooling.Deduper] = {}
+        self._scratch = _Scratch()
+        self._plans: dict[tuple[str, ...], _Plan] = {}
         # One gather and one segment sum for a dim group whose slots are all summed with one
         # ID per sample and fill ``summed`` side by side (Criteo-style one-hot slots), instead
         # of a pooling call per slot. Same results; False forces the per-slot path.
@@ -105,6 +193,55 @@ class EmbeddingWorker:
     def from_spec(cls, spec: EmbeddingSpec, servers: ParameterServerClient) -> EmbeddingWorker:
         """The worker of an embedding layer: its slots and prefix bits, over ``servers``."""
         return cls(spec.slots, spec.feature_index_prefix_bit, servers)
+
+    # ------------------------------------------------------------------ the plan
+    def _plan(self, batch: PersiaBatch) -> _Plan:
+        names = tuple(f.name for f in batch.id_type_features)
+        plan = self._plans.get(names)
+        if plan is not None:
+            return plan
+        groups: dict[int, _GroupPlan] = {}
+        layout: list[tuple[str, int, int]] = []
+        column = 0
+        for fi, name in enumerate(names):
+            spec = self.slots.get(name)
+            if spec is None:
+                raise BatchError(
+                    f"ID feature {name!r} is not a configured slot (slots: {sorted(self.slots)})"
+                )
+            g = groups.get(spec.dim)
+            if g is None:
+                g = groups[spec.dim] = _GroupPlan(spec.dim, [], [], [], None, [], False)  # type: ignore[arg-type]
+            g.features.append(fi)
+            g.specs.append(spec)
+            if spec.pooling == "raw":
+                layout.append(("raw", fi, spec.dim))
+                g.columns.append(-1)
+            else:
+                layout.append(("sum", column, spec.dim))
+                g.columns.append(column)
+                column += spec.dim
+        for g in groups.values():
+            g.masks = pooling.prefix_masks([s.prefix for s in g.specs], self.prefix_bits)
+            g.stacked = [s.hash_stack_rounds > 0 for s in g.specs]
+            for p, spec in enumerate(g.specs):
+                raw = spec.pooling == "raw"
+                if raw or not g.runs or g.runs[-1].raw:
+                    g.runs.append(_Run(raw, [], np.empty(0, np.int64), np.empty(0, np.int64)))
+                g.runs[-1].parts.append(p)
+            for run in g.runs:
+                if not run.raw:
+                    run.cols = np.array([g.columns[p] for p in run.parts], dtype=np.int64)
+                    run.modes = np.array(
+                        [_MODE_CODES[g.specs[p].pooling] for p in run.parts], dtype=np.int64
+                    )
+            g.spans = column > 0 and g.columns == [i * g.dim for i in range(len(g.specs))]
+            g.spans = g.spans and len(g.specs) * g.dim == column
+        plan = _Plan(list(groups.values()), layout, column)
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[names] = plan
+        return plan
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: PersiaBatch, training: bool) -> Lookup:
@@ -129,107 +266,116 @@ class EmbeddingWorker:
 
     def _forward(self, batch: PersiaBatch, training: bool, rec: Any) -> Lookup:
         n = batch.batch_size
-        groups: dict[int, _DimGroup] = {}
-        keys_by_dim: dict[int, list[np.ndarray]] = {}
-        layout: list[tuple[str, int, int]] = []
-        column = 0
-        for fi, feature in enumerate(batch.id_type_features):
-            spec = self.slots.get(feature.name)
-            if spec is None:
-                raise BatchError(
-                    f"ID feature {feature.name!r} is not a configured slot "
-                    f"(slots: {sorted(self.slots)})"
-                )
-            keys, lengths = self._keys(spec, feature.values, feature.lengths)
-            group = groups.setdefault(spec.dim, _DimGroup(spec.dim))
-            chunks = keys_by_dim.setdefault(spec.dim, [])
-            start = sum(len(c) for c in chunks)
-            chunks.append(keys)
-            if spec.pooling == "raw":
-                layout.append(("raw", fi, spec.dim))
-                col = -1
-            else:
-                layout.append(("sum", column, spec.dim))
-                col = column
-                column += spec.dim
-            group.parts.append(_SlotPart(spec, fi, start, start + len(keys), lengths, col))
-
+        plan = self._plan(batch)
+        features = batch.id_type_features
         # Every column of ``summed`` belongs to exactly one summed slot, and pooling overwrites
         # its slot's columns entirely, so no zero fill is needed.
-        summed = np.empty((n, column), dtype=np.float32)
+        summed = np.empty((n, plan.width), dtype=np.float32)
         raw: dict[int, np.ndarray] = {}
+        groups = []
         dropped = 0
-        for dim, group in groups.items():
-            chunks = keys_by_dim[dim]
-            keys = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-            deduper = self._dedupers.setdefault(dim, pooling.Deduper())
-            uniques, inverse = deduper.unique_inverse(keys)
-            group.uniques, group.inverse = uniques, inverse
+        scratch = self._scratch
+        for gp in plan.groups:
+            ids, lens, bounds = [], [], [0]
+            pos = 0
+            one_hot = gp.spans and self.one_hot_fast_path
+            for p, fi in enumerate(gp.features):
+                feature = features[fi]
+                values, lengths = feature.values, feature.lengths
+                if gp.stacked[p]:
+                    spec = gp.specs[p]
+                    values = hash_stack(values, spec.hash_stack_rounds, spec.hash_stack_size)
+                    lengths = lengths * spec.hash_stack_rounds
+                ids.append(values)
+                lens.append(lengths)
+                pos += values.shape[0]
+                bounds.append(pos)
+                # one ID per sample: as many IDs as samples, none without (lengths sum to
+                # len(values), so then all are 1)
+                if one_hot:
+                    one_hot = values.shape[0] == n and (n == 0 or _min_length(feature) >= 1)
+            group = _DimGroup(gp, lens, bounds)
+            seg = np.array(bounds, dtype=np.int64)
+            deduper = scratch.dedupers.get(gp.dim)
+            if deduper is None:
+                deduper = scratch.dedupers[gp.dim] = pooling.Deduper()
+            cat = ids[0] if len(ids) == 1 else np.concatenate(ids)
+            uniques, inverse = deduper.prefix_unique_unchecked(cat, seg, gp.masks)
             if rec is not None:
                 stats = self._feature_stats(rec)
                 if stats is not None:
-                    ids: dict[int, int] = {}
-                    for part in group.parts:
-                        p = part.spec.prefix
-                        ids[p] = ids.get(p, 0) + part.stop - part.start
-                    stats.observe(uniques, ids)
-            rows = self._gather(group, uniques, training)
-            group.one_hot = self.one_hot_fast_path and _spans_summed(group, n, column)
-            if group.one_hot:
-                # Sample b's slot s is key s * n + b: rows[inverse] laid out (slot, sample),
-                # written transposed straight into (sample, slot, dim) = ``summed``.
-                np.take(
-                    rows,
-                    inverse.reshape(len(group.parts), n).T,
-                    axis=0,
-                    out=summed.reshape(n, len(group.parts), dim),
-                    mode="clip",
-                )
+                    counts: dict[int, int] = {}
+                    for p, spec in enumerate(gp.specs):
+                        counts[spec.prefix] = counts.get(spec.prefix, 0) + bounds[p + 1] - bounds[p]
+                    stats.observe(uniques, counts)
+            group.uniques, group.inverse = self._route(group, uniques, inverse)
+            rows = self._gather(group, training)
+            group.one_hot = one_hot
+            groups.append(group)
+            if one_hot:
+                _k.pool_onehot_forward_kernel(group.inverse, rows, summed)
                 continue
-            for part in group.parts:
-                inv = inverse[part.start : part.stop]
-                spec = part.spec
-                if spec.pooling == "raw":
+            for run in gp.runs:
+                if run.raw:
+                    p = run.parts[0]
                     out, d = pooling.pool_raw_forward(
-                        part.lengths, inv, rows, spec.sample_fixed_size
+                        lens[p],
+                        group.inverse[bounds[p] : bounds[p + 1]],
+                        rows,
+                        gp.specs[p].sample_fixed_size,
                     )
                     dropped += d
-                    raw[part.feature_index] = out
-                else:
-                    pooling.pool_forward(
-                        part.lengths,
-                        inv,
-                        rows,
-                        spec.pooling,  # type: ignore[arg-type]
-                        out=summed,
-                        col=part.column,
-                    )
-        return Lookup(n, summed, raw, layout, training, list(groups.values()), dropped)
+                    raw[gp.features[p]] = out
+                    continue
+                lengths2d, run_bounds = _run_arrays(group, run, n)
+                _k.pool_slots_forward_kernel(
+                    lengths2d, group.inverse, run_bounds, run.cols, run.modes, rows, summed,
+                    scratch.vec(gp.dim),
+                )  # fmt: skip
+        return Lookup(n, summed, raw, plan.layout, training, groups, dropped)
 
-    def _keys(
-        self, spec: SlotSpec, values: np.ndarray, lengths: np.ndarray
+    def _route(
+        self, group: _DimGroup, uniques: np.ndarray, inverse: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        if spec.hash_stack_rounds > 0:
-            values = hash_stack(values, spec.hash_stack_rounds, spec.hash_stack_size)
-            lengths = np.asarray(lengths, dtype=np.int64) * spec.hash_stack_rounds
-        keys = pooling.add_prefix(values, spec.prefix, self.prefix_bits)
-        return keys, np.asarray(lengths)
+        """Groups ``uniques`` by shard (remapping ``inverse``) and records each shard's range."""
+        shards = self.servers.num_shards
+        if shards == 1:
+            group.shard_bounds = np.array([0, uniques.shape[0]], dtype=np.int64)
+            return uniques, inverse
+        where = self.servers.shard_of(uniques)
+        ordered = np.empty_like(uniques)
+        bounds = np.empty(shards + 1, dtype=np.int64)
+        _k.group_by_shard_kernel(uniques, where, shards, inverse, ordered, bounds)
+        group.shard_bounds = bounds
+        return ordered, inverse
 
-    def _gather(self, group: _DimGroup, uniques: np.ndarray, training: bool) -> np.ndarray:
-        rows = np.empty((len(uniques), group.dim), dtype=np.float32)
-        timed = telemetry.current().on
-        t0 = time.perf_counter() if timed else 0.0
-        if self.servers.num_shards == 1:
-            group.shard = np.zeros(len(uniques), dtype=np.int32)
-            rows[:] = self.servers.lookup(0, uniques, group.dim, training)
+    def _lookup(self, group: _DimGroup, shard: int, keys: np.ndarray, training: bool) -> np.ndarray:
+        if training:
+            rows, hint = self.servers.lookup_hinted(shard, keys, group.dim, training)
         else:
-            group.shard = self.servers.shard_of(uniques)
-            for s in range(self.servers.num_shards):
-                sel = np.flatnonzero(group.shard == s)
-                if len(sel):
-                    rows[sel] = self.servers.lookup(s, uniques[sel], group.dim, training)
-        if timed:
-            self._rpc_s += time.perf_counter() - t0
+            rows, hint = self.servers.lookup(shard, keys, group.dim, training), None
+        group.hints.append(hint)
+        return _rows(rows, keys.shape[0], group.dim, shard)
+
+    def _gather(self, group: _DimGroup, training: bool) -> np.ndarray:
+        if not telemetry.current().on:
+            return self._gather_rows(group, training)
+        t0 = time.perf_counter()
+        rows = self._gather_rows(group, training)
+        self._rpc_s += time.perf_counter() - t0
+        return rows
+
+    def _gather_rows(self, group: _DimGroup, training: bool) -> np.ndarray:
+        uniques, dim, bounds = group.uniques, group.dim, group.shard_bounds
+        if self.servers.num_shards == 1:
+            return self._lookup(group, 0, uniques, training)
+        rows = np.empty((len(uniques), dim), dtype=np.float32)
+        for s in range(self.servers.num_shards):
+            a, b = int(bounds[s]), int(bounds[s + 1])
+            if b > a:
+                rows[a:b] = self._lookup(group, s, uniques[a:b], training)
+            else:
+                group.hints.append(None)
         return rows
 
     # ----------------------------------------------------------------- backward
@@ -254,10 +400,12 @@ class EmbeddingWorker:
         rec.apply(time.perf_counter() - t0)
         return out
 
-    def _nonfinite(self, rec: Any, group: _DimGroup, bad: np.ndarray) -> None:
+    def _nonfinite(self, rec: Any, group: _DimGroup, grad_u: np.ndarray) -> None:
         """Reports the features whose gradient had a non-finite row (PERSIA's ``nan_count``)."""
         if self.prefix_bits <= 0:
             return
+        u = len(group.uniques)
+        bad = ~np.isfinite(grad_u[:u]).all(axis=1)
         prefixes = np.unique(group.uniques[bad] >> np.uint64(64 - self.prefix_bits))
         names = {s.prefix: s.group or s.name for s in self.slots.values()}
         rec.nonfinite(sorted({names[int(p)] for p in prefixes if int(p) in names}))
@@ -270,54 +418,48 @@ class EmbeddingWorker:
         rec: Any,
     ) -> np.ndarray:
         totals = np.zeros(3, dtype=np.int64)
+        n = lookup.batch_size
+        if summed_grad is not None:
+            summed_grad = _f32_matrix(summed_grad, lookup.summed.shape, "summed_grad")
+        scratch = self._scratch
         for group in lookup.groups:
-            grad_u = np.zeros((len(group.uniques), group.dim), dtype=np.float32)
-            if group.one_hot and summed_grad is not None:
-                m, n = len(group.parts), lookup.batch_size
-                # (sample, slot) order: the gradient buffer viewed as one row per key.
-                inv = np.ascontiguousarray(group.inverse.reshape(m, n).T).reshape(-1)
-                d_out = np.ascontiguousarray(summed_grad, dtype=np.float32)
-                pooling.pool_backward(
-                    _ones(n * m),
-                    inv,
-                    d_out.reshape(n * m, group.dim),
-                    "sum",
-                    out=grad_u,
-                )
-                mask, bad = pooling.nonfinite_rows(grad_u)
-                self.nonfinite_gradients += bad
+            u = len(group.uniques)
+            grad_u = scratch.grad(group.dim, u)
+            if group.one_hot:
+                if summed_grad is None:
+                    continue
+                bad = _k.pool_onehot_backward_kernel(group.inverse, summed_grad, grad_u, u)
+                self.nonfinite_gradients += int(bad)
                 if bad and rec is not None:
-                    self._nonfinite(rec, group, mask)
+                    self._nonfinite(rec, group, grad_u)
                 totals += self._apply(group, grad_u)
                 continue
+            grad_u.fill(0.0)
             touched = False
-            for part in group.parts:
-                inv = group.inverse[part.start : part.stop]
-                spec = part.spec
-                if spec.pooling == "raw":
-                    g = raw_grads.get(part.feature_index)
+            gp = group.plan
+            for run in gp.runs:
+                if run.raw:
+                    p = run.parts[0]
+                    g = raw_grads.get(gp.features[p])
                     if g is None:
                         continue
-                    pooling.pool_raw_backward(part.lengths, inv, g, out=grad_u)
+                    inv = group.inverse[group.bounds[p] : group.bounds[p + 1]]
+                    pooling.pool_raw_backward(group.lengths[p], inv, g, out=grad_u)
+                elif summed_grad is not None:
+                    lengths2d, run_bounds = _run_arrays(group, run, n)
+                    _k.pool_slots_backward_kernel(
+                        lengths2d, group.inverse, run_bounds, run.cols, run.modes, summed_grad,
+                        grad_u, scratch.vec(group.dim),
+                    )  # fmt: skip
                 else:
-                    if summed_grad is None:
-                        continue
-                    pooling.pool_backward(
-                        part.lengths,
-                        inv,
-                        summed_grad,
-                        spec.pooling,  # type: ignore[arg-type]
-                        col=part.column,
-                        dim=group.dim,
-                        out=grad_u,
-                    )
+                    continue
                 touched = True
             if not touched:
                 continue
-            mask, bad = pooling.nonfinite_rows(grad_u)
+            bad = int(_k.count_nonfinite_kernel(grad_u, u))
             self.nonfinite_gradients += bad
             if bad and rec is not None:
-                self._nonfinite(rec, group, mask)
+                self._nonfinite(rec, group, grad_u)
             totals += self._apply(group, grad_u)
         return totals
 
@@ -325,48 +467,59 @@ class EmbeddingWorker:
         """Nothing to release: the client's transport belongs to whoever built it."""
 
     def _apply(self, group: _DimGroup, grad_u: np.ndarray) -> np.ndarray:
+        servers, hints = self.servers, group.hints
+        if servers.num_shards == 1:
+            counts = servers.apply_gradients_hinted(0, group.uniques, grad_u, hints[0])
+            return np.asarray(counts, np.int64)
         totals = np.zeros(3, dtype=np.int64)
-        if self.servers.num_shards == 1:
-            totals += self.servers.apply_gradients(0, group.uniques, grad_u)
-            return totals
-        for s in range(self.servers.num_shards):
-            sel = np.flatnonzero(group.shard == s)
-            if len(sel):
-                totals += self.servers.apply_gradients(
-                    s, group.uniques[sel], np.ascontiguousarray(grad_u[sel])
+        bounds = group.shard_bounds
+        for s in range(servers.num_shards):
+            a, b = int(bounds[s]), int(bounds[s + 1])
+            if b > a:
+                totals += servers.apply_gradients_hinted(
+                    s, group.uniques[a:b], grad_u[a:b], hints[s]
                 )
         return totals
 
 
-def _spans_summed(group: _DimGroup, batch_size: int, width: int) -> bool:
-    """Whether ``group``'s slots are all summed (sum/mean/sqrt), one ID per sample, with their
-    keys in slot order and their columns side by side filling the whole ``summed`` buffer."""
-    col = 0
-    pos = 0
-    for part in group.parts:
-        if part.spec.pooling == "raw" or part.column != col or part.start != pos:
-            return False
-        if part.stop - part.start != batch_size or part.lengths.shape != (batch_size,):
-            return False
-        col += group.dim
-        pos = part.stop
-    if col != width or not group.parts:
-        return False
-    # sum(lengths) == batch_size per slot (checked above via the key count), so all ones
-    # iff none is zero.
-    return all(int(part.lengths.min()) >= 1 for part in group.parts)
+def _min_length(feature: object) -> int:
+    """The fewest IDs of a sample: an IDTypeFeature knows it; any other feature-like object (a
+    backend's own columnar batch) is asked for its lengths."""
+    known = getattr(feature, "min_length", None)
+    if known is not None:
+        return int(known)
+    lengths = feature.lengths  # type: ignore[attr-defined]
+    return int(lengths.min()) if lengths.size else 0
 
 
-_ONES: dict[int, np.ndarray] = {}
+def _run_arrays(group: _DimGroup, run: _Run, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(parts, batch)`` lengths and the key bounds of a summed run, for its kernels."""
+    lengths2d = np.empty((len(run.parts), n), dtype=np.int64)
+    for i, p in enumerate(run.parts):
+        lengths2d[i] = group.lengths[p]
+    bounds = np.array([group.bounds[p] for p in run.parts] + [group.bounds[run.parts[-1] + 1]])
+    return lengths2d, bounds
 
 
-def _ones(n: int) -> np.ndarray:
-    """An int64 array of ``n`` ones, not to be written (cached: the batch size rarely changes)."""
-    a = _ONES.get(n)
-    if a is None:
-        a = np.ones(n, dtype=np.int64)
-        _ONES.clear()
-        _ONES[n] = a
+def _rows(rows: object, count: int, dim: int, shard: int) -> np.ndarray:
+    """A shard's lookup reply as a C-contiguous ``f32[count, dim]``, or BackendError."""
+    if not isinstance(rows, np.ndarray) or rows.shape != (count, dim):
+        shape = getattr(rows, "shape", type(rows).__name__)
+        raise BackendError(
+            f"lookup of {count} keys of dim {dim} returned {shape}", "parameter-server", shard
+        )
+    if rows.dtype != np.float32 or not rows.flags.c_contiguous:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+    return rows
+
+
+def _f32_matrix(a: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """``a`` as a C-contiguous float32 array of ``shape``, or BatchError."""
+    if not isinstance(a, np.ndarray) or a.shape != shape:
+        got = getattr(a, "shape", type(a).__name__)
+        raise BatchError(f"{name} must have shape {shape}, got {got}")
+    if a.dtype != np.float32 or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a, dtype=np.float32)
     return a
 
 

@@ -30,6 +30,11 @@ kept positions get ``d_out[b, j, :dim]`` and the mask channel's gradient is igno
 
 The summed kernels write a slot into columns ``col:col + dim`` of a wider output, so a caller can
 pool every slot of a batch straight into one ``(batch, total_dim)`` buffer.
+
+The row loops index with unsigned integers (``np.uint64``): numba wraps negative signed
+indices, and that branch kept LLVM from turning a row's ``dim`` loads, adds and stores into
+vector instructions (the one-hot gather and segment sum measured 8.6 -> 3.9 and 8.1 -> 4.6 ns
+per ID here). Rows and columns are never negative, so the results are the same.
 """
 
 from __future__ import annotations
@@ -60,6 +65,20 @@ def mix64(x):
     return z ^ (z >> _S31)
 
 
+_FIB = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, odd
+_S29 = np.uint64(29)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def dedupe_slot(k, shift):
+    """Home slot of key ``k`` in the de-duplication table (``64 - shift`` bits): Fibonacci
+    hashing (``k * 2**64/phi``) with the high half folded in; one multiply where ``mix64`` takes
+    two, which measured 11.5 -> 8.9 ns per ID on Criteo-shaped batches here. Scratch only, never
+    stored, so it may change."""
+    h = k * _FIB
+    return np.int64((h ^ (h >> _S29)) >> shift)
+
+
 # ---------------------------------------------------------------------------------------------
 # Prefixing
 # ---------------------------------------------------------------------------------------------
@@ -80,13 +99,14 @@ def add_prefix_kernel(ids, high, low_mask, out, start):
 
 
 @njit(nogil=True, cache=True)
-def unique_inverse_kernel(keys, start, stop, table, shift, u, max_uniques, uniques, inverse):
+def unique_inverse_kernel(keys, start, stop, tkeys, tidx, shift, u, max_uniques, uniques, inverse):
     """One hash pass over ``keys[start:stop]``, continuing a de-duplication that holds u uniques.
 
-    ``table`` (int32, a power of two long; -1 = empty) maps a key to its index in ``uniques``; a
-    key's home slot is the top ``64 - shift`` bits of ``mix64(key)``; linear probing, comparing
-    ``uniques[table[slot]]`` with the key. New keys are appended to ``uniques`` (first-seen
-    order); ``inverse[i]`` receives the index of ``keys[i]``.
+    The table is two parallel arrays a power of two long: ``tidx`` (int32; -1 = empty) holds a
+    key's index in ``uniques`` and ``tkeys`` the key itself, so a probe compares the key in the
+    slot it reads (no dependent read of ``uniques``). A key's home slot is
+    :func:`dedupe_slot`; linear probing. New keys are appended to ``uniques``
+    (first-seen order); ``inverse[i]`` receives the index of ``keys[i]``.
 
     Stops before inserting a new key once ``u == max_uniques`` (the caller's load limit): the
     caller then grows the table (:func:`rehash_kernel`) and calls again from the returned position.
@@ -94,21 +114,22 @@ def unique_inverse_kernel(keys, start, stop, table, shift, u, max_uniques, uniqu
     Returns:
         ``(position reached, uniques held)``; the position is ``stop`` when the range is done.
     """
-    mask = table.shape[0] - 1
+    mask = tidx.shape[0] - 1
     for i in range(start, stop):
         k = keys[i]
-        s = np.int64(mix64(k) >> shift)
+        s = dedupe_slot(k, shift)
         while True:
-            v = table[s]
+            v = tidx[s]
             if v < 0:
                 if u >= max_uniques:
                     return i, u
-                table[s] = u
+                tidx[s] = u
+                tkeys[s] = k
                 uniques[u] = k
                 inverse[i] = u
                 u += 1
                 break
-            if uniques[v] == k:
+            if tkeys[s] == k:
                 inverse[i] = v
                 break
             s = (s + 1) & mask
@@ -116,14 +137,87 @@ def unique_inverse_kernel(keys, start, stop, table, shift, u, max_uniques, uniqu
 
 
 @njit(nogil=True, cache=True)
-def rehash_kernel(uniques, u, table, shift):
+def prefix_unique_kernel(
+    ids, seg, highs, low_masks, start, tkeys, tidx, shift, u, max_uniques, uniques, inverse
+):  # fmt: skip
+    """:func:`add_prefix_kernel` and :func:`unique_inverse_kernel` in one pass over several slots.
+
+    Slot ``p`` is ``ids[seg[p]:seg[p + 1]]``; its ID ``x`` is keyed ``highs[p] | (x & low_masks[p])``
+    (the same key ``add_prefix_kernel`` writes), de-duplicated as ``unique_inverse_kernel`` does
+    from ID ``start`` on, with the same table, load limit and resumption. The keys are never
+    written out: ``uniques`` receives the distinct ones.
+
+    Returns:
+        ``(position reached, uniques held)``; the position is ``seg[-1]`` when done.
+    """
+    mask = tidx.shape[0] - 1
+    nseg = seg.shape[0] - 1
+    for p in range(nseg):
+        stop = seg[p + 1]
+        if stop <= start:
+            continue
+        high = highs[p]
+        low = low_masks[p]
+        for i in range(max(start, seg[p]), stop):
+            k = high | (ids[i] & low)
+            s = dedupe_slot(k, shift)
+            while True:
+                v = tidx[s]
+                if v < 0:
+                    if u >= max_uniques:
+                        return i, u
+                    tidx[s] = u
+                    tkeys[s] = k
+                    uniques[u] = k
+                    inverse[i] = u
+                    u += 1
+                    break
+                if tkeys[s] == k:
+                    inverse[i] = v
+                    break
+                s = (s + 1) & mask
+    return seg[nseg], u
+
+
+@njit(nogil=True, cache=True)
+def rehash_kernel(uniques, u, tkeys, tidx, shift):
     """Insert ``uniques[:u]`` (distinct keys) into an empty table as indices 0..u-1."""
-    mask = table.shape[0] - 1
+    mask = tidx.shape[0] - 1
     for t in range(u):
-        s = np.int64(mix64(uniques[t]) >> shift)
-        while table[s] >= 0:
+        k = uniques[t]
+        s = dedupe_slot(k, shift)
+        while tidx[s] >= 0:
             s = (s + 1) & mask
-        table[s] = t
+        tidx[s] = t
+        tkeys[s] = k
+    return u
+
+
+@njit(nogil=True, cache=True)
+def group_by_shard_kernel(uniques, shard, num_shards, inverse, out_uniques, offsets):
+    """Reorder ``uniques`` so that each shard's keys are contiguous (shard 0 first), keeping their
+    order within a shard (a stable counting sort), and remap ``inverse`` to the new positions.
+
+    ``offsets`` (int64, ``num_shards + 1``) receives each shard's range in ``out_uniques``.
+    Returns the number of uniques.
+    """
+    u = uniques.shape[0]
+    for s in range(num_shards + 1):
+        offsets[s] = 0
+    for t in range(u):
+        offsets[shard[t] + 1] += 1
+    for s in range(num_shards):
+        offsets[s + 1] += offsets[s]
+    pos = np.empty(u, dtype=np.int32)
+    fill = offsets[:num_shards].copy()
+    for t in range(u):
+        s = shard[t]
+        q = fill[s]
+        fill[s] = q + 1
+        pos[t] = q
+        out_uniques[q] = uniques[t]
+    for i in range(inverse.shape[0]):
+        inverse[i] = pos[inverse[i]]
     return u
 
 
@@ -141,15 +235,18 @@ def pool_forward_kernel(lengths, inverse, emb, mode, out, col, acc):
     uninitialised. Returns the number of IDs consumed (``sum(lengths)``).
     """
     dim = emb.shape[1]
+    c0 = np.uint64(col)
     pos = 0
     for b in range(lengths.shape[0]):
         n = lengths[b]
+        ub = np.uint64(b)
         for d in range(dim):
             acc[d] = np.float32(0.0)
         for t in range(pos, pos + n):
-            r = inverse[t]
+            r = np.uint64(inverse[t])
             for d in range(dim):
-                acc[d] += emb[r, d]
+                ud = np.uint64(d)
+                acc[ud] += emb[r, ud]
         pos += n
         if n > 0 and mode != SUM:
             if mode == MEAN:
@@ -157,10 +254,12 @@ def pool_forward_kernel(lengths, inverse, emb, mode, out, col, acc):
             else:
                 div = np.sqrt(np.float32(n))
             for d in range(dim):
-                out[b, col + d] = acc[d] / div
+                ud = np.uint64(d)
+                out[ub, c0 + ud] = acc[ud] / div
         else:
             for d in range(dim):
-                out[b, col + d] = acc[d]
+                ud = np.uint64(d)
+                out[ub, c0 + ud] = acc[ud]
     return pos
 
 
@@ -174,27 +273,117 @@ def pool_backward_kernel(lengths, inverse, d_out, col, mode, grad_u, term):
     zeros (or a sum to add to) on entry. Returns the number of IDs consumed.
     """
     dim = grad_u.shape[1]
+    c0 = np.uint64(col)
     pos = 0
     for b in range(lengths.shape[0]):
         n = lengths[b]
         if n == 0:
             continue
+        ub = np.uint64(b)
         if mode == SUM:
             for d in range(dim):
-                term[d] = d_out[b, col + d]
+                ud = np.uint64(d)
+                term[ud] = d_out[ub, c0 + ud]
         else:
             if mode == MEAN:
                 div = np.float32(n)
             else:
                 div = np.sqrt(np.float32(n))
             for d in range(dim):
-                term[d] = d_out[b, col + d] / div
+                ud = np.uint64(d)
+                term[ud] = d_out[ub, c0 + ud] / div
         for t in range(pos, pos + n):
-            r = inverse[t]
+            r = np.uint64(inverse[t])
             for d in range(dim):
-                grad_u[r, d] += term[d]
+                ud = np.uint64(d)
+                grad_u[r, ud] += term[ud]
         pos += n
     return pos
+
+
+@njit(nogil=True, cache=True)
+def pool_slots_forward_kernel(lengths, inverse, bounds, cols, modes, emb, out, acc):
+    """:func:`pool_forward_kernel` for several summed slots of one dim in one call.
+
+    Slot ``p`` has the batch's IDs per sample in ``lengths[p]`` (a ``(slots, batch)`` array), its
+    rows in ``inverse[bounds[p]:bounds[p + 1]]``, its pooling mode ``modes[p]`` and its columns
+    from ``cols[p]``; the slots are pooled in order with exactly ``pool_forward_kernel``'s
+    arithmetic. Returns the number of IDs consumed.
+    """
+    total = 0
+    for p in range(lengths.shape[0]):
+        part = inverse[bounds[p] : bounds[p + 1]]
+        total += pool_forward_kernel(lengths[p], part, emb, modes[p], out, cols[p], acc)
+    return total
+
+
+@njit(nogil=True, cache=True)
+def pool_slots_backward_kernel(lengths, inverse, bounds, cols, modes, d_out, grad_u, term):
+    """:func:`pool_backward_kernel` for the slots of :func:`pool_slots_forward_kernel`, in order
+    (so the gradient rows add up in the same order as one call per slot)."""
+    total = 0
+    for p in range(lengths.shape[0]):
+        part = inverse[bounds[p] : bounds[p + 1]]
+        total += pool_backward_kernel(lengths[p], part, d_out, cols[p], modes[p], grad_u, term)
+    return total
+
+
+@njit(nogil=True, cache=True)
+def pool_onehot_forward_kernel(inverse, emb, out):
+    """The one-hot layout: slots ``s = 0 .. m-1`` each with exactly one ID per sample, keys laid
+    out slot after slot (``inverse[s * n + b]``), pooled into ``out[b, s * dim:(s + 1) * dim]``
+    (``out`` is ``(n, m * dim)``): every entry of ``out`` is written. Sum, mean and sqrt
+    pooling all copy the row (one ID per sample: the scale is 1). Returns ``n * m``."""
+    n = out.shape[0]
+    dim = emb.shape[1]
+    m = out.shape[1] // dim
+    for b in range(n):
+        ub = np.uint64(b)
+        for s in range(m):
+            r = np.uint64(inverse[s * n + b])
+            c = np.uint64(s * dim)
+            for d in range(dim):
+                ud = np.uint64(d)
+                out[ub, c + ud] = emb[r, ud]
+    return n * m
+
+
+@njit(nogil=True, cache=True)
+def pool_onehot_backward_kernel(inverse, d_out, grad_u, u):
+    """Backward of :func:`pool_onehot_forward_kernel`: zero ``grad_u[:u]``, then
+    ``grad_u[inverse[s * n + b]] += d_out[b, s * dim:(s + 1) * dim]`` in sample-major order (b, then
+    s); returns how many of the ``u`` rows hold a NaN or an infinity."""
+    n = d_out.shape[0]
+    dim = grad_u.shape[1]
+    m = d_out.shape[1] // dim
+    for r in range(u):
+        for d in range(dim):
+            grad_u[r, d] = np.float32(0.0)
+    for b in range(n):
+        ub = np.uint64(b)
+        for s in range(m):
+            r = np.uint64(inverse[s * n + b])
+            c = np.uint64(s * dim)
+            for d in range(dim):
+                ud = np.uint64(d)
+                grad_u[r, ud] += d_out[ub, c + ud]
+    return count_nonfinite_kernel(grad_u, u)
+
+
+@njit(nogil=True, cache=True)
+def count_nonfinite_kernel(grads, u):
+    """How many of the rows ``grads[:u]`` hold a NaN or an infinity (``x * 0`` is 0 for every
+    finite ``x`` and NaN otherwise; summed along a row without a branch, so it vectorises)."""
+    count = 0
+    dim = grads.shape[1]
+    for r in range(u):
+        ur = np.uint64(r)
+        z = np.float32(0.0)
+        for d in range(dim):
+            z += grads[ur, np.uint64(d)] * np.float32(0.0)
+        if z != np.float32(0.0):
+            count += 1
+    return count
 
 
 @njit(nogil=True, cache=True)

@@ -53,6 +53,24 @@ def test_multi_hot_lengths():
         assert len(b.values[slot]) == n.sum()
 
 
+def test_per_slot_ids_per_sample():
+    """A bound per slot: one-hot slots stay one-hot, and [k] * slots is exactly k."""
+    bounds = [1, 6, 1, 3][: len(SMALL)] + [1] * max(0, len(SMALL) - 4)
+    b = SyntheticStream(SMALL, ids_per_sample=bounds, seed=3).batch(2, 400)
+    for slot, k in enumerate(bounds):
+        n = b.lengths[slot]
+        assert len(b.values[slot]) == n.sum()
+        if k == 1:
+            np.testing.assert_array_equal(n, np.ones(400))
+        else:
+            assert n.min() >= 1 and n.max() == k
+    same = SyntheticStream(SMALL, ids_per_sample=[4] * len(SMALL), seed=3).batch(5, 200)
+    ref = SyntheticStream(SMALL, ids_per_sample=4, seed=3).batch(5, 200)
+    np.testing.assert_array_equal(same.labels, ref.labels)
+    for a, r in zip(same.values, ref.values, strict=True):
+        np.testing.assert_array_equal(a, r)
+
+
 def test_zipf_head_is_hot_and_tail_is_long():
     s = SyntheticStream((1_000_000,), num_dense=0)
     ranks = np.concatenate([s.batch(i, 4096).ranks[0] for i in range(5)])
@@ -108,6 +126,8 @@ def test_to_persia_batch():
         ({"num_dense": -1}, "num_dense must be an int >= 0, got -1"),
         ({"zipf_exponent": 0.0}, "zipf_exponent must be > 0, got 0.0"),
         ({"ids_per_sample": 0}, "ids_per_sample must be an int >= 1, got 0"),
+        ({"ids_per_sample": [1, 2]}, "one int >= 1 per slot"),
+        ({"ids_per_sample": "2"}, "ids_per_sample must be an int >= 1 or one per slot"),
         ({"id_effect_scale": -1.0}, "id_effect_scale must be a finite number >= 0, got -1.0"),
         ({"bias": float("nan")}, "bias must be finite"),
     ],

@@ -405,3 +405,15 @@ def test_embedding_config_lists_every_problem():
     with pytest.raises(ConfigError) as info:
         EmbeddingConfig(emb_initialization=(1,), admit_probability=2.0, weight_bound=None)
     assert len(info.value.problems) == 3
+
+
+def test_min_length_of_each_constructor():
+    from persia.embedding.data import IDTypeFeature, IDTypeFeatureWithSingleID
+
+    u = np.uint64
+    assert IDTypeFeature("a", [np.array([1, 2], u), np.array([], u)]).min_length == 0
+    assert IDTypeFeature("a", [np.array([1, 2], u), np.array([3], u)]).min_length == 1
+    assert IDTypeFeature.from_columnar("a", np.arange(5, dtype=u), [2, 3]).min_length == 2
+    assert IDTypeFeature.from_columnar("a", np.empty(0, u), []).min_length == 0
+    assert IDTypeFeatureWithSingleID("a", np.arange(4, dtype=u)).min_length == 1
+    assert IDTypeFeatureWithSingleID("a", np.empty(0, u)).min_length == 0

@@ -145,3 +145,78 @@ def test_shard_of_python_wrapper():
     assert np.bincount(out).min() > 1800
     with pytest.raises(StoreError, match="num_shards must be an int > 0, got 0"):
         shard_of(keys, 0)
+
+
+def _hinted_pair(capacity: int, reserve: int | None):
+    shards = []
+    for _ in range(2):
+        shard = Shard(capacity, Adagrad(lr=0.1), dims=[4], seed=3)
+        if reserve:
+            shard.reserve(reserve, 4)
+        shards.append(shard)
+    return shards
+
+
+def _same_rows(a: Shard, b: Shard) -> None:
+    for dim, rows in a.export_rows().items():
+        want = b.export_rows()[dim]
+        for k in ("keys", "values", "state"):
+            np.testing.assert_array_equal(rows[k], want[k])
+
+
+@pytest.mark.parametrize(("capacity", "reserve"), [(1000, 1000), (1000, None), (40, 40)])
+def test_row_hints_give_what_plain_calls_give(capacity, reserve):
+    """lookup_hinted + apply_gradients_hinted == lookup + apply_gradients, whether the hint
+    holds (room for every key), is never given (growth) or goes stale (evictions between)."""
+    hinted, plain = _hinted_pair(capacity, reserve)
+    rng = np.random.default_rng(1)
+    given = stale = 0
+    for step in range(6):
+        keys = np.unique(rng.integers(0, 60, 25)).astype(np.uint64)
+        rng.shuffle(keys)
+        out, hint = hinted.lookup_hinted(keys, 4)
+        evictions = hinted.stats()["evictions"]
+        np.testing.assert_array_equal(out, plain.lookup(keys, 4, True))
+        given += hint is not None
+        if step % 2 == 0:  # another lookup in between: with capacity 40, it evicts rows
+            other = rng.integers(60, 120, 30).astype(np.uint64)
+            np.testing.assert_array_equal(
+                hinted.lookup(other, 4, True), plain.lookup(other, 4, True)
+            )
+        stale += hint is not None and hinted.stats()["evictions"] != evictions
+        grads = rng.standard_normal((len(keys), 4)).astype(np.float32)
+        grads[0, 1] = np.nan
+        np.testing.assert_array_equal(
+            hinted.apply_gradients_hinted(keys, grads, hint), plain.apply_gradients(keys, grads)
+        )
+        _same_rows(hinted, plain)
+    if capacity == 1000:  # no eviction: hints whenever there was room for the whole call
+        assert given == (6 if reserve else given) and stale == 0
+    else:  # a hint given, then rows evicted before its gradients came
+        assert given >= 1 and stale >= 1
+
+
+def test_row_hint_of_a_replaced_table_is_not_used():
+    a, b = _hinted_pair(100, 100)
+    keys = np.arange(10, dtype=np.uint64)
+    _, hint = a.lookup_hinted(keys, 4)
+    assert hint is not None and hint.rows.tolist() == list(range(10))
+    b.lookup(keys, 4, True)
+    # the hint's rows would be wrong for other keys: the shard must notice they are not its
+    hint.rows = hint.rows[::-1].copy()
+    hint.table = b._tables[4]  # another table than the shard's
+    grads = np.ones((10, 4), np.float32)
+    np.testing.assert_array_equal(a.apply_gradients_hinted(keys, grads, hint), [10, 0, 0])
+    b.apply_gradients(keys, grads)
+    _same_rows(a, b)
+
+
+def test_local_target_only_in_process():
+    from persia.rpc.local import LocalTransport
+    from persia.rpc.simlink import SimLinkTransport
+
+    shard = Shard(10, Adagrad(lr=0.1), dims=[4])
+    local = LocalTransport({"parameter-server": [shard]})
+    assert local.local_target("parameter-server", 0) is shard
+    assert local.local_target("parameter-server", 1) is None
+    assert SimLinkTransport(local, 1e9, 1e-4).local_target("parameter-server", 0) is None

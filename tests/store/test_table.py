@@ -459,3 +459,65 @@ def test_create_while_probing_path_matches_twin():
         same_export(t, n)
     assert t.stats() == split.stats()
     assert t.rows > 250 and t.stats()["evictions"] == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 30), st.integers(0, 8), st.lists(st.integers(0, 40), max_size=120))
+def test_lru_stamps_match_relinking_at_each_touch(linked_n, new_n, picks):
+    """The stamped form of the LRU (a list turned into stamps, touches and new rows stamped from
+    the clock on, then linked by stamp) gives the list that relinking at every touch gives."""
+    from persia.store.kernels import table as K
+
+    rows = linked_n + new_n
+    order = [int(r) for r in np.random.default_rng(linked_n).permutation(linked_n)]
+    prev, nxt = [-1] * rows, [-1] * rows
+    for a, b in zip(order, order[1:], strict=False):
+        nxt[a], prev[b] = b, a
+    head, tail = (order[0], order[-1]) if order else (-1, -1)
+    # new rows (ids linked_n ..) are touched first at their creation, in pick order
+    touched = [p % rows for p in picks] if rows else []
+    made, seq = set(order), []
+    for r in touched:
+        if r >= linked_n and r not in made:
+            made.add(r)
+        seq.append(r)
+    seq = [r for r in seq if r < linked_n or r in made]
+    want = naive.lru_relink_each(prev, nxt, head, tail, seq, set(order))
+    rec = np.zeros((rows, 2), np.uint64)
+    links = rec.view(np.int32)
+    lru_prev, lru_next, lru_ts = links[:, 2], links[:, 3], rec[:, 1].view(np.int64)
+    lru_prev[:] = prev
+    lru_next[:] = nxt
+    meta = np.zeros(K.META_LEN, np.int64)
+    meta[K.M_HEAD], meta[K.M_TAIL] = head, tail
+    assert K.lru_stamp_kernel(lru_next, lru_ts, meta) == linked_n and meta[K.M_STAMPED] == 1
+    for r in seq:
+        lru_ts[r] = meta[K.M_CLOCK]
+        meta[K.M_CLOCK] += 1
+    live = sorted(set(order) | {r for r in seq})
+    by_stamp = np.array(sorted(live, key=lambda r: lru_ts[r]), dtype=np.int32)
+    K.lru_link_kernel(by_stamp, lru_prev, lru_next, meta)
+    assert meta[K.M_STAMPED] == 0
+    got_prev = [int(lru_prev[r]) if r in live else -1 for r in range(rows)]
+    got_next = [int(lru_next[r]) if r in live else -1 for r in range(rows)]
+    assert got_prev == want[0] and got_next == want[1]
+    assert (int(meta[K.M_HEAD]), int(meta[K.M_TAIL])) == want[2:]
+
+
+def test_fast_lookups_stamp_and_other_operations_link():
+    from persia.store.kernels import table as K
+
+    t, n = pair(capacity=1000, dim=2)
+    t.reserve(1000)
+    for step in range(5):
+        keys = u64(list(range(step, step + 30)) + MARKERS[:3])
+        np.testing.assert_array_equal(t.lookup(keys, True), n.lookup(keys, True))
+    assert t.meta[K.M_STAMPED] == 1  # relinks deferred: the LRU is held as stamps
+    same_export(t, n)  # the export orders by stamp: the twin's LRU order
+    t.set_capacity(20)  # evicts the oldest: needs (and builds) the linked form
+    n.set_capacity(20)
+    assert t.meta[K.M_STAMPED] == 0
+    same_export(t, n)
+    keys = u64(range(100, 130))
+    np.testing.assert_array_equal(t.lookup(keys, True), n.lookup(keys, True))
+    same_export(t, n)

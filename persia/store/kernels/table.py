@@ -14,6 +14,15 @@ State is plain arrays (see ``persia.store.table.EmbeddingTable``):
   Keys are compared through ``row_keys[row]``, so every uint64 is a valid key (there is no reserved
   key value). Deletion is backward-shift deletion (no tombstones).
 * ``meta i64[META_LEN]``: ``nrows, head, tail`` and the counters (see the ``M_*`` constants).
+* ``lru_ts i64[R]``: the LRU in its *stamped* form (``meta[M_STAMPED] == 1``): the same 8
+  bytes of each record as ``lru_prev`` and ``lru_next``, read as one int64 clock value, the
+  time of the row's last touch (``meta[M_CLOCK]`` is the next). The fast training lookup (room
+  for every key: nothing is evicted) stamps the rows it touches instead of relinking them: the
+  stamp goes into the record line the probe has just read, where a relink wrote the lines of
+  both neighbours and the tail (most of a training lookup's time, on hot keys). The list is the
+  rows in stamp order (``lru_link_kernel`` builds it; ``lru_stamp_kernel`` turns a list back
+  into stamps), the list relinking at every touch gives. Everything else (eviction, import, the
+  other training paths) works on the linked form; ``EmbeddingTable`` converts first.
 
 Hashes (all documented, all fixed forever: checkpoints and shard routing depend on them):
 
@@ -28,16 +37,17 @@ Hashes (all documented, all fixed forever: checkpoints and shard routing depend 
   times 2**-53.
 
 Kernels validate nothing, allocate (almost) nothing and release the GIL. Their plain-Python twins
-are in ``tests/naive.py``.
+are in ``tests/naive.py``. Row copies index with unsigned integers: numba wraps negative signed
+indices, and that branch keeps LLVM from copying a row with vector instructions.
 """
 
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
+
+# the prefetch hint lives with the optimizer kernels (the layer below), which use it too
+from persia.embedding.kernels import prefetch, prefetch_at
 
 PROBE_SALT = np.uint64(0x9E3779B97F4A7C15)
 SHARD_SALT = np.uint64(0xD1B54A32D192ED03)
@@ -68,36 +78,13 @@ M_MISSES = 4
 M_ADMISSIONS = 5
 M_REJECTIONS = 6
 M_SCRATCH = 7  # sink of prefetch loads (keeps them from being optimised away)
-META_LEN = 8
+M_STAMPED = 8  # 1: the LRU is held as stamps (lru_ts), 0: as the linked list
+M_CLOCK = 9  # the next stamp
+META_LEN = 10
 
 #: init kinds
 INIT_UNIFORM = 0
 INIT_NORMAL = 1
-
-
-def _prefetch_codegen(context, builder, sig, args, nidx):
-    aryty = sig.args[0]
-    ary = context.make_array(aryty)(context, builder, args[0])
-    idx = [args[1]] + [ir.Constant(ir.IntType(64), 0)] * (nidx - 1)
-    ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx, wraparound=False)
-    i8p = ir.IntType(8).as_pointer()
-    i32 = ir.IntType(32)
-    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-    # read, high temporal locality, data cache
-    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
-    return context.get_dummy_value()
-
-
-@intrinsic
-def prefetch(typingctx, arr, i):
-    """Prefetch the cache line of ``arr[i]`` (``arr[i, 0]`` for a 2-D array); a hint only."""
-    sig = types.void(arr, types.intp)
-
-    def codegen(context, builder, sig, args):
-        return _prefetch_codegen(context, builder, sig, args, arr.ndim)
-
-    return sig, codegen
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -255,7 +242,7 @@ def gather_kernel(values, rows, out):
         r = rows[i]
         if r >= 0:
             for j in range(dim):
-                out[i, j] = values[r, j]
+                out[np.uint64(i), np.uint64(j)] = values[np.uint64(r), np.uint64(j)]
         else:
             for j in range(dim):
                 out[i, j] = 0.0
@@ -296,7 +283,7 @@ def lookup_eval_kernel(index, shift, row_keys, values, keys, rows, out):
             rows[i] = r
             if r >= 0:
                 for j in range(dim):
-                    out[i, j] = values[r, j]
+                    out[np.uint64(i), np.uint64(j)] = values[np.uint64(r), np.uint64(j)]
             else:
                 missing += 1
                 for j in range(dim):
@@ -359,7 +346,7 @@ def train_hits_kernel(values, rows, out, lru_prev, lru_next, meta):
             r = rows[i]
             if r >= 0:
                 for j in range(dim):
-                    out[i, j] = values[r, j]
+                    out[np.uint64(i), np.uint64(j)] = values[np.uint64(r), np.uint64(j)]
                 p = lru_prev[r]
                 nx = lru_next[r]
                 if p >= 0:
@@ -418,14 +405,14 @@ def train_probe_hits_kernel(
             r = rows[i]
             if r >= 0:
                 for j in range(dim):
-                    out[i, j] = values[r, j]
+                    out[np.uint64(i), np.uint64(j)] = values[np.uint64(r), np.uint64(j)]
                 _touch(lru_prev, lru_next, meta, r)
     return missing
 
 
 @njit(nogil=True, cache=True)
 def train_probe_create_kernel(
-    index, shift, row_keys, values, keys, rows, made, out, lru_prev, lru_next, meta
+    index, shift, row_keys, values, state, keys, rows, made, out, lru_ts, meta
 ):  # fmt: skip
     """``train_probe_hits_kernel`` that also creates the missing keys' rows and index entries
     while their probe chains are in the cache (the table must have room for every key without
@@ -433,6 +420,10 @@ def train_probe_create_kernel(
     ``made[i]`` = the new row (or -2: created earlier in this batch) for
     ``train_link_new_kernel`` and ``train_init_kernel``, which give the same result as
     ``train_misses_kernel`` would have. Returns the number of keys absent before the batch.
+
+    The LRU must be in its stamped form: each hit gets the next stamp (``lru_ts``), in batch
+    order, where the linked form would relink it. A hit's optimizer state is prefetched too:
+    the gradients of the batch update it soon (a hint only).
 
     Its prefetch, hit and gather-and-relink loops repeat ``train_probe_hits_kernel``'s on
     purpose: the same loops as shared ``inline="always"`` helpers measured 8-9% slower in both
@@ -475,34 +466,79 @@ def train_probe_create_kernel(
             else:
                 rows[i] = r
                 prefetch(values, r)
-                p = lru_prev[r]
-                nx = lru_next[r]
-                if p >= 0:
-                    prefetch(lru_next, p)
-                if nx >= 0:
-                    prefetch(lru_prev, nx)
+                for c in range(0, state.shape[1], 16):
+                    prefetch_at(state, r, c)
         for i in range(g0, g1):
             r = rows[i]
             if r >= 0:
                 for j in range(dim):
-                    out[i, j] = values[r, j]
-                _touch(lru_prev, lru_next, meta, r)
+                    out[np.uint64(i), np.uint64(j)] = values[np.uint64(r), np.uint64(j)]
+                lru_ts[r] = meta[M_CLOCK]
+                meta[M_CLOCK] += 1
     return missing
 
 
 @njit(nogil=True, cache=True)
-def train_link_new_kernel(keys, rows, made, index, shift, row_keys, lru_prev, lru_next, meta):
-    """After ``train_probe_create_kernel``: in batch order, link each created row as the newest
-    (``made[i] >= 0``) or refresh a row created earlier in the batch (``made[i] == -2``)."""
+def train_link_new_kernel(keys, rows, made, index, shift, row_keys, lru_ts, meta):
+    """After ``train_probe_create_kernel``: in batch order, stamp each created row
+    (``made[i] >= 0``) or the row of a key created earlier in the batch (``made[i] == -2``),
+    after the hits that kernel stamped (the stamped form of linking them as the newest)."""
     mask = index.shape[0] - 1
     for i in range(keys.shape[0]):
         if rows[i] >= 0:
             continue
         m = made[i]
-        if m >= 0:
-            _push_tail(lru_prev, lru_next, meta, m)
-        else:
-            _touch(lru_prev, lru_next, meta, find_row(index, mask, shift, row_keys, keys[i]))
+        if m < 0:
+            m = find_row(index, mask, shift, row_keys, keys[i])
+        lru_ts[m] = meta[M_CLOCK]
+        meta[M_CLOCK] += 1
+
+
+@njit(nogil=True, cache=True)
+def lru_link_kernel(order, lru_prev, lru_next, meta):
+    """The linked form of the LRU from ``order`` (the live rows, oldest first: the rows sorted
+    by stamp); overwrites the stamps (the same bytes)."""
+    n = order.shape[0]
+    for j in range(n):
+        r = order[j]
+        lru_prev[r] = order[j - 1] if j > 0 else -1
+        lru_next[r] = order[j + 1] if j + 1 < n else -1
+    meta[M_HEAD] = order[0] if n else -1
+    meta[M_TAIL] = order[n - 1] if n else -1
+    meta[M_STAMPED] = 0
+    return n
+
+
+@njit(nogil=True, cache=True)
+def lru_stamp_kernel(lru_next, lru_ts, meta):
+    """The stamped form of a linked LRU: walking from the head, stamps 0, 1, ... (each row's
+    ``next`` is read before its stamp overwrites it). Returns the rows stamped."""
+    r = meta[M_HEAD]
+    k = 0
+    while r >= 0:
+        nx = lru_next[r]
+        lru_ts[r] = k
+        k += 1
+        r = nx
+    meta[M_CLOCK] = k
+    meta[M_STAMPED] = 1
+    return k
+
+
+@njit(nogil=True, cache=True)
+def merge_made_rows_kernel(rows, made):
+    """After ``train_probe_create_kernel`` (and its link and init passes): ``rows[i] = made[i]``
+    where the key was made in this call; returns how many keys repeat one made earlier in the
+    call (``made[i] == -2``, left at -1)."""
+    repeats = 0
+    for i in range(rows.shape[0]):
+        if rows[i] < 0:
+            m = made[i]
+            if m >= 0:
+                rows[i] = m
+            else:
+                repeats += 1
+    return repeats
 
 
 @njit(nogil=True, cache=True)
@@ -696,7 +732,7 @@ def train_init_kernel(
         init_row(out, i, keys[i], seed, init_kind, init_a, init_b)
         if m >= 0:
             for j in range(dim):
-                values[m, j] = out[i, j]
+                values[np.uint64(m), np.uint64(j)] = out[np.uint64(i), np.uint64(j)]
             for j in range(width):
                 state[m, j] = init_state[j]
 
