@@ -533,6 +533,7 @@ class EmbeddingTable:
         count = int(rows.size)
         if count == 0:
             return 0
+        self.flush_lru()  # the linked form (the fast training lookups may have left stamps)
         meta = self.meta
         prev, nxt = self.lru_prev, self.lru_next
         if count * 8 < self.rows:  # a few: relink one by one
