@@ -13,7 +13,7 @@ from persia.embedding.config import EmbeddingFileConfig, GlobalConfig
 from persia.embedding.spec import EmbeddingSpec
 from persia.errors import ConfigError
 
-__all__ = ["given_spec", "serving_runtime"]
+__all__ = ["given_spec", "infer_sources", "serving_runtime"]
 
 
 def given_spec(
@@ -37,6 +37,37 @@ def given_spec(
     return load_spec(embedding_config_file, global_config, embedding_config, None)
 
 
+def infer_sources(
+    global_config: GlobalConfig,
+    embedding_checkpoint: str | os.PathLike | None,
+    incremental_dir: str | os.PathLike | None,
+    follow_checkpoint: bool | None,
+) -> tuple[str | os.PathLike, str | os.PathLike | None, bool]:
+    """What inference serves, as PERSIA's ``global_config.yml`` says unless given: the checkpoint
+    (``infer_config.embedding_checkpoint``), the deltas (``incremental_dir`` when
+    ``enable_incremental_update`` is on) and whether new generations are followed (default:
+    while deltas are).
+
+    Raises:
+        ConfigError: no checkpoint named.
+    """
+    infer = global_config.common_config.infer_config
+    if embedding_checkpoint is None and infer is not None:
+        embedding_checkpoint = infer.embedding_checkpoint
+    if embedding_checkpoint is None:
+        raise ConfigError(
+            "inference needs an embedding checkpoint: pass embedding_checkpoint=... or set "
+            "common_config.infer_config.embedding_checkpoint in global_config.yml",
+            source=global_config.source,
+        )
+    ps = global_config.embedding_parameter_server_config
+    if incremental_dir is None and ps.enable_incremental_update:
+        incremental_dir = ps.incremental_dir
+    if follow_checkpoint is None:
+        follow_checkpoint = incremental_dir is not None
+    return embedding_checkpoint, incremental_dir, bool(follow_checkpoint)
+
+
 def serving_runtime(
     embedding_config_file: str | os.PathLike | EmbeddingFileConfig | None,
     global_config: GlobalConfig,
@@ -58,20 +89,9 @@ def serving_runtime(
             keys differently from the checkpoint's.
         CheckpointError: a missing, corrupt or mismatching checkpoint.
     """
-    infer = global_config.common_config.infer_config
-    if embedding_checkpoint is None and infer is not None:
-        embedding_checkpoint = infer.embedding_checkpoint
-    if embedding_checkpoint is None:
-        raise ConfigError(
-            "inference needs an embedding checkpoint: pass embedding_checkpoint=... or set "
-            "common_config.infer_config.embedding_checkpoint in global_config.yml",
-            source=global_config.source,
-        )
-    ps = global_config.embedding_parameter_server_config
-    if incremental_dir is None and ps.enable_incremental_update:
-        incremental_dir = ps.incremental_dir
-    if follow_checkpoint is None:
-        follow_checkpoint = incremental_dir is not None
+    embedding_checkpoint, incremental_dir, follow_checkpoint = infer_sources(
+        global_config, embedding_checkpoint, incremental_dir, follow_checkpoint
+    )
     return ServingRuntime(
         embedding_checkpoint,
         given_spec(embedding_config_file, global_config, embedding_config),

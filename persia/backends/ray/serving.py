@@ -44,6 +44,7 @@ from persia.backends.ray.backend import (
     parameter_server_client,
 )
 from persia.backends.ray.naming import namespace, ps_actor_name
+from persia.ctx._serving import infer_sources
 from persia.embedding.data import PersiaBatch
 from persia.embedding.spec import EmbeddingSpec, spec_from_dict, spec_to_dict
 from persia.errors import BackendError, ConfigError, PersiaError
@@ -156,20 +157,9 @@ def serving_options(
     Raises:
         ConfigError: no checkpoint named.
     """
-    infer = global_config.common_config.infer_config
-    if embedding_checkpoint is None and infer is not None:
-        embedding_checkpoint = infer.embedding_checkpoint
-    if embedding_checkpoint is None:
-        raise ConfigError(
-            "inference-mode parameter servers need an embedding checkpoint: set "
-            "common_config.infer_config.embedding_checkpoint in global_config.yml",
-            source=global_config.source,
-        )
-    ps = global_config.embedding_parameter_server_config
-    if incremental_dir is None and ps.enable_incremental_update:
-        incremental_dir = ps.incremental_dir
-    if follow_checkpoint is None:
-        follow_checkpoint = incremental_dir is not None
+    embedding_checkpoint, incremental_dir, follow_checkpoint = infer_sources(
+        global_config, embedding_checkpoint, incremental_dir, follow_checkpoint
+    )
     return {
         "checkpoint_dir": str(Path(embedding_checkpoint).resolve()),
         "spec": None if spec is None else spec_to_dict(spec),
