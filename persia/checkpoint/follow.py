@@ -57,6 +57,7 @@ from persia.worker.embedding_worker import EmbeddingWorker
 
 __all__ = [
     "CheckpointFollower",
+    "OneShardView",
     "ServingRuntime",
     "ServingShard",
     "layout_differences",
@@ -526,7 +527,7 @@ class ServingRuntime:
 
 
 class _Skip:
-    """A shard of the store that is not this one: rows routed to it are dropped."""
+    """A shard of the store that is not the one kept: rows routed to it are dropped."""
 
     def import_rows(self, dim: int, keys: Any, values: Any, state: Any | None = None) -> None:
         return None
@@ -538,11 +539,14 @@ class _Skip:
         return None
 
 
-class _SliceView:
+class OneShardView:
     """What :class:`persia.store.delta.DeltaReader` needs of a store of ``num_shards`` shards,
-    keeping the rows of shard ``rank`` only."""
+    keeping the rows of shard ``rank`` only (an inference-mode server's slice, a recovering
+    shard's rows)."""
 
-    def __init__(self, shard: Any, rank: int, num_shards: int, optimizer: Any, dims: Any) -> None:
+    def __init__(
+        self, shard: Any, rank: int, num_shards: int, optimizer: Any, dims: Any = None
+    ) -> None:
         self.optimizer = optimizer
         self.num_shards = num_shards
         self.dims = dims
@@ -624,7 +628,7 @@ class ServingShard:
                     except StoreError as exc:
                         raise CheckpointError(f"{ckpt.path}: rows cannot be loaded: {exc}") from exc
                     rows += int(sel.size)
-        view = _SliceView(shard, self.rank, self.num_shards, optimizer, spec.dims)
+        view = OneShardView(shard, self.rank, self.num_shards, optimizer, spec.dims)
         return _State(view, shard, ckpt.path, int(meta.get("delta_seq") or 0), rows)
 
     @property

@@ -52,6 +52,7 @@ from persia.backends.ray.backend import (
     start_parameter_servers,
 )
 from persia.backends.ray.config import RecoveryConfig
+from persia.checkpoint.follow import OneShardView
 from persia.embedding.spec import EmbeddingSpec
 from persia.errors import BackendError, CheckpointError, ConfigError
 from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
@@ -73,34 +74,6 @@ _DEAD_CHECK_S = 2.0
 
 def _gen_number(path: Path) -> int:
     return int(path.name.split("-")[1])
-
-
-class _Sink:
-    """A shard that keeps nothing (rows routed to the shards that are not being restored)."""
-
-    def import_rows(self, dim: int, keys: Any, values: Any, state: Any | None = None) -> None:
-        return None
-
-    def remove_rows(self, dim: int, keys: Any) -> int:
-        return 0
-
-    def clear(self) -> None:
-        return None
-
-
-class _OneShardView:
-    """What :class:`persia.store.delta.DeltaReader` needs of a store, keeping one shard's rows."""
-
-    def __init__(self, shard: Any, rank: int, num_shards: int, optimizer: Any) -> None:
-        self.optimizer = optimizer
-        self.num_shards = num_shards
-        self.shards: list[Any] = [_Sink() for _ in range(num_shards)]
-        self.shards[rank] = shard
-
-    def shard_of(self, keys: Any) -> np.ndarray:
-        from persia.store import shard_of
-
-        return shard_of(keys, self.num_shards)
 
 
 def restore_shard_rows(
@@ -154,7 +127,7 @@ def restore_shard_rows(
                     shard.import_rows(dim, keys[sel], values[sel], state[sel])
                     rows += int(sel.size)
     reader = DeltaReader(delta_dir, after_seq=after_seq)
-    applied = reader.apply_pending(_OneShardView(shard, rank, num_shards, optimizer))
+    applied = reader.apply_pending(OneShardView(shard, rank, num_shards, optimizer))
     return {
         "checkpoint_rows": rows,
         "applied": applied,
