@@ -65,6 +65,7 @@ NUMBA_MODULES = {
     "persia.store.kernels.table",
     "persia.worker.kernels",
     "persia.embedding.kernels",
+    "persia.telemetry.kernels",
     # the ID hash is a file format and its numba kernels live with its documentation
     "persia.hashing",
 }

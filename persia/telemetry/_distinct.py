@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from persia.telemetry.kernels import observe_kernel
+
 _P = 12  # registers per feature: 2**_P
 _M = 1 << _P
 _SAMPLE_SHIFT = 60  # sampled: the key's multiplicative hash has its top 4 bits zero (1/16)
@@ -63,9 +65,31 @@ class DistinctEstimator:
         self.full_mode = np.ones(n, dtype=np.bool_)
         self._adds = 0
 
-    def add(self, uniques: np.ndarray) -> None:
-        """Inserts one batch's unique keys (``u64[u]``)."""
+    def add(self, uniques: np.ndarray, counts: np.ndarray | None = None) -> None:
+        """Inserts one batch's unique keys (``u64[u]``, C-contiguous) with the numba kernel.
+
+        ``counts`` (``i64[2**prefix_bits]``), when given, gets each prefix's number of keys
+        added to it in the same pass."""
+        if counts is None:
+            counts = np.zeros(self.row_of.size, dtype=np.int64)
+        if uniques.size:
+            observe_kernel(
+                uniques, int(self.shift), self.row_of, self.full_mode, self.full,
+                self.sampled, _P, _SAMPLE_SHIFT, counts,
+            )  # fmt: skip
+        self._counted()
+
+    def _counted(self) -> None:
+        self._adds += 1
+        if self._adds % _CHECK_EVERY == 0:
+            for i in np.flatnonzero(self.full_mode):
+                if _estimate(self.full[i]) > FULL_LIMIT:
+                    self.full_mode[i] = False
+
+    def add_naive(self, uniques: np.ndarray) -> None:
+        """:meth:`add` in NumPy: the twin the tests compare the kernel against."""
         if uniques.size == 0 or not self.names:
+            self._counted()
             return
         rows = self.row_of[(uniques >> self.shift).astype(np.intp)]
         with np.errstate(over="ignore"):
@@ -76,17 +100,17 @@ class DistinctEstimator:
             h = _splitmix(uniques[take])
             # rank = leading zeros of the remaining bits + 1 (a guard bit bounds it)
             rest = (h << np.uint64(_P)) | np.uint64(1 << (_P - 1))
-            rank = (64 - np.floor(np.log2(rest.astype(np.float64)))).astype(np.uint8)
+            high = np.floor(np.log2(rest.astype(np.float64))).astype(np.int64)
+            high = np.minimum(high, 63)
+            # the float may round up past the highest set bit: step back where it did
+            high -= (rest >> high.astype(np.uint64)) == 0
+            rank = (63 - high + 1).astype(np.uint8)
             cell = rows[take] * _M + (h >> np.uint64(64 - _P)).astype(np.intp)
             in_full = full[take]
             np.maximum.at(self.full.reshape(-1), cell[in_full], rank[in_full])
             in_sample = sampled[take]
             np.maximum.at(self.sampled.reshape(-1), cell[in_sample], rank[in_sample])
-        self._adds += 1
-        if self._adds % _CHECK_EVERY == 0:
-            for i in np.flatnonzero(self.full_mode):
-                if _estimate(self.full[i]) > FULL_LIMIT:
-                    self.full_mode[i] = False
+        self._counted()
 
     def estimates(self) -> dict[str, float]:
         """Feature name -> estimated distinct IDs seen."""

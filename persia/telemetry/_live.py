@@ -46,6 +46,7 @@ class _Features(FeatureStats):
         self.features = dict(features)
         self.size = max(features) + 1 if features else 1
         self.distinct = DistinctEstimator(prefix_bits, features)
+        self._counts = np.zeros(self.distinct.row_of.size, dtype=np.int64)
         replica = live.replica_of(EW)
         self._rate = {
             name: live.g["batch_unique_indices_rate"].labels(EW, replica, name)
@@ -57,8 +58,10 @@ class _Features(FeatureStats):
     def observe(self, uniques: np.ndarray, ids_per_prefix: dict[int, int]) -> None:
         if uniques.size == 0:
             return
-        prefixes = (uniques >> self.shift).astype(np.intp)
-        counts = np.bincount(prefixes, minlength=self.size)
+        counts = self._counts
+        counts[:] = 0
+        # one numba pass: the keys per prefix and the distinct-ID registers
+        self.distinct.add(np.ascontiguousarray(uniques, dtype=np.uint64), counts)
         per_name: dict[str, list[int]] = {}
         for prefix, ids in ids_per_prefix.items():
             name = self.features.get(prefix)
@@ -70,7 +73,6 @@ class _Features(FeatureStats):
         for name, (unique, ids) in per_name.items():
             if ids:
                 self._rate[name].set(unique / ids)
-        self.distinct.add(uniques)
 
 
 class Live(Recorder):

@@ -214,6 +214,31 @@ def test_distinct_ids_estimate_small_and_large_features() -> None:
     assert not est.full_mode[est.names.index("large")]  # switched to the 1/16 sample
 
 
+def test_distinct_kernel_matches_its_numpy_twin_register_for_register() -> None:
+    rng = np.random.default_rng(1)
+    features = {1: "a", 2: "b", 3: "a"}  # two prefixes of one feature; prefix 0 not counted
+    kernel, naive = DistinctEstimator(8, features), DistinctEstimator(8, features)
+    kernel.full_mode[kernel.names.index("b")] = False  # one feature already on the sample
+    naive.full_mode[:] = kernel.full_mode
+    total = np.zeros(256, dtype=np.int64)
+    for _ in range(40):
+        prefixes = rng.integers(0, 4, 3000).astype(np.uint64)
+        keys = np.unique(
+            (prefixes << np.uint64(56)) | rng.integers(0, 2**56, 3000, dtype=np.uint64)
+        )
+        counts = np.zeros(256, dtype=np.int64)
+        kernel.add(keys, counts)
+        naive.add_naive(keys)
+        np.testing.assert_array_equal(
+            counts, np.bincount((keys >> np.uint64(56)).astype(np.intp), minlength=256)
+        )
+        total += counts
+    np.testing.assert_array_equal(kernel.full, naive.full)
+    np.testing.assert_array_equal(kernel.sampled, naive.sampled)
+    assert kernel.full.any() and kernel.sampled.any()
+    assert kernel.estimates() == naive.estimates()
+
+
 def test_docs_list_every_metric_with_its_type() -> None:
     doc = (ROOT / "docs/metrics.md").read_text()
     for m in CATALOG:
