@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from persia.errors import BackendError
+from persia.rpc import wire as _wire
 from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
 
 
 class LocalTransport(Transport):
-    """A direct method call on in-process role objects.
+    """A direct method call on in-process role objects (the compressed calls of
+    :mod:`persia.rpc.wire` are decoded and encoded here, as a server would).
 
     Args:
         roles: role name -> list of replica objects. The lists are used as given, not copied,
@@ -29,6 +31,8 @@ class LocalTransport(Transport):
             raise BackendError(
                 f"no such replica (have {self.replicas(role)})", role, rank
             ) from None
+        if method in _wire.METHODS:  # a compressed call: this process plays the server
+            return _wire.serve(target, method, args)
         return getattr(target, method)(*args)
 
     def local_target(self, role: str, rank: int) -> Any | None:

@@ -42,6 +42,7 @@ from persia.backends.ray.config import TRANSPORTS, ClusterConfig, RoleSpec
 from persia.backends.ray.naming import namespace, ps_actor_name
 from persia.embedding.spec import EmbeddingSpec
 from persia.errors import BackendError, PersiaError
+from persia.rpc import wire as _wire
 from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
 from persia.rpc.protocol import ShardProtocol
 from persia.store.build import shard_options
@@ -220,6 +221,8 @@ class ParameterServer:
                 ) from None
 
     def _dispatch(self, method: str, args: list[Any]) -> Any:
+        if method in _wire.METHODS:
+            return _wire.serve(self.shard, method, args)
         if method not in ("lookup", "apply_gradients"):
             raise BackendError(f"method {method!r} is not served on the data channel")
         return getattr(self.shard, method)(*args)
@@ -246,6 +249,16 @@ class ParameterServer:
 
     def apply_gradients(self, keys: np.ndarray, grads: np.ndarray) -> np.ndarray:
         return self.shard.apply_gradients(keys, grads)
+
+    def lookup_wire(self, keys: np.ndarray, dim: int, training: bool, codec: str) -> np.ndarray:
+        """:meth:`lookup` with the rows coded (:mod:`persia.rpc.wire`)."""
+        return _wire.serve(self.shard, "lookup_wire", (keys, dim, training, codec))  # type: ignore[no-any-return]
+
+    def apply_gradients_wire(
+        self, keys: np.ndarray, message: np.ndarray, dim: int, codec: str
+    ) -> np.ndarray:
+        """:meth:`apply_gradients` of coded gradients (:mod:`persia.rpc.wire`)."""
+        return _wire.serve(self.shard, "apply_gradients_wire", (keys, message, dim, codec))  # type: ignore[no-any-return]
 
     def stats(self) -> dict[str, Any]:
         return self.shard.stats()
@@ -612,4 +625,4 @@ def parameter_server_client(
         )
     else:
         transport = RayTransport({PARAMETER_SERVER: actors}, timeout_s)
-    return ParameterServerClient(transport, shard_of)
+    return ParameterServerClient(transport, shard_of, wire=cluster.wire_compression)
