@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from persia.errors import BackendError
-from persia.rpc import wire as _wire
+from persia.rpc.wire import check_codec, decode_rows, encode_rows
 
 PARAMETER_SERVER = "parameter-server"
 
@@ -72,7 +72,7 @@ class ParameterServerClient:
 
     @wire.setter
     def wire(self, codec: str | None) -> None:
-        self._wire = _wire.check_codec(codec)
+        self._wire = check_codec(codec)
 
     def shard_of(self, keys: np.ndarray) -> np.ndarray:
         """Shard index (int32) of every key."""
@@ -86,7 +86,7 @@ class ParameterServerClient:
             PARAMETER_SERVER, shard, "lookup_wire", keys, dim, training, self._wire
         )
         try:
-            return _wire.decode_rows(message, len(keys), dim)
+            return decode_rows(message, len(keys), dim)
         except BackendError as exc:
             raise BackendError(f"lookup reply: {exc}", PARAMETER_SERVER, shard) from None
 
@@ -103,7 +103,7 @@ class ParameterServerClient:
                 PARAMETER_SERVER,
                 shard,
             )
-        message = _wire.encode_rows(grads)
+        message = encode_rows(grads)
         return self.transport.call(  # type: ignore[no-any-return]
             PARAMETER_SERVER, shard, "apply_gradients_wire", keys, message, dim, self._wire
         )

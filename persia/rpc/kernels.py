@@ -98,6 +98,6 @@ def decode_kernel(
     """``out[i] = table[codes[i]] * 2**exps[i]`` (float32; ``exps >= -127``)."""
     n, dim = codes.shape
     for i in range(n):
-        scale = np.float32(math.ldexp(1.0, np.int64(exps[i])))
+        scale = np.float32(math.ldexp(1.0, int(exps[i])))
         for j in range(dim):
             out[i, j] = table[codes[i, j]] * scale

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from persia.errors import BackendError
-from persia.rpc import wire as _wire
 from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
+from persia.rpc.wire import METHODS as WIRE_METHODS
+from persia.rpc.wire import serve as serve_wire
 
 
 class LocalTransport(Transport):
@@ -31,8 +32,8 @@ class LocalTransport(Transport):
             raise BackendError(
                 f"no such replica (have {self.replicas(role)})", role, rank
             ) from None
-        if method in _wire.METHODS:  # a compressed call: this process plays the server
-            return _wire.serve(target, method, args)
+        if method in WIRE_METHODS:  # a compressed call: this process plays the server
+            return serve_wire(target, method, args)
         return getattr(target, method)(*args)
 
     def local_target(self, role: str, rank: int) -> Any | None:

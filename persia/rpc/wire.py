@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from persia.errors import BackendError, ConfigError
-from persia.rpc import kernels as _kernels
+from persia.rpc.kernels import F16_TABLE, decode_kernel, encode_kernel
 
 __all__ = [
     "CODECS",
@@ -87,7 +87,7 @@ def encode_rows(rows: np.ndarray) -> np.ndarray:
         return out
     codes = out[: 2 * n * dim].view(np.uint16).reshape(n, dim)
     exps = out[2 * n * dim :].view(np.int8)
-    _kernels.encode_kernel(rows, codes, exps, _TOP, _E_MIN, _E_MAX)
+    encode_kernel(rows, codes, exps, _TOP, _E_MIN, _E_MAX)
     return out
 
 
@@ -108,7 +108,7 @@ def decode_rows(message: Any, rows: int, dim: int) -> np.ndarray:
     codes = message[: 2 * rows * dim].view(np.uint16).reshape(rows, dim)
     exps = message[2 * rows * dim :].view(np.int8)
     out = np.empty((rows, dim), dtype=np.float32)
-    _kernels.decode_kernel(codes, exps, _kernels.F16_TABLE, out)
+    decode_kernel(codes, exps, F16_TABLE, out)
     return out
 
 

@@ -254,9 +254,9 @@ def test_settings_are_checked(monkeypatch):
 
 
 def test_persia_train_option_needs_the_cluster_backend():
-    from persia.cli.train import cluster_config
-
     import argparse
+
+    from persia.cli.train import cluster_config
 
     args = argparse.Namespace(wire_compression="f16")
     with pytest.raises(ConfigError, match="--wire-compression need --backend ray"):

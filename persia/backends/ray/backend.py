@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 
+import persia.rpc.wire as _wire
 from persia import _settings, telemetry
 from persia.backends.ray.config import TRANSPORTS, ClusterConfig, RoleSpec
 from persia.backends.ray.naming import namespace, ps_actor_name
 from persia.embedding.spec import EmbeddingSpec
 from persia.errors import BackendError, PersiaError
-from persia.rpc import wire as _wire
 from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
 from persia.rpc.protocol import ShardProtocol
 from persia.store.build import shard_options
