@@ -21,6 +21,9 @@ non-finite and the shard still skips it; a finite row never decodes to a non-fin
 message holds ``n`` rows as one ``uint8`` array: the ``n * dim`` codes, then the ``n`` exponents
 (``2 * dim + 1`` bytes per row instead of ``4 * dim``).
 
+The same messages carry the pooled embeddings and their gradients between embedding-worker
+actors and NN workers (:mod:`persia.backends.ray.embedding_workers`, one row per sample).
+
 Who does what: :class:`persia.rpc.base.ParameterServerClient` (the embedding worker's side) with
 ``wire="f16"`` sends ``lookup_wire`` / ``apply_gradients_wire`` instead of ``lookup`` /
 ``apply_gradients``, each naming its codec, and encodes gradients / decodes rows with
