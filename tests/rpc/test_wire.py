@@ -283,3 +283,30 @@ def test_the_float16_rounding_kernel_is_numpys_bit_for_bit():
     assert nan.any() and np.isinf(rows).sum() + (np.abs(rows) >= 65520).sum() > 0
     np.testing.assert_array_equal(codes[~nan], want[~nan])
     assert np.isnan(codes.view(np.float16)[nan]).all()
+
+
+def test_recovery_counts_compressed_calls_as_the_plain_ones():
+    """The recovering channel notes which calls changed a shard (what a restore must replay
+    past); a compressed gradient or training lookup is one, an evaluation lookup is not."""
+    from persia.backends.ray.recovery import RecoveringTransport
+
+    class Recovery:
+        generation = [0]
+        updates: list[int] = []
+
+        def note_update(self, rank):
+            self.updates.append(rank)
+
+        def recover(self, rank, seen):
+            return False
+
+    store = _store()
+    rec = Recovery()
+    inner = LocalTransport({PARAMETER_SERVER: store.shards[:1]})
+    client = ParameterServerClient(RecoveringTransport(rec, inner), shard_of, wire="f16")  # type: ignore[arg-type]
+    keys = np.arange(5, dtype=np.uint64)
+    client.lookup(0, keys, 4, False)
+    assert rec.updates == []
+    client.lookup(0, keys, 4, True)
+    client.apply_gradients(0, keys, np.ones((5, 4), np.float32))
+    assert rec.updates == [0, 0]
