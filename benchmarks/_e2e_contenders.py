@@ -396,6 +396,8 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
             servers = ctx.runtime.worker.servers
             servers.transport = SimLinkTransport(servers.transport, bandwidth, latency)
             link_stats = servers.transport.stats
+        if spec.get("wire"):  # rows and gradients coded on the wire (persia.rpc.wire)
+            ctx.runtime.worker.servers.wire = spec["wire"]
         loader = DataLoader(
             ListDataset(train),
             embedding_staleness=spec["staleness"],

@@ -30,7 +30,11 @@ The contenders:
 
 With ``--links`` (default on) persia-sync and persia-hybrid also run with a simulated network link
 between the embedding worker and the parameter servers (:mod:`persia.rpc.simlink`): 10 Gbit/s
-with 50 us and 1 Gbit/s with 100 us one-way latency.
+with 50 us and 1 Gbit/s with 100 us one-way latency. Behind the 1 Gbit/s link (and any ``--link``)
+``persia-hybrid-f16wire@NAME`` runs the hybrid with wire compression (:mod:`persia.rpc.wire`:
+rows and gradients as float16 with a per-row scale); its ratio lines compare the link's MB per
+step (``wire_link_mb_ratio_NAME``, compressed / plain), the AUC (``auc_gap_wire_NAME``) and the
+speed (``wire_vs_plain_NAME``) with ``persia-hybrid@NAME``.
 
 Output: one JSON line per run (``workload``, ``system``, ``samples_per_s``, ``auc``,
 ``logloss``, ``peak_rss_bytes``, ...), then per workload ratio lines ``{"metric": ..., "value": ...,
@@ -64,6 +68,9 @@ from persia.rpc.simlink import parse_link  # noqa: E402
 #: Where ``make bench-torchrec-install`` puts TorchRec and fbgemm (outside the venv's packages).
 TORCHREC_DIR = ROOT / ".venv" / "bench-torchrec"
 LINKS = {"10gbit": "10gbit:50us", "1gbit": "1gbit:100us"}
+#: The standard links behind which the hybrid also runs with f16 wire compression (and every
+#: ``--link``).
+WIRE_LINKS = ("1gbit",)
 #: Slot -> the most IDs per sample of the multi-hot workload (``bench_emb_path.MULTI_HOT``).
 MULTI_HOT = {2: 20, 11: 20, 20: 20, 3: 5, 15: 5, 23: 5}
 #: name -> the model's hidden sizes, the IDs per sample of each slot, the default timed steps.
@@ -177,6 +184,9 @@ def plan(
         for name, link in {**LINKS, **args.link}.items():
             runs.append(persia(f"persia-sync@{name}", 1, link=link))
             runs.append(persia(f"persia-hybrid@{name}", args.staleness, link=link))
+            if name in WIRE_LINKS or name in args.link:
+                label = f"persia-hybrid-f16wire@{name}"
+                runs.append(persia(label, args.staleness, link=link, wire="f16"))
     if args.sweep:
         for k in (2, 4, 16):
             runs.append(persia(f"persia-staleness-{k}", k))
@@ -257,6 +267,19 @@ def ratios(
                 hybrid_idle_ms_per_step=idle(f"persia-hybrid@{name}"),
             )
         )
+    for name in sorted(n.split("@", 1)[1] for n in results if n.startswith("persia-hybrid-f16")):
+        wire, plain = f"persia-hybrid-f16wire@{name}", f"persia-hybrid@{name}"
+        mb = [results.get(n, {}).get("link_mb_per_step") for n in (wire, plain)]
+        out.append(
+            {
+                "metric": f"wire_link_mb_ratio_{name}",
+                "value": round(mb[0] / mb[1], 4) if mb[0] and mb[1] else None,
+                "unit": "x",
+                "of": f"link MB/step of {wire} / {plain}",
+            }
+        )
+        out.append(gap(f"auc_gap_wire_{name}", wire, plain))
+        out.append(ratio(f"wire_vs_plain_{name}", wire, plain))
     for line in out:
         line["workload"] = workload
     return out

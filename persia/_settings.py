@@ -59,6 +59,9 @@ PERSIA_JOB_NAME = "PERSIA_JOB_NAME"
 #: Security of persia's ZeroMQ channels: "curve" (default: only the job's own clients, encrypted)
 #: or "null" (unauthenticated, for trusted networks only; persia.rpc.security).
 PERSIA_CHANNEL_SECURITY = "PERSIA_CHANNEL_SECURITY"
+#: Wire compression of the rows and gradients between embedding workers and parameter servers
+#: on the cluster backend: "none" (default) or "f16" (float16 with a per-row scale; persia.rpc.wire).
+PERSIA_WIRE_COMPRESSION = "PERSIA_WIRE_COMPRESSION"
 #: Ray's own variables for its token authentication. When none is set, a Ray cluster started
 #: by persia gets a fresh token in :func:`ray_temp_dir` (persia then sets RAY_AUTH_TOKEN_PATH).
 RAY_AUTH_TOKEN = "RAY_AUTH_TOKEN"
@@ -213,6 +216,20 @@ def channel_security() -> str:
     if raw not in ("curve", "null"):
         raise ConfigError(
             f"environment variable {PERSIA_CHANNEL_SECURITY}: expected curve or null, got {raw!r}"
+        )
+    return raw
+
+
+def wire_compression() -> str:
+    """``PERSIA_WIRE_COMPRESSION`` (surrounding blanks ignored, lower-cased), else ``"none"``.
+
+    Raises:
+        ConfigError: a value other than ``none`` or ``f16``.
+    """
+    raw = os.environ.get(PERSIA_WIRE_COMPRESSION, "").strip().lower() or "none"
+    if raw not in ("none", "f16"):
+        raise ConfigError(
+            f"environment variable {PERSIA_WIRE_COMPRESSION}: expected none or f16, got {raw!r}"
         )
     return raw
 

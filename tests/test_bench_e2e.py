@@ -131,3 +131,24 @@ def test_chart_from_saved_runs_of_several_workloads(tmp_path, capsys):
     assert ratio[("embedding-bound", "hybrid_vs_torch")] == pytest.approx(6.0)
     assert ratio[("dlrm", "hybrid_vs_torch")] is None
     assert png.exists() and (tmp_path / "e2e-embedding-bound.png").exists()
+
+
+def test_wire_compression_is_planned_behind_the_1gbit_link_and_compared():
+    args = bench_e2e.parse_args(["--quick", "--link", "free=100000gbit:0us"])
+    specs = {r["label"]: r for r in bench_e2e.plan(args, False)}
+    wire = specs["persia-hybrid-f16wire@1gbit"]
+    assert wire["wire"] == "f16" and wire["link"] == "1gbit:100us"
+    assert wire["staleness"] == specs["persia-hybrid@1gbit"]["staleness"]
+    assert "persia-hybrid-f16wire@free" in specs  # and behind every --link
+    assert "persia-hybrid-f16wire@10gbit" not in specs
+    assert all("wire" not in r for n, r in specs.items() if "f16wire" not in n)
+    results = {
+        "persia-hybrid@1gbit": run("persia-hybrid@1gbit", 30.0, 0.80, link_mb_per_step=2.0),
+        "persia-hybrid-f16wire@1gbit": run(
+            "persia-hybrid-f16wire@1gbit", 27.0, 0.799, link_mb_per_step=1.1
+        ),
+    }
+    lines = {r["metric"]: r for r in bench_e2e.ratios(results, {})}
+    assert lines["wire_link_mb_ratio_1gbit"]["value"] == pytest.approx(0.55)
+    assert lines["auc_gap_wire_1gbit"]["value"] == pytest.approx(0.001)
+    assert lines["wire_vs_plain_1gbit"]["value"] == pytest.approx(0.9)

@@ -64,6 +64,7 @@ RAY_UNITS = ("persia.backends.ray",)
 NUMBA_MODULES = {
     "persia.store.kernels.table",
     "persia.worker.kernels",
+    "persia.rpc.kernels",
     "persia.embedding.kernels",
     "persia.telemetry.kernels",
     # the ID hash is a file format and its numba kernels live with its documentation

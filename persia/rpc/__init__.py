@@ -4,7 +4,8 @@
 :mod:`persia.rpc.base` holds the two interfaces (``Transport``, ``ParameterServerClient``); the
 transports are :mod:`persia.rpc.local` (in-process, the local backend),
 :mod:`persia.rpc.zmq_transport` (zero-copy ZeroMQ, the cluster backend's default) and
-:mod:`persia.rpc.simlink` (a simulated link, for benchmarks). No Ray here: the Ray transport is
+:mod:`persia.rpc.simlink` (a simulated link, for benchmarks); :mod:`persia.rpc.wire` codes
+rows and gradients as float16 with a per-row scale (opt-in). No Ray here: the Ray transport is
 in :mod:`persia.backends.ray.backend`.
 """
 

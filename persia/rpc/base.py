@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from persia.errors import BackendError
+from persia.rpc.wire import check_codec, decode_rows, encode_rows
 
 PARAMETER_SERVER = "parameter-server"
 
@@ -51,14 +52,27 @@ class ParameterServerClient:
             actor wrapping one).
         shard_of: the store's key -> shard function (``persia.store.shard_of``), so that the
             worker routes keys exactly as the store would.
+        wire: ``"none"`` (float32 rows and gradients, the default) or ``"f16"``: rows and
+            gradients cross the transport as float16 with a per-row scale
+            (:mod:`persia.rpc.wire`); settable later through :attr:`wire`.
     """
 
-    def __init__(self, transport: Transport, shard_of: Any) -> None:
+    def __init__(self, transport: Transport, shard_of: Any, wire: str | None = None) -> None:
         self.transport = transport
         self.num_shards = transport.replicas(PARAMETER_SERVER)
         if self.num_shards <= 0:
             raise BackendError("no parameter-server shard is reachable", role=PARAMETER_SERVER)
         self._shard_of = shard_of
+        self.wire = wire
+
+    @property
+    def wire(self) -> str:
+        """The wire codec of the per-batch calls: ``"none"`` or ``"f16"``."""
+        return self._wire
+
+    @wire.setter
+    def wire(self, codec: str | None) -> None:
+        self._wire = check_codec(codec)
 
     def shard_of(self, keys: np.ndarray) -> np.ndarray:
         """Shard index (int32) of every key."""
@@ -66,11 +80,33 @@ class ParameterServerClient:
 
     def lookup(self, shard: int, keys: np.ndarray, dim: int, training: bool) -> np.ndarray:
         """Rows (float32, ``(len(keys), dim)``) of ``keys`` on one shard."""
-        return self.transport.call(PARAMETER_SERVER, shard, "lookup", keys, dim, training)
+        if self._wire == "none":
+            return self.transport.call(PARAMETER_SERVER, shard, "lookup", keys, dim, training)
+        message = self.transport.call(
+            PARAMETER_SERVER, shard, "lookup_wire", keys, dim, training, self._wire
+        )
+        try:
+            return decode_rows(message, len(keys), dim)
+        except BackendError as exc:
+            raise BackendError(f"lookup reply: {exc}", PARAMETER_SERVER, shard) from None
 
     def apply_gradients(self, shard: int, keys: np.ndarray, grads: np.ndarray) -> np.ndarray:
         """Applies one gradient per key on one shard; returns the shard's counts."""
-        return self.transport.call(PARAMETER_SERVER, shard, "apply_gradients", keys, grads)
+        if self._wire == "none":
+            return self.transport.call(PARAMETER_SERVER, shard, "apply_gradients", keys, grads)
+        grads = np.asarray(grads)
+        dim = int(grads.shape[1]) if grads.ndim == 2 else -1
+        if dim < 0 or grads.shape[0] != len(keys):
+            raise BackendError(
+                f"gradients of {len(keys)} keys must be 2-D with one row per key, "
+                f"got shape {grads.shape}",
+                PARAMETER_SERVER,
+                shard,
+            )
+        message = encode_rows(grads)
+        return self.transport.call(  # type: ignore[no-any-return]
+            PARAMETER_SERVER, shard, "apply_gradients_wire", keys, message, dim, self._wire
+        )
 
     def lookup_hinted(
         self, shard: int, keys: np.ndarray, dim: int, training: bool
@@ -79,6 +115,8 @@ class ParameterServerClient:
         shard is in this process and can give one (else None): the rows the keys are in, so
         the gradients need not find them again."""
         target = self.transport.local_target(PARAMETER_SERVER, shard)
+        if self._wire != "none":
+            target = None  # the rows must cross the transport, coded
         if target is not None and training and hasattr(target, "lookup_hinted"):
             return target.lookup_hinted(keys, dim)  # type: ignore[no-any-return]
         return self.lookup(shard, keys, dim, training), None
@@ -90,6 +128,8 @@ class ParameterServerClient:
         ``hint`` (None: a plain :meth:`apply_gradients`). Same result either way: the shard
         checks that the hint still holds and finds the rows again when it does not."""
         target = self.transport.local_target(PARAMETER_SERVER, shard)
+        if self._wire != "none":
+            target = None
         if hint is not None and target is not None and hasattr(target, "apply_gradients_hinted"):
             return target.apply_gradients_hinted(keys, grads, hint)  # type: ignore[no-any-return]
         return self.apply_gradients(shard, keys, grads)

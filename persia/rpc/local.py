@@ -6,10 +6,13 @@ from typing import Any
 
 from persia.errors import BackendError
 from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
+from persia.rpc.wire import METHODS as WIRE_METHODS
+from persia.rpc.wire import serve as serve_wire
 
 
 class LocalTransport(Transport):
-    """A direct method call on in-process role objects.
+    """A direct method call on in-process role objects (the compressed calls of
+    :mod:`persia.rpc.wire` are decoded and encoded here, as a server would).
 
     Args:
         roles: role name -> list of replica objects. The lists are used as given, not copied,
@@ -29,6 +32,8 @@ class LocalTransport(Transport):
             raise BackendError(
                 f"no such replica (have {self.replicas(role)})", role, rank
             ) from None
+        if method in WIRE_METHODS:  # a compressed call: this process plays the server
+            return serve_wire(target, method, args)
         return getattr(target, method)(*args)
 
     def local_target(self, role: str, rank: int) -> Any | None:

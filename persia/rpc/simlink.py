@@ -5,7 +5,9 @@
 a given bandwidth and one-way latency would: the request's bytes travel out, the inner transport
 then does the real work where it always did (the parameter server's CPU time is not simulated,
 it is spent), and the reply's bytes travel back. Message sizes come from the arrays in the
-request and the reply (:func:`message_bytes`), plus a fixed header.
+request and the reply (:func:`message_bytes`), plus a fixed header; with wire compression on
+(:mod:`persia.rpc.wire`, ``ParameterServerClient.wire = "f16"``) those arrays are the coded ones,
+so the link carries and counts the compressed bytes.
 
 Each direction is a FIFO wire: a message starts transmitting when the wire is free, occupies it
 for ``bytes * 8 / bandwidth`` seconds, and arrives ``latency`` seconds after its last byte left.

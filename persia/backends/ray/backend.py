@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+import persia.rpc.wire as _wire
 from persia import _settings, telemetry
 from persia.backends.ray.config import TRANSPORTS, ClusterConfig, RoleSpec
 from persia.backends.ray.naming import namespace, ps_actor_name
@@ -220,6 +221,8 @@ class ParameterServer:
                 ) from None
 
     def _dispatch(self, method: str, args: list[Any]) -> Any:
+        if method in _wire.METHODS:
+            return _wire.serve(self.shard, method, args)
         if method not in ("lookup", "apply_gradients"):
             raise BackendError(f"method {method!r} is not served on the data channel")
         return getattr(self.shard, method)(*args)
@@ -246,6 +249,16 @@ class ParameterServer:
 
     def apply_gradients(self, keys: np.ndarray, grads: np.ndarray) -> np.ndarray:
         return self.shard.apply_gradients(keys, grads)
+
+    def lookup_wire(self, keys: np.ndarray, dim: int, training: bool, codec: str) -> np.ndarray:
+        """:meth:`lookup` with the rows coded (:mod:`persia.rpc.wire`)."""
+        return _wire.serve(self.shard, "lookup_wire", (keys, dim, training, codec))  # type: ignore[no-any-return]
+
+    def apply_gradients_wire(
+        self, keys: np.ndarray, message: np.ndarray, dim: int, codec: str
+    ) -> np.ndarray:
+        """:meth:`apply_gradients` of coded gradients (:mod:`persia.rpc.wire`)."""
+        return _wire.serve(self.shard, "apply_gradients_wire", (keys, message, dim, codec))  # type: ignore[no-any-return]
 
     def stats(self) -> dict[str, Any]:
         return self.shard.stats()
@@ -612,4 +625,4 @@ def parameter_server_client(
         )
     else:
         transport = RayTransport({PARAMETER_SERVER: actors}, timeout_s)
-    return ParameterServerClient(transport, shard_of)
+    return ParameterServerClient(transport, shard_of, wire=cluster.wire_compression)

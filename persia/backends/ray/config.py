@@ -28,6 +28,7 @@ from typing import Any
 
 from persia import _settings
 from persia.errors import ConfigError
+from persia.rpc.wire import check_codec
 
 __all__ = ["ClusterConfig", "RecoveryConfig", "RoleSpec", "TRANSPORTS"]
 
@@ -185,6 +186,10 @@ class ClusterConfig:
             embedding workers, data loaders) admits only the job's own clients, encrypted;
             ``"null"``: unauthenticated, for trusted networks only (:mod:`persia.rpc.security`);
             None: ``PERSIA_CHANNEL_SECURITY``, else ``"curve"``.
+        wire_compression: ``"f16"``: the rows and gradients between embedding workers and
+            parameter servers cross the channel as float16 with a per-row scale, about half
+            the bytes (:mod:`persia.rpc.wire`); ``"none"``: float32; None:
+            ``PERSIA_WIRE_COMPRESSION``, else ``"none"``.
         timeout_s: the longest a call to a role may take before :class:`BackendError`; None:
             ``PERSIA_RAY_TIMEOUT_S``, else 60.
         num_cpus: CPUs of a local cluster started here (None: Ray's count of this machine).
@@ -208,6 +213,7 @@ class ClusterConfig:
         "transport",
         "bind_host",
         "channel_security",
+        "wire_compression",
         "timeout_s",
         "num_cpus",
         "recover",
@@ -222,6 +228,7 @@ class ClusterConfig:
     transport: str
     bind_host: str | None
     channel_security: str
+    wire_compression: str
     timeout_s: float | None
     num_cpus: int | None
     recover: bool | RecoveryConfig
@@ -239,6 +246,7 @@ class ClusterConfig:
         transport: str = "zmq",
         bind_host: str | None = None,
         channel_security: str | None = None,
+        wire_compression: str | None = None,
         timeout_s: float | None = None,
         num_cpus: int | None = None,
         recover: bool | RecoveryConfig = False,
@@ -285,6 +293,16 @@ class ClusterConfig:
                 problems.append(str(exc))
                 channel_security = "curve"
         object.__setattr__(self, "channel_security", channel_security)
+        try:
+            wire_compression = (
+                _settings.wire_compression()
+                if wire_compression is None
+                else check_codec(wire_compression)
+            )
+        except ConfigError as exc:
+            problems.append(str(exc))
+            wire_compression = "none"
+        object.__setattr__(self, "wire_compression", wire_compression)
         object.__setattr__(self, "timeout_s", timeout_s)
         object.__setattr__(self, "num_cpus", num_cpus)
         object.__setattr__(self, "recover", recover)

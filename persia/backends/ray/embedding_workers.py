@@ -24,6 +24,10 @@ Messages:
   a raw one.
 * ``backward``: ``[batch_id, summed_grad or None, raw feature indices int64, raw grads...]``
   -> ``[counts int64[3]]``.
+* ``forward_wire`` / ``backward_wire`` (``ClusterConfig(wire_compression="f16")``): the same
+  with the codec's name first, and ``summed`` / ``summed_grad`` as one coded message of
+  :mod:`persia.rpc.wire` (float16 with a per-sample scale; raw slots stay float32, their mask
+  channel exact). The actor's own calls to the parameter servers are coded alike.
 
 A dead or silent worker actor raises :class:`BackendError` naming ``embedding-worker`` and its
 rank, within ``timeout_s``.
@@ -44,9 +48,10 @@ import zmq
 
 from persia.backends.ray.backend import ClusterConfig, _bind_host, _liveness, get_with_timeout
 from persia.backends.ray.naming import ew_actor_name, namespace
-from persia.errors import BackendError
+from persia.errors import BackendError, BatchError, ConfigError
 from persia.rpc.base import ParameterServerClient
 from persia.rpc.security import ChannelAccess, secure_server
+from persia.rpc.wire import decode_rows, encode_rows
 from persia.rpc.zmq_transport import ZmqTransport, serve_requests
 from persia.worker.embedding_worker import EmbeddingWorker, SlotSpec
 
@@ -200,6 +205,20 @@ class EmbeddingWorkerActor:
         if method == "forward":
             return self._forward(args)
         if method == "backward":
+            return self._backward(args)
+        if method in ("forward_wire", "backward_wire"):
+            codec, args = args[0], args[1:]
+            if codec != "f16":
+                raise ConfigError(
+                    f"wire codec {codec!r} is not served here (this worker knows f16)"
+                )
+            if method == "forward_wire":
+                values = self._forward(args)
+                return [encode_rows(values[0]), *values[1:]]
+            entry = self._contexts.get(int(args[0]))
+            if entry is not None and args[1] is not None:
+                shape = entry[0].summed.shape
+                args = [args[0], decode_rows(args[1], shape[0], shape[1]), *args[2:]]
             return self._backward(args)
         raise BackendError(f"method {method!r} is not served by an embedding worker")
 
@@ -372,6 +391,7 @@ class RemoteEmbeddingWorker:
         self._token = secrets.randbits(30) << 32
         self._next = 0
         self.nonfinite_gradients = 0  # counted by the actors; see their stats()
+        self.wire = servers.wire  # the pooled embeddings and their gradients, coded alike
 
     def _call(self, rank: int, method: str, args: list[Any]) -> list[Any]:
         return self._channel.call_values(EMBEDDING_WORKER, rank, method, args)
@@ -386,14 +406,25 @@ class RemoteEmbeddingWorker:
         args: list[Any] = [batch_id, bool(training), int(batch.batch_size), len(feats)]
         for f in feats:
             args += [str(f.name), np.asarray(f.values), np.asarray(f.lengths)]
-        values = self._call(rank, "forward", args)
+        if self.wire == "none":
+            values = self._call(rank, "forward", args)
+        else:
+            values = self._call(rank, "forward_wire", [self.wire, *args])
         summed, layout_arr, fis = values[0], values[1], values[2]
         raw = {int(fi): np.array(a) for fi, a in zip(fis, values[3:-1], strict=True)}
         kinds = ("sum", "raw")
         layout = [(kinds[int(k)], int(w), int(d)) for k, w, d in layout_arr]
+        if self.wire == "none":
+            summed = np.array(summed)  # a writable copy of the message frame (torch.from_numpy)
+        else:
+            width = sum(d for kind, _, d in layout if kind == "sum")
+            try:
+                summed = decode_rows(summed, int(batch.batch_size), width)
+            except BackendError as exc:
+                raise BackendError(f"forward reply: {exc}", EMBEDDING_WORKER, rank) from None
         return RemoteLookup(
             int(batch.batch_size),
-            np.array(summed),  # a writable copy of the message frame (torch.from_numpy)
+            summed,
             raw,
             layout,
             bool(training),
@@ -408,13 +439,23 @@ class RemoteEmbeddingWorker:
         """Sends one batch's gradients to the worker holding its context; the counts
         ``[applied, skipped_absent, skipped_nonfinite]`` come back."""
         fis = sorted(raw_grads)
+        grad = None if summed_grad is None else np.ascontiguousarray(summed_grad, np.float32)
+        if grad is not None and self.wire != "none":
+            if grad.shape != lookup.summed.shape:
+                raise BatchError(
+                    f"summed_grad must have shape {lookup.summed.shape}, got {grad.shape}"
+                )
+            grad = encode_rows(grad)
         args: list[Any] = [
             int(lookup.batch_id),
-            None if summed_grad is None else np.ascontiguousarray(summed_grad, dtype=np.float32),
+            grad,
             np.array(fis, dtype=np.int64),
             *(np.ascontiguousarray(raw_grads[i], dtype=np.float32) for i in fis),
         ]
-        values = self._call(int(lookup.rank), "backward", args)
+        if self.wire == "none":
+            values = self._call(int(lookup.rank), "backward", args)
+        else:
+            values = self._call(int(lookup.rank), "backward_wire", [self.wire, *args])
         return np.asarray(values[0], dtype=np.int64)
 
     def stats(self) -> list[dict[str, int]]:

@@ -57,6 +57,7 @@ from persia.embedding.spec import EmbeddingSpec
 from persia.errors import BackendError, CheckpointError, ConfigError
 from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient, Transport
 from persia.rpc.protocol import ShardProtocol
+from persia.rpc.wire import METHODS as _WIRE_METHODS
 
 __all__ = [
     "RecoveryConfig",
@@ -389,7 +390,8 @@ class RecoveringTransport(Transport):
     def call(self, role: str, rank: int, method: str, *args: Any) -> Any:
         if role != PARAMETER_SERVER:
             return self._inner.call(role, rank, method, *args)
-        updates = method == "apply_gradients" or (method == "lookup" and bool(args[2]))
+        plain = _WIRE_METHODS.get(method, method)  # a compressed call updates as the plain one
+        updates = plain == "apply_gradients" or (plain == "lookup" and bool(args[2]))
         while True:
             seen = self.recovery.generation[rank]
             try:
@@ -589,4 +591,4 @@ def recoverable_parameter_servers(
         raise
     transport = RecoveringTransport(store.recovery, inner)
     store.recovery.transport = transport
-    return store, ParameterServerClient(transport, shard_of)
+    return store, ParameterServerClient(transport, shard_of, wire=cluster.wire_compression)
