@@ -149,6 +149,7 @@ def plan(
         "ids_per_sample": w["ids_per_sample"],
         "optimizer": "adagrad",
         "torch_threads": args.torch_threads,
+        "device": args.device,
     }
 
     def persia(label: str, staleness: int, **kw: Any) -> dict[str, Any]:
@@ -366,6 +367,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run nothing: the median runs and ratios of earlier --json-out files (and --chart)",
     )
     p.add_argument("--repeat", type=int, default=1, help="run everything N times (median)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the dense model runs (the embeddings stay on the CPU); cuda: the first GPU",
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per contender")
     args = p.parse_args(argv)
     links = {}
@@ -379,6 +386,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--link {item!r}: {e}")
         links[name] = spec
     args.link = links
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(
+                "--device cuda: torch sees no CUDA device on this machine "
+                f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
+                "run with --device cpu, or on a machine with a GPU"
+            )
     quick = args.quick
     names = (args.workload or ("all" if quick else "dlrm")).split(",")
     if "all" in names:

@@ -131,3 +131,17 @@ def test_chart_from_saved_runs_of_several_workloads(tmp_path, capsys):
     assert ratio[("embedding-bound", "hybrid_vs_torch")] == pytest.approx(6.0)
     assert ratio[("dlrm", "hybrid_vs_torch")] is None
     assert png.exists() and (tmp_path / "e2e-embedding-bound.png").exists()
+
+
+def test_device_is_planned_and_cuda_refused_without_a_gpu(capsys):
+    import torch
+
+    runs = bench_e2e.plan(bench_e2e.parse_args(["--quick"]), have_torchrec=False)
+    assert {r["device"] for r in runs} == {"cpu"}
+    if torch.cuda.is_available():
+        args = bench_e2e.parse_args(["--quick", "--device", "cuda"])
+        assert {r["device"] for r in bench_e2e.plan(args, have_torchrec=False)} == {"cuda"}
+        return
+    with pytest.raises(SystemExit):
+        bench_e2e.parse_args(["--quick", "--device", "cuda"])
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
