@@ -621,19 +621,24 @@ class TrainCtx(EmbeddingCtx):
             for g in grads:  # unscaled where they are, in float32, before they leave
                 g.div_(scale)
         finite = True
-        if self.update_times % f == 0 and grads:
+        checked = self.update_times % f == 0
+        if checked and grads:
             finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-            if not finite:
-                self.nonfinite_gradient_checks += 1
-                _logger.warning(
-                    f"backward() call {self.update_times}: the embedding gradients hold NaN or "
-                    + (
-                        "infinity; the step is skipped (dense and embedding gradients) and the "
-                        f"loss scale drops by {self.grad_scalar_update_factor}x"
-                        if scaler is not None
-                        else "infinity; the parameter servers skip those rows"
-                    )
+        if checked and scaler is not None and self.world_size > 1:
+            # the ranks skip their dense steps together (or their models would drift apart)
+            finite = _all_ranks(finite, self.device)
+        if not finite:
+            self.nonfinite_gradient_checks += 1
+            _logger.warning(
+                f"backward() call {self.update_times}: the embedding gradients hold NaN or "
+                + (
+                    "infinity (on this rank or another); the step is skipped (dense and "
+                    "embedding gradients) and the loss scale drops by "
+                    f"{self.grad_scalar_update_factor}x"
+                    if scaler is not None
+                    else "infinity; the parameter servers skip those rows"
                 )
+            )
         self.update_times += 1
         if scaler is None:
             if batch.training:
@@ -726,6 +731,18 @@ class TrainCtx(EmbeddingCtx):
         if opt_state is not None:
             self.dense_optimizer.load_state_dict(opt_state)
         return ckpt
+
+
+def _all_ranks(ok: bool, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank of the initialised process group (this rank's
+    value when there is none)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def eval_ctx(*args: Any, **kwargs: Any) -> EmbeddingCtx:

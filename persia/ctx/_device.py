@@ -106,19 +106,19 @@ class Staged:
         self,
         tensors: dict[str, torch.Tensor],
         event: Any,
-        stream: Any,
+        device: torch.device,
         hosts: list[torch.Tensor],
     ) -> None:
         self._tensors = tensors
         self._event = event
-        self._stream = stream
+        self._device = device
         self._hosts = hosts  # the pinned sources: alive until the copy is done
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The device tensors, once the current stream may use them: it waits on the copy's
         event, and the caching allocator learns that the current stream uses them."""
         if self._event is not None:
-            current = torch.cuda.current_stream(self._event.device)
+            current = torch.cuda.current_stream(self._device)
             current.wait_event(self._event)
             for t in self._tensors.values():
                 t.record_stream(current)
@@ -186,7 +186,7 @@ class DeviceTransfer:
                 out[name] = host.clone()
             event = None
         self.staged += 1
-        return Staged(out, event, self.stream, hosts)
+        return Staged(out, event, self.device, hosts)
 
     def to_host(
         self, grads: Sequence[torch.Tensor]

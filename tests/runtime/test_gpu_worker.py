@@ -312,3 +312,41 @@ def test_cpu_mixed_precision_runs_the_model_in_bfloat16():
 def test_mixed_precision_on_the_cpu_stays_off_by_default():
     with train_ctx(Net()) as ctx:
         assert not ctx.mixed_precision and ctx.grad_scaler is None and ctx._transfer is None
+
+
+def _agree(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from persia.ctx._contexts import _all_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        out.put(
+            (
+                rank,
+                _all_ranks(True, torch.device("cpu")),
+                _all_ranks(rank == 0, torch.device("cpu")),
+            )
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_skipped_step():
+    # one rank's failed check skips the step on every rank (their dense models stay equal)
+    import multiprocessing as mp
+
+    from persia.ctx._contexts import _all_ranks
+    from persia.utils import find_free_port
+
+    assert _all_ranks(False, torch.device("cpu")) is False  # no process group: this rank's
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = find_free_port()
+    procs = [ctx.Process(target=_agree, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert results == [(0, True, False), (1, True, False)]
