@@ -5,6 +5,7 @@
     python benchmarks/bench_e2e.py --sweep --chart benchmarks/e2e.png   # + AUC vs staleness
     python benchmarks/bench_e2e.py --chart-from a.jsonl b.jsonl --chart e2e.png  # saved runs
     python benchmarks/bench_e2e.py --workload embedding-bound --repeat 3    # the GPU-worker regime
+    python benchmarks/bench_e2e.py --device cuda --workload embedding-bound  # dense model on a GPU
 
 Every contender trains one fixed model per workload, batch 2048, element-wise Adagrad on the
 embeddings (row-wise Adagrad as a second setting), dense Adagrad, on the same seeded
@@ -27,6 +28,9 @@ The contenders:
 * ``torchrec-fused``: TorchRec's ``FusedEmbeddingBagCollection`` on CPU (row-wise and element-wise
   Adagrad), when ``make bench-torchrec-install`` has installed it (skipped with a note otherwise);
 * ``dense-only``: the model alone on pre-built embedding tensors: the ceiling.
+
+``--device cuda`` runs every contender's dense model on the first GPU (the embeddings stay on
+the CPU); where torch sees no CUDA device it stops with a message saying so.
 
 With ``--links`` (default on) persia-sync and persia-hybrid also run with a simulated network link
 between the embedding worker and the parameter servers (:mod:`persia.rpc.simlink`): 10 Gbit/s

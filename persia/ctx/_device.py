@@ -144,6 +144,7 @@ class DeviceTransfer:
         self._events: list[Any] = [None] * len(self._slots)
         self._next = 0
         self.grad_pool = HostPool(pin=self.cuda)
+        self._lock = threading.Lock()  # one staging at a time (an InferCtx serves threads)
         #: batches staged, and host buffer (re)allocations, so far (tests, diagnostics)
         self.staged = 0
         self.allocations = 0
@@ -162,6 +163,10 @@ class DeviceTransfer:
     def stage(self, arrays: dict[str, np.ndarray]) -> Staged:
         """Starts copying ``arrays`` (name to array) to the device and returns at once on
         CUDA; on the CPU the copies are done when it returns."""
+        with self._lock:
+            return self._stage(arrays)
+
+    def _stage(self, arrays: dict[str, np.ndarray]) -> Staged:
         slot = self._next
         self._next = (slot + 1) % len(self._slots)
         previous = self._events[slot]
