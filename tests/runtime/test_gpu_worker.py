@@ -215,6 +215,25 @@ def test_leaving_the_loop_discards_the_batch_staged_ahead():
             assert loader.gate.in_flight == 0
 
 
+def test_an_error_taken_ahead_is_raised_at_its_turn():
+    batches = make_batches(4, seed=2)
+
+    class Broken(ListDataset):
+        def __iter__(self):
+            yield from list(super().__iter__())[:2]
+            raise RuntimeError("reader broke")
+
+    with train_ctx(Net()) as ctx:
+        ctx._transfer = DeviceTransfer(torch.device("cpu"))
+        steps = 0
+        with pytest.raises(RuntimeError, match="reader broke"):
+            for b in DataLoader(Broken(batches), forward_buffer_size=4):
+                time.sleep(0.05)  # the error is queued, and taken ahead, meanwhile
+                _step(ctx, b)
+                steps += 1
+        assert steps == 2
+
+
 # ------------------------------------------------------------------ mixed precision
 def _scaler(scale: float) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6)
