@@ -333,7 +333,11 @@ class EmbeddingCtx(CheckpointService, BaseCtx):
         """Turns a looked-up batch into tensors: (non-ID features, embeddings, labels).
 
         Summed slots give ``(batch, dim)``; raw slots ``(batch, sample_fixed_size, dim + 1)``
-        with the 0/1 padding mask as the last channel.
+        with the 0/1 padding mask as the last channel. While training, the summed slots'
+        tensors are column views of one buffer made by one autograd function, so that their
+        backward costs each slot its own width; torch refuses to modify them in place
+        (``RuntimeError: ... is a view and is being modified inplace``): use out-of-place
+        operations on them (persia differs from PERSIA here).
         """
         if not isinstance(batch, TrainingBatch):
             raise PersiaError(

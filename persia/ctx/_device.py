@@ -69,7 +69,7 @@ class _SplitSlots(torch.autograd.Function):
 def split_slots(summed: torch.Tensor, cols: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
     """One tensor per summed slot (``(first column, width)`` each) of ``summed``; when
     ``summed`` requires grad, its gradient is assembled once from the slots' gradients."""
-    if not summed.requires_grad:
+    if not summed.requires_grad or not cols:
         return [summed[:, a : a + d] for a, d in cols]
     return list(_SplitSlots.apply(summed, tuple((int(a), int(d)) for a, d in cols)))
 
