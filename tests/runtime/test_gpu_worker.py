@@ -85,6 +85,16 @@ def test_split_slots_unused_slot_gets_zeros_and_no_slot_no_gradient():
     assert torch.equal(s3.grad, torch.tensor([[0.0, 0, 1, 1, 0, 0]] * 3))
 
 
+def test_split_slots_refuse_in_place_changes_as_documented():
+    s = torch.randn(3, 4).requires_grad_()
+    a, _ = split_slots(s, [(0, 2), (2, 2)])
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        a.mul_(2)
+    # without gradients they are plain views
+    (b, _) = split_slots(torch.randn(3, 4), [(0, 2), (2, 2)])
+    b.mul_(2)
+
+
 # ------------------------------------------------------------------ staging buffers
 def test_stage_copies_into_two_reused_buffer_sets():
     t = DeviceTransfer(torch.device("cpu"))
