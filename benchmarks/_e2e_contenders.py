@@ -140,6 +140,21 @@ def _dense_optimizer(model: nn.Module, spec: dict[str, Any]) -> torch.optim.Opti
 _CPU = [0.0, 0.0]  # process CPU seconds at the start and the end of the timed part
 
 
+def _device(spec: dict[str, Any]) -> torch.device:
+    """Where the dense model runs (``spec["device"]``: "cpu", the default, or "cuda"; the
+    embeddings stay on the CPU for every contender)."""
+    return torch.device(spec.get("device", "cpu"))
+
+
+def _sync(dev: torch.device) -> None:
+    """Waits for the device's queued work (the clock must not stop before it is done)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+_DEV = [torch.device("cpu")]  # the dense model's device (the clock waits for its work)
+
+
 def _timed_loop(
     steps: Iterator[Any], warmup: int, total: int, step_fn: Callable[[Any], None]
 ) -> tuple[float, float]:
@@ -157,6 +172,9 @@ def _timed_loop(
         if i >= warmup:
             idle += time.perf_counter() - t0
         step_fn(item)
+        if i == warmup - 1:
+            _sync(_DEV[0])
+    _sync(_DEV[0])
     _CPU[1] = time.process_time()
     return time.perf_counter() - start, idle
 
@@ -167,13 +185,14 @@ def run_dense_only(spec: dict[str, Any]) -> dict[str, Any]:
     stream = make_stream(spec)
     b = spec["batch_size"]
     nslots = len(spec["cardinalities"])
+    dev = _device(spec)
     gen = torch.Generator().manual_seed(1)
-    fixed = [torch.rand(b, nslots * DIM, generator=gen) * 0.02 - 0.01 for _ in range(4)]
+    fixed = [(torch.rand(b, nslots * DIM, generator=gen) * 0.02 - 0.01).to(dev) for _ in range(4)]
     data = []
     for i in train_indices(spec):
         sb = stream.batch(i, b)
-        data.append((torch.from_numpy(sb.dense), torch.from_numpy(sb.labels)))
-    model = make_model(spec, nslots)
+        data.append((torch.from_numpy(sb.dense).to(dev), torch.from_numpy(sb.labels).to(dev)))
+    model = make_model(spec, nslots).to(dev)
     opt = _dense_optimizer(model, spec)
     loss_fn = nn.BCEWithLogitsLoss()
     counter = iter(range(len(data)))
@@ -193,9 +212,9 @@ def run_dense_only(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         for j, i in enumerate(eval_indices(spec)):
             sb = stream.batch(i, b)
-            out = model(torch.from_numpy(sb.dense), fixed[j % len(fixed)])
+            out = model(torch.from_numpy(sb.dense).to(dev), fixed[j % len(fixed)])
             labels.append(sb.labels)
-            logits.append(out.numpy())
+            logits.append(out.cpu().numpy())
     auc, ll = _metrics(labels, logits)
     return _result(spec, seconds, auc, ll)
 
@@ -223,7 +242,8 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
         return torch.from_numpy(sb.dense), ids, offs, torch.from_numpy(sb.labels)
 
     data = [prep(i) for i in train_indices(spec)]
-    model = make_model(spec, len(cards))
+    dev = _device(spec)
+    model = make_model(spec, len(cards)).to(dev)
     opt_dense = _dense_optimizer(model, spec)
     opt_sparse = torch.optim.Adagrad(
         bags.parameters(), lr=spec["emb_lr"], initial_accumulator_value=0.0, eps=1e-10
@@ -232,11 +252,11 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
 
     def forward(dense: torch.Tensor, ids: list, offs: list) -> torch.Tensor:
         pooled = torch.cat([bag_list[j](ids[j], offs[j]) for j in range(len(bag_list))], 1)
-        return model(dense, pooled)
+        return model(dense.to(dev, non_blocking=True), pooled.to(dev, non_blocking=True))
 
     def step(item: tuple[Any, ...]) -> None:
         dense, ids, offs, labels = item
-        loss = loss_fn(forward(dense, ids, offs), labels)
+        loss = loss_fn(forward(dense, ids, offs), labels.to(dev, non_blocking=True))
         opt_dense.zero_grad()
         opt_sparse.zero_grad()
         loss.backward()
@@ -250,7 +270,7 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         for i in eval_indices(spec):
             dense, ids, offs, lab = prep(i)
-            logits.append(forward(dense, ids, offs).numpy())
+            logits.append(forward(dense, ids, offs).cpu().numpy())
             labels.append(lab.numpy())
     auc, ll = _metrics(labels, logits)
     return _result(spec, seconds, auc, ll)
@@ -300,13 +320,18 @@ def run_torchrec(spec: dict[str, Any]) -> dict[str, Any]:
         return torch.from_numpy(sb.dense), kjt, torch.from_numpy(sb.labels)
 
     data = [prep(i) for i in train_indices(spec)]
-    model = make_model(spec, len(cards))
+    dev = _device(spec)
+    model = make_model(spec, len(cards)).to(dev)
     opt_dense = _dense_optimizer(model, spec)
     loss_fn = nn.BCEWithLogitsLoss()
 
+    def forward(dense: torch.Tensor, kjt: Any) -> torch.Tensor:
+        pooled = ebc(kjt).values()
+        return model(dense.to(dev, non_blocking=True), pooled.to(dev, non_blocking=True))
+
     def step(item: tuple[Any, ...]) -> None:
         dense, kjt, labels = item
-        loss = loss_fn(model(dense, ebc(kjt).values()), labels)
+        loss = loss_fn(forward(dense, kjt), labels.to(dev, non_blocking=True))
         opt_dense.zero_grad()
         loss.backward()  # the embedding optimizer runs inside backward
         opt_dense.step()
@@ -318,7 +343,7 @@ def run_torchrec(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         for i in eval_indices(spec):
             dense, kjt, lab = prep(i)
-            logits.append(model(dense, ebc(kjt).values()).numpy())
+            logits.append(forward(dense, kjt).cpu().numpy())
             labels.append(lab.numpy())
     auc, ll = _metrics(labels, logits)
     return _result(spec, seconds, auc, ll)
@@ -364,7 +389,9 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
         def __iter__(self) -> Iterator[Any]:
             return iter(self.items)
 
-    model = PersiaBenchModel(make_model(spec, nslots))
+    dev = _device(spec)
+    device_id = (dev.index or 0) if dev.type == "cuda" else None
+    model = PersiaBenchModel(make_model(spec, nslots)).to(dev)
     emb_opt = Adagrad(
         lr=spec["emb_lr"],
         initial_accumulator_value=0.0,
@@ -381,6 +408,7 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
         mixed_precision=False,
         embedding_config_file=emb_config,  # type: ignore[arg-type]
         global_config_file=glob_config,  # type: ignore[arg-type]
+        device_id=device_id,
     ) as ctx:
         if spec.get("reserve", True):
             # Like torch's up-front tables, but only the rows this run will touch: the store's
@@ -425,10 +453,10 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
         del train
         model.eval()
         logits = []
-        with eval_ctx(model=model) as ectx, torch.no_grad():
+        with eval_ctx(model=model, device_id=device_id) as ectx, torch.no_grad():
             for batch in DataLoader(ListDataset(held_out)):
                 output, _ = ectx.forward(batch)
-                logits.append(output.numpy())
+                logits.append(output.cpu().numpy())
     auc, ll = _metrics(eval_labels, logits)
     result = _result(spec, seconds, auc, ll)
     result["idle_ms_per_step"] = 1000.0 * idle / spec["steps"]
@@ -471,6 +499,8 @@ def _result(spec: dict[str, Any], seconds: float, auc: float, ll: float) -> dict
         "steps": spec["steps"],
         "torch_threads": torch.get_num_threads(),
         "cores": len(os.sched_getaffinity(0)),
+        "device": _DEV[0].type,
+        "device_name": torch.cuda.get_device_name(_DEV[0]) if _DEV[0].type == "cuda" else "cpu",
     }
 
 
@@ -511,6 +541,7 @@ def main() -> None:
         if spec.get("torch_threads"):
             torch.set_num_threads(int(spec["torch_threads"]))
         torch.manual_seed(spec["seed"])
+        _DEV[0] = _device(spec)
         result = RUNNERS[spec["runner"]](spec)
         for line in result if isinstance(result, list) else [result]:
             print(json.dumps(line), flush=True)

@@ -5,6 +5,7 @@
     python benchmarks/bench_e2e.py --sweep --chart benchmarks/e2e.png   # + AUC vs staleness
     python benchmarks/bench_e2e.py --chart-from a.jsonl b.jsonl --chart e2e.png  # saved runs
     python benchmarks/bench_e2e.py --workload embedding-bound --repeat 3    # the GPU-worker regime
+    python benchmarks/bench_e2e.py --device cuda --workload embedding-bound  # dense model on a GPU
 
 Every contender trains one fixed model per workload, batch 2048, element-wise Adagrad on the
 embeddings (row-wise Adagrad as a second setting), dense Adagrad, on the same seeded
@@ -27,6 +28,9 @@ The contenders:
 * ``torchrec-fused``: TorchRec's ``FusedEmbeddingBagCollection`` on CPU (row-wise and element-wise
   Adagrad), when ``make bench-torchrec-install`` has installed it (skipped with a note otherwise);
 * ``dense-only``: the model alone on pre-built embedding tensors: the ceiling.
+
+``--device cuda`` runs every contender's dense model on the first GPU (the embeddings stay on
+the CPU); where torch sees no CUDA device it stops with a message saying so.
 
 With ``--links`` (default on) persia-sync and persia-hybrid also run with a simulated network link
 between the embedding worker and the parameter servers (:mod:`persia.rpc.simlink`): 10 Gbit/s
@@ -156,6 +160,7 @@ def plan(
         "ids_per_sample": w["ids_per_sample"],
         "optimizer": "adagrad",
         "torch_threads": args.torch_threads,
+        "device": args.device,
     }
 
     def persia(label: str, staleness: int, **kw: Any) -> dict[str, Any]:
@@ -389,6 +394,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run nothing: the median runs and ratios of earlier --json-out files (and --chart)",
     )
     p.add_argument("--repeat", type=int, default=1, help="run everything N times (median)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the dense model runs (the embeddings stay on the CPU); cuda: the first GPU",
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per contender")
     args = p.parse_args(argv)
     links = {}
@@ -402,6 +413,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--link {item!r}: {e}")
         links[name] = spec
     args.link = links
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(
+                "--device cuda: torch sees no CUDA device on this machine "
+                f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
+                "run with --device cpu, or on a machine with a GPU"
+            )
     quick = args.quick
     names = (args.workload or ("all" if quick else "dlrm")).split(",")
     if "all" in names:

@@ -35,6 +35,11 @@ _POLL_S = 0.05
 _DONE = object()
 
 
+def _is_batch(item: Any) -> bool:
+    """Whether a queued item is a looked-up batch (not the end, an error or nothing)."""
+    return item is not None and item is not _DONE and not isinstance(item, BaseException)
+
+
 class IterableDatasetBase:
     """PERSIA's base of every dataset a :class:`DataLoader` takes: ``__iter__`` yields
     :class:`PersiaBatch` objects.
@@ -162,6 +167,7 @@ class DataLoader:
         if ctx._runtime is None:
             raise PersiaError("the current context has no embedding runtime (enter it first)")
         self._runtime = ctx._runtime
+        self._ctx = ctx
         self.gate = StalenessGate(embedding_staleness or forward_buffer_size)
         self._active: _Run | None = None
 
@@ -191,6 +197,12 @@ class _Run:
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=loader.forward_buffer_size)
         self.stop = threading.Event()
         self.previous: TrainingBatch | None = None
+        # a CUDA NN worker copies the next batch to the device while the current one computes:
+        # the batch taken from the queue ahead of its turn (or the end / an error)
+        ctx = loader._ctx
+        has = getattr(ctx, "_transfer", None) is not None
+        self.stage: Any = ctx._stage_ahead if has else None  # type: ignore[attr-defined]
+        self.ahead: Any = None
         self.thread = threading.Thread(target=self._produce, name="persia-lookup", daemon=True)
         self.thread.start()
 
@@ -257,17 +269,27 @@ class _Run:
                 # and must return its staleness permit or the next lookup could wait forever.
                 self.previous.discard()
                 self.previous = None
-            try:
-                item = self.queue.get(timeout=timeout_s)
-            except queue.Empty:
-                raise BackendError(
-                    f"no batch within timeout_ms={self.loader.timeout_ms}", role="data-loader"
-                ) from None
+            item, self.ahead = self.ahead, None
+            if item is None:
+                try:
+                    item = self.queue.get(timeout=timeout_s)
+                except queue.Empty:
+                    raise BackendError(
+                        f"no batch within timeout_ms={self.loader.timeout_ms}", role="data-loader"
+                    ) from None
             if item is _DONE:
                 self.runtime.flush()
                 return
             if isinstance(item, BaseException):
                 raise item
+            if self.stage is not None:
+                self.stage(item)  # a no-op when it was staged ahead
+                try:  # the next batch, if already looked up: its copy overlaps this step
+                    self.ahead = self.queue.get_nowait()
+                except queue.Empty:
+                    pass
+                if _is_batch(self.ahead):
+                    self.stage(self.ahead)
             self.previous = item
             yield item
 
@@ -276,6 +298,9 @@ class _Run:
         if self.previous is not None:  # left the loop before its backward: none will come
             self.previous.discard()
             self.previous = None
+        ahead, self.ahead = self.ahead, None
+        if _is_batch(ahead):
+            ahead.discard()
         self._drain()  # a producer blocked on a full queue can now see the stop
         self.thread.join(timeout=5.0)
         if self.thread.is_alive():

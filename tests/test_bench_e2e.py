@@ -152,3 +152,17 @@ def test_wire_compression_is_planned_behind_the_1gbit_link_and_compared():
     assert lines["wire_link_mb_ratio_1gbit"]["value"] == pytest.approx(0.55)
     assert lines["auc_gap_wire_1gbit"]["value"] == pytest.approx(0.001)
     assert lines["wire_vs_plain_1gbit"]["value"] == pytest.approx(0.9)
+
+
+def test_device_is_planned_and_cuda_refused_without_a_gpu(capsys):
+    import torch
+
+    runs = bench_e2e.plan(bench_e2e.parse_args(["--quick"]), have_torchrec=False)
+    assert {r["device"] for r in runs} == {"cpu"}
+    if torch.cuda.is_available():
+        args = bench_e2e.parse_args(["--quick", "--device", "cuda"])
+        assert {r["device"] for r in bench_e2e.plan(args, have_torchrec=False)} == {"cuda"}
+        return
+    with pytest.raises(SystemExit):
+        bench_e2e.parse_args(["--quick", "--device", "cuda"])
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err

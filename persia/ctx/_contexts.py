@@ -16,6 +16,7 @@ import torch
 from persia import _settings, env, telemetry
 from persia.checkpoint.follow import ServingRuntime
 from persia.ctx._checkpoint import CheckpointService
+from persia.ctx._device import DeviceTransfer, split_slots
 from persia.ctx._serving import serving_runtime
 from persia.ctx._stack import (
     BaseCtx,
@@ -164,6 +165,11 @@ class EmbeddingCtx(CheckpointService, BaseCtx):
         self.current_batch: TrainingBatch | None = None
         self._owns_runtime = False
         self._direct_lookups = 0
+        # a CUDA dense model gets its inputs through pinned buffers and a side stream; on the
+        # CPU the tensors share the lookups' memory and nothing is copied
+        self._transfer: DeviceTransfer | None = (
+            DeviceTransfer(self.device) if self.device.type == "cuda" else None
+        )
 
     def _enter(self) -> None:
         if self.preprocess_mode != PreprocessMode.TRAIN:
@@ -291,7 +297,35 @@ class EmbeddingCtx(CheckpointService, BaseCtx):
         if self.model is None:
             raise PersiaError("no model: create the context with model=...")
         non_id, embeddings, labels = self.prepare_features(batch)
-        return self.model(non_id, embeddings), labels
+        autocast = self._autocast()
+        if autocast is None:
+            return self.model(non_id, embeddings), labels
+        with autocast:
+            out = self.model(non_id, embeddings)
+        # the loss is computed outside autocast, in float32, as with mixed precision off
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            out = out.float()
+        return out, labels
+
+    def _autocast(self) -> Any:
+        """The autocast context of the model's forward pass (None: none)."""
+        return None
+
+    def _batch_arrays(self, batch: TrainingBatch) -> dict[str, np.ndarray]:
+        """The arrays of ``batch`` that :meth:`prepare_features` turns into tensors."""
+        pb = batch.batch
+        arrays = {f"non_id:{i}": f.data for i, f in enumerate(pb.non_id_type_features)}
+        if self.preprocess_mode != PreprocessMode.INFERENCE:
+            arrays.update({f"label:{i}": lb.data for i, lb in enumerate(pb.labels)})
+        arrays["summed"] = batch.lookup.summed
+        arrays.update({f"raw:{i}": a for i, a in batch.lookup.raw.items()})
+        return arrays
+
+    def _stage_ahead(self, batch: TrainingBatch) -> None:
+        """Starts copying ``batch`` to the device (the DataLoader calls it for the next batch
+        while the current one computes); a no-op once started, or without a transfer."""
+        if self._transfer is not None and batch.staged is None:
+            batch.staged = self._transfer.stage(self._batch_arrays(batch))
 
     def prepare_features(
         self, batch: TrainingBatch
@@ -299,7 +333,11 @@ class EmbeddingCtx(CheckpointService, BaseCtx):
         """Turns a looked-up batch into tensors: (non-ID features, embeddings, labels).
 
         Summed slots give ``(batch, dim)``; raw slots ``(batch, sample_fixed_size, dim + 1)``
-        with the 0/1 padding mask as the last channel.
+        with the 0/1 padding mask as the last channel. While training, the summed slots'
+        tensors are column views of one buffer made by one autograd function, so that their
+        backward costs each slot its own width; torch refuses to modify them in place
+        (``RuntimeError: ... is a view and is being modified inplace``): use out-of-place
+        operations on them (persia differs from PERSIA here).
         """
         if not isinstance(batch, TrainingBatch):
             raise PersiaError(
@@ -310,22 +348,26 @@ class EmbeddingCtx(CheckpointService, BaseCtx):
             previous.discard()  # forward without backward: that batch will bring no gradient
         self.current_batch = batch
         requires_grad = self.preprocess_mode == PreprocessMode.TRAIN and batch.training
-        dev = self.device
         pb = batch.batch
-        non_id = [torch.from_numpy(f.data).to(dev) for f in pb.non_id_type_features]
+        lookup = batch.lookup
+        if self._transfer is not None:
+            self._stage_ahead(batch)
+            on_device = batch.staged.tensors()
+            batch.staged = None
+        else:  # the CPU: the tensors share the arrays' memory
+            on_device = {k: torch.from_numpy(a) for k, a in self._batch_arrays(batch).items()}
+        non_id = [on_device[f"non_id:{i}"] for i in range(len(pb.non_id_type_features))]
         labels = None
         if self.preprocess_mode != PreprocessMode.INFERENCE:
-            labels = [torch.from_numpy(lb.data).to(dev) for lb in pb.labels]
-        lookup = batch.lookup
-        summed = torch.from_numpy(lookup.summed).to(dev)
-        summed.requires_grad_(requires_grad)
-        raw = {
-            i: torch.from_numpy(a).to(dev).requires_grad_(requires_grad)
-            for i, a in lookup.raw.items()
-        }
-        embeddings = []
-        for kind, where, dim in lookup.layout:
-            embeddings.append(summed[:, where : where + dim] if kind == "sum" else raw[where])
+            labels = [on_device[f"label:{i}"] for i in range(len(pb.labels))]
+        summed = on_device["summed"].requires_grad_(requires_grad)
+        raw = {i: on_device[f"raw:{i}"].requires_grad_(requires_grad) for i in lookup.raw}
+        # the summed slots: views of ``summed`` whose backward costs each slot its own width
+        sums = [(where, dim) for kind, where, dim in lookup.layout if kind == "sum"]
+        slots = iter(split_slots(summed, sums))
+        embeddings = [
+            next(slots) if kind == "sum" else raw[where] for kind, where, _ in lookup.layout
+        ]
         batch._tensors = (summed, raw)  # type: ignore[attr-defined]
         return non_id, embeddings, labels
 
@@ -345,8 +387,17 @@ class TrainCtx(EmbeddingCtx):
             one thread (values other than the default warn once: no effect).
         grad_update_buffer_size: PERSIA internal; no effect (warns once when changed).
         lookup_emb_directly: PERSIA internal; no effect (warns once when changed).
-        mixed_precision: scale the loss with a CUDA ``torch.amp.GradScaler``
-            (``ctx.grad_scaler``); a no-op on the CPU, where PERSIA refused it.
+        mixed_precision: on CUDA, :meth:`forward` runs the model under
+            ``torch.autocast("cuda", torch.float16)`` (its floating-point output comes back as
+            float32) and :meth:`backward` scales the loss with a ``torch.amp.GradScaler``
+            (``ctx.grad_scaler``). The embedding gradients are unscaled (divided by the scale,
+            in float32) before they leave for the parameter servers, and a step whose
+            gradients the scaler (or a check, see :meth:`backward`) finds non-finite applies
+            neither the dense nor the embedding gradients. On the CPU a no-op (PERSIA refused
+            it there) unless ``cpu_mixed_precision``.
+        cpu_mixed_precision: persia extension: with ``mixed_precision`` on the CPU, the same
+            with ``torch.autocast("cpu", torch.bfloat16)`` and a CPU ``GradScaler`` (default
+            False: the CPU computes in float32).
         distributed_option: a :class:`persia.distributed.DDPOption` (default
             :func:`persia.distributed.get_default_distributed_option`: gloo on CPU, NCCL on
             GPU); with ``WORLD_SIZE > 1`` the model is wrapped in ``DistributedDataParallel``. ``WORLD_SIZE > 1``
@@ -371,6 +422,7 @@ class TrainCtx(EmbeddingCtx):
         model: torch.nn.Module | None = None,
         embedding_config: EmbeddingConfig | None = None,
         device_id: int | None = None,
+        cpu_mixed_precision: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -430,14 +482,22 @@ class TrainCtx(EmbeddingCtx):
         self.embedding_optimizer = embedding_optimizer
         self.dense_optimizer = dense_optimizer
         self.backward_buffer_size = backward_buffer_size
-        self.mixed_precision = bool(mixed_precision) and self.device.type == "cuda"
+        cuda = self.device.type == "cuda"
+        self.mixed_precision = bool(mixed_precision) and (cuda or bool(cpu_mixed_precision))
+        #: the autocast dtype of the model's forward pass under mixed precision
+        self.amp_dtype = torch.float16 if cuda else torch.bfloat16
         self.grad_scalar_update_factor = grad_scalar_update_factor
-        self.grad_scaler: Any = torch.amp.GradScaler("cuda") if self.mixed_precision else None
+        self.grad_scaler: Any = (
+            torch.amp.GradScaler(self.device.type) if self.mixed_precision else None
+        )
         #: backward() calls so far (the embedding gradients are checked when this is a multiple
         #: of ``embedding_gradient_check_frequency``)
         self.update_times = 0
         #: checks that found a NaN or infinity in the embedding gradients
         self.nonfinite_gradient_checks = 0
+        #: steps (with a grad scaler) that applied neither dense nor embedding gradients
+        #: because they were not finite
+        self.skipped_steps = 0
         self.world_size = env.get_world_size()
         self.rank = env.get_rank()
         if self.world_size > 1 and self.backend == "local":
@@ -450,6 +510,11 @@ class TrainCtx(EmbeddingCtx):
             )
         if self.world_size > 1:
             self.model = wrap_ddp(self.model, distributed_option, self.device)
+
+    def _autocast(self) -> Any:
+        if not self.mixed_precision:
+            return None
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _enter(self) -> None:
         from persia.embedding.config import GlobalConfig, load_global_config
@@ -530,6 +595,12 @@ class TrainCtx(EmbeddingCtx):
         infinity. When one is found, a warning says so (the parameter servers skip every
         gradient row that is not finite) and, with mixed precision, the loss scale is divided
         by ``grad_scalar_update_factor`` (PERSIA's rule) instead of the scaler's own update.
+
+        With a grad scaler (mixed precision), the embedding gradients are divided by the
+        loss scale (in float32) before they are sent, and a step is applied whole or not at
+        all: when the scaler skips the dense step (its check of the dense gradients found a
+        NaN or infinity) or a check of the embedding gradients fails, neither the dense nor
+        the embedding gradients are applied (:attr:`skipped_steps` counts them).
         """
         f = embedding_gradient_check_frequency
         if isinstance(f, bool) or not isinstance(f, int) or f < 1:
@@ -537,56 +608,84 @@ class TrainCtx(EmbeddingCtx):
         batch = self.current_batch
         if batch is None or not hasattr(batch, "_tensors"):
             raise PersiaError("backward() needs a batch: call ctx.forward(batch) first")
-        if self.grad_scaler is not None:
-            loss = self.grad_scaler.scale(loss)
-            scale = float(self.grad_scaler.get_scale())
+        scaler = self.grad_scaler
+        if scaler is not None:
+            loss = scaler.scale(loss)
+            scale = float(scaler.get_scale())
         else:
             scale = 1.0
         loss.backward()
         summed, raw = batch._tensors
-        summed_grad = None
-        if summed.grad is not None:
-            summed_grad = summed.grad.detach().to("cpu").numpy()
-            if scale != 1.0:
-                summed_grad = summed_grad / np.float32(scale)
-        raw_grads = {}
-        for i, t in raw.items():
-            if t.grad is not None:
-                g = t.grad.detach().to("cpu").numpy()
-                raw_grads[i] = g / np.float32(scale) if scale != 1.0 else g
         del batch._tensors
         self.current_batch = None
+        summed_grad = None if summed.grad is None else summed.grad.detach()
+        raw_grads = {i: t.grad.detach() for i, t in raw.items() if t.grad is not None}
+        grads = [g for g in (summed_grad, *raw_grads.values()) if g is not None]
+        if scale != 1.0:
+            for g in grads:  # unscaled where they are, in float32, before they leave
+                g.div_(scale)
         finite = True
-        if self.update_times % f == 0:
-            grads = [g for g in (summed_grad, *raw_grads.values()) if g is not None]
-            finite = all(bool(np.isfinite(g).all()) for g in grads)
-            if not finite:
-                self.nonfinite_gradient_checks += 1
-                _logger.warning(
-                    f"backward() call {self.update_times}: the embedding gradients hold NaN or "
-                    "infinity; the parameter servers skip those rows"
-                    + (
-                        f", and the loss scale drops by {self.grad_scalar_update_factor}x"
-                        if self.grad_scaler is not None
-                        else ""
-                    )
+        checked = self.update_times % f == 0
+        if checked and grads:
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if checked and scaler is not None and self.world_size > 1:
+            # the ranks skip their dense steps together (or their models would drift apart)
+            finite = _all_ranks(finite, self.device)
+        if not finite:
+            self.nonfinite_gradient_checks += 1
+            _logger.warning(
+                f"backward() call {self.update_times}: the embedding gradients hold NaN or "
+                + (
+                    "infinity (on this rank or another); the step is skipped (dense and "
+                    "embedding gradients) and the loss scale drops by "
+                    f"{self.grad_scalar_update_factor}x"
+                    if scaler is not None
+                    else "infinity; the parameter servers skip those rows"
                 )
+            )
         self.update_times += 1
-        if batch.training:
-            self.runtime.submit(batch, summed_grad, raw_grads)
-            rec = telemetry.current()
-            if rec.on:
-                rec.trained(batch.batch.batch_size)
-        if self.grad_scaler is not None:
-            self.grad_scaler.step(self.dense_optimizer)
-            if finite:
-                self.grad_scaler.update()
-            else:
-                self.grad_scaler.update(scale / self.grad_scalar_update_factor)
-        else:
+        if scaler is None:
+            if batch.training:
+                self._send_gradients(batch, summed_grad, raw_grads)
             self.dense_optimizer.step()
+        else:
+            if finite:
+                scaler.step(self.dense_optimizer)
+                scaler.update()
+                # the scale drops exactly when the scaler found the dense gradients non-finite
+                # and skipped the dense step
+                applied = not float(scaler.get_scale()) < scale
+            else:
+                scaler.update(scale / self.grad_scalar_update_factor)
+                applied = False
+            if not applied:
+                self.skipped_steps += 1
+                batch.discard()
+            elif batch.training:
+                self._send_gradients(batch, summed_grad, raw_grads)
         self.dense_optimizer.zero_grad()
         return loss
+
+    def _send_gradients(
+        self,
+        batch: TrainingBatch,
+        summed_grad: torch.Tensor | None,
+        raw_grads: dict[int, torch.Tensor],
+    ) -> None:
+        """Hands the batch's embedding gradients to the runtime: from a CUDA device through
+        pinned buffers (the applier waits for the copies), from the CPU as they are."""
+        grads = [g for g in (summed_grad, *raw_grads.values()) if g is not None]
+        if self._transfer is not None:
+            arrays, batch.grads_ready, batch.grads_done = self._transfer.to_host(grads)
+        else:
+            arrays = [g.numpy() for g in grads]
+        it = iter(arrays)
+        summed_np = None if summed_grad is None else next(it)
+        raw_np = {i: next(it) for i in raw_grads}
+        self.runtime.submit(batch, summed_np, raw_np)
+        rec = telemetry.current()
+        if rec.on:
+            rec.trained(batch.batch.batch_size)
 
     def dump_checkpoint(  # type: ignore[override]
         self,
@@ -636,6 +735,18 @@ class TrainCtx(EmbeddingCtx):
         if opt_state is not None:
             self.dense_optimizer.load_state_dict(opt_state)
         return ckpt
+
+
+def _all_ranks(ok: bool, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank of the initialised process group (this rank's
+    value when there is none)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def eval_ctx(*args: Any, **kwargs: Any) -> EmbeddingCtx:

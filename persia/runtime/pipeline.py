@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,6 +51,13 @@ class TrainingBatch:
     staleness: int | None = None
     _settled: bool = field(default=False, repr=False)
     _submitted: bool = field(default=False, repr=False)
+    #: set by a CUDA NN worker (persia.ctx): waits until the gradients' device-to-host copies
+    #: are done (the applier calls it before it reads them), and returns their pinned buffers
+    #: once they were applied
+    grads_ready: Callable[[], None] | None = field(default=None, repr=False)
+    grads_done: Callable[[], None] | None = field(default=None, repr=False)
+    #: the batch's tensors on the NN worker's device, copied ahead (persia.ctx)
+    staged: Any = field(default=None, repr=False)
 
     @property
     def training(self) -> bool:
@@ -214,6 +222,8 @@ class Runtime:
                 if self._error is None:
                     rec = telemetry.current()
                     t0 = time.perf_counter() if rec.on else 0.0
+                    if item.grads_ready is not None:
+                        item.grads_ready()
                     counts = self.worker.backward(item.lookup, summed_grad, raw_grads)
                     if rec.on:
                         rec.backward_client(time.perf_counter() - t0)
@@ -222,6 +232,8 @@ class Runtime:
             except BaseException as exc:  # surfaced in the NN worker's thread
                 self._error = exc
             finally:
+                if item.grads_done is not None:
+                    item.grads_done()
                 item.settle()
                 with self._cond:
                     self._pending -= 1
