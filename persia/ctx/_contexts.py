@@ -486,6 +486,14 @@ class TrainCtx(EmbeddingCtx):
         self.mixed_precision = bool(mixed_precision) and (cuda or bool(cpu_mixed_precision))
         #: the autocast dtype of the model's forward pass under mixed precision
         self.amp_dtype = torch.float16 if cuda else torch.bfloat16
+        if self.mixed_precision and cuda:
+            warn_once(
+                _logger,
+                "TrainCtx.mixed_precision.autocast",
+                "TrainCtx(mixed_precision=True) on CUDA: persia runs the model's forward under "
+                "torch.autocast('cuda', torch.float16) as well as scaling the loss (PERSIA only "
+                "scaled the loss); pass mixed_precision=False to train in float32",
+            )
         self.grad_scalar_update_factor = grad_scalar_update_factor
         self.grad_scaler: Any = (
             torch.amp.GradScaler(self.device.type) if self.mixed_precision else None
