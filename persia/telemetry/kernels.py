@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
-from numba.cpython.unsafe.numbers import leading_zeros
+from numba.cpython.unsafe.numbers import leading_zeros  # type: ignore[attr-defined]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -54,7 +54,7 @@ def observe_kernel(
         h = h * _MIX2
         h = h ^ (h >> np.uint64(31))
         # rank = leading zeros of the bits below the cell's + 1 (the guard bit bounds it)
-        r = np.uint8(leading_zeros((h << up) | guard) + 1)
+        r = np.uint8(leading_zeros((h << up) | guard) + 1)  # type: ignore[call-arg]
         cell = np.intp(h >> cell_shift)
         if in_full and full[row, cell] < r:
             full[row, cell] = r
