@@ -669,6 +669,9 @@ class TrainCtx(EmbeddingCtx):
             if not applied:
                 self.skipped_steps += 1
                 batch.discard()
+                rec = telemetry.current()
+                if rec.on and batch.training:
+                    rec.grads_skipped(f.name for f in batch.batch.id_type_features)
             elif batch.training:
                 self._send_gradients(batch, summed_grad, raw_grads)
         self.dense_optimizer.zero_grad()

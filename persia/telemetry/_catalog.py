@@ -69,8 +69,9 @@ CATALOG: tuple[MetricDef, ...] = (
     MetricDef("inc_update_delay_sec", "gauge", "seconds", (), ANY,
               "delay between an incremental delta being written and being loaded", True),
     MetricDef("nan_grad_skipped", "counter", "feature gradients", ("feat",), NN,
-              "feature gradients dropped by the NN worker for a NaN (persia drops none: "
-              "declared for PERSIA's dashboards, never incremented)", True),
+              "feature gradients dropped by the NN worker for a NaN or infinity: with a grad "
+              "scaler (mixed precision) a skipped step drops every feature's gradient of its "
+              "batch", True),
     MetricDef("nan_count", "counter", "feature gradients", ("feat",), EW,
               "batches x features whose embedding gradient held a NaN or infinity (those rows "
               "are skipped by the shards)", True),

@@ -221,6 +221,13 @@ class Live(Recorder):
                 key = ("nan_count", EW, replica, feat)
                 self._persia_counts[key] = self._persia_counts.get(key, 0) + 1
 
+    def grads_skipped(self, features: Iterable[str]) -> None:
+        replica = self.replica_of(NN)
+        with self._lock:
+            for feat in features:
+                key = ("nan_grad_skipped", NN, replica, feat)
+                self._persia_counts[key] = self._persia_counts.get(key, 0) + 1
+
     # --------------------------------------------------------------- parameter server
     def shard_lookup(self, replica: int, seconds: float, keys: int, misses: int) -> None:
         self._k("persia_shard_lookup_seconds", PS, replica).observe(seconds)

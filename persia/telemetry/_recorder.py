@@ -75,6 +75,9 @@ class Recorder:
     def nonfinite(self, features: Iterable[str]) -> None:
         """One batch's gradient of each of ``features`` held a NaN or infinity."""
 
+    def grads_skipped(self, features: Iterable[str]) -> None:
+        """The NN worker dropped one batch's gradient of each of ``features`` (a skipped step)."""
+
     # parameter server
     def shard_lookup(self, replica: int, seconds: float, keys: int, misses: int) -> None:
         """One lookup call on shard ``replica``."""

@@ -312,6 +312,31 @@ def test_step_with_inf_is_skipped_for_dense_and_embeddings(where):
         assert not np.array_equal(_rows(ctx), before[0])  # the other steps trained
 
 
+def test_a_skipped_step_counts_nan_grad_skipped_per_feature():
+    from persia import telemetry
+
+    batches = make_batches(4, seed=4)
+    names = sorted(batches[0][0])  # the id_type_features of every batch
+    telemetry.shutdown()
+    telemetry.configure(telemetry.NN, 0)
+    try:
+        with train_ctx(_InfAt(1, "embedding")) as ctx:
+            ctx.grad_scaler = _scaler(2.0**16)
+            for b in DataLoader(ListDataset(batches), embedding_staleness=1):
+                _step(ctx, b)
+            ctx.runtime.flush()
+            assert ctx.skipped_steps == 1
+        text = telemetry.render()[0].decode()
+    finally:
+        telemetry.shutdown()
+    got = {
+        line.split('feat="')[1].split('"')[0]: float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("nan_grad_skipped{")
+    }
+    assert got == {name: 1.0 for name in names}
+
+
 def test_cpu_mixed_precision_runs_the_model_in_bfloat16():
     batches = make_batches(6, seed=3)
     seen = []
