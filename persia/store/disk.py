@@ -385,13 +385,13 @@ class DiskTier:
 
     def drop_cache(self) -> None:
         """Evict the slab's pages from the page cache (for cold-cache measurements)."""
-        self._mmap.flush()
+        self._mmap.flush()  # dirty pages are not dropped
+        self._mmap.madvise(mmap.MADV_DONTNEED)  # nor pages this process still maps
         fd = os.open(self.directory / "tier.slab", os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        self._mmap.madvise(mmap.MADV_DONTNEED)
 
     def stats(self) -> dict[str, int]:
         return {
