@@ -145,7 +145,11 @@ class Rocks:
         self.db.close()
 
 
-STORES: dict[str, Callable[[Path, int, int], Any]] = {"slab": Slab, "lmdb": Lmdb, "rocksdict": Rocks}
+STORES: dict[str, Callable[[Path, int, int], Any]] = {
+    "slab": Slab,
+    "lmdb": Lmdb,
+    "rocksdict": Rocks,
+}
 MODULES = {"lmdb": "lmdb", "rocksdict": "rocksdict"}
 
 
@@ -174,7 +178,9 @@ def bench_store(name: str, base: Path, size: int, args: argparse.Namespace) -> N
     store.write(keys[:b], payload[:b])  # warm-up (numba compile)
     t = timed(lambda: [store.write(keys[i : i + b], payload[i : i + b])
                        for i in range(0, args.records, b)])  # fmt: skip
-    emit({**common, "metric": "write_records_per_s", "value": round(args.records / t), "unit": "1/s"})
+    emit(
+        {**common, "metric": "write_records_per_s", "value": round(args.records / t), "unit": "1/s"}
+    )
     batches = max(1, args.reads // b)
 
     def reads(n: int = batches) -> float:

@@ -188,9 +188,7 @@ class DiskTier:
         finally:
             os.close(fd)
         self._slots = size // self.record_size
-        self.slab = np.frombuffer(self._mmap, dtype=np.uint8).reshape(
-            self._slots, self.record_size
-        )
+        self.slab = np.frombuffer(self._mmap, dtype=np.uint8).reshape(self._slots, self.record_size)
         self.keys = np.zeros(self._slots, dtype=np.uint64)
         # written before they are read (a record's links when it is linked): pages are taken
         # as records are used

@@ -341,6 +341,18 @@ class Shard:
             self._note_changed(dim, keys[rows >= 0] if table.tier is None else keys)
         return table.apply_rows(rows, grads, keys)
 
+    def prefetch(self, keys: Any, dim: int) -> int:
+        """Bring the rows of ``keys`` (dim ``dim``) that the disk tier holds into RAM ahead of
+        their training lookup (a hint: nothing without a tier). Returns how many came back."""
+        keys = check_keys(keys)
+        with self._lock:
+            table = self._tables.get(dim)
+            if table is None or table.tier is None:
+                return 0
+            if self._changed is not None:
+                self._before_evicting(dim, table, True)
+            return table.prefetch(keys)
+
     def reserve(self, rows: int, dim: int) -> None:
         """Allocate room for ``rows`` rows of dim ``dim`` now (at most its capacity share)."""
         dim = check_positive_int(dim, "dim")
@@ -530,7 +542,14 @@ class Shard:
                 )
             }  # fmt: skip
             total["capacity"] = self.capacity
-            for k in ("disk_rows", "disk_dropped", "disk_bytes", "disk_ram_bytes"):
+            for k in (
+                "disk_rows",
+                "disk_dropped",
+                "disk_writes",
+                "disk_reads",
+                "disk_bytes",
+                "disk_ram_bytes",
+            ):
                 if any(k in s for s in per.values()):
                     total[k] = sum(s.get(k, 0) for s in per.values())
             total["misses"] += self._misses_no_table

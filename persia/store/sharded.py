@@ -187,6 +187,19 @@ class ShardedStore:
                 total += shard.apply_gradients(keys[sel], np.ascontiguousarray(grads[sel]))
         return total
 
+    def prefetch(self, keys: Any, dim: int) -> int:
+        """:meth:`Shard.prefetch` on every shard holding some of ``keys``."""
+        if self.disk_tier is None:
+            return 0
+        keys = check_keys(keys)
+        where = self.shard_of(keys)
+        done = 0
+        for s, shard in enumerate(self.shards):
+            sel = np.flatnonzero(where == s)
+            if sel.size:
+                done += shard.prefetch(keys[sel], dim)
+        return done
+
     def shard_stats(self) -> list[dict[str, Any]]:
         """Each shard's :meth:`Shard.stats`."""
         return [s.stats() for s in self.shards]

@@ -640,7 +640,9 @@ class EmbeddingTable:
         want = (self.dim, self.values.dtype, self.state_width, self.state.dtype)
         got = (tier.dim, tier.value_dtype, tier.state_width, tier.state_dtype)
         if got != want:
-            raise StoreError(f"disk tier layout (dim, dtype, state width, state dtype) {got} != {want}")
+            raise StoreError(
+                f"disk tier layout (dim, dtype, state width, state dtype) {got} != {want}"
+            )
         self.tier = tier
 
     def _spill(self, count: int, keep: np.ndarray) -> int:
@@ -744,6 +746,27 @@ class EmbeddingTable:
         )  # fmt: skip
         self.tier.put(self.tier.keys[uniq].copy(), values, state)
         return np.array([counts[0], -int(on.sum()), counts[2]], dtype=np.int64)
+
+    def prefetch(self, keys: np.ndarray) -> int:
+        """Bring the rows of ``keys`` held on disk into RAM now (the oldest RAM rows not among
+        ``keys`` make room), so that their training lookup finds them in RAM. Rows in RAM are
+        not refreshed. Returns how many came back."""
+        if self.tier is None or not self.tier.rows:
+            return 0
+        absent = np.unique(keys[self.probe(keys) < 0])
+        count = int((self.tier.find(absent) >= 0).sum())
+        if count == 0:
+            return 0
+        excess = self.rows + count - self.capacity
+        if excess > 0:
+            self._spill(excess, keys)
+        recs = self.tier.find(absent)  # spilling may have dropped the oldest disk rows
+        on = recs >= 0
+        if on.any():
+            values, state = self.tier.read(recs[on])
+            self._put_rows(absent[on], values, state)
+            self.tier.remove(recs[on])
+        return int(on.sum())
 
     def holds(self, keys: np.ndarray) -> np.ndarray:
         """Whether each key has a row, in RAM or on disk."""

@@ -79,3 +79,21 @@ def test_job_with_the_disk_tier_keeps_every_row_bit_identical(tmp_path):
                 assert np.array_equal(a[dim][name][ia], b[dim][name][ib]), name
     assert lost_held < ref_held and lost_stats["evictions"] > 0
     assert not np.array_equal(lost, ref)
+
+
+def test_batch_keys_are_the_keys_a_training_lookup_asks_for():
+    from persia.runtime.local import runtime_from_spec
+    from persia.embedding.config import embedding_spec
+    from persia.store import ShardedStore  # noqa: F401
+    from runtime._jobs import to_persia
+
+    spec = embedding_spec(embedding_file())
+    runtime = runtime_from_spec(spec)
+    try:
+        batch = to_persia(_batches(1)[0])
+        keys = runtime.worker.batch_keys(batch)
+        runtime.worker.forward(batch, True)
+        held = np.sort(np.concatenate([s.export_rows()[4]["keys"] for s in runtime.store.shards]))
+        assert np.array_equal(np.sort(keys[4]), held)
+    finally:
+        runtime.close()

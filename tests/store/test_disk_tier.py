@@ -244,7 +244,9 @@ def test_disk_tier_config_errors(tmp_path):
     with pytest.raises(StoreError, match="capacity"):
         DiskTierConfig(tmp_path, 0)
     spec = EmbeddingSpec(
-        slots=tuple(assign_prefixes([SlotSpec("a", 4)])), disk_tier_dir=str(tmp_path), disk_tier_capacity=10
+        slots=tuple(assign_prefixes([SlotSpec("a", 4)])),
+        disk_tier_dir=str(tmp_path),
+        disk_tier_capacity=10,
     )
     with pytest.raises(ConfigError, match="embedded"):
         shard_options(spec, 2)
@@ -322,3 +324,19 @@ def test_no_tier_loses_rows_the_tier_keeps(tmp_path):
     assert without.rows == 50 and without.evictions > 0
     assert with_tier.rows + with_tier.tier.rows == len(np.unique(with_tier.export_rows()["keys"]))
     assert with_tier.rows + with_tier.tier.rows > 250
+
+
+def test_prefetch_brings_disk_rows_back_without_a_lookup(tmp_path):
+    store = _store(tmp_path, 1, 8, True)
+    first = np.arange(8, dtype=np.uint64)
+    before = store.lookup(first, DIM, True)
+    store.lookup(np.arange(100, 108, dtype=np.uint64), DIM, True)  # 0..7 go to disk
+    assert store.stats()["disk_rows"] == 8
+    assert store.prefetch(first[:3], DIM) == 3
+    assert store.stats()["disk_rows"] == 8  # 3 back, 3 others out
+    reads = store.stats()["disk_reads"]
+    assert np.array_equal(store.lookup(first[:3], DIM, True), before[:3])
+    assert store.stats()["disk_reads"] == reads  # the lookup found them in RAM
+    store.close()
+    plain = ShardedStore(1, 8, _opt(), dims=[DIM])
+    assert plain.prefetch(first, DIM) == 0
