@@ -72,7 +72,7 @@ def test_job_with_the_disk_tier_keeps_every_row_bit_identical(tmp_path):
     assert stats["rows"] <= 600 and stats["disk_rows"] > 0
     assert held == ref_held
     assert np.array_equal(got, ref)
-    for a, b in zip(ref_rows, rows):
+    for a, b in zip(ref_rows, rows, strict=True):
         for dim in a:
             ia, ib = np.argsort(a[dim]["keys"]), np.argsort(b[dim]["keys"])
             for name in ("keys", "values", "state"):
@@ -82,9 +82,8 @@ def test_job_with_the_disk_tier_keeps_every_row_bit_identical(tmp_path):
 
 
 def test_batch_keys_are_the_keys_a_training_lookup_asks_for():
-    from persia.runtime.local import runtime_from_spec
     from persia.embedding.config import embedding_spec
-    from persia.store import ShardedStore  # noqa: F401
+    from persia.runtime.local import runtime_from_spec
     from runtime._jobs import to_persia
 
     spec = embedding_spec(embedding_file())

@@ -26,7 +26,6 @@ from persia.store.kernels.table import (
     GOLDEN,
     M_HEAD,
     M_NROWS,
-    M_TAIL,
     PROBE_SALT,
     _push_tail,
     _slot_of_row,
