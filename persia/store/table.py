@@ -676,16 +676,12 @@ class EmbeddingTable:
         self.meta[K.M_EVICTIONS] = evictions + victims.size
         return int(victims.size)
 
-    def _make_room(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Spill so that every key of ``keys`` absent from RAM fits; returns the distinct absent
-        keys and their disk records (-1: not on disk)."""
-        assert self.tier is not None
-        rows = self.probe(keys)
-        absent = np.unique(keys[rows < 0])
+    def _make_room(self, keys: np.ndarray) -> None:
+        """Spill so that every key of ``keys`` absent from RAM fits."""
+        absent = np.unique(keys[self.probe(keys) < 0])
         excess = self.rows + absent.size - self.capacity
         if excess > 0:
             self._spill(excess, keys)
-        return absent, self.tier.find(absent)
 
     def _tier_before_train(self, keys: np.ndarray) -> bool:
         """Before a training lookup: make room, then bring the keys held on disk back into RAM
@@ -694,12 +690,17 @@ class EmbeddingTable:
         if not self.tier.rows and self.rows + keys.shape[0] <= self.capacity:
             return False
         before = self.evictions
-        absent, recs = self._make_room(keys)
+        absent = np.unique(keys[self.probe(keys) < 0])
+        recs = self.tier.find(absent)
         on = recs >= 0
-        if on.any():
+        if on.any():  # off the disk first: the rows spilled next must not push them out
             values, state = self.tier.read(recs[on])
-            self._put_rows(absent[on], values, state)
             self.tier.remove(recs[on])
+        excess = self.rows + absent.size - self.capacity
+        if excess > 0:
+            self._spill(excess, keys)
+        if on.any():
+            self._put_rows(absent[on], values, state)
         return self.evictions != before
 
     def _put_rows(self, keys: np.ndarray, values: np.ndarray, state: np.ndarray) -> None:
@@ -754,18 +755,16 @@ class EmbeddingTable:
         if self.tier is None or not self.tier.rows:
             return 0
         absent = np.unique(keys[self.probe(keys) < 0])
-        count = int((self.tier.find(absent) >= 0).sum())
-        if count == 0:
+        recs = self.tier.find(absent)
+        on = recs >= 0
+        if not on.any():
             return 0
-        excess = self.rows + count - self.capacity
+        values, state = self.tier.read(recs[on])
+        self.tier.remove(recs[on])
+        excess = self.rows + int(on.sum()) - self.capacity
         if excess > 0:
             self._spill(excess, keys)
-        recs = self.tier.find(absent)  # spilling may have dropped the oldest disk rows
-        on = recs >= 0
-        if on.any():
-            values, state = self.tier.read(recs[on])
-            self._put_rows(absent[on], values, state)
-            self.tier.remove(recs[on])
+        self._put_rows(absent[on], values, state)
         return int(on.sum())
 
     def holds(self, keys: np.ndarray) -> np.ndarray:

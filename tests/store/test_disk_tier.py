@@ -58,9 +58,10 @@ def _sorted_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def test_rows_that_go_to_disk_and_back_are_bit_identical(tmp_path):
     big = EmbeddingTable(DIM, 10_000, _opt(), seed=3)
-    small = _tiered(tmp_path, 50)
+    small = _tiered(tmp_path, 50, disk=450)  # exactly what does not fit in RAM
     _train([big, small], 150, 500)
     assert small.rows == 50 and small.tier is not None and small.tier.rows == 450
+    assert small.tier.dropped == 0
     assert small.stats()["disk_writes"] > 450  # rows went to disk and back many times
     a, b = _sorted_rows(big.export_rows()), _sorted_rows(small.export_rows())
     for name in ("keys", "values", "state"):
