@@ -369,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale-disk", default=None, help="directory of the disk-tier scale run")
     p.add_argument("--scale-disk-only", action="store_true", help="only the disk-tier run")
     p.add_argument(
-        "--scale-disk-rows", type=int, default=625_000_000, help="rows of --scale-disk (1e10 params)"
+        "--scale-disk-rows",
+        type=int,
+        default=625_000_000,
+        help="rows of --scale-disk (1e10 params)",
     )
     p.add_argument("--scale-ram-rows", type=int, default=None, help="of them in RAM (default 1/10)")
     p.add_argument("--scale-dtype", default="float32", help="row values dtype of --scale-disk")
