@@ -350,8 +350,9 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
 
         rows = distinct_ids(train, nslots)
         server["capacity"] = max(1, int(rows * spec["disk_tier"]["ram_fraction"]))
-        server["disk_tier_dir"] = tempfile.mkdtemp(prefix="bench_e2e_tier_")
-        server["disk_tier_capacity"] = capacity
+        if not spec["disk_tier"].get("no_tier"):
+            server["disk_tier_dir"] = tempfile.mkdtemp(prefix="bench_e2e_tier_")
+            server["disk_tier_capacity"] = capacity
     common: dict[str, Any] = {"job_type": "Train"}
     if spec.get("metrics"):  # PERSIA's metrics_config: collected (no gateway: not pushed)
         common["metrics_config"] = {"enable_metrics": True, "job_name": "bench_e2e"}
@@ -453,10 +454,12 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
     result["idle_ms_per_step"] = 1000.0 * idle / spec["steps"]
     result["staleness_mean"] = report.mean
     result["staleness_max"] = report.max
+    if spec.get("disk_tier"):
+        result["ram_capacity"] = server["capacity"]
+        result["evictions"] = store.stats()["evictions"]
     if tiers:
         result["disk_key_fraction"] = disk_reads / max(1, looked_up)
         result["disk_rows_end"] = disk_rows
-        result["ram_capacity"] = server["capacity"]
         store.close()
         shutil.rmtree(server["disk_tier_dir"], ignore_errors=True)
     if link is not None:

@@ -33,8 +33,9 @@ With ``--disk-tier``, persia-hybrid also runs with a disk tier (``persia.store.d
 RAM capacity of ``--disk-ram-fraction`` of the rows the run creates, so that some of each batch's
 keys are on disk when it is looked up (measured: ``disk_key_fraction``, rows read back from disk
 per key looked up): ``persia-hybrid+disk`` with the page cache warm, ``persia-hybrid+disk-cold``
-with the tier's pages evicted (``posix_fadvise(DONTNEED)``) before every step. Ratio lines
-``disk_vs_ram`` and ``disk_cold_vs_ram`` (target >= 0.8 warm, with about 1% of keys on disk).
+with the tier's pages evicted (``posix_fadvise(DONTNEED)``) before every step; ``persia-hybrid+evict``: the same RAM capacity without the tier (rows past it are
+dropped). Lines ``disk_vs_ram`` and ``disk_cold_vs_ram`` (target >= 0.8 warm, with about 1% of
+keys on disk), ``auc_gap_evict_vs_disk`` (what dropping rows costs) and ``auc_gap_disk_vs_ram``.
 
 With ``--links`` (default on) persia-sync and persia-hybrid also run with a simulated network link
 between the embedding worker and the parameter servers (:mod:`persia.rpc.simlink`): 10 Gbit/s
@@ -192,6 +193,8 @@ def plan(
         tier = {"ram_fraction": args.disk_ram_fraction}
         runs.append(persia("persia-hybrid+disk", args.staleness, disk_tier=tier))
         runs.append(persia("persia-hybrid+disk-cold", args.staleness, disk_tier=tier, cold=True))
+        evict = {**tier, "no_tier": True}  # the same RAM capacity, rows past it dropped
+        runs.append(persia("persia-hybrid+evict", args.staleness, disk_tier=evict))
     if args.metrics:  # persia-hybrid with PERSIA's metrics_config on (docs/metrics.md)
         runs.append(persia("persia-hybrid+metrics", args.staleness, metrics=True))
     if workload != "dlrm" and args.profile:
@@ -259,6 +262,8 @@ def ratios(
     if "persia-hybrid+disk" in results:
         out.append(ratio("disk_vs_ram", "persia-hybrid+disk", "persia-hybrid"))
         out.append(ratio("disk_cold_vs_ram", "persia-hybrid+disk-cold", "persia-hybrid"))
+        out.append(gap("auc_gap_evict_vs_disk", "persia-hybrid+evict", "persia-hybrid+disk"))
+        out.append(gap("auc_gap_disk_vs_ram", "persia-hybrid+disk", "persia-hybrid"))
     if "persia-hybrid+metrics" in results:  # cpu_ratio: CPU per step, metrics on / off
         out.append(ratio("metrics_overhead", "persia-hybrid", "persia-hybrid+metrics"))
     extra = [n.split("@", 1)[1] for n in results if n.startswith("persia-hybrid@")]
