@@ -32,7 +32,8 @@ stay in RAM (default a tenth), by training lookups of new keys in chunks (the ol
 disk), then times ``--scale-lookups`` training lookups + updates of keys drawn uniformly from all
 rows (so about 90% hit disk: the hard case). No checkpoint is written. Metrics:
 scale_disk_build_rows_per_s, scale_disk_lookup_update_rows_per_s, scale_disk_params (rows in
-both tiers x 16), scale_disk_ram_bytes_per_param (peak RSS / parameters) and
+both tiers x 16), scale_disk_ram_bytes_per_param (peak RSS / parameters, which counts the slab's
+page-cache pages mapped by the process; ``anon_bytes_per_param``: the anonymous RSS) and
 scale_disk_bytes_per_param (the tier's file blocks / parameters). It refuses to start when the
 tier would need more than ``--scale-disk-max-gb`` (default 60) or more than the free space.
 """
@@ -346,11 +347,19 @@ def bench_scale_disk(b: Bench, args: argparse.Namespace, batch: int) -> None:
     tier_files = directory / "shard" / f"d{DIM}" / "tier.slab"
     disk_bytes = os.stat(tier_files).st_blocks * 512
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # peak RSS counts the slab's file pages mapped in this process (page cache, reclaimable);
+    # the process's own memory is its anonymous RSS, read at the end (no growth copies by then)
+    anon = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) * 1024
     common = {"rows": rows, "ram_rows": ram, "dtype": dtype.name, "optimizer": "rowwise_adagrad"}
     b.emit("scale_disk_lookup_update_rows_per_s", done / dt, "rows/s", lookups=done, **common)
     b.emit("scale_disk_params", params, "parameters", disk_rows=st["disk_rows"],
            dropped=st["disk_dropped"], **common)  # fmt: skip
     b.emit("scale_disk_ram_bytes_per_param", rss / params, "bytes/parameter", peak_rss_bytes=rss,
+           anon_rss_bytes=anon, anon_bytes_per_param=round(anon / params, 3),
            table_bytes=st["bytes_used"], tier_ram_bytes=st["disk_ram_bytes"], **common)  # fmt: skip
     b.emit("scale_disk_bytes_per_param", disk_bytes / params, "bytes/parameter",
            disk_bytes=disk_bytes, record_size=probe.record_size, **common)  # fmt: skip
