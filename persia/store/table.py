@@ -685,7 +685,8 @@ class EmbeddingTable:
 
     def _tier_before_train(self, keys: np.ndarray) -> bool:
         """Before a training lookup: make room, then bring the keys held on disk back into RAM
-        (as the newest rows; the lookup then orders them as hits). Returns whether rows moved."""
+        (as the newest rows; the lookup then orders them as hits). Returns whether any key's row
+        changed (a row spilled, moved or brought back)."""
         assert self.tier is not None
         if not self.tier.rows and self.rows + keys.shape[0] <= self.capacity:
             return False
@@ -701,7 +702,7 @@ class EmbeddingTable:
             self._spill(excess, keys)
         if on.any():
             self._put_rows(absent[on], values, state)
-        return self.evictions != before
+        return bool(on.any()) or self.evictions != before
 
     def _put_rows(self, keys: np.ndarray, values: np.ndarray, state: np.ndarray) -> None:
         """``import_rows`` of checked rows in the table's dtypes (no tier, no checks)."""

@@ -341,3 +341,39 @@ def test_prefetch_brings_disk_rows_back_without_a_lookup(tmp_path):
     store.close()
     plain = ShardedStore(1, 8, _opt(), dims=[DIM])
     assert plain.prefetch(first, DIM) == 0
+
+
+@pytest.mark.parametrize("tracking", [False, True])
+def test_a_shard_with_a_tier_matches_one_with_ram_enough(tmp_path, tracking):
+    """Both training paths of a shard (one kernel; probe, check, then look up: change
+    tracking on) bring disk rows back with their values."""
+    big = Shard(10_000, _opt(), seed=3, dims=[DIM])
+    small = Shard(40, _opt(), seed=3, dims=[DIM], disk_tier=DiskTierConfig(tmp_path / "s", 10**5))
+    if tracking:
+        small.track_changes()
+    rng = np.random.default_rng(5)
+    for _ in range(80):
+        keys = rng.integers(0, 300, 30).astype(np.uint64)
+        g = rng.standard_normal((30, DIM)).astype(np.float32)
+        assert np.array_equal(small.lookup(keys, DIM, True), big.lookup(keys, DIM, True))
+        small.apply_gradients(keys, g)
+        big.apply_gradients(keys, g)
+        if tracking:
+            small.take_changes()
+    a, b = _sorted_rows(big.export_rows()[DIM]), _sorted_rows(small.export_rows()[DIM])
+    for name in ("keys", "values", "state"):
+        assert np.array_equal(a[name], b[name]), name
+    small.close()
+
+
+def test_probed_training_lookup_of_disk_rows_that_fit_without_spilling(tmp_path):
+    t = _tiered(tmp_path, 4)
+    first = np.arange(4, dtype=np.uint64)
+    t.lookup(first, True)
+    t.apply_gradients(first, np.ones((4, DIM), np.float32))
+    before = t.lookup(first, False)
+    t.lookup(np.arange(10, 14, dtype=np.uint64), True)  # 0..3 on disk
+    t.remove_keys(np.array([10, 11], np.uint64))  # room for two: nothing spills next
+    keys = first[:2]
+    out = t.train_lookup(keys, t.probe(keys))
+    assert np.array_equal(out, before[:2])
