@@ -19,6 +19,7 @@ import numpy as np
 
 from persia.embedding.spec import per_shard_capacity
 from persia.errors import CheckpointError, StoreError
+from persia.logger import get_default_logger
 from persia.store.config import Admission, Init, Uniform
 from persia.store.disk import DiskTierConfig
 from persia.store.shard import Shard, shard_of
@@ -70,6 +71,14 @@ class ShardedStore:
         self.weight_bound = weight_bound
         self.dims = tuple(sorted(set(dims))) if dims is not None else None
         self.shards = self._new_shards(self.num_shards)
+        if disk_tier is not None:
+            kept = sum(int(s.stats().get("disk_rows", 0)) for s in self.shards)
+            if kept:
+                get_default_logger("persia.store").warning(
+                    "disk tier %s: %d valid row(s) left by an earlier process kept on disk "
+                    "(loading a checkpoint replaces them; clear() drops them)",
+                    disk_tier.directory, kept,
+                )  # fmt: skip
         #: how many times every row was replaced (:meth:`clear`, :meth:`replace_rows`): the
         #: incremental-delta writer then writes a reset delta (:mod:`persia.store.delta`)
         self.resets = 0
