@@ -100,6 +100,8 @@ class DiskTier:
         self.record_size = (payload + 3) // 4 * 4
         self.bad_on_open = 0
         self._closed = True
+        #: keys dropped past capacity since the last ``take_dropped`` (None: not recorded)
+        self.dropped_keys: list[np.ndarray] | None = None
 
     # ----------------------------------------------------------------------------- files
     def _header(self) -> dict[str, Any]:
@@ -305,10 +307,25 @@ class DiskTier:
         vals = np.ascontiguousarray(values, dtype=self.value_dtype).view(np.uint8)
         st = np.ascontiguousarray(state, dtype=self.state_dtype).view(np.uint8)
         self._grow_index(n)
+        if self.dropped_keys is not None:  # the oldest records this write will drop
+            new = int((self.find(np.unique(keys)) < 0).sum())
+            drop = min(self.rows, self.rows + new - self.capacity)
+            if drop > 0:  # (a superset: a key of this write may be dropped and written again)
+                out = np.empty(drop, dtype=np.int32)
+                out = out[: K.lru_order_kernel(self.nxt, self.meta, out)]
+                self.dropped_keys.append(self.keys[out].copy())
         D.put_kernel(
             keys, vals.reshape(n, self.value_bytes), st.reshape(n, self.state_bytes), self.slab,
             self.index, self._shift, self.keys, self.prev, self.nxt, self.meta, self.capacity,
         )  # fmt: skip
+
+    def take_dropped(self) -> np.ndarray:
+        """The keys dropped past capacity since the last call (possibly some written again
+        since: check), and start recording them if not yet."""
+        parts, self.dropped_keys = self.dropped_keys, []
+        if not parts:
+            return np.zeros(0, dtype=np.uint64)
+        return np.unique(np.concatenate(parts))
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The record of every key (i32, -1 = not on disk)."""

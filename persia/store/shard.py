@@ -162,6 +162,8 @@ class Shard:
                     table.state.dtype, wipe=self._wipe_tier,
                 )
             )  # fmt: skip
+            if self._changed is not None and table.tier is not None:
+                table.tier.take_dropped()  # record the rows dropped past the disk capacity
         return table
 
     def close(self, remove_tier: bool = False) -> None:
@@ -445,10 +447,16 @@ class Shard:
                 self._changed = {}
                 self._changed_count = 0
                 self._evict_snap = {}
+                for t in self._tables.values():
+                    if t.tier is not None:
+                        t.tier.take_dropped()  # record the rows dropped past the disk capacity
             elif not enabled:
                 self._changed = None
                 self._changed_count = 0
                 self._evict_snap = {}
+                for t in self._tables.values():
+                    if t.tier is not None:
+                        t.tier.dropped_keys = None
 
     @property
     def tracking_changes(self) -> bool:
@@ -518,6 +526,9 @@ class Shard:
                     candidates = old[moved]
                     if candidates.size:
                         gone.append(candidates[~table.holds(candidates)])
+                if table.tier is not None:  # rows dropped past the disk capacity
+                    dropped = table.tier.take_dropped()
+                    gone.append(dropped[~table.holds(dropped)])
                 removed = np.unique(np.concatenate(gone))
                 if not rows.size and not removed.size:
                     continue

@@ -379,3 +379,34 @@ def test_probed_training_lookup_of_disk_rows_that_fit_without_spilling(tmp_path)
     keys = first[:2]
     out = t.train_lookup(keys, t.probe(keys))
     assert np.array_equal(out, before[:2])
+
+
+def test_deltas_of_a_two_tier_store_rebuild_it(tmp_path):
+    """A delta reader starting empty reaches the rows of both tiers, including the rows the
+    full disk drops (reported as removed)."""
+    from persia.store.delta import DeltaReader, DeltaWriter
+
+    src = ShardedStore(
+        2, 40, _opt(), seed=3, dims=[DIM], disk_tier=DiskTierConfig(tmp_path / "t", 120)
+    )
+    writer = DeltaWriter(src, tmp_path / "inc").start()
+    replica = ShardedStore(1, 100_000, _opt(), seed=3, dims=[DIM])
+    reader = DeltaReader(tmp_path / "inc")
+    rng = np.random.default_rng(3)
+    for step in range(40):
+        keys = rng.integers(0, 400, 25).astype(np.uint64)
+        src.lookup(keys, DIM, True)
+        src.apply_gradients(keys, rng.standard_normal((25, DIM)).astype(np.float32))
+        if step % 10 == 9:
+            writer.flush()
+            reader.apply_pending(replica)
+            want = _sorted_rows({
+                k: np.concatenate([s.export_rows()[DIM][k] for s in src.shards])
+                for k in ("keys", "values", "state")
+            })  # fmt: skip
+            got = _sorted_rows(replica.shards[0].export_rows()[DIM])
+            for name in ("keys", "values", "state"):
+                assert np.array_equal(want[name], got[name]), (step, name)
+    assert src.stats()["disk_dropped"] > 0
+    writer.close()
+    src.close()
