@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from persia.errors import StoreError
+from persia.logger import get_default_logger, warn_once
 from persia.store.config import Admission, Init, Normal, Uniform
 from persia.store.kernels import table as K
 
@@ -698,8 +699,14 @@ class EmbeddingTable:
             values, state = self.tier.read(recs[on])
             self.tier.remove(recs[on])
         excess = self.rows + absent.size - self.capacity
-        if excess > 0:
-            self._spill(excess, keys)
+        if excess > 0 and self._spill(excess, keys) < excess:
+            warn_once(
+                get_default_logger("persia.store"),
+                "disk tier: batch above capacity",
+                f"a training lookup asks for more distinct keys ({absent.size} new to RAM) than "
+                f"the table's RAM capacity ({self.capacity} rows) leaves room for: rows past it "
+                "are evicted without going to disk; raise the capacity",
+            )
         if on.any():
             self._put_rows(absent[on], values, state)
         return bool(on.any()) or self.evictions != before

@@ -410,3 +410,13 @@ def test_deltas_of_a_two_tier_store_rebuild_it(tmp_path):
     assert src.stats()["disk_dropped"] > 0
     writer.close()
     src.close()
+
+
+def test_a_batch_larger_than_ram_warns(tmp_path, caplog):
+    from persia.logger import reset_warn_once
+
+    reset_warn_once()
+    t = _tiered(tmp_path, 4)
+    with caplog.at_level(logging.WARNING):
+        t.lookup(np.arange(10, dtype=np.uint64), True)
+    assert "more distinct keys" in caplog.text
