@@ -71,3 +71,13 @@ bench-torchrec-install: $(STAMP)
 		tensordict==0.15.3 torchmetrics==1.0.3 lightning-utilities==0.15.3 \
 		pyre-extensions==0.0.32 typing-inspect==0.9.0 mypy-extensions==1.2.0 \
 		cloudpickle==3.1.3 orjson==3.13.0 pyvers==0.2.3 importlib-metadata==10.2.0 zipp==4.1.2
+
+# fio (Debian) for benchmarks/bench_disk.py's random-read IOPS of this machine's disk; not part of
+# `make test` (the benchmark reports the figure as skipped without it). lmdb and rocksdict, its
+# key-value contenders, are the `bench` extra (pip install -e ".[bench]").
+.PHONY: fio-install
+fio-install:
+	@if command -v fio >/dev/null; then echo "fio: installed"; \
+	elif [ "$$(id -u)" != 0 ]; then echo "fio-install: not root: install Debian's fio"; exit 1; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends fio >/dev/null; fi

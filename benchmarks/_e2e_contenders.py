@@ -18,6 +18,7 @@ import persia  # noqa: F401
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -363,19 +364,29 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
     emb_config = parse_embedding_config(
         {"feature_index_prefix_bit": 8, "slots_config": {n: {"dim": DIM} for n in names}}
     )
+    train = [stream.batch(i, b).to_persia_batch(names) for i in train_indices(spec)]
+    capacity = int(sum(spec["cardinalities"])) + 1
+    server: dict[str, Any] = {
+        "capacity": capacity,
+        "num_hashmap_internal_shards": spec["ps_shards"],
+    }
+    if spec.get("disk_tier"):  # a RAM capacity below the rows this run creates; the rest on disk
+        import tempfile
+
+        rows = distinct_ids(train, nslots)
+        server["capacity"] = max(1, int(rows * spec["disk_tier"]["ram_fraction"]))
+        if not spec["disk_tier"].get("no_tier"):
+            server["disk_tier_dir"] = tempfile.mkdtemp(prefix="bench_e2e_tier_")
+            server["disk_tier_capacity"] = capacity
     common: dict[str, Any] = {"job_type": "Train"}
     if spec.get("metrics"):  # PERSIA's metrics_config: collected (no gateway: not pushed)
         common["metrics_config"] = {"enable_metrics": True, "job_name": "bench_e2e"}
     glob_config = parse_global_config(
         {
             "common_config": common,
-            "embedding_parameter_server_config": {
-                "capacity": int(sum(spec["cardinalities"])) + 1,
-                "num_hashmap_internal_shards": spec["ps_shards"],
-            },
+            "embedding_parameter_server_config": server,
         }
     )
-    train = [stream.batch(i, b).to_persia_batch(names) for i in train_indices(spec)]
     held_out = [
         stream.batch(i, b).to_persia_batch(names, requires_grad=False) for i in eval_indices(spec)
     ]
@@ -433,12 +444,21 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
             reproducible=True,
         )
 
+        store = ctx.runtime.store
+        tiers = [t.tier for s in store.shards for t in s._tables.values() if t.tier is not None]
+        cold = bool(spec.get("cold"))
+
         def step(batch: Any) -> None:
+            if cold:  # every disk read of this step's lookups goes to the disk
+                for tier in tiers:
+                    tier.drop_cache()
             output, labels = ctx.forward(batch)
             loss = loss_fn(output, labels[0])
             ctx.backward(loss)
 
         it = iter(loader)
+        looked_up = sum(pb.id_type_features[s].values.size for pb in train for s in range(nslots))
+        reads0 = sum(t.stats()["disk_reads"] for t in tiers)
         seconds, idle = _timed_loop(it, spec["warmup_steps"], len(train), step)
         t0 = time.perf_counter()
         ctx.runtime.flush()
@@ -450,6 +470,8 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
         if link_stats is not None:
             link = (link_stats.bytes_out + link_stats.bytes_in, link_stats.wait_s)
         report = loader.staleness_report()
+        disk_reads = sum(t.stats()["disk_reads"] for t in tiers) - reads0
+        disk_rows = sum(t.rows for t in tiers)
         del train
         model.eval()
         logits = []
@@ -462,6 +484,14 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
     result["idle_ms_per_step"] = 1000.0 * idle / spec["steps"]
     result["staleness_mean"] = report.mean
     result["staleness_max"] = report.max
+    if spec.get("disk_tier"):
+        result["ram_capacity"] = server["capacity"]
+        result["evictions"] = store.stats()["evictions"]
+    if tiers:
+        result["disk_key_fraction"] = disk_reads / max(1, looked_up)
+        result["disk_rows_end"] = disk_rows
+        store.close()
+        shutil.rmtree(server["disk_tier_dir"], ignore_errors=True)
     if link is not None:
         n = len(train_indices(spec))
         result["link_mb_per_step"] = link[0] / 1e6 / n

@@ -6,6 +6,7 @@
     python benchmarks/bench_e2e.py --chart-from a.jsonl b.jsonl --chart e2e.png  # saved runs
     python benchmarks/bench_e2e.py --workload embedding-bound --repeat 3    # the GPU-worker regime
     python benchmarks/bench_e2e.py --device cuda --workload embedding-bound  # dense model on a GPU
+    python benchmarks/bench_e2e.py --disk-tier --only persia-hybrid,persia-hybrid+disk,persia-hybrid+disk-cold
 
 Every contender trains one fixed model per workload, batch 2048, element-wise Adagrad on the
 embeddings (row-wise Adagrad as a second setting), dense Adagrad, on the same seeded
@@ -31,6 +32,14 @@ The contenders:
 
 ``--device cuda`` runs every contender's dense model on the first GPU (the embeddings stay on
 the CPU); where torch sees no CUDA device it stops with a message saying so.
+
+With ``--disk-tier``, persia-hybrid also runs with a disk tier (``persia.store.disk``) under a
+RAM capacity of ``--disk-ram-fraction`` of the rows the run creates, so that some of each batch's
+keys are on disk when it is looked up (measured: ``disk_key_fraction``, rows read back from disk
+per key looked up): ``persia-hybrid+disk`` with the page cache warm, ``persia-hybrid+disk-cold``
+with the tier's pages evicted (``posix_fadvise(DONTNEED)``) before every step; ``persia-hybrid+evict``: the same RAM capacity without the tier (rows past it are
+dropped). Lines ``disk_vs_ram`` and ``disk_cold_vs_ram`` (target >= 0.8 warm, with about 1% of
+keys on disk), ``auc_gap_evict_vs_disk`` (what dropping rows costs) and ``auc_gap_disk_vs_ram``.
 
 With ``--links`` (default on) persia-sync and persia-hybrid also run with a simulated network link
 between the embedding worker and the parameter servers (:mod:`persia.rpc.simlink`): 10 Gbit/s
@@ -195,6 +204,12 @@ def plan(
     if args.sweep:
         for k in (2, 4, 16):
             runs.append(persia(f"persia-staleness-{k}", k))
+    if args.disk_tier:  # rows beyond a RAM capacity on disk, prefetched within the staleness
+        tier = {"ram_fraction": args.disk_ram_fraction}
+        runs.append(persia("persia-hybrid+disk", args.staleness, disk_tier=tier))
+        runs.append(persia("persia-hybrid+disk-cold", args.staleness, disk_tier=tier, cold=True))
+        evict = {**tier, "no_tier": True}  # the same RAM capacity, rows past it dropped
+        runs.append(persia("persia-hybrid+evict", args.staleness, disk_tier=evict))
     if args.metrics:  # persia-hybrid with PERSIA's metrics_config on (docs/metrics.md)
         runs.append(persia("persia-hybrid+metrics", args.staleness, metrics=True))
     if workload != "dlrm" and args.profile:
@@ -259,6 +274,11 @@ def ratios(
         gap("auc_gap_hybrid_vs_sync", "persia-hybrid", "persia-sync"),
         gap("auc_gap_hybrid_vs_torch", "persia-hybrid", "torch-embeddingbag"),
     ]
+    if "persia-hybrid+disk" in results:
+        out.append(ratio("disk_vs_ram", "persia-hybrid+disk", "persia-hybrid"))
+        out.append(ratio("disk_cold_vs_ram", "persia-hybrid+disk-cold", "persia-hybrid"))
+        out.append(gap("auc_gap_evict_vs_disk", "persia-hybrid+evict", "persia-hybrid+disk"))
+        out.append(gap("auc_gap_disk_vs_ram", "persia-hybrid+disk", "persia-hybrid"))
     if "persia-hybrid+metrics" in results:  # cpu_ratio: CPU per step, metrics on / off
         out.append(ratio("metrics_overhead", "persia-hybrid", "persia-hybrid+metrics"))
     extra = [n.split("@", 1)[1] for n in results if n.startswith("persia-hybrid@")]
@@ -376,6 +396,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "persia-hybrid@NAME; repeatable)",
     )
     p.add_argument("--sweep", action="store_true", help="also staleness 2, 4, 16 (AUC chart)")
+    p.add_argument("--disk-tier", action="store_true", help="also persia-hybrid with a disk tier")
+    p.add_argument(
+        "--disk-ram-fraction",
+        type=float,
+        default=0.5,
+        help="RAM capacity of the disk-tier runs, as a fraction of the rows the run creates",
+    )
     p.add_argument(
         "--metrics",
         action="store_true",

@@ -3,6 +3,8 @@
     python benchmarks/bench_store.py --quick     # CI: small sizes, a few seconds
     python benchmarks/bench_store.py             # full: 1M keys among 8M held rows (~2 minutes)
     python benchmarks/bench_store.py --scale     # + 62.5M rows x dim 16 (1e9 parameters, ~10 GB)
+    python benchmarks/bench_store.py --scale-disk DIR [--scale-disk-rows N]
+                                                 # + the disk tier (default 625M rows: 1e10 params)
 
 Single thread; dim 16, element-wise Adagrad state and Uniform(-0.01, 0.01) init unless the metric
 says otherwise. The shard is built for ``held + batch`` rows (``Shard(capacity, dims=[16])`` plus
@@ -22,6 +24,18 @@ reused), dict_baseline_rows_per_s (the evaluation lookup through a Python dict o
 a numpy gather, same run) and lookup_gather_vs_dict_ratio, bytes_per_row (``stats()["bytes_used"]
 / capacity`` with the shard full at the capacity it was built for). ``--scale`` adds
 scale_build_rows_per_s, scale_lookup_update_rows_per_s, scale_params and scale_bytes_per_param.
+
+``--scale-disk DIR`` (alone, without the other metrics: ``--scale-disk-only``) builds a shard with
+a disk tier in ``DIR`` holding ``--scale-disk-rows`` rows of dim 16 (values in
+``--scale-dtype``; row-wise Adagrad, one f32 of state per row), of which ``--scale-ram-rows``
+stay in RAM (default a tenth), by training lookups of new keys in chunks (the oldest spill to
+disk), then times ``--scale-lookups`` training lookups + updates of keys drawn uniformly from all
+rows (so about 90% hit disk: the hard case). No checkpoint is written. Metrics:
+scale_disk_build_rows_per_s, scale_disk_lookup_update_rows_per_s, scale_disk_params (rows in
+both tiers x 16), scale_disk_ram_bytes_per_param (peak RSS / parameters, which counts the slab's
+page-cache pages mapped by the process; ``anon_bytes_per_param``: the anonymous RSS) and
+scale_disk_bytes_per_param (the tier's file blocks / parameters). It refuses to start when the
+tier would need more than ``--scale-disk-max-gb`` (default 60) or more than the free space.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -286,6 +301,71 @@ def bench_scale(b: Bench, rows: int, batch: int, lookups: int) -> None:
     )
 
 
+def bench_scale_disk(b: Bench, args: argparse.Namespace, batch: int) -> None:
+    """The disk-tier scale run (see the module docstring)."""
+    from persia.store.disk import DiskTier, DiskTierConfig
+
+    dtype = np.dtype(args.scale_dtype)
+    if dtype != np.float32:  # half-precision rows are another change (issue 17, part one)
+        raise SystemExit(f"--scale-dtype {args.scale_dtype}: only float32 rows exist yet")
+    rows = args.scale_disk_rows
+    ram = args.scale_ram_rows or max(1, rows // 10)
+    directory = Path(args.scale_disk)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = DiskTier(directory, 1, DIM, dtype, 1, np.float32)
+    need = (rows - ram) * probe.record_size
+    free = shutil.disk_usage(directory).free
+    if need > args.scale_disk_max_gb * 1e9 or need > 0.95 * free:
+        raise SystemExit(
+            f"--scale-disk-rows {rows}: the tier needs {need / 1e9:.1f} GB "
+            f"(limit {args.scale_disk_max_gb} GB, free {free / 1e9:.1f} GB)"
+        )
+    shutil.rmtree(directory / "shard", ignore_errors=True)
+    shard = Shard(
+        ram, Adagrad(vectorwise_shared=True), dims=[DIM],
+        disk_tier=DiskTierConfig(directory / "shard", max(1, rows - ram)),
+    )  # fmt: skip
+    shard.reserve(ram, DIM)
+    chunk = min(1_000_000, max(1, ram // 2))
+    t0 = time.perf_counter()
+    for s in range(0, rows, chunk):
+        shard.lookup(held_keys(s, min(chunk, rows - s)), DIM, True)
+    build = time.perf_counter() - t0
+    b.emit("scale_disk_build_rows_per_s", rows / build, "rows/s", rows=rows, ram_rows=ram)
+    rng = np.random.default_rng(7)
+    grads = (rng.standard_normal((batch, DIM), dtype=np.float32) * 1e-2).astype(np.float32)
+    done = 0
+    t0 = time.perf_counter()
+    while done < args.scale_lookups:
+        keys = np.unique(sample_keys(rng, rows, min(batch, args.scale_lookups - done)))
+        shard.lookup(keys, DIM, True)
+        shard.apply_gradients(keys, grads[: keys.shape[0]])
+        done += keys.shape[0]
+    dt = time.perf_counter() - t0
+    st = shard.stats()
+    params = (st["rows"] + st["disk_rows"]) * DIM
+    tier_files = directory / "shard" / f"d{DIM}" / "tier.slab"
+    disk_bytes = os.stat(tier_files).st_blocks * 512
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # peak RSS counts the slab's file pages mapped in this process (page cache, reclaimable);
+    # the process's own memory is its anonymous RSS, read at the end (no growth copies by then)
+    anon = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) * 1024
+    common = {"rows": rows, "ram_rows": ram, "dtype": dtype.name, "optimizer": "rowwise_adagrad"}
+    b.emit("scale_disk_lookup_update_rows_per_s", done / dt, "rows/s", lookups=done, **common)
+    b.emit("scale_disk_params", params, "parameters", disk_rows=st["disk_rows"],
+           dropped=st["disk_dropped"], **common)  # fmt: skip
+    b.emit("scale_disk_ram_bytes_per_param", rss / params, "bytes/parameter", peak_rss_bytes=rss,
+           anon_rss_bytes=anon, anon_bytes_per_param=round(anon / params, 3),
+           table_bytes=st["bytes_used"], tier_ram_bytes=st["disk_ram_bytes"], **common)  # fmt: skip
+    b.emit("scale_disk_bytes_per_param", disk_bytes / params, "bytes/parameter",
+           disk_bytes=disk_bytes, record_size=probe.record_size, **common)  # fmt: skip
+    shard.close(remove_tier=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (CI)")
@@ -295,11 +375,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default 5, quick 3)")
     p.add_argument("--scale-rows", type=int, default=62_500_000, help="rows of --scale")
     p.add_argument("--scale-lookups", type=int, default=10_000_000, help="keys of --scale")
+    p.add_argument("--scale-disk", default=None, help="directory of the disk-tier scale run")
+    p.add_argument("--scale-disk-only", action="store_true", help="only the disk-tier run")
+    p.add_argument(
+        "--scale-disk-rows",
+        type=int,
+        default=625_000_000,
+        help="rows of --scale-disk (1e10 params)",
+    )
+    p.add_argument("--scale-ram-rows", type=int, default=None, help="of them in RAM (default 1/10)")
+    p.add_argument("--scale-dtype", default="float32", help="row values dtype of --scale-disk")
+    p.add_argument("--scale-disk-max-gb", type=float, default=60.0, help="tier size limit (GB)")
     args = p.parse_args(argv)
     held = args.held or (200_000 if args.quick else 8_000_000)
     batch = args.batch or (50_000 if args.quick else 1_000_000)
     repeats = args.repeats or (3 if args.quick else 5)
     b = Bench(args.quick, held, batch, repeats)
+    if args.scale_disk is not None and args.scale_disk_only:
+        bench_scale_disk(b, args, batch)
+        return 0
     bench_main(b, held, batch, repeats)
     gc.collect()
     bench_others(b, held, batch, repeats)
@@ -308,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = 500_000 if args.quick else args.scale_rows
         lookups = 200_000 if args.quick else args.scale_lookups
         bench_scale(b, rows, batch, lookups)
+    if args.scale_disk is not None:
+        gc.collect()
+        bench_scale_disk(b, args, batch)
     return 0
 
 

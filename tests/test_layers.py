@@ -63,6 +63,7 @@ DYNAMIC_IMPORTERS = {"persia.runtime.registry", "persia.job.models"}
 RAY_UNITS = ("persia.backends.ray",)
 NUMBA_MODULES = {
     "persia.store.kernels.table",
+    "persia.store.kernels.disk",
     "persia.worker.kernels",
     "persia.rpc.kernels",
     "persia.embedding.kernels",

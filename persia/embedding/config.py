@@ -282,6 +282,10 @@ class EmbeddingParameterServerConfig:
     incremental_dir: str = "/workspace/incremental_dir/"
     incremental_channel_capacity: int = 1000
     admit_min_count: int = 0
+    #: persia extension: keep rows evicted from RAM in this directory (None: dropped)
+    disk_tier_dir: str | None = None
+    #: persia extension: the most rows on disk over all parameter servers
+    disk_tier_capacity: int | None = None
 
 
 @dataclass(frozen=True)
@@ -580,11 +584,33 @@ _PS_TUNING_INTS = {
 }
 
 
+def _parse_disk_tier(r: Problems, d: dict, path: str) -> dict[str, Any]:
+    """The disk tier's two keys (persia extensions; null or absent: no tier): set together."""
+    tier_dir = d.get("disk_tier_dir")
+    tier_cap = d.get("disk_tier_capacity")
+    if tier_dir is not None and (not isinstance(tier_dir, str) or not tier_dir.strip()):
+        r.bad(f"{path}.disk_tier_dir", "a non-empty directory path", tier_dir)
+        tier_dir = None
+    if tier_cap is not None and (
+        isinstance(tier_cap, bool) or not isinstance(tier_cap, int) or tier_cap < 1
+    ):
+        r.bad(f"{path}.disk_tier_capacity", "an int > 0 (rows on disk over all servers)", tier_cap)
+        tier_cap = None
+    elif (tier_dir is None) != (tier_cap is None) and not r.problems:
+        missing = "disk_tier_capacity" if tier_cap is None else "disk_tier_dir"
+        r.bad(f"{path}.{missing}", "to be set with the other disk tier key", None)
+    if tier_dir is None or tier_cap is None:
+        return {}
+    return {"disk_tier_dir": tier_dir, "disk_tier_capacity": tier_cap}
+
+
 def _parse_server(r: Problems, raw: object) -> EmbeddingParameterServerConfig:
     path = "embedding_parameter_server_config"
     d = r.mapping(raw, path) or {}
     own = tuple(vars(EmbeddingParameterServerConfig()))
     d = r.keys(d, path, own + tuple(_PS_TUNING_INTS) + ("storage", "local_buffer_dir"))
+    if d.get("disk_tier_dir") is None and d.get("disk_tier_capacity") is None:
+        d = {k: v for k, v in d.items() if k not in ("disk_tier_dir", "disk_tier_capacity")}
     default = EmbeddingParameterServerConfig()
     cfg = EmbeddingParameterServerConfig(
         capacity=r.int_(d, "capacity", path, default.capacity),
@@ -603,6 +629,7 @@ def _parse_server(r: Problems, raw: object) -> EmbeddingParameterServerConfig:
             d, "incremental_channel_capacity", path, default.incremental_channel_capacity
         ),
         admit_min_count=r.int_(d, "admit_min_count", path, 0, minimum=0),
+        **_parse_disk_tier(r, d, path),
     )
     r.no_effect(
         d,
@@ -762,6 +789,8 @@ def embedding_spec(
         incremental=ps.enable_incremental_update,
         incremental_dir=ps.incremental_dir,
         incremental_buffer_size=ps.incremental_buffer_size,
+        disk_tier_dir=ps.disk_tier_dir,
+        disk_tier_capacity=ps.disk_tier_capacity,
     )
 
 
@@ -824,6 +853,8 @@ def persia_configs(
     }
     if spec.admit_min_count:
         server["admit_min_count"] = spec.admit_min_count
+    if spec.disk_tier_dir is not None:
+        server.update(disk_tier_dir=spec.disk_tier_dir, disk_tier_capacity=spec.disk_tier_capacity)
     if spec.incremental:
         server.update(
             enable_incremental_update=True,

@@ -168,6 +168,9 @@ class EmbeddingSpec:
         incremental: write deltas of the changed rows (PERSIA's ``enable_incremental_update``).
         incremental_dir: where the deltas go.
         incremental_buffer_size: rows per delta.
+        disk_tier_dir: keep rows evicted from RAM on disk in this directory (None: they are
+            dropped); set with ``disk_tier_capacity``, the most rows on disk over all parameter
+            servers (``persia.store.disk``).
 
     Raises:
         ConfigError: listing every invalid field (``slot 'age': dim must be > 0, got 0``).
@@ -188,6 +191,8 @@ class EmbeddingSpec:
     incremental: bool = False
     incremental_dir: str = "/workspace/incremental_dir/"
     incremental_buffer_size: int = 1_000_000
+    disk_tier_dir: str | None = None
+    disk_tier_capacity: int | None = None
 
     def __post_init__(self) -> None:
         problems = self._slot_problems()
@@ -227,6 +232,22 @@ class EmbeddingSpec:
             problems.append(
                 f"weight_bound must be a number (> 0: clip; <= 0 or inf: no clipping), got {bound!r}"
             )
+        tier_dir, tier_cap = self.disk_tier_dir, self.disk_tier_capacity
+        if tier_dir is not None and (not isinstance(tier_dir, str) or not tier_dir.strip()):
+            problems.append(f"disk_tier_dir must be a non-empty path or None, got {tier_dir!r}")
+        if tier_cap is not None and (not is_int(tier_cap) or tier_cap < 1):
+            problems.append(f"disk_tier_capacity must be an int > 0 or None, got {tier_cap!r}")
+        if (tier_dir is None) != (tier_cap is None):
+            problems.append(
+                "disk_tier_dir and disk_tier_capacity must be set together, got "
+                f"{tier_dir!r} and {tier_cap!r}"
+            )
+        elif tier_cap is not None and is_int(self.shards) and self.shards > 0:
+            if -(-tier_cap // self.shards) >= 2**31:
+                problems.append(
+                    f"disk_tier_capacity must be < 2**31 rows per shard, got {tier_cap} "
+                    f"over {self.shards} shard(s)"
+                )
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             problems.append(f"seed must be an int >= 0 or None, got {self.seed!r}")
         if problems:

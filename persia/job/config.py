@@ -382,6 +382,8 @@ _EMBEDDING_KEYS = (
     "init",
     "weight_bound",
     "feature_index_prefix_bit",
+    "disk_tier_dir",
+    "disk_tier_capacity",
 )
 
 
@@ -504,6 +506,10 @@ def _embedding(c: Problems, raw: object, data: DataSpec | None) -> EmbeddingSpec
         None,
         "a number (> 0: clip to [-bound, bound]; <= 0: no clipping)",
     )
+    tier_dir = c.str_(d, "disk_tier_dir", "embedding", None)
+    tier_cap = c.int_(d, "disk_tier_capacity", "embedding", None)
+    if (tier_dir is None) != (tier_cap is None):
+        c.add("embedding.disk_tier_dir and embedding.disk_tier_capacity must be set together")
     if c.problems or not slots:
         return None
     return EmbeddingSpec(
@@ -517,6 +523,8 @@ def _embedding(c: Problems, raw: object, data: DataSpec | None) -> EmbeddingSpec
         init=(float(init[0]), float(init[1])),
         weight_bound=bound,
         feature_index_prefix_bit=bits,
+        disk_tier_dir=tier_dir,
+        disk_tier_capacity=tier_cap,
     )
 
 

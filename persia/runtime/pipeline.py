@@ -180,6 +180,7 @@ class Runtime:
         self._cond = threading.Condition()
         self.counts = np.zeros(3, dtype=np.int64)  # applied, skipped_absent, skipped_nonfinite
         self.batches_applied = 0
+        self._prefetching = False
         self._thread = threading.Thread(target=self._apply_loop, name="persia-apply", daemon=True)
         self._thread.start()
 
@@ -190,6 +191,32 @@ class Runtime:
         self._raise_pending()
         result = self.worker.forward(batch, training)
         return TrainingBatch(batch, result, index, gate if training else None)
+
+    def prefetch(self, batch: PersiaBatch) -> None:
+        """Bring the disk-resident rows of a training batch waiting for its staleness permit
+        into RAM on a background thread (a hint; nothing when the store has no disk tier or a
+        prefetch is still running). Its lookup then finds them in RAM."""
+        if getattr(self.store, "disk_tier", None) is None or self._closed:
+            return
+        keys_of = getattr(self.worker, "batch_keys", None)
+        if keys_of is None:
+            return
+        with self._cond:
+            if self._prefetching:
+                return
+            self._prefetching = True
+
+        def run() -> None:
+            try:
+                for dim, keys in keys_of(batch).items():
+                    self.store.prefetch(keys, dim)
+            except Exception:  # a hint: the lookup itself reports what is wrong
+                pass
+            finally:
+                with self._cond:
+                    self._prefetching = False
+
+        threading.Thread(target=run, name="persia-prefetch", daemon=True).start()
 
     # ------------------------------------------------------------- backward side
     def submit(

@@ -12,7 +12,9 @@ from typing import Any
 
 from persia.embedding.optim import SGD, EmbeddingOptimizer, build_optimizer
 from persia.embedding.spec import EmbeddingSpec
+from persia.errors import ConfigError
 from persia.store.config import Admission, Uniform
+from persia.store.disk import DiskTierConfig
 from persia.store.sharded import ShardedStore
 from persia.utils import embedding_seed
 
@@ -47,7 +49,19 @@ def store_options(spec: EmbeddingSpec) -> dict[str, Any]:
 
 def shard_options(spec: EmbeddingSpec, num_shards: int) -> dict[str, Any]:
     """Keyword arguments of one :class:`~persia.store.Shard` of ``num_shards``: as
-    :func:`store_options` with the capacity split among them (as ``ShardedStore`` splits it)."""
+    :func:`store_options` with the capacity split among them (as ``ShardedStore`` splits it).
+
+    Raises:
+        ConfigError: the spec asks for a disk tier (only the embedded store has one yet)."""
+    if spec.disk_tier_dir is not None:
+        raise ConfigError(
+            [
+                "embedding_parameter_server_config.disk_tier_dir: the disk tier is supported by "
+                "the embedded (local) backend only, not by parameter servers in their own "
+                "processes (the Ray backend, persia-launcher); unset it"
+            ],
+            source="disk tier",
+        )
     return {**store_options(spec), "capacity": spec.shard_capacity(num_shards)}
 
 
@@ -57,5 +71,10 @@ def build_store(spec: EmbeddingSpec, num_shards: int | None = None) -> ShardedSt
     return ShardedStore(
         num_shards=spec.shards if num_shards is None else num_shards,
         adopt_optimizer=spec.optimizer is None,
+        disk_tier=(
+            None
+            if spec.disk_tier_dir is None or spec.disk_tier_capacity is None
+            else DiskTierConfig(spec.disk_tier_dir, spec.disk_tier_capacity)
+        ),
         **store_options(spec),
     )

@@ -29,6 +29,7 @@ import numpy as np
 from persia import telemetry
 from persia.errors import StoreError
 from persia.store.config import Admission, Init, Uniform
+from persia.store.disk import DiskTier, DiskTierConfig
 from persia.store.kernels import table as K
 from persia.store.table import (
     EmbeddingTable,
@@ -92,6 +93,10 @@ class Shard:
         seed: seed of init and admission.
         weight_bound: values are clipped to [-bound, bound] after updates (<= 0 or inf: never).
         dims: the dims this shard holds, when known up front (recommended).
+        disk_tier: keep rows evicted from RAM on disk (``persia.store.disk``): the shard's
+            directory (one subdirectory ``d{dim}`` per table, validated when it exists) and
+            the rows on disk, split between the dims as ``capacity`` is (each table of a shard
+            without declared dims gets all of it).
     """
 
     def __init__(
@@ -103,8 +108,13 @@ class Shard:
         seed: int = 0,
         weight_bound: float = 10.0,
         dims: Sequence[int] | None = None,
+        disk_tier: DiskTierConfig | None = None,
     ) -> None:
         self.capacity = check_positive_int(capacity, "capacity")
+        if disk_tier is not None and not isinstance(disk_tier, DiskTierConfig):
+            raise StoreError(f"disk_tier must be a DiskTierConfig, got {type(disk_tier).__name__}")
+        self.disk_tier = disk_tier
+        self._wipe_tier = False
         self.optimizer = optimizer
         self.init: Init = init if init is not None else Uniform(-0.01, 0.01)
         self.admission = admission if admission is not None else Admission()
@@ -135,12 +145,34 @@ class Shard:
             for d, cap in split_capacity(self.capacity, checked).items():
                 self._tables[d] = self._new_table(d, cap)
         else:
-            self._new_table(1, 1)  # validate the configuration now, not at the first lookup
+            self._new_table(1, 1, tier=False)  # validate the configuration now
 
-    def _new_table(self, dim: int, capacity: int) -> EmbeddingTable:
-        return EmbeddingTable(
+    def _new_table(self, dim: int, capacity: int, tier: bool = True) -> EmbeddingTable:
+        table = EmbeddingTable(
             dim, capacity, self.optimizer, self.init, self.admission, self.seed, self.weight_bound
         )
+        cfg = self.disk_tier
+        if cfg is not None and tier:
+            disk = cfg.capacity
+            if self.declared_dims is not None:
+                disk = split_capacity(cfg.capacity, self.declared_dims)[dim]
+            table.attach_tier(
+                DiskTier.open(
+                    cfg.directory / f"d{dim}", disk, dim, table.values.dtype, table.state_width,
+                    table.state.dtype, wipe=self._wipe_tier,
+                )
+            )  # fmt: skip
+            if self._changed is not None and table.tier is not None:
+                table.tier.take_dropped()  # record the rows dropped past the disk capacity
+        return table
+
+    def close(self, remove_tier: bool = False) -> None:
+        """Close the tables' disk tiers (``remove_tier``: delete their files); the shard is not
+        used after this."""
+        with self._lock:
+            for t in self._tables.values():
+                if t.tier is not None:
+                    t.tier.close(remove=remove_tier)
 
     # ------------------------------------------------------------------------------- helpers
     @property
@@ -267,7 +299,7 @@ class Shard:
                 return self._apply_locked(keys, grads, dim)
             if self._changed is not None:
                 self._note_changed(dim, keys)
-            return table.apply_rows(hint.rows, grads)
+            return table.apply_rows(hint.rows, grads, keys)
 
     def apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
         """Apply ``grads[i]`` (``f32[n, dim]``) to the row of ``keys[i]`` in dim ``dim``.
@@ -308,8 +340,20 @@ class Shard:
             self._absent_no_table += n
             return np.array([0, n, 0], dtype=np.int64)
         if self._changed is not None:
-            self._note_changed(dim, keys[rows >= 0])
-        return table.apply_rows(rows, grads)
+            self._note_changed(dim, keys[rows >= 0] if table.tier is None else keys)
+        return table.apply_rows(rows, grads, keys)
+
+    def prefetch(self, keys: Any, dim: int) -> int:
+        """Bring the rows of ``keys`` (dim ``dim``) that the disk tier holds into RAM ahead of
+        their training lookup (a hint: nothing without a tier). Returns how many came back."""
+        keys = check_keys(keys)
+        with self._lock:
+            table = self._tables.get(dim)
+            if table is None or table.tier is None:
+                return 0
+            if self._changed is not None:
+                self._before_evicting(dim, table, True)
+            return table.prefetch(keys)
 
     def reserve(self, rows: int, dim: int) -> None:
         """Allocate room for ``rows`` rows of dim ``dim`` now (at most its capacity share)."""
@@ -356,12 +400,19 @@ class Shard:
                 if self.declared_dims is not None and dim not in self.declared_dims:
                     raise StoreError(f"dim must be one of {list(self.declared_dims)}, got {dim}")
                 return 0
-            return table.remove_keys(keys)
+            held = table.remove_keys(keys)
+            if table.tier is not None:
+                held += table.tier.remove_keys(keys)
+            return held
 
     def clear(self) -> None:
         """Drops every row (the configuration, the declared dims and change tracking stay; the
         change record restarts empty)."""
         with self._lock:
+            for t in self._tables.values():
+                if t.tier is not None:
+                    t.tier.close()
+            self._wipe_tier = True  # the new tables' tiers start empty
             if self.declared_dims is not None:
                 shares = split_capacity(self.capacity, self.declared_dims)
                 self._tables = {d: self._new_table(d, cap) for d, cap in shares.items()}
@@ -396,10 +447,16 @@ class Shard:
                 self._changed = {}
                 self._changed_count = 0
                 self._evict_snap = {}
+                for t in self._tables.values():
+                    if t.tier is not None:
+                        t.tier.take_dropped()  # record the rows dropped past the disk capacity
             elif not enabled:
                 self._changed = None
                 self._changed_count = 0
                 self._evict_snap = {}
+                for t in self._tables.values():
+                    if t.tier is not None:
+                        t.tier.dropped_keys = None
 
     @property
     def tracking_changes(self) -> bool:
@@ -443,6 +500,18 @@ class Shard:
                 keys = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
                 rows = table.probe(keys)
                 held = rows >= 0
+                values, state = table.values[rows[held]], table.state[rows[held]]
+                if table.tier is not None and table.tier.rows and not held.all():
+                    recs = np.full(keys.shape[0], -1, dtype=np.int32)
+                    recs[~held] = table.tier.find(keys[~held])
+                    if (recs >= 0).any():  # rows on disk are held too
+                        disk_values, disk_state = table.tier.read(recs)
+                        values = np.where((rows >= 0)[:, None], 0, disk_values)
+                        state = np.where((rows >= 0)[:, None], 0, disk_state)
+                        values[held] = table.values[rows[held]]
+                        state[held] = table.state[rows[held]]
+                        held = held | (recs >= 0)
+                        values, state = values[held], state[held]
                 rows = rows[held]
                 # keys noted since the last take and not held now: created and evicted since
                 # (held by a checkpoint dumped in between), or never admitted (absent anywhere)
@@ -456,14 +525,17 @@ class Shard:
                     moved[:n] = table.row_keys[:n] != old[:n]
                     candidates = old[moved]
                     if candidates.size:
-                        gone.append(candidates[table.probe(candidates) < 0])
+                        gone.append(candidates[~table.holds(candidates)])
+                if table.tier is not None:  # rows dropped past the disk capacity
+                    dropped = table.tier.take_dropped()
+                    gone.append(dropped[~table.holds(dropped)])
                 removed = np.unique(np.concatenate(gone))
                 if not rows.size and not removed.size:
                     continue
                 out[dim] = {
                     "keys": keys[held],
-                    "values": table.values[rows],
-                    "state": table.state[rows],
+                    "values": values,
+                    "state": state,
                     "removed": removed,
                 }
             return out
@@ -481,6 +553,16 @@ class Shard:
                 )
             }  # fmt: skip
             total["capacity"] = self.capacity
+            for k in (
+                "disk_rows",
+                "disk_dropped",
+                "disk_writes",
+                "disk_reads",
+                "disk_bytes",
+                "disk_ram_bytes",
+            ):
+                if any(k in s for s in per.values()):
+                    total[k] = sum(s.get(k, 0) for s in per.values())
             total["misses"] += self._misses_no_table
             total["skipped_absent"] += self._absent_no_table
             total["dims"] = per

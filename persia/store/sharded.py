@@ -9,6 +9,9 @@ checkpoint made with N shards loads into M. Checkpoints are written and read by
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +19,9 @@ import numpy as np
 
 from persia.embedding.spec import per_shard_capacity
 from persia.errors import CheckpointError, StoreError
+from persia.logger import get_default_logger
 from persia.store.config import Admission, Init, Uniform
+from persia.store.disk import DiskTierConfig
 from persia.store.shard import Shard, shard_of
 from persia.store.table import check_grads, check_keys, check_positive_int
 
@@ -32,6 +37,11 @@ class ShardedStore:
         optimizer, init, admission, seed, weight_bound, dims: as for :class:`Shard`.
         adopt_optimizer: :meth:`replace_rows` takes the checkpoint's optimizer instead of requiring
             a matching one (an evaluation or serving store that trains nothing).
+        disk_tier: keep rows evicted from RAM on disk (``persia.store.disk``): a directory and the
+            rows on disk over all shards (each shard holds ``ceil(capacity / num_shards)``). The
+            store's tiers live in ``{directory}/{CURRENT}/s{shard}/d{dim}``, ``CURRENT`` naming
+            the live set: a new store validates and reuses it; :meth:`replace_rows` and
+            :meth:`clear` start a new one and delete the old (a checkpoint never points into it).
     """
 
     def __init__(
@@ -45,8 +55,13 @@ class ShardedStore:
         weight_bound: float = 10.0,
         dims: Sequence[int] | None = None,
         adopt_optimizer: bool = False,
+        disk_tier: DiskTierConfig | None = None,
     ) -> None:
         self.adopt_optimizer = adopt_optimizer
+        if disk_tier is not None and not isinstance(disk_tier, DiskTierConfig):
+            raise StoreError(f"disk_tier must be a DiskTierConfig, got {type(disk_tier).__name__}")
+        self.disk_tier = disk_tier
+        self._tier_set = self._current_tier_set() if disk_tier is not None else 0
         self.num_shards = check_positive_int(num_shards, "num_shards")
         self.capacity = check_positive_int(capacity, "capacity")
         self.optimizer = optimizer
@@ -56,27 +71,93 @@ class ShardedStore:
         self.weight_bound = weight_bound
         self.dims = tuple(sorted(set(dims))) if dims is not None else None
         self.shards = self._new_shards(self.num_shards)
+        if disk_tier is not None:
+            kept = sum(int(s.stats().get("disk_rows", 0)) for s in self.shards)
+            if kept:
+                get_default_logger("persia.store").warning(
+                    "disk tier %s: %d valid row(s) left by an earlier process kept on disk "
+                    "(loading a checkpoint replaces them; clear() drops them)",
+                    disk_tier.directory, kept,
+                )  # fmt: skip
         #: how many times every row was replaced (:meth:`clear`, :meth:`replace_rows`): the
         #: incremental-delta writer then writes a reset delta (:mod:`persia.store.delta`)
         self.resets = 0
 
-    def _new_shards(self, n: int) -> list[Shard]:
+    def _current_tier_set(self) -> int:
+        """The live tier set named by ``{directory}/CURRENT`` (0 if none); other sets left by
+        an earlier process are deleted."""
+        assert self.disk_tier is not None
+        base = self.disk_tier.directory
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            text = (base / "CURRENT").read_text().strip() if (base / "CURRENT").exists() else ""
+        except OSError as exc:
+            raise StoreError(f"disk tier directory {str(base)!r} cannot be used: {exc}") from exc
+        number = int(text[3:]) if re.fullmatch(r"set\d+", text) else 0
+        for p in base.glob("set*"):
+            if p.name != f"set{number}" and re.fullmatch(r"set\d+", p.name):
+                shutil.rmtree(p, ignore_errors=True)
+        return number
+
+    def _tier_config(self, number: int, shard: int, n: int) -> DiskTierConfig | None:
+        cfg = self.disk_tier
+        if cfg is None:
+            return None
+        per = per_shard_capacity(cfg.capacity, n)
+        return DiskTierConfig(cfg.directory / f"set{number}" / f"s{shard}", per)
+
+    def _new_shards(self, n: int, tier_set: int | None = None) -> list[Shard]:
         per = per_shard_capacity(self.capacity, n)
-        shards = [
-            Shard(
-                per,
-                self.optimizer,
-                self.init,
-                self.admission,
-                self.seed,
-                self.weight_bound,
-                dims=self.dims,
-            )
-            for _ in range(n)
-        ]
+        number = self._tier_set if tier_set is None else tier_set
+        shards: list[Shard] = []
+        try:
+            for i in range(n):
+                shards.append(
+                    Shard(
+                        per,
+                        self.optimizer,
+                        self.init,
+                        self.admission,
+                        self.seed,
+                        self.weight_bound,
+                        dims=self.dims,
+                        disk_tier=self._tier_config(number, i, n),
+                    )
+                )
+        except BaseException:
+            for shard in shards:
+                shard.close(remove_tier=tier_set is not None)
+            raise
         for i, shard in enumerate(shards):
             shard.replica = i
         return shards
+
+    def _next_tier_set(self) -> int | None:
+        """A new, empty tier set for replacing shards (None: no disk tier)."""
+        if self.disk_tier is None:
+            return None
+        number = self._tier_set + 1
+        shutil.rmtree(self.disk_tier.directory / f"set{number}", ignore_errors=True)
+        return number
+
+    def _switch_tier_set(self, number: int | None, old: list[Shard]) -> None:
+        """After the shards were replaced: close and delete the old set, name the new one."""
+        for shard in old:
+            shard.close(remove_tier=True)
+        if number is None or self.disk_tier is None:
+            return
+        base = self.disk_tier.directory
+        tmp = base / "CURRENT.tmp"
+        tmp.write_text(f"set{number}\n")
+        os.replace(tmp, base / "CURRENT")
+        shutil.rmtree(base / f"set{self._tier_set}", ignore_errors=True)
+        self._tier_set = number
+
+    def close(self) -> None:
+        """Close the shards' disk tiers (their files stay: a new store validates and reuses
+        them)."""
+        for shard in self.shards:
+            shard.close()
 
     def shard_of(self, keys: Any) -> np.ndarray:
         """The shard index (int32) of every key."""
@@ -114,6 +195,19 @@ class ShardedStore:
                 total += shard.apply_gradients(keys[sel], np.ascontiguousarray(grads[sel]))
         return total
 
+    def prefetch(self, keys: Any, dim: int) -> int:
+        """:meth:`Shard.prefetch` on every shard holding some of ``keys``."""
+        if self.disk_tier is None:
+            return 0
+        keys = check_keys(keys)
+        where = self.shard_of(keys)
+        done = 0
+        for s, shard in enumerate(self.shards):
+            sel = np.flatnonzero(where == s)
+            if sel.size:
+                done += shard.prefetch(keys[sel], dim)
+        return done
+
     def shard_stats(self) -> list[dict[str, Any]]:
         """Each shard's :meth:`Shard.stats`."""
         return [s.stats() for s in self.shards]
@@ -136,7 +230,10 @@ class ShardedStore:
 
     def clear(self) -> None:
         """Drops every row (the configuration stays)."""
-        self._replace_shards(self._new_shards(self.num_shards))
+        number = self._next_tier_set()
+        old = list(self.shards)
+        self._replace_shards(self._new_shards(self.num_shards, number))
+        self._switch_tier_set(number, old)
         self.resets += 1
 
     def _replace_shards(self, shards: list[Shard]) -> None:
@@ -181,8 +278,10 @@ class ShardedStore:
             raise CheckpointError(f"{where}: cannot load: " + "; ".join(problems))
         old_optimizer = self.optimizer
         self.optimizer = optimizer
+        number = self._next_tier_set()
+        shards: list[Shard] = []
         try:
-            shards = self._new_shards(self.num_shards)
+            shards = self._new_shards(self.num_shards, number)
             for dim in dims:
                 for i in range(int(meta["num_shards"])):
                     keys = arrays.get(f"s{i}.d{dim}.keys")
@@ -197,9 +296,15 @@ class ShardedStore:
                             shard.import_rows(dim, keys[sel], values[sel], state[sel])
         except StoreError as exc:
             self.optimizer = old_optimizer
+            for shard in shards:
+                shard.close(remove_tier=True)
             raise CheckpointError(f"{where}: rows cannot be loaded: {exc}") from exc
         except BaseException:
             self.optimizer = old_optimizer
+            for shard in shards:
+                shard.close(remove_tier=True)
             raise
+        old = list(self.shards)
         self._replace_shards(shards)
+        self._switch_tier_set(number, old)
         self.resets += 1

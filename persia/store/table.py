@@ -26,17 +26,29 @@ links plus 11.4-22.9 bytes of index per row). At capacity a new key takes the
 row of the least recently used key, which is deleted from the index by backward-shift deletion.
 
 A table is not locked: ``persia.store.shard.Shard`` holds the lock.
+
+Disk tier (:meth:`EmbeddingTable.attach_tier`, ``persia.store.disk``): rows that leave RAM at
+capacity are written to disk with their state instead of being dropped. The hooks sit before the
+kernels, which stay as they are: a training lookup (or an import) first makes room by spilling the
+oldest RAM rows that it does not touch, then brings the keys it finds on disk back into RAM (their
+disk records are freed), so the kernels never evict and a key on disk is never new to admission;
+an evaluation lookup reads a disk row without moving it; a gradient for a disk row is applied on
+disk; a snapshot (checkpoint) holds the disk rows as the oldest.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from persia.errors import StoreError
+from persia.logger import get_default_logger, warn_once
 from persia.store.config import Admission, Init, Normal, Uniform
 from persia.store.kernels import table as K
+
+if TYPE_CHECKING:
+    from persia.store.disk import DiskTier
 
 __all__ = ["EmbeddingTable", "Optimizer", "check_keys", "check_grads"]
 
@@ -155,6 +167,8 @@ class EmbeddingTable:
     lru_ts: np.ndarray
     _records: np.ndarray
     index: np.ndarray
+    #: rows evicted from RAM go here (``attach_tier``); None: they are dropped
+    tier: DiskTier | None = None
 
     def __init__(
         self,
@@ -296,6 +310,8 @@ class EmbeddingTable:
         if capacity > _MAX_ROWS:
             raise StoreError(f"capacity must be < 2**31 rows, got {capacity}")
         self.flush_lru()
+        if self.tier is not None and self.rows > capacity:
+            self._spill(self.rows - capacity, np.zeros(0, dtype=np.uint64))
         if self.rows > capacity:
             K.evict_oldest_kernel(
                 self.rows - capacity, self.index, self._shift, self.row_keys, self.values,
@@ -345,11 +361,19 @@ class EmbeddingTable:
             )
         )
         self.meta[K.M_MISSES] += missing
+        if missing and self.tier is not None and self.tier.rows:
+            absent = np.flatnonzero(rows < 0)
+            recs = self.tier.find(keys[absent])
+            on = recs >= 0
+            if on.any():
+                out[absent[on]] = self.tier.read(recs[on])[0]
         return out, rows, missing
 
     def train_lookup(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Training lookup of checked ``keys`` whose rows ``probe`` just gave (the shard checks
         the misses between the two calls). ``rows`` is used as scratch."""
+        if self.tier is not None and self._tier_before_train(keys):
+            rows = self.probe(keys)  # spilling moved rows
         out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
         self.flush_lru()
         K.train_hits_kernel(self.values, rows, out, self.lru_prev, self.lru_next, self.meta)
@@ -370,6 +394,8 @@ class EmbeddingTable:
         Returns ``(values f32[n, dim], rows)``: ``rows`` (i32[n]) is the row of every key when
         that path ran and the keys were distinct, else None."""
         n = keys.shape[0]
+        if self.tier is not None:
+            self._tier_before_train(keys)
         out = np.empty((n, self.dim), dtype=np.float32)
         rows = np.empty(n, dtype=np.int32)
         if not self._use_sketch and self.rows + n <= self.values.shape[0]:
@@ -441,14 +467,19 @@ class EmbeddingTable:
         """
         keys = check_keys(keys)
         grads = check_grads(grads, keys.shape[0], self.dim)
-        return self.apply_rows(self.probe(keys), grads)
+        return self.apply_rows(self.probe(keys), grads, keys)
 
-    def apply_rows(self, rows: np.ndarray, grads: np.ndarray) -> np.ndarray:
-        """``apply_gradients`` for already probed rows and checked ``grads``."""
+    def apply_rows(
+        self, rows: np.ndarray, grads: np.ndarray, keys: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``apply_gradients`` for already probed rows and checked ``grads`` (``keys``: theirs,
+        for the rows absent from RAM that a disk tier may hold)."""
         counts = np.asarray(
             self.optimizer.apply(self.values, self.state, rows, grads, self.weight_bound),
             dtype=np.int64,
         )
+        if counts[1] and keys is not None and self.tier is not None and self.tier.rows:
+            counts = counts + self._apply_on_disk(keys, rows, grads)
         self.applied += int(counts[0])
         self.skipped_absent += int(counts[1])
         self.skipped_nonfinite += int(counts[2])
@@ -479,6 +510,8 @@ class EmbeddingTable:
             snap["ts"] = self.lru_ts[:n].copy()
         else:
             snap["next"] = self.lru_next[:n].copy()
+        if self.tier is not None and self.tier.rows:
+            snap["disk_keys"], snap["disk_values"], snap["disk_state"] = self.tier.export()
         return snap
 
     @staticmethod
@@ -490,11 +523,15 @@ class EmbeddingTable:
             order = np.empty(snap["keys"].shape[0], dtype=np.int32)
             k = K.lru_order_kernel(snap["next"], snap["meta"], order)
             order = order[:k]
-        return {
+        rows = {
             "keys": snap["keys"][order],
             "values": snap["values"][order],
             "state": snap["state"][order],
         }
+        if "disk_keys" in snap:  # the disk rows are older than every RAM row
+            for name in ("keys", "values", "state"):
+                rows[name] = np.concatenate([snap["disk_" + name], rows[name]])
+        return rows
 
     def import_rows(self, keys: Any, values: Any, state: Any | None = None) -> None:
         """Insert or overwrite rows in order, each becoming the newest (so importing an export
@@ -508,6 +545,9 @@ class EmbeddingTable:
         state = check_grads(state, n, self.state_width, field="state")
         if not np.isfinite(values).all():
             raise StoreError("values must be finite, got NaN or Inf")
+        if self.tier is not None:
+            self._tier_import(keys, values, state)
+            return
         self.flush_lru()
         start = 0
         while True:
@@ -591,4 +631,154 @@ class EmbeddingTable:
             "skipped_absent": self.skipped_absent,
             "skipped_nonfinite": self.skipped_nonfinite,
             "bytes_used": self.bytes_used,
+            **(self.tier.stats() if self.tier is not None else {}),
         }
+
+    # ----------------------------------------------------------------------------- disk tier
+    def attach_tier(self, tier: DiskTier) -> None:
+        """Keep rows evicted from RAM in ``tier`` (its layout must be this table's: dim, value
+        and state dtypes, state width) instead of dropping them."""
+        want = (self.dim, self.values.dtype, self.state_width, self.state.dtype)
+        got = (tier.dim, tier.value_dtype, tier.state_width, tier.state_dtype)
+        if got != want:
+            raise StoreError(
+                f"disk tier layout (dim, dtype, state width, state dtype) {got} != {want}"
+            )
+        self.tier = tier
+
+    def _spill(self, count: int, keep: np.ndarray) -> int:
+        """Move the ``count`` oldest RAM rows whose keys are not in ``keep`` to the disk tier
+        (fewer when RAM holds fewer); returns how many moved. Counted as evictions."""
+        assert self.tier is not None
+        self.flush_lru()
+        count = min(count, self.rows)
+        if count <= 0:
+            return 0
+        full = np.empty(min(self.rows, count + keep.shape[0]), dtype=np.int32)
+        full = full[: K.lru_order_kernel(self.lru_next, self.meta, full)]
+        victims = full[:count]
+        if keep.size:
+            held = self.probe(keep)
+            mark = np.zeros(self.rows, dtype=bool)
+            mark[held[held >= 0]] = True
+            victims = full[~mark[full]][:count]
+        if victims.size == 0:
+            return 0
+        keys = self.row_keys[victims].copy()
+        self.tier.put(keys, self.values[victims], self.state[victims])
+        evictions = int(self.meta[K.M_EVICTIONS])
+        if np.array_equal(victims, full[: victims.size]):  # the oldest rows: evict from the head
+            K.evict_oldest_kernel(
+                victims.size, self.index, self._shift, self.row_keys, self.values, self.state,
+                self.lru_prev, self.lru_next, self.meta,
+            )  # fmt: skip
+        else:  # a row this call keeps is among them
+            self.remove_keys(keys)
+        self.meta[K.M_EVICTIONS] = evictions + victims.size
+        return int(victims.size)
+
+    def _make_room(self, keys: np.ndarray) -> None:
+        """Spill so that every key of ``keys`` absent from RAM fits."""
+        absent = np.unique(keys[self.probe(keys) < 0])
+        excess = self.rows + absent.size - self.capacity
+        if excess > 0:
+            self._spill(excess, keys)
+
+    def _tier_before_train(self, keys: np.ndarray) -> bool:
+        """Before a training lookup: make room, then bring the keys held on disk back into RAM
+        (as the newest rows; the lookup then orders them as hits). Returns whether any key's row
+        changed (a row spilled, moved or brought back)."""
+        assert self.tier is not None
+        if not self.tier.rows and self.rows + keys.shape[0] <= self.capacity:
+            return False
+        before = self.evictions
+        absent = np.unique(keys[self.probe(keys) < 0])
+        recs = self.tier.find(absent)
+        on = recs >= 0
+        if on.any():  # off the disk first: the rows spilled next must not push them out
+            values, state = self.tier.read(recs[on])
+            self.tier.remove(recs[on])
+        excess = self.rows + absent.size - self.capacity
+        if excess > 0 and self._spill(excess, keys) < excess:
+            warn_once(
+                get_default_logger("persia.store"),
+                "disk tier: batch above capacity",
+                f"a training lookup asks for more distinct keys ({absent.size} new to RAM) than "
+                f"the table's RAM capacity ({self.capacity} rows) leaves room for: rows past it "
+                "are evicted without going to disk; raise the capacity",
+            )
+        if on.any():
+            self._put_rows(absent[on], values, state)
+        return bool(on.any()) or self.evictions != before
+
+    def _put_rows(self, keys: np.ndarray, values: np.ndarray, state: np.ndarray) -> None:
+        """``import_rows`` of checked rows in the table's dtypes (no tier, no checks)."""
+        self.flush_lru()
+        start = 0
+        while True:
+            start = K.import_kernel(
+                keys, values, state, start, self.index, self._shift, self.row_keys, self.values,
+                self.state, self.lru_prev, self.lru_next, self.meta, self.capacity,
+            )  # fmt: skip
+            if start >= keys.shape[0]:
+                return
+            self._grow()
+
+    def _tier_import(self, keys: np.ndarray, values: np.ndarray, state: np.ndarray) -> None:
+        """``import_rows`` with a disk tier: the imported rows replace their disk copies; past
+        capacity the oldest rows go to disk (in chunks of half the capacity)."""
+        assert self.tier is not None
+        self.tier.remove_keys(keys)
+        step = max(1, self.capacity // 2)
+        for i in range(0, keys.shape[0], step):
+            part = keys[i : i + step]
+            self._make_room(part)
+            self._put_rows(part, values[i : i + step], state[i : i + step])
+
+    def _apply_on_disk(self, keys: np.ndarray, rows: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        """Apply the gradients of keys absent from RAM to their disk rows (read, update, write
+        back); returns the change of ``[applied, skipped_absent, skipped_nonfinite]``."""
+        assert self.tier is not None
+        miss = np.flatnonzero(rows < 0)
+        recs = self.tier.find(keys[miss])
+        on = recs >= 0
+        if not on.any():
+            return np.zeros(3, dtype=np.int64)
+        uniq, inv = np.unique(recs[on], return_inverse=True)
+        values, state = self.tier.read(uniq)
+        counts = np.asarray(
+            self.optimizer.apply(
+                values, state, inv.astype(np.int32), np.ascontiguousarray(grads[miss[on]]),
+                self.weight_bound,
+            ),
+            dtype=np.int64,
+        )  # fmt: skip
+        self.tier.put(self.tier.keys[uniq].copy(), values, state)
+        return np.array([counts[0], -int(on.sum()), counts[2]], dtype=np.int64)
+
+    def prefetch(self, keys: np.ndarray) -> int:
+        """Bring the rows of ``keys`` held on disk into RAM now (the oldest RAM rows not among
+        ``keys`` make room), so that their training lookup finds them in RAM. Rows in RAM are
+        not refreshed. Returns how many came back."""
+        if self.tier is None or not self.tier.rows:
+            return 0
+        absent = np.unique(keys[self.probe(keys) < 0])
+        recs = self.tier.find(absent)
+        on = recs >= 0
+        if not on.any():
+            return 0
+        values, state = self.tier.read(recs[on])
+        self.tier.remove(recs[on])
+        excess = self.rows + int(on.sum()) - self.capacity
+        if excess > 0:
+            self._spill(excess, keys)
+        self._put_rows(absent[on], values, state)
+        return int(on.sum())
+
+    def holds(self, keys: np.ndarray) -> np.ndarray:
+        """Whether each key has a row, in RAM or on disk."""
+        held = self.probe(keys) >= 0
+        if self.tier is not None and self.tier.rows and not held.all():
+            out = ~held
+            held[out] = self.tier.find(keys[out]) >= 0
+        return held

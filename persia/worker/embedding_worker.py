@@ -243,6 +243,24 @@ class EmbeddingWorker:
         self._plans[names] = plan
         return plan
 
+    def batch_keys(self, batch: PersiaBatch) -> dict[int, np.ndarray]:
+        """The distinct keys a lookup of ``batch`` asks for, per dim (what a disk tier's
+        prefetch brings into RAM ahead of the lookup)."""
+        plan = self._plan(batch)
+        features = batch.id_type_features
+        out: dict[int, np.ndarray] = {}
+        for gp in plan.groups:
+            parts = []
+            for p, fi in enumerate(gp.features):
+                spec = gp.specs[p]
+                values = features[fi].values
+                if gp.stacked[p]:
+                    values = hash_stack(values, spec.hash_stack_rounds, spec.hash_stack_size)
+                parts.append(pooling.add_prefix(values, spec.prefix, self.prefix_bits))
+            if parts:
+                out[gp.dim] = np.unique(np.concatenate(parts))
+        return out
+
     # ------------------------------------------------------------------ forward
     def forward(self, batch: PersiaBatch, training: bool) -> Lookup:
         """Looks up and pools the embeddings of every ID feature of ``batch``."""

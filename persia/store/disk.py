@@ -1,0 +1,420 @@
+"""The disk tier: rows evicted from a table's RAM kept on disk with their optimizer state.
+
+One :class:`DiskTier` per table (one dim of one shard), in a directory of its own::
+
+    tier.json   header: format, dim, the value and state dtypes and widths, record size, capacity
+    tier.slab   fixed-size records, memory-mapped (a sparse file of ``capacity`` records)
+
+A record is ``key u64 | seq u64 | check u32 | values | state`` (the raw bytes of
+``values[row]`` and ``state[row]`` in the dtypes the header names; so a table of any value dtype
+spills as it is). ``seq`` (0 = free) orders the records by time of spilling; the oldest are
+dropped past ``capacity`` (counted: ``dropped``). The key index, the LRU links and the free list
+live in RAM (about 30 bytes per record) and are rebuilt from the slab when a tier is opened.
+
+The tier is a spill area of a live table, not a durable copy: durability is the checkpoint's
+(which copies the disk rows; it never points into these files). A record's seq is zeroed before
+its bytes are rewritten and set after, and ``check`` covers the whole record, so a process killed
+at any moment leaves records that are either valid or found invalid when the directory is opened
+again: :meth:`DiskTier.open` validates every record and keeps the valid ones (a key met twice keeps
+its newest), discarding the rest with a warning; a header that does not match the table's layout
+(or is unreadable) discards the whole tier with a warning and starts it empty.
+
+Not thread-safe: the table's shard holds the lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import mmap
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from persia.errors import StoreError
+from persia.logger import get_default_logger
+from persia.store.kernels import disk as D
+from persia.store.kernels import table as K
+
+__all__ = ["DiskTier", "DiskTierConfig"]
+
+_FORMAT = "persia-disk-tier"
+_VERSION = 1
+_MAX_LOAD = 0.7
+_log = get_default_logger("persia.store.disk")
+
+
+class DiskTierConfig:
+    """Where a shard's disk tier lives and how many rows it holds (all dims together).
+
+    Args:
+        directory: the shard's tier directory (created; one subdirectory per dim).
+        capacity: the most rows on disk (> 0); past it the oldest are dropped.
+    """
+
+    __slots__ = ("directory", "capacity")
+
+    def __init__(self, directory: str | os.PathLike[str], capacity: int) -> None:
+        if not isinstance(directory, (str, os.PathLike)) or not str(directory):
+            raise StoreError(f"disk tier directory must be a non-empty path, got {directory!r}")
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
+            raise StoreError(f"disk tier capacity must be an int > 0, got {capacity!r}")
+        if capacity <= 0 or capacity >= 2**31:
+            raise StoreError(f"disk tier capacity must be an int in [1, 2**31), got {capacity}")
+        self.directory = Path(directory)
+        self.capacity = int(capacity)
+
+    def __repr__(self) -> str:
+        return f"DiskTierConfig({str(self.directory)!r}, {self.capacity})"
+
+
+def _index_size(records: int) -> int:
+    need = max(16, int(np.ceil(records / _MAX_LOAD)))
+    return 1 << (need - 1).bit_length()
+
+
+class DiskTier:
+    """Rows of one table on disk (see the module docstring). Use :meth:`open`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        capacity: int,
+        dim: int,
+        value_dtype: np.dtype,
+        state_width: int,
+        state_dtype: np.dtype,
+    ) -> None:
+        self.directory = directory
+        self.capacity = int(capacity)
+        self.dim = int(dim)
+        self.value_dtype = np.dtype(value_dtype)
+        self.state_width = int(state_width)
+        self.state_dtype = np.dtype(state_dtype)
+        self.value_bytes = self.dim * self.value_dtype.itemsize
+        self.state_bytes = self.state_width * self.state_dtype.itemsize
+        payload = D.HEAD_BYTES + self.value_bytes + self.state_bytes
+        self.record_size = (payload + 3) // 4 * 4
+        self.bad_on_open = 0
+        self._closed = True
+        #: keys dropped past capacity since the last ``take_dropped`` (None: not recorded)
+        self.dropped_keys: list[np.ndarray] | None = None
+
+    # ----------------------------------------------------------------------------- files
+    def _header(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "dim": self.dim,
+            "value_dtype": self.value_dtype.str,
+            "value_bytes": self.value_bytes,
+            "state_width": self.state_width,
+            "state_dtype": self.state_dtype.str,
+            "state_bytes": self.state_bytes,
+            "record_size": self.record_size,
+            "capacity": self.capacity,
+        }
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        capacity: int,
+        dim: int,
+        value_dtype: Any,
+        state_width: int,
+        state_dtype: Any = np.float32,
+        wipe: bool = False,
+    ) -> DiskTier:
+        """The tier in ``directory`` (created if absent; ``wipe``: emptied first).
+
+        An existing tier is validated: its header must match this layout (else it is discarded
+        with a warning) and every record its check (bad ones are discarded with a warning).
+        """
+        tier = cls(Path(directory), capacity, dim, value_dtype, state_width, state_dtype)
+        tier._open(wipe)
+        return tier
+
+    def _open(self, wipe: bool) -> None:
+        d = self.directory
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"disk tier directory {str(d)!r} cannot be used: {exc}") from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            raise StoreError(
+                f"disk tier directory {str(d)!r} is in use by another table (one per table)"
+            ) from exc
+        header_path, slab_path = d / "tier.json", d / "tier.slab"
+        keep = False
+        if not wipe and slab_path.exists():
+            try:
+                old = json.loads(header_path.read_text())
+            except (OSError, ValueError) as exc:
+                _log.warning("disk tier %s: unreadable header (%s): starting it empty", d, exc)
+            else:
+                mine = self._header()
+                old_cap = old.get("capacity") if isinstance(old, dict) else None
+                same = isinstance(old, dict) and all(
+                    old.get(k) == v for k, v in mine.items() if k != "capacity"
+                )
+                if same and isinstance(old_cap, int) and old_cap > 0:
+                    keep = True
+                else:
+                    _log.warning(
+                        "disk tier %s: its header %s does not match this table's %s: "
+                        "starting it empty",
+                        d, old, mine,
+                    )  # fmt: skip
+        if not keep:
+            for p in (header_path, slab_path):
+                p.unlink(missing_ok=True)
+        tmp = d / "tier.json.tmp"
+        tmp.write_text(json.dumps(self._header()))
+        os.replace(tmp, header_path)
+        fd = os.open(slab_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            old_size = os.fstat(fd).st_size
+            old_records = old_size // self.record_size
+            size = max(self.capacity, old_records, 1) * self.record_size
+            if size != old_size:
+                os.ftruncate(fd, size)  # sparse: blocks are taken as records are written
+            self._mmap = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._slots = size // self.record_size
+        self.slab = np.frombuffer(self._mmap, dtype=np.uint8).reshape(self._slots, self.record_size)
+        self.keys = np.zeros(self._slots, dtype=np.uint64)
+        # written before they are read (a record's links when it is linked): pages are taken
+        # as records are used
+        self.prev = np.empty(self._slots, dtype=np.int32)
+        self.nxt = np.empty(self._slots, dtype=np.int32)
+        self.meta = np.zeros(D.D_META_LEN, dtype=np.int64)
+        self.meta[K.M_HEAD] = -1
+        self.meta[K.M_TAIL] = -1
+        self.meta[D.D_FREE] = -1
+        self._set_index(_index_size(min(self._slots, 1 << 16)))
+        self._closed = False
+        if keep and old_records:
+            self._rebuild(old_records)
+
+    def _set_index(self, size: int) -> None:
+        self.index = np.full(size, K.EMPTY, dtype=np.uint64)
+        self._shift = np.uint64(64 - (size.bit_length() - 1))
+
+    def _rebuild(self, nrec: int) -> None:
+        payload = self.value_bytes + self.state_bytes
+        seqs = np.empty(nrec, dtype=np.uint64)
+        ok = np.empty(nrec, dtype=np.bool_)
+        bad = int(D.scan_kernel(self.slab, nrec, payload, seqs, ok))
+        if bad:
+            D.mark_free_kernel(np.flatnonzero(~ok & (seqs != 0)).astype(np.int64), self.slab)
+        live = np.flatnonzero(ok)
+        order = live[np.argsort(seqs[live], kind="stable")]
+        if order.size > self.capacity:  # a smaller capacity now: the newest are kept
+            D.mark_free_kernel(order[: order.size - self.capacity].astype(np.int64), self.slab)
+            order = order[order.size - self.capacity :]
+        if order.size > 0.6 * self.index.shape[0]:
+            self._set_index(_index_size(order.size))
+        dup = int(
+            D.rebuild_kernel(
+                order.astype(np.int64), self.slab, self.index, self._shift, self.keys,
+                self.prev, self.nxt, self.meta,
+            )
+        )  # fmt: skip
+        hwm = int(order.max()) + 1 if order.size else 0
+        self.meta[D.D_HWM] = hwm
+        self.meta[D.D_SEQ] = int(seqs.max()) if nrec else 0
+        D.free_list_kernel(self.slab, hwm, self.nxt, self.meta)
+        self.bad_on_open = bad
+        if bad:
+            _log.warning(
+                "disk tier %s: %d torn or corrupt record(s) discarded on open; %d kept",
+                self.directory, bad, self.rows,
+            )  # fmt: skip
+        elif dup:
+            _log.info("disk tier %s: %d stale duplicate record(s) freed", self.directory, dup)
+
+    def close(self, remove: bool = False) -> None:
+        """Unmap and unlock (``remove``: delete the directory too). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.slab = np.zeros((0, self.record_size), dtype=np.uint8)
+        try:
+            self._mmap.close()
+        except BufferError:  # a view still exported: the mapping goes with the last view
+            pass
+        os.close(self._lock_fd)
+        if remove:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise StoreError(
+            "a table with a disk tier cannot be pickled (its rows live in files); "
+            "write a checkpoint instead"
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"disk tier {str(self.directory)!r} is closed")
+
+    # ----------------------------------------------------------------------------- rows
+    @property
+    def rows(self) -> int:
+        """Live records."""
+        return int(self.meta[K.M_NROWS])
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped past capacity (the oldest) since the tier was opened."""
+        return int(self.meta[D.D_DROPPED])
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of the records ever used (the slab is sparse beyond them)."""
+        return int(self.meta[D.D_HWM]) * self.record_size
+
+    @property
+    def ram_bytes(self) -> int:
+        """Bytes of the in-RAM index, keys and links."""
+        return self.index.nbytes + self.keys.nbytes + self.prev.nbytes + self.nxt.nbytes
+
+    def _grow_index(self, more: int) -> None:
+        need = self.rows + more
+        if need > _MAX_LOAD * self.index.shape[0] and self.index.shape[0] < _index_size(
+            self._slots
+        ):
+            self._set_index(_index_size(min(self._slots, max(need, 2 * self.rows))))
+            live = np.empty(self.rows, dtype=np.int32)
+            k = K.lru_order_kernel(self.nxt, self.meta, live)
+            D.index_records_kernel(self.index, self._shift, self.keys, live[:k])
+
+    def put(self, keys: np.ndarray, values: np.ndarray, state: np.ndarray) -> None:
+        """Write rows (``values`` in the value dtype, ``state`` in the state dtype) in order,
+        each the newest on disk; past capacity the oldest are dropped."""
+        self._check_open()
+        n = keys.shape[0]
+        if n == 0:
+            return
+        vals = np.ascontiguousarray(values, dtype=self.value_dtype).view(np.uint8)
+        st = np.ascontiguousarray(state, dtype=self.state_dtype).view(np.uint8)
+        self._grow_index(n)
+        if self.dropped_keys is not None:  # the oldest records this write will drop
+            new = int((self.find(np.unique(keys)) < 0).sum())
+            drop = min(self.rows, self.rows + new - self.capacity)
+            if drop > 0:  # (a superset: a key of this write may be dropped and written again)
+                out = np.empty(drop, dtype=np.int32)
+                out = out[: K.lru_order_kernel(self.nxt, self.meta, out)]
+                self.dropped_keys.append(self.keys[out].copy())
+        D.put_kernel(
+            keys, vals.reshape(n, self.value_bytes), st.reshape(n, self.state_bytes), self.slab,
+            self.index, self._shift, self.keys, self.prev, self.nxt, self.meta, self.capacity,
+        )  # fmt: skip
+
+    def take_dropped(self) -> np.ndarray:
+        """The keys dropped past capacity since the last call (possibly some written again
+        since: check), and start recording them if not yet."""
+        parts, self.dropped_keys = self.dropped_keys, []
+        if not parts:
+            return np.zeros(0, dtype=np.uint64)
+        return np.unique(np.concatenate(parts))
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """The record of every key (i32, -1 = not on disk)."""
+        self._check_open()
+        out = np.empty(keys.shape[0], dtype=np.int32)
+        if self.rows:
+            D.find_kernel(keys, self.index, self._shift, self.keys, out)
+        else:
+            out.fill(-1)
+        return out
+
+    def read(self, recs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(values, state)`` of records ``recs`` (-1: zeros), in the header's dtypes."""
+        self._check_open()
+        n = recs.shape[0]
+        vals = np.zeros((n, self.dim), dtype=self.value_dtype)
+        st = np.zeros((n, self.state_width), dtype=self.state_dtype)
+        bad = D.read_kernel(
+            recs, self.slab, vals.view(np.uint8).reshape(n, self.value_bytes),
+            st.view(np.uint8).reshape(n, self.state_bytes), self.meta,
+        )  # fmt: skip
+        if bad:
+            raise StoreError(
+                f"disk tier {str(self.directory)!r}: {bad} record(s) fail their check "
+                "(the file was changed under the running table)"
+            )
+        return vals, st
+
+    def remove(self, recs: np.ndarray) -> int:
+        """Free records ``recs`` (-1 and repeats ignored); returns how many."""
+        self._check_open()
+        return int(
+            D.remove_kernel(
+                recs, self.slab, self.index, self._shift, self.keys, self.prev, self.nxt,
+                self.meta,
+            )
+        )  # fmt: skip
+
+    def remove_keys(self, keys: np.ndarray) -> int:
+        """Free the records of ``keys`` held on disk; returns how many."""
+        if not self.rows or keys.size == 0:
+            return 0
+        return self.remove(self.find(keys))
+
+    def order(self) -> np.ndarray:
+        """Live records, oldest first."""
+        out = np.empty(self.rows, dtype=np.int32)
+        k = K.lru_order_kernel(self.nxt, self.meta, out)
+        return out[:k]
+
+    def export(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of every disk row, oldest first: ``(keys, values, state)``."""
+        recs = self.order()
+        vals, st = self.read(recs)
+        return self.keys[recs].copy(), vals, st
+
+    def clear(self) -> None:
+        """Drop every record."""
+        if self.rows:
+            self.remove(self.order())
+
+    def advise_willneed(self, recs: np.ndarray) -> None:
+        """Ask the kernel to read the pages of ``recs`` ahead (a prefetch hint)."""
+        if recs.size == 0 or self._closed:
+            return
+        page = mmap.PAGESIZE
+        for r in np.unique(recs[recs >= 0]).tolist():
+            off = r * self.record_size
+            start = off - off % page
+            end = off + self.record_size
+            self._mmap.madvise(mmap.MADV_WILLNEED, start, end - start)
+
+    def drop_cache(self) -> None:
+        """Evict the slab's pages from the page cache (for cold-cache measurements)."""
+        self._mmap.flush()  # dirty pages are not dropped
+        self._mmap.madvise(mmap.MADV_DONTNEED)  # nor pages this process still maps
+        fd = os.open(self.directory / "tier.slab", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "disk_rows": self.rows,
+            "disk_capacity": self.capacity,
+            "disk_dropped": self.dropped,
+            "disk_writes": int(self.meta[D.D_WRITES]),
+            "disk_reads": int(self.meta[D.D_READS]),
+            "disk_bytes": self.disk_bytes,
+            "disk_ram_bytes": self.ram_bytes,
+        }

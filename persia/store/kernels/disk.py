@@ -1,0 +1,274 @@
+"""numba kernels of the disk tier (``persia.store.disk.DiskTier``): fixed-size records in one
+memory-mapped slab file, an in-RAM key index, an LRU list of the records (oldest spilled first)
+and a free list.
+
+State (plain arrays):
+
+* ``slab u8[C, rec]``: the slab file, record ``i`` at byte ``i * rec``. A record is
+  ``key u64 | seq u64 | check u32 | value bytes | state bytes | padding`` (little endian);
+  ``seq == 0`` marks a free record. ``check`` is :func:`record_check` of the key, the seq and the
+  payload, so a record torn by a kill is found on the next open.
+* ``keys u64[C]``: the key of every live record (what the index compares).
+* ``index u64[S]``, ``shift``: the table's open-addressing index (``persia.store.kernels.table``:
+  same entries, same probe hash), here over record numbers.
+* ``prev / nxt i32[C]``: the LRU list of live records, oldest (``meta[M_HEAD]``) to newest; a
+  free record's ``nxt`` links the free list (``meta[D_FREE]``).
+* ``meta i64[D_META_LEN]``: live count, head, tail (the table's ``M_*`` slots, so the table's
+  list helpers work on it), records dropped past capacity, the free list, the high-water mark,
+  the last seq.
+"""
+
+import numpy as np
+from numba import njit
+
+from persia.store.kernels.table import (
+    EMPTY,
+    GOLDEN,
+    M_HEAD,
+    M_NROWS,
+    PROBE_SALT,
+    _push_tail,
+    _slot_of_row,
+    _unlink,
+    delete_slot,
+    entry_row,
+    find_slot,
+    fmix64,
+    make_entry,
+    mix_sm,
+)
+
+#: meta layout (the first three as the table's)
+D_DROPPED = 3  # live records dropped past capacity (the oldest)
+D_FREE = 4  # head of the free list (-1: none)
+D_HWM = 5  # records ever used (the slab's used prefix)
+D_SEQ = 6  # last seq written
+D_WRITES = 7
+D_READS = 8
+D_META_LEN = 9
+
+#: header bytes of a record: key, seq, check
+HEAD_BYTES = 20
+
+_FNV = np.uint64(0x100000001B3)
+_U8 = np.uint64(8)
+_U32 = np.uint64(32)
+_B = np.uint64(0xFF)
+_LO32 = np.uint64(0xFFFFFFFF)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _get_u64(slab, r, off):
+    v = np.uint64(0)
+    for b in range(8):
+        v |= np.uint64(slab[r, off + b]) << np.uint64(8 * b)
+    return v
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _put_u64(slab, r, off, v):
+    for b in range(8):
+        slab[r, off + b] = np.uint8((v >> np.uint64(8 * b)) & _B)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _put_u32(slab, r, off, v):
+    for b in range(4):
+        slab[r, off + b] = np.uint8((v >> np.uint64(8 * b)) & _B)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _get_u32(slab, r, off):
+    v = np.uint64(0)
+    for b in range(4):
+        v |= np.uint64(slab[r, off + b]) << np.uint64(8 * b)
+    return v
+
+
+@njit(nogil=True, cache=True)
+def record_check(slab, r, payload):
+    """The check value (u32) of record ``r``: FNV-1a over its payload bytes, seeded with the
+    key and the seq, finished with SplitMix64's finaliser."""
+    h = mix_sm(_get_u64(slab, r, 0) ^ (_get_u64(slab, r, 8) * GOLDEN))
+    for b in range(HEAD_BYTES, HEAD_BYTES + payload):
+        h = (h ^ np.uint64(slab[r, b])) * _FNV
+    return mix_sm(h) & _LO32
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _find(index, mask, shift, keys, key):
+    h = fmix64(key ^ PROBE_SALT)
+    return entry_row(index[find_slot(index, mask, np.int64(h >> shift), h << _U32, keys, key)])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _index_insert(index, mask, shift, key, r):
+    h = fmix64(key ^ PROBE_SALT)
+    s = np.int64(h >> shift)
+    while index[s] != EMPTY:
+        s = (s + 1) & mask
+    index[s] = make_entry(h, r)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _free_record(slab, index, shift, keys, prev, nxt, meta, r):
+    """Unindex, unlink and free live record ``r`` (its seq on disk becomes 0)."""
+    mask = index.shape[0] - 1
+    delete_slot(index, shift, keys, _slot_of_row(index, mask, shift, keys, r))
+    _unlink(prev, nxt, meta, r)
+    _put_u64(slab, r, 8, np.uint64(0))
+    nxt[r] = meta[D_FREE]
+    prev[r] = -1
+    meta[D_FREE] = r
+    meta[M_NROWS] -= 1
+
+
+@njit(nogil=True, cache=True)
+def put_kernel(in_keys, in_vals, in_state, slab, index, shift, keys, prev, nxt, meta, capacity):
+    """Write rows (``in_vals u8[n, vb]``, ``in_state u8[n, sb]``: their raw bytes) in order, each
+    the newest record; a key already held is overwritten in place. Past ``capacity`` live
+    records the oldest is dropped (counted in ``meta[D_DROPPED]``)."""
+    mask = index.shape[0] - 1
+    vb = in_vals.shape[1]
+    sb = in_state.shape[1]
+    payload = vb + sb
+    for i in range(in_keys.shape[0]):
+        key = in_keys[i]
+        r = _find(index, mask, shift, keys, key)
+        if r >= 0:
+            _unlink(prev, nxt, meta, r)
+        else:
+            if meta[M_NROWS] >= capacity:
+                _free_record(slab, index, shift, keys, prev, nxt, meta, np.int32(meta[M_HEAD]))
+                meta[D_DROPPED] += 1
+            if meta[D_FREE] >= 0:
+                r = np.int32(meta[D_FREE])
+                meta[D_FREE] = nxt[r]
+            else:
+                r = np.int32(meta[D_HWM])
+                meta[D_HWM] += 1
+            keys[r] = key
+            _index_insert(index, mask, shift, key, r)
+            meta[M_NROWS] += 1
+        _put_u64(slab, r, 8, np.uint64(0))  # free while torn: a kill now leaves no bad record
+        for b in range(vb):
+            slab[r, HEAD_BYTES + b] = in_vals[i, b]
+        for b in range(sb):
+            slab[r, HEAD_BYTES + vb + b] = in_state[i, b]
+        _put_u64(slab, r, 0, key)
+        meta[D_SEQ] += 1
+        _put_u64(slab, r, 8, np.uint64(meta[D_SEQ]))
+        _put_u32(slab, r, 16, record_check(slab, r, payload))
+        _push_tail(prev, nxt, meta, r)
+        meta[D_WRITES] += 1
+
+
+@njit(nogil=True, cache=True)
+def find_kernel(in_keys, index, shift, keys, out):
+    """``out[i]`` = record of ``in_keys[i]`` or -1; returns how many were found."""
+    mask = index.shape[0] - 1
+    found = 0
+    for i in range(in_keys.shape[0]):
+        r = _find(index, mask, shift, keys, in_keys[i])
+        out[i] = r
+        if r >= 0:
+            found += 1
+    return found
+
+
+@njit(nogil=True, cache=True)
+def read_kernel(recs, slab, out_vals, out_state, meta):
+    """Copy the payload of records ``recs[i] >= 0`` into ``out_vals[i]`` / ``out_state[i]`` (raw
+    bytes). Returns how many records failed their check (their rows are left unwritten)."""
+    vb = out_vals.shape[1]
+    sb = out_state.shape[1]
+    bad = 0
+    for i in range(recs.shape[0]):
+        r = recs[i]
+        if r < 0:
+            continue
+        if record_check(slab, r, vb + sb) != _get_u32(slab, r, 16):
+            bad += 1
+            continue
+        for b in range(vb):
+            out_vals[i, b] = slab[r, HEAD_BYTES + b]
+        for b in range(sb):
+            out_state[i, b] = slab[r, HEAD_BYTES + vb + b]
+        meta[D_READS] += 1
+    return bad
+
+
+@njit(nogil=True, cache=True)
+def remove_kernel(recs, slab, index, shift, keys, prev, nxt, meta):
+    """Free the live records ``recs[i] >= 0`` (repeats are ignored); returns how many."""
+    done = 0
+    for i in range(recs.shape[0]):
+        r = recs[i]
+        if r < 0 or _get_u64(slab, r, 8) == np.uint64(0):
+            continue
+        _free_record(slab, index, shift, keys, prev, nxt, meta, np.int32(r))
+        done += 1
+    return done
+
+
+@njit(nogil=True, cache=True)
+def scan_kernel(slab, nrec, payload, seqs, ok):
+    """Open: ``seqs[r]`` = the seq of each of the first ``nrec`` records, ``ok[r]`` whether it
+    is live and passes its check. Returns how many live records failed it."""
+    bad = 0
+    for r in range(nrec):
+        s = _get_u64(slab, r, 8)
+        seqs[r] = s
+        if s == np.uint64(0):
+            ok[r] = False
+        elif record_check(slab, r, payload) == _get_u32(slab, r, 16):
+            ok[r] = True
+        else:
+            ok[r] = False
+            bad += 1
+    return bad
+
+
+@njit(nogil=True, cache=True)
+def rebuild_kernel(order, slab, index, shift, keys, prev, nxt, meta):
+    """Open: index and link the valid records ``order`` (oldest seq first); a key met twice
+    keeps its newest record (the older one is freed). Returns the records freed so."""
+    mask = index.shape[0] - 1
+    dup = 0
+    for j in range(order.shape[0]):
+        r = np.int32(order[j])
+        key = _get_u64(slab, r, 0)
+        old = _find(index, mask, shift, keys, key)
+        if old >= 0:
+            _free_record(slab, index, shift, keys, prev, nxt, meta, old)
+            dup += 1
+        keys[r] = key
+        _index_insert(index, mask, shift, key, r)
+        _push_tail(prev, nxt, meta, r)
+        meta[M_NROWS] += 1
+    return dup
+
+
+@njit(nogil=True, cache=True)
+def free_list_kernel(slab, hwm, nxt, meta):
+    """Open: chain every record below ``hwm`` whose seq is 0 into the free list."""
+    for r in range(hwm - 1, -1, -1):
+        if _get_u64(slab, r, 8) == np.uint64(0):
+            nxt[r] = meta[D_FREE]
+            meta[D_FREE] = r
+
+
+@njit(nogil=True, cache=True)
+def mark_free_kernel(recs, slab):
+    """Set the seq of records ``recs`` to 0 (bad records found on open)."""
+    for i in range(recs.shape[0]):
+        _put_u64(slab, recs[i], 8, np.uint64(0))
+
+
+@njit(nogil=True, cache=True)
+def index_records_kernel(index, shift, keys, recs):
+    """Fill an all-empty ``index`` with the records ``recs`` (after it grew)."""
+    mask = index.shape[0] - 1
+    for j in range(recs.shape[0]):
+        r = recs[j]
+        _index_insert(index, mask, shift, keys[r], np.int32(r))

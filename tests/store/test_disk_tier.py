@@ -1,0 +1,422 @@
+"""The disk tier (persia.store.disk) under a table, a shard and a sharded store: rows that go to
+disk and back are bit-identical, evaluation reads disk rows, admission sees both tiers,
+checkpoints re-shard both tiers, a torn tier is validated on open, and a SIGKILL during disk
+writes leaves the last checkpoint loadable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from persia.checkpoint import job as job_ckpt
+from persia.embedding.optim import Adagrad
+from persia.errors import ConfigError, StoreError
+from persia.store import ShardedStore
+from persia.store.config import Admission
+from persia.store.disk import DiskTier, DiskTierConfig
+from persia.store.shard import Shard
+from persia.store.table import EmbeddingTable
+
+DIM = 4
+
+
+def _opt() -> Adagrad:
+    return Adagrad(lr=0.1)
+
+
+def _tiered(tmp_path: Path, capacity: int, disk: int = 100_000, **kw) -> EmbeddingTable:
+    t = EmbeddingTable(DIM, capacity, _opt(), seed=3, **kw)
+    t.attach_tier(DiskTier.open(tmp_path / "t", disk, DIM, np.float32, t.state_width))
+    return t
+
+
+def _train(tables, steps: int, card: int, batch: int = 40, seed: int = 1) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        keys = rng.integers(0, card, batch).astype(np.uint64)
+        grads = rng.standard_normal((batch, DIM)).astype(np.float32)
+        outs = [t.lookup(keys, True) for t in tables]
+        for o in outs[1:]:
+            assert np.array_equal(o, outs[0])
+        for t in tables:
+            t.apply_gradients(keys, grads)
+
+
+def _sorted_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    order = np.argsort(rows["keys"])
+    return {k: v[order] for k, v in rows.items()}
+
+
+def test_rows_that_go_to_disk_and_back_are_bit_identical(tmp_path):
+    big = EmbeddingTable(DIM, 10_000, _opt(), seed=3)
+    small = _tiered(tmp_path, 50, disk=450)  # exactly what does not fit in RAM
+    _train([big, small], 150, 500)
+    assert small.rows == 50 and small.tier is not None and small.tier.rows == 450
+    assert small.tier.dropped == 0
+    assert small.stats()["disk_writes"] > 450  # rows went to disk and back many times
+    a, b = _sorted_rows(big.export_rows()), _sorted_rows(small.export_rows())
+    for name in ("keys", "values", "state"):
+        assert np.array_equal(a[name], b[name]), name
+    # the LRU order (oldest first) is the same as with RAM big enough
+    assert np.array_equal(big.export_rows()["keys"], small.export_rows()["keys"])
+
+
+def test_spilled_row_keeps_values_and_state_and_comes_back(tmp_path):
+    t = _tiered(tmp_path, 4)
+    keys = np.arange(4, dtype=np.uint64)
+    t.lookup(keys, True)
+    t.apply_gradients(keys, np.full((4, DIM), 0.5, np.float32))
+    before = t.export_rows()
+    t.lookup(np.arange(10, 14, dtype=np.uint64), True)  # pushes keys 0..3 to disk
+    assert t.probe(keys).max() == -1
+    dk, dv, ds = t.tier.export()
+    assert np.array_equal(dk, before["keys"])
+    assert np.array_equal(dv, before["values"]) and np.array_equal(ds, before["state"])
+    out = t.lookup(keys, True)  # back into RAM
+    assert np.array_equal(out, before["values"])
+    assert (t.probe(keys) >= 0).all() and t.tier.find(keys).max() == -1
+    ram = t.export_rows()
+    sel = np.isin(ram["keys"], keys)
+    assert np.array_equal(ram["state"][sel], before["state"])
+
+
+def test_eval_lookup_reads_a_disk_row_without_promoting_it(tmp_path):
+    t = _tiered(tmp_path, 2)
+    t.lookup(np.array([1, 2], np.uint64), True)
+    first = t.lookup(np.array([1], np.uint64), False)
+    t.lookup(np.array([3, 4], np.uint64), True)  # 1 and 2 go to disk
+    out = t.lookup(np.array([1, 99], np.uint64), False)
+    assert np.array_equal(out[0], first[0]) and not out[1].any()
+    assert t.probe(np.array([1], np.uint64))[0] == -1  # still on disk only
+    assert t.tier.rows == 2
+
+
+def test_gradients_for_a_row_spilled_since_its_lookup_land_on_disk(tmp_path):
+    big = EmbeddingTable(DIM, 100, _opt(), seed=3)
+    t = _tiered(tmp_path, 2)
+    k = np.array([1, 2], np.uint64)
+    for tab in (big, t):
+        tab.lookup(k, True)
+        tab.lookup(np.array([3, 4], np.uint64), True)  # staleness 2: 1, 2 spilled meanwhile
+    g = np.ones((2, DIM), np.float32)
+    assert t.apply_gradients(k, g).tolist() == big.apply_gradients(k, g).tolist() == [2, 0, 0]
+    a, b = _sorted_rows(big.export_rows()), _sorted_rows(t.export_rows())
+    assert np.array_equal(a["values"], b["values"]) and np.array_equal(a["state"], b["state"])
+
+
+def test_admission_counts_a_key_on_disk_as_known(tmp_path):
+    t = _tiered(tmp_path, 2, admission=Admission(min_count=2))
+    one = np.array([7], np.uint64)
+    t.lookup(one, True)
+    t.lookup(one, True)  # admitted at its second miss
+    assert t.stats()["admissions"] == 1
+    t.lookup(np.array([8], np.uint64), True)
+    t.lookup(np.array([8], np.uint64), True)
+    t.lookup(np.array([9], np.uint64), True)
+    t.lookup(np.array([9], np.uint64), True)  # 7 goes to disk
+    assert t.tier.find(one)[0] >= 0
+    misses = t.stats()["misses"]
+    t.lookup(one, True)  # back from disk at once: no miss, no new admission
+    assert t.stats()["misses"] == misses and t.stats()["admissions"] == 3
+    assert t.probe(one)[0] >= 0
+
+
+def test_disk_capacity_drops_the_oldest_rows_and_counts_them(tmp_path):
+    t = _tiered(tmp_path, 2, disk=3)
+    for k in range(10):
+        t.lookup(np.array([k], np.uint64), True)
+    assert t.rows == 2 and t.tier.rows == 3 and t.tier.dropped == 5
+    held = t.export_rows()["keys"].tolist()
+    assert held == [5, 6, 7, 8, 9]
+
+
+def test_tier_is_validated_on_open(tmp_path, caplog):
+    d = tmp_path / "t"
+    tier = DiskTier.open(d, 100, DIM, np.float32, 1)
+    keys = np.arange(20, dtype=np.uint64)
+    vals = np.arange(80, dtype=np.float32).reshape(20, DIM)
+    tier.put(keys, vals, np.ones((20, 1), np.float32))
+    tier.slab[3, 25] ^= 0xFF  # a torn record
+    tier.close()
+    with caplog.at_level(logging.WARNING):
+        again = DiskTier.open(d, 100, DIM, np.float32, 1)
+    assert again.rows == 19 and again.bad_on_open == 1
+    assert "torn or corrupt" in caplog.text
+    k, v, _ = again.export()
+    assert 3 not in k.tolist() and np.array_equal(v, vals[k.astype(np.int64)])
+    again.close()
+    (d / "tier.json").write_text("{not json")
+    other = DiskTier.open(d, 100, DIM, np.float32, 1)
+    assert other.rows == 0
+    other.close()
+    other = DiskTier.open(d, 100, DIM, np.float16, 1)  # another layout: starts empty
+    assert other.rows == 0
+    with pytest.raises(StoreError, match="in use"):
+        DiskTier.open(d, 100, DIM, np.float16, 1)
+    other.close()
+
+
+def test_tier_stores_any_value_dtype(tmp_path):
+    tier = DiskTier.open(tmp_path / "h", 10, 3, np.float16, 1, np.float32)
+    vals = np.array([[1.5, -2.0, 3.25], [0.1, 0.2, 0.3]], np.float16)
+    tier.put(np.array([5, 6], np.uint64), vals, np.array([[1.0], [2.0]], np.float32))
+    v, s = tier.read(tier.find(np.array([6, 5], np.uint64)))
+    assert v.dtype == np.float16 and np.array_equal(v, vals[::-1]) and s[:, 0].tolist() == [2, 1]
+    assert json.loads((tmp_path / "h" / "tier.json").read_text())["value_dtype"] == "<f2"
+    tier.close()
+
+
+def _store(tmp_path: Path, n: int, capacity: int, tier: bool, name: str = "tier"):
+    cfg = DiskTierConfig(tmp_path / name, 100_000) if tier else None
+    return ShardedStore(n, capacity, _opt(), seed=3, dims=[DIM], disk_tier=cfg)
+
+
+def test_checkpoint_of_a_two_tier_store_reshards(tmp_path):
+    src = _store(tmp_path, 2, 60, True)
+    ref = _store(tmp_path, 1, 100_000, False)
+    rng = np.random.default_rng(2)
+    for _ in range(60):
+        keys = rng.integers(0, 400, 30).astype(np.uint64)
+        g = rng.standard_normal((30, DIM)).astype(np.float32)
+        assert np.array_equal(src.lookup(keys, DIM, True), ref.lookup(keys, DIM, True))
+        src.apply_gradients(keys, g)
+        ref.apply_gradients(keys, g)
+    assert src.stats()["disk_rows"] > 0
+    job_ckpt.dump(tmp_path / "ck", src)
+    ckpt = job_ckpt.read(tmp_path / "ck")
+    dst = _store(tmp_path, 3, 90, True, name="tier3")
+    job_ckpt.restore_store(dst, ckpt)
+    all_keys = np.arange(400, dtype=np.uint64)
+    want = ref.lookup(all_keys, DIM, False)
+    assert np.array_equal(dst.lookup(all_keys, DIM, False), want)
+    assert dst.rows + dst.stats()["disk_rows"] == ref.rows
+    # the checkpoint holds the state too: one more identical step on each
+    keys = rng.integers(0, 400, 30).astype(np.uint64)
+    g = rng.standard_normal((30, DIM)).astype(np.float32)
+    for s in (dst, ref):
+        s.lookup(keys, DIM, True)
+        s.apply_gradients(keys, g)
+    assert np.array_equal(dst.lookup(all_keys, DIM, False), ref.lookup(all_keys, DIM, False))
+    # the replaced store's tier set is gone; the new one is named CURRENT
+    assert (tmp_path / "tier3" / "CURRENT").read_text().strip() == "set1"
+    assert not (tmp_path / "tier3" / "set0").exists()
+    src.close()
+    dst.close()
+
+
+def test_take_changes_does_not_report_spilled_rows_as_removed(tmp_path):
+    shard = Shard(3, _opt(), seed=3, dims=[DIM], disk_tier=DiskTierConfig(tmp_path / "s", 100))
+    shard.track_changes()
+    shard.lookup(np.arange(3, dtype=np.uint64), DIM, True)
+    shard.take_changes()
+    shard.lookup(np.arange(3, 6, dtype=np.uint64), DIM, True)  # 0..2 spill
+    ch = shard.take_changes()[DIM]
+    assert ch["removed"].size == 0 and ch["keys"].tolist() == [3, 4, 5]
+    assert shard.remove_rows(DIM, np.array([0, 4], np.uint64)) == 2
+    assert shard.stats()["disk_rows"] == 2
+    shard.close()
+
+
+def test_disk_tier_config_errors(tmp_path):
+    from persia.embedding.config import parse_global_config
+    from persia.embedding.spec import EmbeddingSpec, SlotSpec, assign_prefixes
+    from persia.store.build import shard_options
+
+    for bad, field in (
+        ({"disk_tier_dir": str(tmp_path)}, "disk_tier_capacity"),
+        ({"disk_tier_dir": str(tmp_path), "disk_tier_capacity": 0}, "disk_tier_capacity"),
+        ({"disk_tier_dir": "", "disk_tier_capacity": 5}, "disk_tier_dir"),
+    ):
+        with pytest.raises(ConfigError, match=field):
+            parse_global_config({"embedding_parameter_server_config": bad})
+    g = parse_global_config(
+        {"embedding_parameter_server_config": {"disk_tier_dir": "/x", "disk_tier_capacity": 7}}
+    )
+    assert parse_global_config(g.to_dict()) == g
+    with pytest.raises(StoreError, match="capacity"):
+        DiskTierConfig(tmp_path, 0)
+    spec = EmbeddingSpec(
+        slots=tuple(assign_prefixes([SlotSpec("a", 4)])),
+        disk_tier_dir=str(tmp_path),
+        disk_tier_capacity=10,
+    )
+    with pytest.raises(ConfigError, match="embedded"):
+        shard_options(spec, 2)
+    with pytest.raises(ConfigError, match="set together"):
+        EmbeddingSpec(slots=tuple(assign_prefixes([SlotSpec("a", 4)])), disk_tier_dir=str(tmp_path))
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from persia.checkpoint import job as job_ckpt
+    from persia.embedding.optim import Adagrad
+    from persia.store import ShardedStore
+    from persia.store.disk import DiskTierConfig
+
+    base = sys.argv[1]
+    store = ShardedStore(2, 200, Adagrad(lr=0.1), seed=3, dims=[4],
+                         disk_tier=DiskTierConfig(base + "/tier", 1_000_000))
+    rng = np.random.default_rng(0)
+    step = 0
+    while True:
+        keys = rng.integers(0, 50_000, 256).astype(np.uint64)
+        store.lookup(keys, 4, True)
+        store.apply_gradients(keys, rng.standard_normal((256, 4)).astype(np.float32))
+        step += 1
+        if step % 20 == 0:
+            job_ckpt.dump(base + "/ck", store, position={"step": step})
+            rows = store.rows + store.stats()["disk_rows"]
+            print("dumped", step, rows, flush=True)
+    """
+)
+
+
+def test_sigkill_during_disk_writes_leaves_a_loadable_checkpoint(tmp_path, caplog):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + sys.path)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    dumped = {}
+    try:
+        for line in child.stdout:  # type: ignore[union-attr]
+            _, step, rows = line.split()
+            dumped[int(step)] = int(rows)
+            if len(dumped) == 3:
+                break
+    finally:
+        child.send_signal(signal.SIGKILL)  # while it writes rows to disk
+        child.wait()
+    # the killed tier opens validated: every record kept passes its check
+    live = tmp_path / "tier" / "set0" / "s0" / "d4"
+    tier = DiskTier.open(live, 500_000, 4, np.float32, 4)  # Adagrad: 4 state columns
+    assert tier.rows > 0
+    tier.read(tier.order())
+    tier.close()
+    ckpt = job_ckpt.read(tmp_path / "ck")
+    step = ckpt.position["step"]
+    assert step in dumped
+    with caplog.at_level(logging.WARNING):
+        fresh = ShardedStore(
+            3, 300, Adagrad(lr=0.1), seed=3, dims=[4],
+            disk_tier=DiskTierConfig(tmp_path / "tier", 1_000_000),
+        )  # fmt: skip
+    assert "left by an earlier process" in caplog.text  # the killed set, validated
+    job_ckpt.restore_store(fresh, ckpt)
+    assert fresh.rows + fresh.stats()["disk_rows"] == dumped[step]
+    fresh.close()
+
+
+def test_no_tier_loses_rows_the_tier_keeps(tmp_path):
+    with_tier = _tiered(tmp_path, 50)
+    without = EmbeddingTable(DIM, 50, _opt(), seed=3)
+    _train([with_tier], 50, 300)
+    _train([without], 50, 300)
+    assert without.rows == 50 and without.evictions > 0
+    assert with_tier.rows + with_tier.tier.rows == len(np.unique(with_tier.export_rows()["keys"]))
+    assert with_tier.rows + with_tier.tier.rows > 250
+
+
+def test_prefetch_brings_disk_rows_back_without_a_lookup(tmp_path):
+    store = _store(tmp_path, 1, 8, True)
+    first = np.arange(8, dtype=np.uint64)
+    before = store.lookup(first, DIM, True)
+    store.lookup(np.arange(100, 108, dtype=np.uint64), DIM, True)  # 0..7 go to disk
+    assert store.stats()["disk_rows"] == 8
+    assert store.prefetch(first[:3], DIM) == 3
+    assert store.stats()["disk_rows"] == 8  # 3 back, 3 others out
+    reads = store.stats()["disk_reads"]
+    assert np.array_equal(store.lookup(first[:3], DIM, True), before[:3])
+    assert store.stats()["disk_reads"] == reads  # the lookup found them in RAM
+    store.close()
+    plain = ShardedStore(1, 8, _opt(), dims=[DIM])
+    assert plain.prefetch(first, DIM) == 0
+
+
+@pytest.mark.parametrize("tracking", [False, True])
+def test_a_shard_with_a_tier_matches_one_with_ram_enough(tmp_path, tracking):
+    """Both training paths of a shard (one kernel; probe, check, then look up: change
+    tracking on) bring disk rows back with their values."""
+    big = Shard(10_000, _opt(), seed=3, dims=[DIM])
+    small = Shard(40, _opt(), seed=3, dims=[DIM], disk_tier=DiskTierConfig(tmp_path / "s", 10**5))
+    if tracking:
+        small.track_changes()
+    rng = np.random.default_rng(5)
+    for _ in range(80):
+        keys = rng.integers(0, 300, 30).astype(np.uint64)
+        g = rng.standard_normal((30, DIM)).astype(np.float32)
+        assert np.array_equal(small.lookup(keys, DIM, True), big.lookup(keys, DIM, True))
+        small.apply_gradients(keys, g)
+        big.apply_gradients(keys, g)
+        if tracking:
+            small.take_changes()
+    a, b = _sorted_rows(big.export_rows()[DIM]), _sorted_rows(small.export_rows()[DIM])
+    for name in ("keys", "values", "state"):
+        assert np.array_equal(a[name], b[name]), name
+    small.close()
+
+
+def test_probed_training_lookup_of_disk_rows_that_fit_without_spilling(tmp_path):
+    t = _tiered(tmp_path, 4)
+    first = np.arange(4, dtype=np.uint64)
+    t.lookup(first, True)
+    t.apply_gradients(first, np.ones((4, DIM), np.float32))
+    before = t.lookup(first, False)
+    t.lookup(np.arange(10, 14, dtype=np.uint64), True)  # 0..3 on disk
+    t.remove_keys(np.array([10, 11], np.uint64))  # room for two: nothing spills next
+    keys = first[:2]
+    out = t.train_lookup(keys, t.probe(keys))
+    assert np.array_equal(out, before[:2])
+
+
+def test_deltas_of_a_two_tier_store_rebuild_it(tmp_path):
+    """A delta reader starting empty reaches the rows of both tiers, including the rows the
+    full disk drops (reported as removed)."""
+    from persia.store.delta import DeltaReader, DeltaWriter
+
+    src = ShardedStore(
+        2, 40, _opt(), seed=3, dims=[DIM], disk_tier=DiskTierConfig(tmp_path / "t", 120)
+    )
+    writer = DeltaWriter(src, tmp_path / "inc").start()
+    replica = ShardedStore(1, 100_000, _opt(), seed=3, dims=[DIM])
+    reader = DeltaReader(tmp_path / "inc")
+    rng = np.random.default_rng(3)
+    for step in range(40):
+        keys = rng.integers(0, 400, 25).astype(np.uint64)
+        src.lookup(keys, DIM, True)
+        src.apply_gradients(keys, rng.standard_normal((25, DIM)).astype(np.float32))
+        if step % 10 == 9:
+            writer.flush()
+            reader.apply_pending(replica)
+            want = _sorted_rows({
+                k: np.concatenate([s.export_rows()[DIM][k] for s in src.shards])
+                for k in ("keys", "values", "state")
+            })  # fmt: skip
+            got = _sorted_rows(replica.shards[0].export_rows()[DIM])
+            for name in ("keys", "values", "state"):
+                assert np.array_equal(want[name], got[name]), (step, name)
+    assert src.stats()["disk_dropped"] > 0
+    writer.close()
+    src.close()
+
+
+def test_a_batch_larger_than_ram_warns(tmp_path, caplog):
+    from persia.logger import reset_warn_once
+
+    reset_warn_once()
+    t = _tiered(tmp_path, 4)
+    with caplog.at_level(logging.WARNING):
+        t.lookup(np.arange(10, dtype=np.uint64), True)
+    assert "more distinct keys" in caplog.text
