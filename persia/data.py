@@ -237,9 +237,8 @@ class _Run:
                 training = batch.requires_grad and self.runtime.training_allowed
                 staleness = None
                 if training:
-                    prefetch = getattr(self.runtime, "prefetch", None)
-                    if prefetch is not None:  # disk rows into RAM while the permit is awaited
-                        prefetch(batch)
+                    # disk rows into RAM while the permit is awaited (a disk tier only)
+                    self.runtime.prefetch(batch)
                     staleness = self.loader.gate.acquire(self.stop)
                     if staleness is None:
                         return

@@ -513,6 +513,9 @@ class ServingRuntime:
         """Refused: a serving runtime writes no deltas."""
         raise PersiaError("a serving runtime is read-only: it writes no deltas")
 
+    def prefetch(self, batch: PersiaBatch) -> None:
+        """Nothing: a serving runtime does not train."""
+
     def recovery_report(self) -> dict[str, Any] | None:
         """None: no shard recovery."""
         return None

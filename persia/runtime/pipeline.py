@@ -27,6 +27,7 @@ from persia.errors import BackendError, PersiaError
 from persia.logger import get_default_logger
 from persia.runtime.staleness import StalenessGate
 from persia.store import ShardedStore
+from persia.worker.embedding_worker import EmbeddingWorker
 from persia.worker.protocol import EmbeddingWorkerProtocol, LookupResult
 
 _logger = get_default_logger()
@@ -118,6 +119,11 @@ class RuntimeProtocol(Protocol):
         """Queues one batch's embedding gradients for the applier thread."""
         ...
 
+    def prefetch(self, batch: PersiaBatch) -> None:
+        """A hint that ``batch`` trains soon (it waits for its staleness permit): a runtime with
+        a disk tier brings its disk-resident rows into RAM meanwhile; others do nothing."""
+        ...
+
     def flush(self, timeout_s: float | None = None) -> None:
         """Waits until every submitted gradient has been applied."""
         ...
@@ -196,11 +202,11 @@ class Runtime:
         """Bring the disk-resident rows of a training batch waiting for its staleness permit
         into RAM on a background thread (a hint; nothing when the store has no disk tier or a
         prefetch is still running). Its lookup then finds them in RAM."""
-        if getattr(self.store, "disk_tier", None) is None or self._closed:
+        if self.store.disk_tier is None or self._closed:
             return
-        keys_of = getattr(self.worker, "batch_keys", None)
-        if keys_of is None:
+        if not isinstance(self.worker, EmbeddingWorker):  # a remote worker: no disk tier here
             return
+        keys_of = self.worker.batch_keys
         with self._cond:
             if self._prefetching:
                 return

@@ -66,6 +66,7 @@ def test_the_runtime_protocol_declares_what_its_callers_use():
         "delta_interval_s",
         "attach_delta_writer",
         "recovery_report",
+        "prefetch",
         "push_metrics",
     }
     assert set(RuntimeProtocol.__annotations__) == {

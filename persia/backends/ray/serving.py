@@ -332,6 +332,9 @@ class RayServingRuntime:
     def attach_delta_writer(self, writer: Any) -> None:
         raise PersiaError("inference-mode parameter servers write no deltas")
 
+    def prefetch(self, batch: PersiaBatch) -> None:
+        """Nothing: a serving runtime does not train."""
+
     def recovery_report(self) -> dict[str, Any] | None:
         return None
 
