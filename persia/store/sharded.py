@@ -70,18 +70,22 @@ class ShardedStore:
         self.seed = seed
         self.weight_bound = weight_bound
         self.dims = tuple(sorted(set(dims))) if dims is not None else None
+        #: how many times every row was replaced (:meth:`clear`, :meth:`replace_rows`): the
+        #: incremental-delta writer then writes a reset delta (:mod:`persia.store.delta`)
+        self.resets = 0
         self.shards = self._new_shards(self.num_shards)
         if disk_tier is not None:
             kept = sum(int(s.stats().get("disk_rows", 0)) for s in self.shards)
             if kept:
+                # a new store starts empty, as one without a tier does: rows an earlier process
+                # spilled are not this job's state (the checkpoint it wrote is; load it)
                 get_default_logger("persia.store").warning(
-                    "disk tier %s: %d valid row(s) left by an earlier process kept on disk "
-                    "(loading a checkpoint replaces them; clear() drops them)",
+                    "disk tier %s: %d valid row(s) left by an earlier process discarded: a new "
+                    "store starts empty (load the job's checkpoint to resume it)",
                     disk_tier.directory, kept,
                 )  # fmt: skip
-        #: how many times every row was replaced (:meth:`clear`, :meth:`replace_rows`): the
-        #: incremental-delta writer then writes a reset delta (:mod:`persia.store.delta`)
-        self.resets = 0
+                self.clear()
+                self.resets = 0
 
     def _current_tier_set(self) -> int:
         """The live tier set named by ``{directory}/CURRENT`` (0 if none); other sets left by
