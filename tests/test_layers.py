@@ -63,6 +63,7 @@ DYNAMIC_IMPORTERS = {"persia.runtime.registry", "persia.job.models"}
 RAY_UNITS = ("persia.backends.ray",)
 NUMBA_MODULES = {
     "persia.store.kernels.table",
+    "persia.store.kernels.half",
     "persia.worker.kernels",
     "persia.embedding.kernels",
     # the ID hash is a file format and its numba kernels live with its documentation
