@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from persia.store.table import (
     check_grads,
     check_keys,
     check_positive_int,
+    check_row_dtype,
 )
 
 __all__ = ["RowHint", "Shard", "shard_of"]
@@ -72,6 +73,24 @@ def shard_of(keys: Any, num_shards: int) -> np.ndarray:
     return out
 
 
+def check_row_dtypes(row_dtype: Any) -> str | dict[int, str]:
+    """A store's ``row_dtype``: one row dtype for every dim, or ``{dim: row_dtype}``;
+    ``StoreError`` naming the field otherwise."""
+    if isinstance(row_dtype, Mapping):
+        return {
+            check_positive_int(d, "row_dtype dim"): check_row_dtype(v, f"row_dtype[{d}]")
+            for d, v in row_dtype.items()
+        }
+    return check_row_dtype(row_dtype)
+
+
+def row_dtype_for(row_dtype: str | Mapping[int, str], dim: int) -> str:
+    """The row dtype of dim ``dim`` (float32 for a dim a mapping does not name)."""
+    if isinstance(row_dtype, Mapping):
+        return row_dtype.get(dim, "float32")
+    return row_dtype
+
+
 def split_capacity(capacity: int, dims: Sequence[int]) -> dict[int, int]:
     """Rows per dim: ``capacity // k`` each, one more for the first ``capacity % k`` dims
     (ascending); at least one row each."""
@@ -92,6 +111,9 @@ class Shard:
         seed: seed of init and admission.
         weight_bound: values are clipped to [-bound, bound] after updates (<= 0 or inf: never).
         dims: the dims this shard holds, when known up front (recommended).
+        row_dtype: how rows are stored (``float32``, ``float16`` or ``bfloat16``): one for every
+            dim, or ``{dim: row_dtype}`` (dims not named: float32).
+        rounding: how updates round half-precision rows (``nearest`` or ``stochastic``).
     """
 
     def __init__(
@@ -103,8 +125,12 @@ class Shard:
         seed: int = 0,
         weight_bound: float = 10.0,
         dims: Sequence[int] | None = None,
+        row_dtype: str | Mapping[int, str] = "float32",
+        rounding: str = "nearest",
     ) -> None:
         self.capacity = check_positive_int(capacity, "capacity")
+        self.row_dtype = check_row_dtypes(row_dtype)
+        self.rounding = rounding
         self.optimizer = optimizer
         self.init: Init = init if init is not None else Uniform(-0.01, 0.01)
         self.admission = admission if admission is not None else Admission()
@@ -139,8 +165,9 @@ class Shard:
 
     def _new_table(self, dim: int, capacity: int) -> EmbeddingTable:
         return EmbeddingTable(
-            dim, capacity, self.optimizer, self.init, self.admission, self.seed, self.weight_bound
-        )
+            dim, capacity, self.optimizer, self.init, self.admission, self.seed, self.weight_bound,
+            row_dtype_for(self.row_dtype, dim), self.rounding,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------- helpers
     @property

@@ -9,7 +9,7 @@ checkpoint made with N shards loads into M. Checkpoints are written and read by
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,11 @@ class ShardedStore:
         weight_bound: float = 10.0,
         dims: Sequence[int] | None = None,
         adopt_optimizer: bool = False,
+        row_dtype: str | Mapping[int, str] = "float32",
+        rounding: str = "nearest",
     ) -> None:
+        self.row_dtype = row_dtype
+        self.rounding = rounding
         self.adopt_optimizer = adopt_optimizer
         self.num_shards = check_positive_int(num_shards, "num_shards")
         self.capacity = check_positive_int(capacity, "capacity")
@@ -71,6 +75,8 @@ class ShardedStore:
                 self.seed,
                 self.weight_bound,
                 dims=self.dims,
+                row_dtype=self.row_dtype,
+                rounding=self.rounding,
             )
             for _ in range(n)
         ]
