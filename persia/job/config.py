@@ -26,6 +26,8 @@ from persia.embedding.config import MetricsConfig, parse_metrics_config
 from persia.embedding.spec import (
     EMBEDDING_OPTIMIZERS,
     POOLINGS,
+    ROW_DTYPES,
+    ROW_ROUNDINGS,
     EmbeddingSpec,
     SlotSpec,
     assign_prefixes,
@@ -382,6 +384,8 @@ _EMBEDDING_KEYS = (
     "init",
     "weight_bound",
     "feature_index_prefix_bit",
+    "row_dtype",
+    "row_rounding",
 )
 
 
@@ -442,9 +446,15 @@ def _embedding(c: Problems, raw: object, data: DataSpec | None) -> EmbeddingSpec
     dim = c.int_(d, "dim", "embedding", 8)
     pooling = c.choice(d, "pooling", "embedding", "sum", POOLINGS)
     fixed = c.int_(d, "sample_fixed_size", "embedding", 10)
+    row_dtype = c.choice(d, "row_dtype", "embedding", "float32", ROW_DTYPES)
+    rounding = c.choice(d, "row_rounding", "embedding", "nearest", ROW_ROUNDINGS)
     overrides = d.get("slots") or {}
     if not isinstance(overrides, Mapping):
-        c.bad("embedding.slots", "a mapping slot -> {dim, pooling, sample_fixed_size}", overrides)
+        c.bad(
+            "embedding.slots",
+            "a mapping slot -> {dim, pooling, sample_fixed_size, row_dtype}",
+            overrides,
+        )
         overrides = {}
     id_names = [x.name for x in data.ids] if data is not None else []
     for name in overrides:
@@ -454,19 +464,30 @@ def _embedding(c: Problems, raw: object, data: DataSpec | None) -> EmbeddingSpec
                 f"(ID columns: {', '.join(id_names)})"
             )
     slots = []
+    first_of_dim: dict[Any, SlotSpec] = {}
     for name in id_names:
         o = c.section(
-            overrides.get(name), f"embedding.slots.{name}", ("dim", "pooling", "sample_fixed_size")
+            overrides.get(name),
+            f"embedding.slots.{name}",
+            ("dim", "pooling", "sample_fixed_size", "row_dtype"),
         )
         p = f"embedding.slots.{name}"
-        slots.append(
-            SlotSpec(
-                name=name,
-                dim=c.int_(o, "dim", p, dim),
-                pooling=c.choice(o, "pooling", p, pooling, POOLINGS),
-                sample_fixed_size=c.int_(o, "sample_fixed_size", p, fixed),
-            )
+        slot = SlotSpec(
+            name=name,
+            dim=c.int_(o, "dim", p, dim),
+            pooling=c.choice(o, "pooling", p, pooling, POOLINGS),
+            sample_fixed_size=c.int_(o, "sample_fixed_size", p, fixed),
+            row_dtype=c.choice(o, "row_dtype", p, row_dtype, ROW_DTYPES),
         )
+        first = first_of_dim.setdefault(slot.dim, slot)
+        if first.row_dtype != slot.row_dtype:  # one table per dim: its slots share the dtype
+            c.bad(
+                f"{p}.row_dtype",
+                f"{first.row_dtype}, as slot {first.name!r} of the same dim {slot.dim} "
+                "(one table per dim)",
+                slot.row_dtype,
+            )
+        slots.append(slot)
     opt, opt_args = _optimizer(
         c,
         d.get("optimizer"),
@@ -517,6 +538,7 @@ def _embedding(c: Problems, raw: object, data: DataSpec | None) -> EmbeddingSpec
         init=(float(init[0]), float(init[1])),
         weight_bound=bound,
         feature_index_prefix_bit=bits,
+        row_rounding=rounding,
     )
 
 

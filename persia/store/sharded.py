@@ -18,7 +18,7 @@ from persia.embedding.spec import per_shard_capacity
 from persia.errors import CheckpointError, StoreError
 from persia.store.config import Admission, Init, Uniform
 from persia.store.shard import Shard, shard_of
-from persia.store.table import check_grads, check_keys, check_positive_int
+from persia.store.table import check_grads, check_keys, check_positive_int, row_dtype_of
 
 __all__ = ["ShardedStore"]
 
@@ -29,9 +29,13 @@ class ShardedStore:
     Args:
         num_shards: how many shards (> 0).
         capacity: rows over all shards and dims; each shard holds ``ceil(capacity / num_shards)``.
-        optimizer, init, admission, seed, weight_bound, dims: as for :class:`Shard`.
-        adopt_optimizer: :meth:`replace_rows` takes the checkpoint's optimizer instead of requiring
-            a matching one (an evaluation or serving store that trains nothing).
+        optimizer, init, admission, seed, weight_bound, dims, row_dtype, rounding: as for
+            :class:`Shard`.
+        adopt_optimizer: :meth:`replace_rows` takes the checkpoint's optimizer (and its rows'
+            dtypes) instead of requiring a matching one (an evaluation or serving store that
+            trains nothing). A training store converts rows saved in another row dtype (with a
+            warning): a float16 checkpoint loads into a float32 job exactly, and the other way
+            round rounds to nearest even.
     """
 
     def __init__(
@@ -185,8 +189,15 @@ class ShardedStore:
                 problems.append(f"the checkpoint holds dim {dim}, the store only {list(self.dims)}")
         if problems:
             raise CheckpointError(f"{where}: cannot load: " + "; ".join(problems))
-        old_optimizer = self.optimizer
+        old_optimizer, old_row_dtype = self.optimizer, self.row_dtype
         self.optimizer = optimizer
+        if self.adopt_optimizer:  # a store that trains nothing keeps the rows as they were saved
+            saved_dtypes = {}
+            for name, arr in arrays.items():
+                part = name.split(".")
+                if len(part) == 3 and part[2] == "values" and part[1][1:].isdigit():
+                    saved_dtypes[int(part[1][1:])] = row_dtype_of(arr)
+            self.row_dtype = saved_dtypes
         try:
             shards = self._new_shards(self.num_shards)
             for dim in dims:
@@ -202,10 +213,10 @@ class ShardedStore:
                         if sel.size:
                             shard.import_rows(dim, keys[sel], values[sel], state[sel])
         except StoreError as exc:
-            self.optimizer = old_optimizer
+            self.optimizer, self.row_dtype = old_optimizer, old_row_dtype
             raise CheckpointError(f"{where}: rows cannot be loaded: {exc}") from exc
         except BaseException:
-            self.optimizer = old_optimizer
+            self.optimizer, self.row_dtype = old_optimizer, old_row_dtype
             raise
         self._replace_shards(shards)
         self.resets += 1

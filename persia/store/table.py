@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from persia.embedding.spec import ROW_DTYPES, ROW_ROUNDINGS
 from persia.errors import StoreError
 from persia.logger import get_logger, warn_once
 from persia.store.config import Admission, Init, Normal, Uniform
@@ -63,11 +64,8 @@ __all__ = [
     "encode_rows",
 ]
 
-#: Row storage dtypes, the default first.
-ROW_DTYPES = ("float32", "float16", "bfloat16")
-#: How an update rounds a half-precision row back (round to nearest even, the default, measured
-#: the better AUC; see benchmarks/README.md).
-ROUNDINGS = ("nearest", "stochastic")
+#: Row storage dtypes, the default first; how an update rounds half rows back.
+ROUNDINGS = ROW_ROUNDINGS
 #: The numpy dtype a table stores each row dtype in (numpy has no bfloat16: its bit patterns).
 _STORAGE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
             "bfloat16": np.dtype(np.uint16)}  # fmt: skip
@@ -107,10 +105,10 @@ def encode_rows(values: np.ndarray, row_dtype: str) -> np.ndarray:
     values = np.ascontiguousarray(values, dtype=np.float32)
     if row_dtype == "float32":
         return values
-    out = np.empty(values.shape, dtype=_STORAGE[row_dtype])
+    out: np.ndarray = np.empty(values.shape, dtype=_STORAGE[row_dtype])
     if values.size:
-        H.narrow_kernel(values.reshape(values.shape[0], -1), _kernel_view(out).reshape(
-            values.shape[0], -1))  # fmt: skip
+        flat = values.reshape(values.shape[0], -1)
+        H.narrow_kernel(flat, _kernel_view(out).reshape(flat.shape))
     return out
 
 
