@@ -67,7 +67,7 @@ __all__ = [
 #: Row storage dtypes, the default first; how an update rounds half rows back.
 ROUNDINGS = ROW_ROUNDINGS
 #: The numpy dtype a table stores each row dtype in (numpy has no bfloat16: its bit patterns).
-_STORAGE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+_STORAGE: dict[str, np.dtype[Any]] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
             "bfloat16": np.dtype(np.uint16)}  # fmt: skip
 _NAME_OF = {dt: name for name, dt in _STORAGE.items()}
 
