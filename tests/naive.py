@@ -381,8 +381,15 @@ def half_encode_stochastic(x: np.ndarray, row_dtype: str, rnd: np.ndarray) -> np
     return out.astype(np.uint16).view(np.float16)
 
 
-def half_apply(opt_apply, values: np.ndarray, state: np.ndarray, rows: np.ndarray,
-               grads: np.ndarray, bound: float, stochastic_seed: int | None = None) -> np.ndarray:
+def half_apply(
+    opt_apply,
+    values: np.ndarray,
+    state: np.ndarray,
+    rows: np.ndarray,
+    grads: np.ndarray,
+    bound: float,
+    stochastic_seed: int | None = None,
+) -> np.ndarray:
     """The update of half rows: the distinct rows (first seen order) widened, ``opt_apply`` on
     the float32 block (a row listed twice updated twice), rounded back in place."""
     uniq: list[int] = []

@@ -855,13 +855,18 @@ def persia_configs(
                 "hash_stack_rounds": s.hash_stack_rounds,
                 "embedding_size": s.hash_stack_size,
             }
+        if s.row_dtype != "float32":
+            entry["row_dtype"] = s.row_dtype
         slots[s.name] = entry
+    doc: dict[str, Any] = {
+        "feature_index_prefix_bit": spec.feature_index_prefix_bit,
+        "slots_config": slots,
+        "feature_groups": {g: list(members) for g, members in spec.feature_groups},
+    }
+    if spec.row_rounding != "nearest":
+        doc["row_rounding"] = spec.row_rounding
     embedding_file = parse_embedding_config(
-        {
-            "feature_index_prefix_bit": spec.feature_index_prefix_bit,
-            "slots_config": slots,
-            "feature_groups": {g: list(members) for g, members in spec.feature_groups},
-        },
+        doc,
         source=source,
     )
     server: dict[str, Any] = {

@@ -211,12 +211,14 @@ def test_embedding_config_row_dtype_globally_and_per_slot():
     store = ShardedStore(2, 1000, SGD(lr=0.1), **{k: v for k, v in store_options(spec).items()
                                                   if k not in ("capacity", "optimizer")})  # fmt: skip
     assert {d: t.values.dtype for d, t in store.shards[0]._tables.items()} == {
-        4: np.uint16, 8: np.float16, 16: np.float32
+        4: np.uint16,
+        8: np.float16,
+        16: np.float32,
     }
     assert store.shards[0]._tables[8].rounding == "stochastic"
-    assert embedding_spec(parse_embedding_config({"slots_config": {"a": {"dim": 8}}})).row_dtypes == {
-        8: "float32"
-    }
+    assert embedding_spec(
+        parse_embedding_config({"slots_config": {"a": {"dim": 8}}})
+    ).row_dtypes == {8: "float32"}
 
 
 @pytest.mark.parametrize(
@@ -252,10 +254,17 @@ def test_job_file_row_dtype(tmp_path):
     from persia.job.config import parse_job
 
     base = {
-        "data": {"train": str(tmp_path / "x.csv"), "ids": ["a", "b"], "dense": ["x"],
-                 "label": "y"},  # fmt: skip
-        "embedding": {"dim": 4, "row_dtype": "bfloat16", "slots": {"b": {"dim": 8,
-                                                                        "row_dtype": "float16"}}},  # fmt: skip
+        "data": {
+            "train": str(tmp_path / "x.csv"),
+            "ids": ["a", "b"],
+            "dense": ["x"],
+            "label": "y",
+        },  # fmt: skip
+        "embedding": {
+            "dim": 4,
+            "row_dtype": "bfloat16",
+            "slots": {"b": {"dim": 8, "row_dtype": "float16"}},
+        },  # fmt: skip
     }
     try:
         job = parse_job(base)
@@ -355,3 +364,31 @@ def test_serving_export_keeps_half_rows_and_widens_on_lookup():
     got = table.lookup(probe, 4, False)
     np.testing.assert_array_equal(got[:50], store.lookup(keys[:50], 4, False))
     assert (got[50:] == 0).all()
+
+
+def test_a_float16_job_exports_float16_rows_and_serves_what_it_trained(tmp_path):
+    """The adult-income job with float16 rows: its checkpoint and serving export hold float16
+    rows (meta ``row_dtypes``), and the export serves the training path's predictions."""
+    import pyarrow as pa
+    from serving.test_serving import ADULT, _raw_test_table, _training_predictions
+
+    import persia.serving as serving
+    from persia.job.config import load_job
+    from persia.store.checkpoint import read_current
+
+    job = load_job(ADULT, [
+        "training.max_samples=1024", "training.progress=none",
+        f"training.checkpoint_dir={tmp_path / 'ckpt'}", "embedding.row_dtype=float16",
+    ])  # fmt: skip
+    assert set(job.embedding.row_dtypes.values()) == {"float16"}
+    serving.run_and_export(job, tmp_path / "export")
+    ckpt = checkpoint.read(tmp_path / "ckpt")
+    assert set(ckpt.meta["row_dtypes"].values()) == {"float16"}
+    arrays, meta = read_current(tmp_path / "export", kind=serving.KIND)
+    assert set(meta["row_dtypes"].values()) == {"float16"}
+    assert all(arrays[f"d{d}.values"].dtype == np.float16 for d in meta["row_dtypes"])
+    expected = _training_predictions(job, tmp_path / "ckpt")
+    request = _raw_test_table(job).drop_columns(["income_bracket"])
+    served = serving.load(tmp_path / "export").predict(request)
+    assert isinstance(request, pa.Table)
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
