@@ -3,6 +3,8 @@
     python benchmarks/bench_store.py --quick     # CI: small sizes, a few seconds
     python benchmarks/bench_store.py             # full: 1M keys among 8M held rows (~2 minutes)
     python benchmarks/bench_store.py --scale     # + 62.5M rows x dim 16 (1e9 parameters, ~10 GB)
+    python benchmarks/bench_store.py --scale-only --scale-row-dtype float16 \
+        --scale-optimizer rowwise --scale-rows 250000000     # 4e9 parameters (~17.5 GB)
 
 Single thread; dim 16, element-wise Adagrad state and Uniform(-0.01, 0.01) init unless the metric
 says otherwise. The shard is built for ``held + batch`` rows (``Shard(capacity, dims=[16])`` plus
@@ -21,7 +23,12 @@ probe included), dedupe_ids_per_s (``persia.worker.pooling.Deduper`` on ``batch`
 reused), dict_baseline_rows_per_s (the evaluation lookup through a Python dict of key -> row plus
 a numpy gather, same run) and lookup_gather_vs_dict_ratio, bytes_per_row (``stats()["bytes_used"]
 / capacity`` with the shard full at the capacity it was built for). ``--scale`` adds
-scale_build_rows_per_s, scale_lookup_update_rows_per_s, scale_params and scale_bytes_per_param.
+scale_build_rows_per_s, scale_lookup_update_rows_per_s, scale_params, scale_bytes_per_param
+(the table's arrays) and scale_peak_rss_bytes_per_param (the process's peak resident memory over
+the parameters: what the issue-17 target of <= 5 bytes per parameter at 4e9 parameters reads,
+with ``--scale-row-dtype float16 --scale-optimizer rowwise``). The scale store is pre-sized
+(``reserve``), so no growth copy counts; ``--scale-only`` runs it alone (nothing else raises the
+peak).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import numpy as np  # noqa: E402
 
 from persia.embedding.optim import Adagrad, Adam  # noqa: E402
 from persia.store.shard import Shard  # noqa: E402
+from persia.store.table import ROW_DTYPES  # noqa: E402
 from persia.worker.pooling import Deduper  # noqa: E402
 
 DIM = 16
@@ -251,18 +259,25 @@ def bench_others(b: Bench, held: int, batch: int, repeats: int) -> None:
     b.rate("dedupe_ids_per_s", rate, "ids/s", uniques=uniques)
 
 
-def bench_scale(b: Bench, rows: int, batch: int, lookups: int) -> None:
-    """A shard of ``rows`` x dim 16 with Adagrad; ``lookups`` training lookups + updates."""
+def bench_scale(
+    b: Bench, rows: int, batch: int, lookups: int, row_dtype: str = "float32", rowwise: bool = False
+) -> None:
+    """A shard of ``rows`` x dim 16 with (row-wise) Adagrad and ``row_dtype`` rows; ``lookups``
+    training lookups + updates."""
     chunk = 1_000_000
     t0 = time.perf_counter()
-    shard = Shard(rows, Adagrad(), dims=[DIM])
+    tag = {"row_dtype": row_dtype, "optimizer": "rowwise_adagrad" if rowwise else "adagrad"}
+    shard = Shard(rows, Adagrad(vectorwise_shared=rowwise), dims=[DIM], row_dtype=row_dtype)
     shard.reserve(rows, DIM)
     t_alloc = time.perf_counter() - t0
     t0 = time.perf_counter()
     for s in range(0, rows, chunk):
         shard.lookup(held_keys(s, min(chunk, rows - s)), DIM, True)
     build = time.perf_counter() - t0
-    b.emit("scale_build_rows_per_s", rows / build, "rows/s", rows=rows, alloc_s=round(t_alloc, 1))
+    b.emit(
+        "scale_build_rows_per_s", rows / build, "rows/s", rows=rows, alloc_s=round(t_alloc, 1),
+        **tag,
+    )  # fmt: skip
     rng = np.random.default_rng(7)
     grads = (rng.standard_normal((batch, DIM), dtype=np.float32) * 1e-2).astype(np.float32)
     done = 0
@@ -275,15 +290,18 @@ def bench_scale(b: Bench, rows: int, batch: int, lookups: int) -> None:
     dt = time.perf_counter() - t0
     st = shard.stats()
     params = st["rows"] * DIM
-    b.emit("scale_lookup_update_rows_per_s", done / dt, "rows/s", lookups=done)
-    b.emit("scale_params", params, "parameters", rows=st["rows"], capacity=st["capacity"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    b.emit("scale_lookup_update_rows_per_s", done / dt, "rows/s", lookups=done, **tag)
+    b.emit("scale_params", params, "parameters", rows=st["rows"], capacity=st["capacity"], **tag)
     b.emit(
         "scale_bytes_per_param",
         st["bytes_used"] / params,
         "bytes/parameter",
         bytes_used=st["bytes_used"],
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=peak,
+        **tag,
     )
+    b.emit("scale_peak_rss_bytes_per_param", peak / params, "bytes/parameter", **tag)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,19 +313,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default 5, quick 3)")
     p.add_argument("--scale-rows", type=int, default=62_500_000, help="rows of --scale")
     p.add_argument("--scale-lookups", type=int, default=10_000_000, help="keys of --scale")
+    p.add_argument("--scale-only", action="store_true", help="only the scale store (its peak RSS)")
+    p.add_argument("--scale-row-dtype", choices=ROW_DTYPES, default="float32", help="its rows")
+    p.add_argument(
+        "--scale-optimizer", choices=("adagrad", "rowwise"), default="adagrad",
+        help="element-wise or row-wise Adagrad",
+    )  # fmt: skip
     args = p.parse_args(argv)
     held = args.held or (200_000 if args.quick else 8_000_000)
     batch = args.batch or (50_000 if args.quick else 1_000_000)
     repeats = args.repeats or (3 if args.quick else 5)
     b = Bench(args.quick, held, batch, repeats)
-    bench_main(b, held, batch, repeats)
-    gc.collect()
-    bench_others(b, held, batch, repeats)
-    if args.scale:
+    if not args.scale_only:
+        bench_main(b, held, batch, repeats)
+        gc.collect()
+        bench_others(b, held, batch, repeats)
+    if args.scale or args.scale_only:
         gc.collect()
         rows = 500_000 if args.quick else args.scale_rows
         lookups = 200_000 if args.quick else args.scale_lookups
-        bench_scale(b, rows, batch, lookups)
+        bench_scale(
+            b, rows, batch, lookups, args.scale_row_dtype, args.scale_optimizer == "rowwise"
+        )
     return 0
 
 
