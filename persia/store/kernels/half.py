@@ -200,6 +200,48 @@ def _narrow_stochastic(values, x, rnd):
     return None
 
 
+def store_row(values, r, out, i):  # pragma: no cover - replaced by the overload inside numba
+    """``values[r] = out[i]`` (a new row's initial vector), rounded to nearest even, and
+    ``out[i]`` = what the row then holds."""
+    raise NotImplementedError("store_row is for numba kernels")
+
+
+def round_row(values, out, i):  # pragma: no cover - replaced by the overload inside numba
+    """``out[i]`` rounded to what a row of ``values`` can hold (nothing for float32)."""
+    raise NotImplementedError("round_row is for numba kernels")
+
+
+@overload(store_row, inline="always")
+def _store_row(values, r, out, i):
+    if values.dtype == types.float32:  # the float32 kernels' own copy loop, as it was
+
+        def copy(values, r, out, i):
+            for j in range(out.shape[1]):
+                values[np.uint64(r), np.uint64(j)] = out[np.uint64(i), np.uint64(j)]
+
+        return copy
+
+    def rounded(values, r, out, i):
+        for j in range(out.shape[1]):
+            v = narrow(values, out[i, j])
+            values[r, j] = v
+            out[i, j] = widen(v)
+
+    return rounded
+
+
+@overload(round_row, inline="always")
+def _round_row(values, out, i):
+    if values.dtype == types.float32:
+        return lambda values, out, i: None
+
+    def rounded(values, out, i):
+        for j in range(out.shape[1]):
+            out[i, j] = widen(narrow(values, out[i, j]))
+
+    return rounded
+
+
 @njit(nogil=True, cache=True)
 def dedupe_rows_kernel(rows, local, uniq):
     """The distinct rows of a call: ``uniq[:k]`` = the distinct rows ``>= 0`` in first-seen

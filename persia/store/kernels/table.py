@@ -48,7 +48,7 @@ from numba import njit
 
 # the prefetch hint lives with the optimizer kernels (the layer below), which use it too
 from persia.embedding.kernels import prefetch, prefetch_at
-from persia.store.kernels.half import narrow, widen
+from persia.store.kernels.half import round_row, store_row, widen
 
 PROBE_SALT = np.uint64(0x9E3779B97F4A7C15)
 SHARD_SALT = np.uint64(0xD1B54A32D192ED03)
@@ -732,13 +732,9 @@ def train_init_kernel(
             continue
         init_row(out, i, keys[i], seed, init_kind, init_a, init_b)
         if m == -2:  # a repeat of a key made earlier in this call: the row as stored
-            for j in range(dim):
-                out[np.uint64(i), np.uint64(j)] = widen(narrow(values, out[i, j]))
+            round_row(values, out, i)
         if m >= 0:
-            for j in range(dim):
-                v = narrow(values, out[np.uint64(i), np.uint64(j)])
-                values[np.uint64(m), np.uint64(j)] = v
-                out[np.uint64(i), np.uint64(j)] = widen(v)  # what the row now holds
+            store_row(values, m, out, i)
             for j in range(width):
                 state[m, j] = init_state[j]
 
