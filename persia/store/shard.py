@@ -349,7 +349,8 @@ class Shard:
 
     def export_rows(self, dim: int | None = None) -> dict[int, dict[str, np.ndarray]]:
         """Copies of the rows of one dim (or all), oldest first, keyed by dim:
-        ``{dim: {"keys": u64[n], "values": f32[n, dim], "state": f32[n, W]}}``."""
+        ``{dim: {"keys": u64[n], "values": [n, dim], "state": f32[n, W]}}``, the values in the
+        table's row dtype (f32, f16, or u16 bfloat16 bit patterns)."""
         if dim is not None:
             dim = check_positive_int(dim, "dim")
         with self._lock:  # only the sequential copies; the LRU ordering runs after
@@ -442,7 +443,7 @@ class Shard:
         """The current rows of every key changed since the last call, the keys evicted since
         then, and reset the record.
 
-        Returns ``{dim: {"keys": u64[n], "values": f32[n, dim], "state": f32[n, W],
+        Returns ``{dim: {"keys": u64[n], "values": [n, dim] (row dtype), "state": f32[n, W],
         "removed": u64[m]}}``, keys unique and ascending: ``keys`` are the changed keys still
         held (those evicted, or not admitted, are left out); ``removed`` are the keys that were
         held at the last call, or noted since, and are held no more (LRU eviction, a capacity
