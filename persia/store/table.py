@@ -560,17 +560,16 @@ class EmbeddingTable:
             raise StoreError(f"rows must be in [-1, {self.rows}), got {rows.min()}..{rows.max()}")
         local = np.empty(n, dtype=np.int32)
         uniq = np.empty(n, dtype=np.int32)
-        k = int(H.dedupe_rows_kernel(rows, local, uniq))
-        uniq = uniq[:k]
+        block = np.empty((n, self.dim), dtype=np.float32)
+        sblock = np.empty((n, self.state_width), dtype=np.float32)
         values = self._kv
-        block = np.empty((k, self.dim), dtype=np.float32)
-        H.gather_rows_kernel(values, uniq, block)
-        sblock = self.state[uniq]
+        k = int(H.gather_rows_kernel(values, self.state, rows, local, uniq, block, sblock))
+        block, sblock, uniq = block[:k], sblock[:k], uniq[:k]
         counts = self.optimizer.apply(block, sblock, local, grads, self.weight_bound)
-        self.state[uniq] = sblock
         self._updates += 1
         seed = (self.seed * 0xD6E8FEB86659FD93 + self._updates * 0x9E3779B97F4A7C15) & (2**64 - 1)
-        H.scatter_rows_kernel(block, uniq, values, self.rounding == "stochastic", np.uint64(seed))
+        stochastic = self.rounding == "stochastic"
+        H.scatter_rows_kernel(block, sblock, uniq, values, self.state, stochastic, np.uint64(seed))
         return counts
 
     def export_rows(self) -> dict[str, np.ndarray]:

@@ -70,19 +70,20 @@ def test_stochastic_rounding_is_unbiased_and_nearest_is_not(dt):
     n = 100_000
     storage = naive.HALF_STORAGE[dt]
     kview = np.int16 if dt == "float16" else np.uint16
+    none = np.zeros((n, 0), np.float32)  # no optimizer state
     for x in (1.0 + 2.0**-12 * 3, -0.3, 1e-6 if dt == "float16" else 1e-30, 7.123):
         block = np.full((n, 1), x, np.float32)
         lo_hi = decode_rows(encode_rows(block[:1], dt))[0, 0]
         values = np.zeros((n, 1), storage)
-        H.scatter_rows_kernel(block, np.arange(n, dtype=np.int32), values.view(kview), True,
-                              np.uint64(12345))  # fmt: skip
+        H.scatter_rows_kernel(block, none, np.arange(n, dtype=np.int32), values.view(kview), none,
+                              True, np.uint64(12345))  # fmt: skip
         got = decode_rows(values)[:, 0].astype(np.float64)
         assert len(np.unique(got)) == 2  # the two neighbours, never a third value
         spacing = got.max() - got.min()
         assert abs(got.mean() - float(np.float32(x))) < 5 * 0.5 * spacing / np.sqrt(n)
         nearest = np.zeros((n, 1), storage)
-        H.scatter_rows_kernel(block, np.arange(n, dtype=np.int32), nearest.view(kview), False,
-                              np.uint64(0))  # fmt: skip
+        H.scatter_rows_kernel(block, none, np.arange(n, dtype=np.int32), nearest.view(kview), none,
+                              False, np.uint64(0))  # fmt: skip
         assert (decode_rows(nearest)[:, 0] == lo_hi).all()
         # the twin (same random bits) gives the very same roundings
         rnd = naive.sr_random_bits(12345, n)

@@ -16,8 +16,8 @@ float16). Both are resolved by numba from the array type when a kernel is compil
 float32 kernels compile to what they were (``widen`` / ``narrow`` of float32 are the identity)
 and a table dispatches once per call, by the dtype of its array, not per element.
 
-Optimizer updates of half rows (:func:`dedupe_rows_kernel`, :func:`gather_rows_kernel`,
-:func:`scatter_rows_kernel`): the distinct rows of a call are widened into a float32 block, the
+Optimizer updates of half rows (:func:`gather_rows_kernel`, :func:`scatter_rows_kernel`): the
+distinct rows of a call are widened into a float32 block, the
 optimizer's float32 kernel runs on the block (a row listed twice is updated twice, in order, on
 the block), and the block is narrowed back, once per distinct row, by round to nearest even or by
 stochastic rounding: a value between two neighbouring half values ``lo < x < hi`` becomes ``hi``
@@ -33,6 +33,8 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
+
+from persia.embedding.kernels import prefetch
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _S1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -242,11 +244,21 @@ def _round_row(values, out, i):
     return rounded
 
 
+#: rows ahead of the one being copied whose lines are prefetched
+_AHEAD = 16
+
+
 @njit(nogil=True, cache=True)
-def dedupe_rows_kernel(rows, local, uniq):
-    """The distinct rows of a call: ``uniq[:k]`` = the distinct rows ``>= 0`` in first-seen
-    order, ``local[i]`` = the position of ``rows[i]`` in them (-1 for -1). Returns ``k``."""
+def gather_rows_kernel(values, state, rows, local, uniq, vblock, sblock):
+    """The distinct rows of an update, widened: ``uniq[:k]`` = the distinct rows ``>= 0`` of
+    ``rows`` in first-seen order, ``local[i]`` = the position of ``rows[i]`` among them (-1 for
+    -1), ``vblock[:k]`` = their values as float32, ``sblock[:k]`` = their state. Returns ``k``.
+
+    One pass: a small open-addressing map from row to position, and the copies of each new row,
+    whose lines are prefetched ``_AHEAD`` entries before."""
     n = rows.shape[0]
+    dim = values.shape[1]
+    width = state.shape[1]
     size = 16
     while size < 2 * n:
         size *= 2
@@ -254,6 +266,12 @@ def dedupe_rows_kernel(rows, local, uniq):
     slots = np.full(size, -1, dtype=np.int32)
     k = 0
     for i in range(n):
+        if i + _AHEAD < n:
+            q = rows[i + _AHEAD]
+            if q >= 0:
+                prefetch(values, q)
+                if width > 0:
+                    prefetch(state, q)
         r = rows[i]
         if r < 0:
             local[i] = -1
@@ -265,6 +283,10 @@ def dedupe_rows_kernel(rows, local, uniq):
                 slots[s] = k
                 uniq[k] = r
                 local[i] = k
+                for d in range(dim):
+                    vblock[k, d] = widen(values[r, d])
+                for d in range(width):
+                    sblock[k, d] = state[r, d]
                 k += 1
                 break
             if uniq[j] == r:
@@ -275,29 +297,29 @@ def dedupe_rows_kernel(rows, local, uniq):
 
 
 @njit(nogil=True, cache=True)
-def gather_rows_kernel(values, uniq, out):
-    """``out[i] = widen(values[uniq[i]])`` (float32)."""
+def scatter_rows_kernel(vblock, sblock, uniq, values, state, stochastic, seed):
+    """``values[uniq[i]] = narrow(vblock[i])`` and ``state[uniq[i]] = sblock[i]``: round to
+    nearest even, or stochastically with the random bits of element ``(i, j)`` =
+    ``mix(seed + (i * dim + j + 1) * GOLDEN)``."""
     dim = values.shape[1]
-    for i in range(uniq.shape[0]):
+    width = state.shape[1]
+    k = uniq.shape[0]
+    for i in range(k):
+        if i + _AHEAD < k:
+            q = uniq[i + _AHEAD]
+            prefetch(values, q)
+            if width > 0:
+                prefetch(state, q)
         r = uniq[i]
-        for j in range(dim):
-            out[i, j] = widen(values[r, j])
-
-
-@njit(nogil=True, cache=True)
-def scatter_rows_kernel(block, uniq, values, stochastic, seed):
-    """``values[uniq[i]] = narrow(block[i])``: round to nearest even, or stochastically with the
-    random bits of element ``(i, j)`` = ``mix(seed + (i * dim + j + 1) * GOLDEN)``."""
-    dim = values.shape[1]
-    for i in range(uniq.shape[0]):
-        r = uniq[i]
+        for d in range(width):
+            state[r, d] = sblock[i, d]
         if stochastic:
             for j in range(dim):
                 e = np.uint64(i * dim + j + 1)
-                values[r, j] = narrow_stochastic(values, block[i, j], _mix(seed + e * _GOLDEN))
+                values[r, j] = narrow_stochastic(values, vblock[i, j], _mix(seed + e * _GOLDEN))
         else:
             for j in range(dim):
-                values[r, j] = narrow(values, block[i, j])
+                values[r, j] = narrow(values, vblock[i, j])
 
 
 @njit(nogil=True, cache=True)
