@@ -81,14 +81,16 @@ def _mix(z):
     return z ^ (z >> _U31)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def f16_to_f32(h):
     """float16 bits (the low 16 bits of the uint32 ``h``) -> float32, exactly."""
     o = (h & np.uint32(0x7FFF)) << np.uint32(13)
-    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):  # Inf / NaN
-        f = o | np.uint32(0x7F800000)
-    else:  # normals and subnormals: the bits shifted, times 2**112 (exact)
-        f = bits_of_f32(f32_from_bits(o) * _TWO112)
+    # normals and subnormals: the bits shifted, times 2**112 (exact); Inf / NaN (exponent all
+    # ones) come out as 65536 * (1 + mantissa), made Inf / NaN by setting every exponent bit.
+    # Branch-free (a select), so that a row's conversion vectorises.
+    f = bits_of_f32(f32_from_bits(o) * _TWO112)
+    special = (h & np.uint32(0x7C00)) == np.uint32(0x7C00)
+    f |= np.uint32(0x7F800000) if special else np.uint32(0)
     return f32_from_bits(f | ((h & np.uint32(0x8000)) << np.uint32(16)))
 
 
