@@ -11,14 +11,15 @@ which format they hold:
 * ``bfloat16`` rows: ``u16[R, dim]`` (the table's own array): the high half of a float32.
 
 The table kernels read a stored element with :func:`widen` (its float32 value, exact) and store
-a float32 with :func:`narrow` (round to nearest, ties to even: numpy's ``astype(float16)`` for
-float16). Both are resolved by numba from the array type when a kernel is compiled for it, so the
-float32 kernels compile to what they were (``widen`` / ``narrow`` of float32 are the identity)
-and a table dispatches once per call, by the dtype of its array, not per element.
+a new row with :func:`store_row` (round to nearest, ties to even: numpy's ``astype(float16)`` for
+float16). numba resolves them from the array type when it compiles a kernel for it, so the
+float32 kernels compile to what they were (``widen`` of float32 is the identity, ``store_row``
+the old copy loop; measured unchanged, benchmarks/README.md) and a table dispatches once per
+call, by the type of its array, not per element.
 
 Optimizer updates of half rows (:func:`gather_rows_kernel`, :func:`scatter_rows_kernel`): the
-distinct rows of a call are widened into a float32 block, the
-optimizer's float32 kernel runs on the block (a row listed twice is updated twice, in order, on
+distinct rows of a call are widened into a float32 block, the optimizer's float32 kernel runs on
+the block (a row listed twice is updated twice, in order, on
 the block), and the block is narrowed back, once per distinct row, by round to nearest even or by
 stochastic rounding: a value between two neighbouring half values ``lo < x < hi`` becomes ``hi``
 with probability ``(x - lo) / (hi - lo)`` (unbiased: its mean is ``x``). The random bits are a
