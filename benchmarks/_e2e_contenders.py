@@ -361,9 +361,14 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
     b = spec["batch_size"]
     nslots = len(spec["cardinalities"])
     names = stream.slot_names()
-    emb_config = parse_embedding_config(
-        {"feature_index_prefix_bit": 8, "slots_config": {n: {"dim": DIM} for n in names}}
-    )
+    emb_doc: dict[str, Any] = {
+        "feature_index_prefix_bit": 8,
+        "slots_config": {n: {"dim": DIM} for n in names},
+    }
+    if spec.get("row_dtype", "float32") != "float32":  # half-precision rows (issue 17)
+        emb_doc["row_dtype"] = spec["row_dtype"]
+        emb_doc["row_rounding"] = spec.get("row_rounding", "nearest")
+    emb_config = parse_embedding_config(emb_doc)
     train = [stream.batch(i, b).to_persia_batch(names) for i in train_indices(spec)]
     capacity = int(sum(spec["cardinalities"])) + 1
     server: dict[str, Any] = {

@@ -28,7 +28,11 @@ The contenders:
   ``torch.optim.Adagrad``;
 * ``torchrec-fused``: TorchRec's ``FusedEmbeddingBagCollection`` on CPU (row-wise and element-wise
   Adagrad), when ``make bench-torchrec-install`` has installed it (skipped with a note otherwise);
-* ``dense-only``: the model alone on pre-built embedding tensors: the ceiling.
+* ``dense-only``: the model alone on pre-built embedding tensors: the ceiling;
+* ``persia-hybrid-f16`` / ``persia-hybrid-bf16``: persia-hybrid with float16 / bfloat16 rows on
+  the parameter servers (``--row-dtypes``; ``--row-roundings nearest,stochastic`` adds the
+  stochastically rounded ``-sr`` runs), with ratio lines ``hybrid_f16_vs_f32`` (throughput) and
+  ``auc_gap_hybrid_f16_vs_f32`` (``auc(persia-hybrid) - auc(persia-hybrid-f16)``; target <= 0.002).
 
 ``--device cuda`` runs every contender's dense model on the first GPU (the embeddings stay on
 the CPU); where torch sees no CUDA device it stops with a message saying so.
@@ -99,7 +103,16 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 #: The contenders a quick run of a workload other than dlrm runs (in one process, to stay fast).
 QUICK_CONTENDERS = ("dense-only", "torch-embeddingbag", "persia-sync", "persia-hybrid",
-                    "torchrec-fused", "persia-profile")  # fmt: skip
+                    "torchrec-fused", "persia-profile", "persia-hybrid-f16",
+                    "persia-hybrid-bf16")  # fmt: skip
+#: Short names of the half-precision row dtypes in contender labels (persia-hybrid-f16, ...).
+ROW_DTYPE_TAGS = {"float16": "f16", "bfloat16": "bf16"}
+
+
+def half_label(row_dtype: str, rounding: str) -> str:
+    """The label of persia-hybrid with ``row_dtype`` rows rounded by ``rounding``."""
+    tag = ROW_DTYPE_TAGS[row_dtype]
+    return f"persia-hybrid-{tag}" + ("-sr" if rounding == "stochastic" else "")
 
 
 def torchrec_available(path: Path) -> bool:
@@ -183,6 +196,16 @@ def plan(
     ]
     if args.rowwise:
         runs.append(persia("persia-hybrid-rowwise", args.staleness, optimizer="rowwise"))
+    for row_dtype in args.row_dtypes:  # half-precision rows beside float32 (issue 17)
+        for rounding in args.row_roundings:
+            runs.append(
+                persia(
+                    half_label(row_dtype, rounding),
+                    args.staleness,
+                    row_dtype=row_dtype,
+                    row_rounding=rounding,
+                )
+            )
     if have_torchrec:
         runs.append({**base, "runner": "torchrec-fused", "label": "torchrec-fused"})
         if args.rowwise:
@@ -279,6 +302,13 @@ def ratios(
         out.append(ratio("disk_cold_vs_ram", "persia-hybrid+disk-cold", "persia-hybrid"))
         out.append(gap("auc_gap_evict_vs_disk", "persia-hybrid+evict", "persia-hybrid+disk"))
         out.append(gap("auc_gap_disk_vs_ram", "persia-hybrid+disk", "persia-hybrid"))
+    for row_dtype in ROW_DTYPE_TAGS:  # half-precision rows against float32 rows
+        for rounding in ("nearest", "stochastic"):
+            label = half_label(row_dtype, rounding)
+            if label in results:
+                short = label.removeprefix("persia-hybrid-")
+                out.append(ratio(f"hybrid_{short}_vs_f32", label, "persia-hybrid"))
+                out.append(gap(f"auc_gap_hybrid_{short}_vs_f32", label, "persia-hybrid"))
     if "persia-hybrid+metrics" in results:  # cpu_ratio: CPU per step, metrics on / off
         out.append(ratio("metrics_overhead", "persia-hybrid", "persia-hybrid+metrics"))
     extra = [n.split("@", 1)[1] for n in results if n.startswith("persia-hybrid@")]
@@ -408,6 +438,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also persia-hybrid+metrics: Prometheus metrics on (collected, not pushed)",
     )
+    p.add_argument(
+        "--row-dtypes",
+        default="float16,bfloat16",
+        help="persia-hybrid also with these half-precision rows (persia-hybrid-f16, -bf16),\n"
+        "beside float32; comma-separated, or none (default float16,bfloat16)",
+    )
+    p.add_argument(
+        "--row-roundings",
+        default="nearest",
+        help="their roundings: nearest and/or stochastic (labels -sr), comma-separated",
+    )
     p.add_argument("--only", default=None, help="comma-separated labels to run (debugging)")
     p.add_argument("--torchrec-path", type=Path, default=TORCHREC_DIR)
     p.add_argument("--no-torchrec", action="store_true")
@@ -449,6 +490,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
                 "run with --device cpu, or on a machine with a GPU"
             )
+    args.row_dtypes = [] if args.row_dtypes in ("", "none") else args.row_dtypes.split(",")
+    bad = [d for d in args.row_dtypes if d not in ROW_DTYPE_TAGS]
+    if bad:
+        p.error(f"--row-dtypes must be among {', '.join(ROW_DTYPE_TAGS)} or none, got {bad}")
+    args.row_roundings = args.row_roundings.split(",")
+    bad = [r for r in args.row_roundings if r not in ("nearest", "stochastic")]
+    if bad:
+        p.error(f"--row-roundings must be among nearest, stochastic, got {bad}")
     quick = args.quick
     names = (args.workload or ("all" if quick else "dlrm")).split(",")
     if "all" in names:

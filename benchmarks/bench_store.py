@@ -5,6 +5,8 @@
     python benchmarks/bench_store.py --scale     # + 62.5M rows x dim 16 (1e9 parameters, ~10 GB)
     python benchmarks/bench_store.py --scale-disk DIR [--scale-disk-rows N]
                                                  # + the disk tier (default 625M rows: 1e10 params)
+    python benchmarks/bench_store.py --scale-only --scale-row-dtype float16 \
+        --scale-optimizer rowwise --scale-rows 250000000     # 4e9 parameters (~17.5 GB)
 
 Single thread; dim 16, element-wise Adagrad state and Uniform(-0.01, 0.01) init unless the metric
 says otherwise. The shard is built for ``held + batch`` rows (``Shard(capacity, dims=[16])`` plus
@@ -23,7 +25,12 @@ probe included), dedupe_ids_per_s (``persia.worker.pooling.Deduper`` on ``batch`
 reused), dict_baseline_rows_per_s (the evaluation lookup through a Python dict of key -> row plus
 a numpy gather, same run) and lookup_gather_vs_dict_ratio, bytes_per_row (``stats()["bytes_used"]
 / capacity`` with the shard full at the capacity it was built for). ``--scale`` adds
-scale_build_rows_per_s, scale_lookup_update_rows_per_s, scale_params and scale_bytes_per_param.
+scale_build_rows_per_s, scale_lookup_update_rows_per_s, scale_params, scale_bytes_per_param
+(the table's arrays) and scale_peak_rss_bytes_per_param (the process's peak resident memory over
+the parameters: what the issue-17 target of <= 5 bytes per parameter at 4e9 parameters reads,
+with ``--scale-row-dtype float16 --scale-optimizer rowwise``). The scale store is pre-sized
+(``reserve``), so no growth copy counts; ``--scale-only`` runs it alone (nothing else raises the
+peak).
 
 ``--scale-disk DIR`` (alone, without the other metrics: ``--scale-disk-only``) builds a shard with
 a disk tier in ``DIR`` holding ``--scale-disk-rows`` rows of dim 16 (values in
@@ -66,6 +73,7 @@ import numpy as np  # noqa: E402
 
 from persia.embedding.optim import Adagrad, Adam  # noqa: E402
 from persia.store.shard import Shard  # noqa: E402
+from persia.store.table import ROW_DTYPES  # noqa: E402
 from persia.worker.pooling import Deduper  # noqa: E402
 
 DIM = 16
@@ -266,18 +274,25 @@ def bench_others(b: Bench, held: int, batch: int, repeats: int) -> None:
     b.rate("dedupe_ids_per_s", rate, "ids/s", uniques=uniques)
 
 
-def bench_scale(b: Bench, rows: int, batch: int, lookups: int) -> None:
-    """A shard of ``rows`` x dim 16 with Adagrad; ``lookups`` training lookups + updates."""
+def bench_scale(
+    b: Bench, rows: int, batch: int, lookups: int, row_dtype: str = "float32", rowwise: bool = False
+) -> None:
+    """A shard of ``rows`` x dim 16 with (row-wise) Adagrad and ``row_dtype`` rows; ``lookups``
+    training lookups + updates."""
     chunk = 1_000_000
     t0 = time.perf_counter()
-    shard = Shard(rows, Adagrad(), dims=[DIM])
+    tag = {"row_dtype": row_dtype, "optimizer": "rowwise_adagrad" if rowwise else "adagrad"}
+    shard = Shard(rows, Adagrad(vectorwise_shared=rowwise), dims=[DIM], row_dtype=row_dtype)
     shard.reserve(rows, DIM)
     t_alloc = time.perf_counter() - t0
     t0 = time.perf_counter()
     for s in range(0, rows, chunk):
         shard.lookup(held_keys(s, min(chunk, rows - s)), DIM, True)
     build = time.perf_counter() - t0
-    b.emit("scale_build_rows_per_s", rows / build, "rows/s", rows=rows, alloc_s=round(t_alloc, 1))
+    b.emit(
+        "scale_build_rows_per_s", rows / build, "rows/s", rows=rows, alloc_s=round(t_alloc, 1),
+        **tag,
+    )  # fmt: skip
     rng = np.random.default_rng(7)
     grads = (rng.standard_normal((batch, DIM), dtype=np.float32) * 1e-2).astype(np.float32)
     done = 0
@@ -290,24 +305,28 @@ def bench_scale(b: Bench, rows: int, batch: int, lookups: int) -> None:
     dt = time.perf_counter() - t0
     st = shard.stats()
     params = st["rows"] * DIM
-    b.emit("scale_lookup_update_rows_per_s", done / dt, "rows/s", lookups=done)
-    b.emit("scale_params", params, "parameters", rows=st["rows"], capacity=st["capacity"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    b.emit("scale_lookup_update_rows_per_s", done / dt, "rows/s", lookups=done, **tag)
+    b.emit("scale_params", params, "parameters", rows=st["rows"], capacity=st["capacity"], **tag)
     b.emit(
         "scale_bytes_per_param",
         st["bytes_used"] / params,
         "bytes/parameter",
         bytes_used=st["bytes_used"],
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=peak,
+        **tag,
     )
+    b.emit("scale_peak_rss_bytes_per_param", peak / params, "bytes/parameter", **tag)
 
 
 def bench_scale_disk(b: Bench, args: argparse.Namespace, batch: int) -> None:
     """The disk-tier scale run (see the module docstring)."""
     from persia.store.disk import DiskTier, DiskTierConfig
 
-    dtype = np.dtype(args.scale_dtype)
-    if dtype != np.float32:  # half-precision rows are another change (issue 17, part one)
-        raise SystemExit(f"--scale-dtype {args.scale_dtype}: only float32 rows exist yet")
+    # the rows' storage dtype (bfloat16: its uint16 bit patterns)
+    dtype = np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[
+        args.scale_dtype
+    ])
     rows = args.scale_disk_rows
     ram = args.scale_ram_rows or max(1, rows // 10)
     directory = Path(args.scale_disk)
@@ -324,6 +343,7 @@ def bench_scale_disk(b: Bench, args: argparse.Namespace, batch: int) -> None:
     shard = Shard(
         ram, Adagrad(vectorwise_shared=True), dims=[DIM],
         disk_tier=DiskTierConfig(directory / "shard", max(1, rows - ram)),
+        row_dtype=args.scale_dtype,
     )  # fmt: skip
     shard.reserve(ram, DIM)
     chunk = min(1_000_000, max(1, ram // 2))
@@ -354,7 +374,7 @@ def bench_scale_disk(b: Bench, args: argparse.Namespace, batch: int) -> None:
         for line in f:
             if line.startswith("RssAnon:"):
                 anon = int(line.split()[1]) * 1024
-    common = {"rows": rows, "ram_rows": ram, "dtype": dtype.name, "optimizer": "rowwise_adagrad"}
+    common = {"rows": rows, "ram_rows": ram, "dtype": args.scale_dtype, "optimizer": "rowwise_adagrad"}
     b.emit("scale_disk_lookup_update_rows_per_s", done / dt, "rows/s", lookups=done, **common)
     b.emit("scale_disk_params", params, "parameters", disk_rows=st["disk_rows"],
            dropped=st["disk_dropped"], **common)  # fmt: skip
@@ -384,8 +404,16 @@ def main(argv: list[str] | None = None) -> int:
         help="rows of --scale-disk (1e10 params)",
     )
     p.add_argument("--scale-ram-rows", type=int, default=None, help="of them in RAM (default 1/10)")
-    p.add_argument("--scale-dtype", default="float32", help="row values dtype of --scale-disk")
+    p.add_argument(
+        "--scale-dtype", choices=ROW_DTYPES, default="float32", help="row dtype of --scale-disk"
+    )
     p.add_argument("--scale-disk-max-gb", type=float, default=60.0, help="tier size limit (GB)")
+    p.add_argument("--scale-only", action="store_true", help="only the scale store (its peak RSS)")
+    p.add_argument("--scale-row-dtype", choices=ROW_DTYPES, default="float32", help="its rows")
+    p.add_argument(
+        "--scale-optimizer", choices=("adagrad", "rowwise"), default="adagrad",
+        help="element-wise or row-wise Adagrad",
+    )  # fmt: skip
     args = p.parse_args(argv)
     held = args.held or (200_000 if args.quick else 8_000_000)
     batch = args.batch or (50_000 if args.quick else 1_000_000)
@@ -394,14 +422,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale_disk is not None and args.scale_disk_only:
         bench_scale_disk(b, args, batch)
         return 0
-    bench_main(b, held, batch, repeats)
-    gc.collect()
-    bench_others(b, held, batch, repeats)
-    if args.scale:
+    if not args.scale_only:
+        bench_main(b, held, batch, repeats)
+        gc.collect()
+        bench_others(b, held, batch, repeats)
+    if args.scale or args.scale_only:
         gc.collect()
         rows = 500_000 if args.quick else args.scale_rows
         lookups = 200_000 if args.quick else args.scale_lookups
-        bench_scale(b, rows, batch, lookups)
+        bench_scale(
+            b, rows, batch, lookups, args.scale_row_dtype, args.scale_optimizer == "rowwise"
+        )
     if args.scale_disk is not None:
         gc.collect()
         bench_scale_disk(b, args, batch)

@@ -328,3 +328,90 @@ def lru_relink_each(prev: list[int], nxt: list[int], head: int, tail: int, touch
             head = r
         tail = r
     return prev, nxt, head, tail
+
+
+# ------------------------------------------------------------------------- half-precision rows
+# Twins of persia.store.kernels.half: numpy's own float16 conversion, bfloat16 by integer
+# arithmetic on the float32 bits, and the stochastic rounding's random stream.
+
+HALF_STORAGE = {"float16": np.float16, "bfloat16": np.uint16}
+
+
+def half_encode(x: np.ndarray, row_dtype: str) -> np.ndarray:
+    """float32 -> the stored half rows, round to nearest, ties to even."""
+    x = np.asarray(x, dtype=np.float32)
+    if row_dtype == "float16":
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16)
+    f = x.view(np.uint32).astype(np.uint64)
+    return ((f + 0x7FFF + ((f >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def half_decode(h: np.ndarray) -> np.ndarray:
+    """Stored half rows -> float32 (exact)."""
+    if h.dtype == np.float16:
+        return h.astype(np.float32)
+    return (h.astype(np.uint32) << 16).view(np.float32)
+
+
+def sr_random_bits(seed: int, count: int) -> np.ndarray:
+    """``mix_sm(seed + (e + 1) * GOLDEN)`` for e = 0 .. count - 1 (uint64)."""
+    e = np.arange(1, count + 1, dtype=np.uint64)
+    z = np.uint64(seed) + e * np.uint64(GOLDEN)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def half_encode_stochastic(x: np.ndarray, row_dtype: str, rnd: np.ndarray) -> np.ndarray:
+    """float32 (finite, |x| < 65504 for float16) -> stored half rows, stochastic rounding with
+    the 64 random bits ``rnd`` of each element (the kernel's bit usage)."""
+    x = np.asarray(x, dtype=np.float32)
+    f = x.view(np.uint32).astype(np.uint64)
+    if row_dtype == "bfloat16":
+        return ((f + (rnd >> np.uint64(48))) >> 16).astype(np.uint16)
+    sign = (f >> 16) & 0x8000
+    a = f & 0x7FFFFFFF
+    normal = (a - 0x38000000 + (rnd >> np.uint64(51))) >> 13
+    m = np.abs(x).astype(np.float64) * 2.0**24
+    lo = np.floor(m)
+    up = (rnd >> np.uint64(11)).astype(np.float64) * 2.0**-53 < (m - lo)
+    sub = lo.astype(np.uint64) + up.astype(np.uint64)
+    out = np.where(a < 0x38800000, sub, normal) | sign
+    return out.astype(np.uint16).view(np.float16)
+
+
+def half_apply(
+    opt_apply,
+    values: np.ndarray,
+    state: np.ndarray,
+    rows: np.ndarray,
+    grads: np.ndarray,
+    bound: float,
+    stochastic_seed: int | None = None,
+) -> np.ndarray:
+    """The update of half rows: the distinct rows (first seen order) widened, ``opt_apply`` on
+    the float32 block (a row listed twice updated twice), rounded back in place."""
+    uniq: list[int] = []
+    where: dict[int, int] = {}
+    local = np.empty(len(rows), dtype=np.int32)
+    for i, r in enumerate(rows.tolist()):
+        if r < 0:
+            local[i] = -1
+            continue
+        if r not in where:
+            where[r] = len(uniq)
+            uniq.append(r)
+        local[i] = where[r]
+    u = np.array(uniq, dtype=np.int64)
+    block = half_decode(values[u])
+    sblock = state[u].copy()
+    counts = opt_apply(block, sblock, local, grads, bound)
+    state[u] = sblock
+    row_dtype = "float16" if values.dtype == np.float16 else "bfloat16"
+    if stochastic_seed is None:
+        values[u] = half_encode(block, row_dtype)
+    else:
+        rnd = sr_random_bits(stochastic_seed, block.size).reshape(block.shape)
+        values[u] = half_encode_stochastic(block, row_dtype, rnd).view(values.dtype)
+    return counts

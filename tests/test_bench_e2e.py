@@ -91,7 +91,25 @@ def test_workloads_are_planned_with_their_models_and_slots():
     assert quick.workloads == ["dlrm", "embedding-bound", "multi-hot"]
     labels = [r["label"] for r in bench_e2e.plan(quick, False, "multi-hot")]
     assert labels == ["dense-only", "torch-embeddingbag", "persia-sync", "persia-hybrid",
-                      "persia-profile"]  # fmt: skip
+                      "persia-hybrid-f16", "persia-hybrid-bf16", "persia-profile"]  # fmt: skip
+    halves = {r["label"]: r for r in bench_e2e.plan(quick, False, "multi-hot")}
+    assert halves["persia-hybrid-bf16"]["row_dtype"] == "bfloat16"
+    both = bench_e2e.parse_args(["--row-dtypes", "float16", "--row-roundings",
+                                 "nearest,stochastic"])  # fmt: skip
+    plan = {r["label"]: r for r in bench_e2e.plan(both, False)}
+    assert plan["persia-hybrid-f16-sr"]["row_rounding"] == "stochastic"
+    assert "persia-hybrid-bf16" not in plan
+    assert "persia-hybrid-f16" not in {
+        r["label"] for r in bench_e2e.plan(bench_e2e.parse_args(["--row-dtypes", "none"]), False)
+    }
+    with pytest.raises(SystemExit):
+        bench_e2e.parse_args(["--row-dtypes", "float8"])
+    runs = {"persia-hybrid": {"samples_per_s": 100.0, "auc": 0.75, "ms_per_step": 1.0},
+            "persia-hybrid-f16": {"samples_per_s": 98.0, "auc": 0.7490}}  # fmt: skip
+    lines = {x["metric"]: x for x in bench_e2e.ratios(runs, {}, "dlrm")}
+    assert lines["hybrid_f16_vs_f32"]["value"] == 0.98
+    assert lines["auc_gap_hybrid_f16_vs_f32"]["value"] == 0.001
+    assert "auc_gap_hybrid_bf16_vs_f32" not in lines
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--workload", "dlrm,bogus"])
 

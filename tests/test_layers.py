@@ -64,6 +64,7 @@ RAY_UNITS = ("persia.backends.ray",)
 NUMBA_MODULES = {
     "persia.store.kernels.table",
     "persia.store.kernels.disk",
+    "persia.store.kernels.half",
     "persia.worker.kernels",
     "persia.rpc.kernels",
     "persia.embedding.kernels",

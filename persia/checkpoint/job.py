@@ -6,13 +6,16 @@ folders, ``manifest.json`` with a CRC-32 and size per file) of kind ``"persia-jo
 
     dst/CURRENT, dst/gen-000003/
       s{shard}.d{dim}.keys.npy / .values.npy / .state.npy   every row (oldest first) with its
-                                                            optimizer state (Adam step included)
+                                                            optimizer state (Adam step included);
+                                                            values in the table's row dtype: f4,
+                                                            f2, or u2 (bfloat16 bit patterns)
       dense_model.npy, dense_optimizer.npy                 uint8: torch.save of the state dicts
       dense_jit_model.npy                                  uint8: the dense model as TorchScript
                                                            (torch.jit.save bytes; only when the
                                                            dump was asked for it)
       manifest.json   meta: {"job_format": 1, "num_shards", "dims", "optimizer", "init", "seed",
                       "weight_bound", "capacity", "rows", "position", "config", "delta_seq",
+                      "row_dtypes": {dim: "float32" | "float16" | "bfloat16"},
                       "dense": {"model": bool, "optimizer": bool, "jit": bool},
                       "embedding_spec": {...} | null, "persia_version"}
 
@@ -54,6 +57,10 @@ from persia.checkpoint._generation import GenerationWriter
 from persia.errors import CheckpointError
 from persia.store.checkpoint import current_generation, read_current
 from persia.store.delta import DeltaReader
+from persia.store.table import row_dtype_of
+
+#: the dtypes a checkpoint's rows may be stored in (float32, float16, bfloat16 bit patterns)
+_ROW_STORAGE = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16))
 
 __all__ = [
     "KIND",
@@ -238,6 +245,7 @@ def dump(
     pauses: list[float] = []
     rows = 0
     dims: set[int] = set()
+    row_dtypes: dict[str, str] = {}
     shards = list(store.shards)
     with GenerationWriter(directory, kind=KIND, keep=keep) as writer:
         for name, arr in dense.items():
@@ -252,6 +260,7 @@ def dump(
             pauses.append(time.perf_counter() - t0)
             for dim, part in parts.items():
                 dims.add(int(dim))
+                row_dtypes[str(int(dim))] = row_dtype_of(part["values"])
                 rows += int(part["keys"].shape[0])
                 for what in ("keys", "values", "state"):
                     writer.add(f"s{i}.d{dim}.{what}", part[what])
@@ -268,6 +277,7 @@ def dump(
             "weight_bound": float(store.weight_bound),
             "capacity": int(store.capacity),
             "rows": rows,
+            "row_dtypes": row_dtypes,
             "position": dict(position) if position is not None else {},
             "config": dict(config) if config is not None else None,
             "delta_seq": None if delta_seq is None else int(delta_seq),
@@ -344,14 +354,14 @@ def read(directory: str | os.PathLike[str]) -> JobCheckpoint:
         if (
             keys.dtype != np.uint64
             or keys.ndim != 1
-            or values.dtype != np.float32
+            or values.dtype not in _ROW_STORAGE
             or values.shape != (count, dim)
             or state.dtype != np.float32
             or state.ndim != 2
             or state.shape[0] != count
         ):
             raise CheckpointError(
-                f"{where}: {parts[0]}.{parts[1]}: expected keys u64[n], values f32[n, {dim}], "
+                f"{where}: {parts[0]}.{parts[1]}: expected keys u64[n], values f32/f16/u16[n, {dim}], "
                 f"state f32[n, W]; got {keys.dtype}{list(keys.shape)}, "
                 f"{values.dtype}{list(values.shape)}, {state.dtype}{list(state.shape)}"
             )

@@ -13,6 +13,9 @@
           hash_stack_rounds: 0
           embedding_size: 0
         pooling: sum                   # persia extension: sum | mean | sqrt | raw
+        row_dtype: float16             # persia extension: float32 | float16 | bfloat16
+    row_dtype: float32                 # persia extension: every slot's default (float32)
+    row_rounding: nearest              # persia extension: nearest | stochastic
     feature_groups:                    # default {}: slots of one group share one key prefix
       group1: [workclass, education]
 
@@ -20,6 +23,13 @@
 ``sqrt_scaling: true`` -> ``sqrt``; else ``sum``) unless the persia extension key ``pooling`` is
 given (``mean`` exists only there); ``pooling`` contradicting the PERSIA keys given beside it is an
 error.
+
+``row_dtype`` (persia extension; top level for every slot, per slot to override) is how the
+parameter servers store the slot's rows: ``float32`` (PERSIA's only choice), ``float16`` or
+``bfloat16`` (half the values' memory; the optimizer state stays float32, lookups and gradients
+stay float32). The store keeps one table per dim, so slots of one dim must have the same
+``row_dtype``. ``row_rounding`` is how an update rounds a half row back: ``nearest`` (ties to
+even, the default) or ``stochastic``.
 
 **Key prefixes** (PERSIA's rule, kept so that keys match): the feature groups in file order, then
 every slot that is in no group, in file order, each as a group of its own, are numbered
@@ -73,6 +83,8 @@ from persia.embedding.optim import EmbeddingOptimizer, optimizer_spec
 from persia.embedding.spec import (
     DEFAULT_FEATURE_INDEX_PREFIX_BIT,
     POOLINGS,
+    ROW_DTYPES,
+    ROW_ROUNDINGS,
     EmbeddingSpec,
     SlotSpec,
     prefix_bits_expected,
@@ -145,6 +157,7 @@ class SlotConfig:
     hash_stack_config: HashStackConfig = HashStackConfig()
     pooling: str = "sum"
     capacity: int | None = None
+    row_dtype: str | None = None
     group: str = ""
     prefix: int = 0
     index_prefix: int = 0
@@ -167,6 +180,13 @@ class EmbeddingFileConfig:
     feature_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     source: str | None = field(default=None, compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    row_dtype: str = "float32"
+    row_rounding: str = "nearest"
+
+    def row_dtype_of(self, name: str) -> str:
+        """How the rows of slot ``name`` are stored (its ``row_dtype``, else the file's)."""
+        own = self.slot(name).row_dtype
+        return own if own is not None else self.row_dtype
 
     @property
     def slot_names(self) -> tuple[str, ...]:
@@ -218,12 +238,19 @@ class EmbeddingFileConfig:
                 }
             if s.capacity is not None:
                 entry["capacity"] = s.capacity
+            if s.row_dtype is not None:
+                entry["row_dtype"] = s.row_dtype
             slots[s.name] = entry
-        return {
+        out: dict[str, Any] = {
             "feature_index_prefix_bit": self.feature_index_prefix_bit,
             "slots_config": slots,
             "feature_groups": {g: list(members) for g, members in self.feature_groups},
         }
+        if self.row_dtype != "float32":
+            out["row_dtype"] = self.row_dtype
+        if self.row_rounding != "nearest":
+            out["row_rounding"] = self.row_rounding
+        return out
 
 
 @dataclass(frozen=True)
@@ -333,6 +360,7 @@ _SLOT_KEYS = (
     "index_prefix",
     "capacity",
     "pooling",
+    "row_dtype",
 )
 
 
@@ -391,6 +419,7 @@ def _parse_slot(r: Problems, name: str, raw: object, path: str) -> SlotConfig | 
             "accepted, but has no effect: embedding_summation is false (raw slot)",
         )
         sqrt_scaling = False
+    row_dtype = r.str_(spec, "row_dtype", path, None, choices=ROW_DTYPES)
     if dim is MISSING:
         return None
     return SlotConfig(
@@ -402,6 +431,7 @@ def _parse_slot(r: Problems, name: str, raw: object, path: str) -> SlotConfig | 
         hash_stack_config=HashStackConfig(rounds, size),
         pooling=pooling,
         capacity=capacity,
+        row_dtype=row_dtype,
     )
 
 
@@ -425,13 +455,15 @@ def parse_embedding_config(data: object, source: str | None = None) -> Embedding
     top = r.keys(
         top,
         "",
-        ("feature_index_prefix_bit", "slots_config", "feature_groups"),
+        ("feature_index_prefix_bit", "slots_config", "feature_groups", "row_dtype", "row_rounding"),
         renamed={"slot_config": "slots_config", "slot_configs": "slots_config"},
     )
     bits = r.int_(
         top, "feature_index_prefix_bit", "", DEFAULT_FEATURE_INDEX_PREFIX_BIT, minimum=1, maximum=63
     )
 
+    row_dtype = r.str_(top, "row_dtype", "", "float32", choices=ROW_DTYPES)
+    rounding = r.str_(top, "row_rounding", "", "nearest", choices=ROW_ROUNDINGS)
     slots: list[SlotConfig] = []
     raw_slots = top.get("slots_config", MISSING)
     slot_map: dict = {}
@@ -481,6 +513,16 @@ def parse_embedding_config(data: object, source: str | None = None) -> Embedding
                 "is in no group"
             )
 
+    first_of_dim: dict[int, SlotConfig] = {}
+    for slot in slots:  # one table per dim: its slots share the row dtype
+        first = first_of_dim.setdefault(slot.dim, slot)
+        mine, theirs = slot.row_dtype or row_dtype, first.row_dtype or row_dtype
+        if mine != theirs:
+            r.bad(
+                join(join("slots_config", slot.name), "row_dtype"),
+                f"{theirs}, as slot {first.name!r} of the same dim {slot.dim} (one table per dim)",
+                mine,
+            )
     order = prefix_order((s.name for s in slots), groups)
     if isinstance(bits, int):
         expected = prefix_bits_expected(len(order), bits)
@@ -494,7 +536,9 @@ def parse_embedding_config(data: object, source: str | None = None) -> Embedding
         group = group_of.get(slot.name, slot.name)
         prefix = number[group]
         final.append(replace(slot, group=group, prefix=prefix, index_prefix=prefix << shift))
-    return EmbeddingFileConfig(bits, tuple(final), tuple(groups), source, warnings)
+    return EmbeddingFileConfig(
+        bits, tuple(final), tuple(groups), source, warnings, row_dtype, rounding
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,6 +814,7 @@ def embedding_spec(
             hash_stack_rounds=s.hash_stack_config.hash_stack_rounds,
             hash_stack_size=s.hash_stack_config.embedding_size,
             group=s.group,
+            row_dtype=embedding_file.row_dtype_of(s.name),
         )
         for s in embedding_file.slots
     )
@@ -791,6 +836,7 @@ def embedding_spec(
         incremental_buffer_size=ps.incremental_buffer_size,
         disk_tier_dir=ps.disk_tier_dir,
         disk_tier_capacity=ps.disk_tier_capacity,
+        row_rounding=embedding_file.row_rounding,
     )
 
 
@@ -838,13 +884,18 @@ def persia_configs(
                 "hash_stack_rounds": s.hash_stack_rounds,
                 "embedding_size": s.hash_stack_size,
             }
+        if s.row_dtype != "float32":
+            entry["row_dtype"] = s.row_dtype
         slots[s.name] = entry
+    doc: dict[str, Any] = {
+        "feature_index_prefix_bit": spec.feature_index_prefix_bit,
+        "slots_config": slots,
+        "feature_groups": {g: list(members) for g, members in spec.feature_groups},
+    }
+    if spec.row_rounding != "nearest":
+        doc["row_rounding"] = spec.row_rounding
     embedding_file = parse_embedding_config(
-        {
-            "feature_index_prefix_bit": spec.feature_index_prefix_bit,
-            "slots_config": slots,
-            "feature_groups": {g: list(members) for g, members in spec.feature_groups},
-        },
+        doc,
         source=source,
     )
     server: dict[str, Any] = {

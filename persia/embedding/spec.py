@@ -34,6 +34,8 @@ from persia.logger import get_logger, warn_once
 
 __all__ = [
     "POOLINGS",
+    "ROW_DTYPES",
+    "ROW_ROUNDINGS",
     "DEFAULT_FEATURE_INDEX_PREFIX_BIT",
     "EMBEDDING_OPTIMIZERS",
     "SlotSpec",
@@ -50,6 +52,12 @@ _log = get_logger("persia.embedding.spec")
 
 #: Pooling of a slot's IDs per sample: sum; mean; sum * 1/sqrt(n); raw (padded sequence + mask).
 POOLINGS = ("sum", "mean", "sqrt", "raw")
+#: How the parameter servers store a slot's rows (optimizer state stays float32), the default
+#: first: ``float16`` / ``bfloat16`` halve the values' memory (persia.store.table).
+ROW_DTYPES = ("float32", "float16", "bfloat16")
+#: How an update rounds a half-precision row back: to nearest (ties to even), the default, which
+#: measured the better AUC; or stochastically (unbiased). See benchmarks/README.md.
+ROW_ROUNDINGS = ("nearest", "stochastic")
 #: Default of ``feature_index_prefix_bit``: 12, as PERSIA's examples and persia's worker use
 #: (2**12 - 1 groups, 52 ID bits); PERSIA's code defaulted to 8.
 DEFAULT_FEATURE_INDEX_PREFIX_BIT = 12
@@ -89,6 +97,8 @@ class SlotSpec:
             of ``hash_stack_size`` rows whose embeddings are summed (0 = off).
         hash_stack_size: see above.
         group: the feature group the slot is in (its own name when it is in no group).
+        row_dtype: how the parameter servers store its rows (:data:`ROW_DTYPES`). The store
+            holds one table per dim, so slots of one dim must agree.
     """
 
     name: str
@@ -99,6 +109,7 @@ class SlotSpec:
     hash_stack_rounds: int = 0
     hash_stack_size: int = 0
     group: str = ""
+    row_dtype: str = "float32"
 
 
 def prefix_order(
@@ -171,6 +182,7 @@ class EmbeddingSpec:
         disk_tier_dir: keep rows evicted from RAM on disk in this directory (None: they are
             dropped); set with ``disk_tier_capacity``, the most rows on disk over all parameter
             servers (``persia.store.disk``).
+        row_rounding: how updates round half-precision rows (:data:`ROW_ROUNDINGS`).
 
     Raises:
         ConfigError: listing every invalid field (``slot 'age': dim must be > 0, got 0``).
@@ -193,6 +205,7 @@ class EmbeddingSpec:
     incremental_buffer_size: int = 1_000_000
     disk_tier_dir: str | None = None
     disk_tier_capacity: int | None = None
+    row_rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         problems = self._slot_problems()
@@ -248,6 +261,10 @@ class EmbeddingSpec:
                     f"disk_tier_capacity must be < 2**31 rows per shard, got {tier_cap} "
                     f"over {self.shards} shard(s)"
                 )
+        if self.row_rounding not in ROW_ROUNDINGS:
+            problems.append(
+                f"row_rounding must be one of {', '.join(ROW_ROUNDINGS)}, got {self.row_rounding!r}"
+            )
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             problems.append(f"seed must be an int >= 0 or None, got {self.seed!r}")
         if problems:
@@ -265,6 +282,7 @@ class EmbeddingSpec:
         if not self.slots:
             problems.append("slots: expected at least one slot")
         seen: set[str] = set()
+        dtype_of_dim: dict[int, SlotSpec] = {}
         for s in self.slots:
             where = f"slot {s.name!r}"
             if s.name in seen:
@@ -285,6 +303,19 @@ class EmbeddingSpec:
                     f"{where}: hash_stack_rounds and hash_stack_size must both be > 0 or both 0, "
                     f"got {s.hash_stack_rounds!r} and {s.hash_stack_size!r}"
                 )
+            if s.row_dtype not in ROW_DTYPES:
+                problems.append(
+                    f"{where}: row_dtype must be one of {', '.join(ROW_DTYPES)}, "
+                    f"got {s.row_dtype!r}"
+                )
+            else:
+                other = dtype_of_dim.setdefault(s.dim, s)
+                if other.row_dtype != s.row_dtype:
+                    problems.append(
+                        f"{where}: row_dtype {s.row_dtype} differs from slot {other.name!r}'s "
+                        f"{other.row_dtype}: slots of one dim ({s.dim}) share one table, so "
+                        "they must have the same row_dtype"
+                    )
             if not is_int(s.prefix) or s.prefix < 1:
                 problems.append(
                     f"{where}: prefix must be > 0 (see assign_prefixes), got {s.prefix!r}"
@@ -301,6 +332,11 @@ class EmbeddingSpec:
     def dims(self) -> tuple[int, ...]:
         """The distinct embedding dims, ascending."""
         return tuple(sorted({s.dim for s in self.slots}))
+
+    @property
+    def row_dtypes(self) -> dict[int, str]:
+        """``{dim: row dtype}`` of every dim (the store's ``row_dtype``)."""
+        return {s.dim: s.row_dtype for s in self.slots}
 
     @property
     def key_mask(self) -> int:
@@ -348,13 +384,17 @@ _SPEC_FIELDS = (
     "incremental_dir",
     "incremental_buffer_size",
 )
+#: fields a spec written before they existed lacks (their defaults then)
+_SLOT_OPTIONAL = ("row_dtype",)
+_SPEC_OPTIONAL = ("row_rounding",)
 
 
 def spec_to_dict(spec: EmbeddingSpec) -> dict[str, Any]:
     """``spec`` as plain JSON values (what checkpoints record for serving);
     :func:`spec_from_dict` reads it back to an equal spec."""
-    out: dict[str, Any] = {"slots": [{f: getattr(s, f) for f in _SLOT_FIELDS} for s in spec.slots]}
-    for f in _SPEC_FIELDS:
+    names = _SLOT_FIELDS + _SLOT_OPTIONAL
+    out: dict[str, Any] = {"slots": [{f: getattr(s, f) for f in names} for s in spec.slots]}
+    for f in _SPEC_FIELDS + _SPEC_OPTIONAL:
         out[f] = getattr(spec, f)
     out["optimizer_args"] = {
         k: list(v) if isinstance(v, tuple) else v for k, v in spec.optimizer_args.items()
@@ -377,16 +417,21 @@ def spec_from_dict(data: Any, source: str | None = None) -> EmbeddingSpec:
         raise ConfigError(f"{where}: expected a dict with a list of slots, got {data!r:.200}")
     slots = []
     for raw in data["slots"]:
-        if not isinstance(raw, Mapping) or set(raw) != set(_SLOT_FIELDS):
+        if (
+            not isinstance(raw, Mapping)
+            or not set(_SLOT_FIELDS) <= set(raw)
+            or not set(raw) <= set(_SLOT_FIELDS + _SLOT_OPTIONAL)
+        ):
             raise ConfigError(
-                f"{where}: a slot must have exactly the fields {list(_SLOT_FIELDS)}, "
-                f"got {raw!r:.200}"
+                f"{where}: a slot must have exactly the fields {list(_SLOT_FIELDS)} "
+                f"(and optionally {list(_SLOT_OPTIONAL)}), got {raw!r:.200}"
             )
-        slots.append(SlotSpec(**{f: raw[f] for f in _SLOT_FIELDS}))
+        slots.append(SlotSpec(**{f: raw[f] for f in _SLOT_FIELDS + _SLOT_OPTIONAL if f in raw}))
     missing = [f for f in _SPEC_FIELDS if f not in data]
     if missing:
         raise ConfigError(f"{where}: missing field(s) {missing}")
     fields = {f: data[f] for f in _SPEC_FIELDS}
+    fields.update({f: data[f] for f in _SPEC_OPTIONAL if f in data})
     try:
         fields["optimizer_args"] = {
             k: tuple(v) if isinstance(v, list) else v

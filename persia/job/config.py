@@ -26,6 +26,8 @@ from persia.embedding.config import MetricsConfig, parse_metrics_config
 from persia.embedding.spec import (
     EMBEDDING_OPTIMIZERS,
     POOLINGS,
+    ROW_DTYPES,
+    ROW_ROUNDINGS,
     EmbeddingSpec,
     SlotSpec,
     assign_prefixes,
@@ -384,6 +386,8 @@ _EMBEDDING_KEYS = (
     "feature_index_prefix_bit",
     "disk_tier_dir",
     "disk_tier_capacity",
+    "row_dtype",
+    "row_rounding",
 )
 
 
@@ -444,9 +448,15 @@ def _embedding(c: Problems, raw: object, data: DataSpec | None) -> EmbeddingSpec
     dim = c.int_(d, "dim", "embedding", 8)
     pooling = c.choice(d, "pooling", "embedding", "sum", POOLINGS)
     fixed = c.int_(d, "sample_fixed_size", "embedding", 10)
+    row_dtype = c.choice(d, "row_dtype", "embedding", "float32", ROW_DTYPES)
+    rounding = c.choice(d, "row_rounding", "embedding", "nearest", ROW_ROUNDINGS)
     overrides = d.get("slots") or {}
     if not isinstance(overrides, Mapping):
-        c.bad("embedding.slots", "a mapping slot -> {dim, pooling, sample_fixed_size}", overrides)
+        c.bad(
+            "embedding.slots",
+            "a mapping slot -> {dim, pooling, sample_fixed_size, row_dtype}",
+            overrides,
+        )
         overrides = {}
     id_names = [x.name for x in data.ids] if data is not None else []
     for name in overrides:
@@ -456,19 +466,30 @@ def _embedding(c: Problems, raw: object, data: DataSpec | None) -> EmbeddingSpec
                 f"(ID columns: {', '.join(id_names)})"
             )
     slots = []
+    first_of_dim: dict[Any, SlotSpec] = {}
     for name in id_names:
         o = c.section(
-            overrides.get(name), f"embedding.slots.{name}", ("dim", "pooling", "sample_fixed_size")
+            overrides.get(name),
+            f"embedding.slots.{name}",
+            ("dim", "pooling", "sample_fixed_size", "row_dtype"),
         )
         p = f"embedding.slots.{name}"
-        slots.append(
-            SlotSpec(
-                name=name,
-                dim=c.int_(o, "dim", p, dim),
-                pooling=c.choice(o, "pooling", p, pooling, POOLINGS),
-                sample_fixed_size=c.int_(o, "sample_fixed_size", p, fixed),
-            )
+        slot = SlotSpec(
+            name=name,
+            dim=c.int_(o, "dim", p, dim),
+            pooling=c.choice(o, "pooling", p, pooling, POOLINGS),
+            sample_fixed_size=c.int_(o, "sample_fixed_size", p, fixed),
+            row_dtype=c.choice(o, "row_dtype", p, row_dtype, ROW_DTYPES),
         )
+        first = first_of_dim.setdefault(slot.dim, slot)
+        if first.row_dtype != slot.row_dtype:  # one table per dim: its slots share the dtype
+            c.bad(
+                f"{p}.row_dtype",
+                f"{first.row_dtype}, as slot {first.name!r} of the same dim {slot.dim} "
+                "(one table per dim)",
+                slot.row_dtype,
+            )
+        slots.append(slot)
     opt, opt_args = _optimizer(
         c,
         d.get("optimizer"),
@@ -525,6 +546,7 @@ def _embedding(c: Problems, raw: object, data: DataSpec | None) -> EmbeddingSpec
         feature_index_prefix_bit=bits,
         disk_tier_dir=tier_dir,
         disk_tier_capacity=tier_cap,
+        row_rounding=rounding,
     )
 
 

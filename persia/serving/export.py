@@ -6,7 +6,9 @@ folder, ``manifest.json`` with a CRC-32 and size per file) of kind ``"persia-ser
     out/CURRENT, out/gen-000001/
       dense_model.npy          uint8: the dense model as TorchScript (torch.jit.save bytes)
       d{dim}.keys.npy          u64[n]: every embedding key of that dim, ascending
-      d{dim}.values.npy        f32[n, dim]: their embeddings (no optimizer state)
+      d{dim}.values.npy        f32[n, dim]: their embeddings (no optimizer state), in the row
+                               dtype they were trained in: f2 for float16 rows, u2 (bit
+                               patterns) for bfloat16 (meta ``row_dtypes``: dim -> dtype)
       recipe.npy               uint8: the meta below as canonical JSON (so it is CRC-checked too)
       manifest.json            meta: see :func:`serving_meta`
 
@@ -35,6 +37,7 @@ import torch
 from persia.errors import CheckpointError, ConfigError
 from persia.hashing import MISSING_TOKEN, hash_ints, hash_strings
 from persia.store.checkpoint import write_generation
+from persia.store.table import decode_rows, row_dtype_of
 
 __all__ = [
     "KIND",
@@ -191,7 +194,9 @@ def export(
         out: the export directory (created; a previous export there stays until the new
             generation is complete).
         model: the trained dense model (called as ``model(non_id, embeddings)``).
-        rows: per dim, parts ``(keys u64[n], values f32[n, dim])`` (e.g. one per shard).
+        rows: per dim, parts ``(keys u64[n], values [n, dim])`` (e.g. one per shard): float32,
+            or the stored rows of a half-precision table (float16, uint16 bfloat16 bits), kept
+            as they are when every part of the dim has the same row dtype.
         meta: the request recipe (:func:`serving_meta`).
         source: informative JSON about where it came from (checkpoint, position).
 
@@ -204,16 +209,25 @@ def export(
     """
     arrays: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
+    row_dtypes: dict[str, str] = {}
     declared = {int(s["dim"]) for s in meta["slots"]}
     for dim in sorted(declared | {int(d) for d in rows}):
         parts = list(rows.get(dim, []))
         keys = np.concatenate(
             [np.asarray(k, dtype=np.uint64) for k, _ in parts] or [np.zeros(0, np.uint64)]
         )
+        stored = [np.asarray(v) for _, v in parts]
+        kinds = {row_dtype_of(v) if v.dtype != np.float64 else "float32" for v in stored}
+        if len(kinds) != 1:  # mixed (or none): float32
+            stored = [decode_rows(v) if v.dtype != np.float64 else v for v in stored]
+            kinds = {"float32"}
+        (kind,) = kinds
+        if kind == "float32":
+            stored = [v.astype(np.float32, copy=False) for v in stored]
         values = np.concatenate(
-            [np.asarray(v, dtype=np.float32).reshape(-1, dim) for _, v in parts]
-            or [np.zeros((0, dim), np.float32)]
+            [v.reshape(-1, dim) for v in stored] or [np.zeros((0, dim), np.float32)]
         )
+        row_dtypes[str(dim)] = kind
         order = np.argsort(keys, kind="stable")
         keys, values = keys[order], np.ascontiguousarray(values[order])
         if keys.size > 1 and bool((keys[1:] == keys[:-1]).any()):
@@ -225,6 +239,7 @@ def export(
     full = dict(meta)
     full["model"] = {**dict(meta["model"]), "format": "torchscript", "method": method}
     full["rows"] = counts
+    full["row_dtypes"] = row_dtypes
     full["source"] = dict(source or {})
     from persia import __version__
 

@@ -36,6 +36,7 @@ from persia.errors import BatchError, CheckpointError, PersiaError
 from persia.rpc.base import PARAMETER_SERVER, ParameterServerClient
 from persia.rpc.local import LocalTransport
 from persia.store.checkpoint import current_kind
+from persia.store.table import decode_rows
 from persia.worker.embedding_worker import EmbeddingWorker
 from persia.worker.protocol import LookupResult
 
@@ -150,7 +151,7 @@ class _SortedRows:
         if stored.shape[0]:
             at = np.minimum(np.searchsorted(stored, keys), stored.shape[0] - 1)
             hit = stored[at] == keys
-            rows[hit] = values[at[hit]]
+            rows[hit] = decode_rows(values[at[hit]])
         return rows
 
 

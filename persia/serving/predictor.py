@@ -34,6 +34,7 @@ from persia.errors import BatchError, CheckpointError
 from persia.hashing import hash_strings, ids_from_column
 from persia.serving.export import KIND, SERVING_FORMAT, hash_check, recipe_array
 from persia.store.checkpoint import read_current
+from persia.store.table import decode_rows
 from persia.worker import pooling
 
 __all__ = ["Predictor", "load"]
@@ -115,7 +116,12 @@ class Predictor:
         for s in meta["slots"]:
             dim = int(s["dim"])
             keys, values = arrays.get(f"d{dim}.keys"), arrays.get(f"d{dim}.values")
-            if keys is None or values is None or values.shape != (keys.shape[0], dim):
+            if (
+                keys is None
+                or values is None
+                or values.shape != (keys.shape[0], dim)
+                or values.dtype not in (np.float32, np.float16, np.uint16)
+            ):
                 raise CheckpointError(f"{where}: the embeddings of dim {dim} are missing or bad")
             self.tables[dim] = (keys, values)
         self.logits = meta["model"]["output"] == "logits"
@@ -256,7 +262,7 @@ class Predictor:
         if keys.shape[0]:
             at = np.minimum(np.searchsorted(keys, uniques), keys.shape[0] - 1)
             hit = keys[at] == uniques
-            rows[hit] = values[at[hit]]
+            rows[hit] = decode_rows(values[at[hit]])  # half rows are kept half in memory
         return rows
 
     def features(self, rows: Rows) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -32,7 +32,7 @@ def store_optimizer(spec: EmbeddingSpec) -> EmbeddingOptimizer:
 def store_options(spec: EmbeddingSpec) -> dict[str, Any]:
     """Keyword arguments of the job's whole store (a ``ShardedStore`` without ``num_shards``):
     capacity, optimizer, init, admission, seed (:func:`persia.utils.embedding_seed` unless the
-    spec gives one), weight bound and dims."""
+    spec gives one), weight bound, dims, row dtype per dim and rounding."""
     low, high = spec.init
     return {
         "capacity": spec.capacity,
@@ -44,6 +44,8 @@ def store_options(spec: EmbeddingSpec) -> dict[str, Any]:
         "seed": embedding_seed() if spec.seed is None else spec.seed,
         "weight_bound": float(spec.weight_bound),
         "dims": list(spec.dims),
+        "row_dtype": spec.row_dtypes,
+        "rounding": spec.row_rounding,
     }
 
 

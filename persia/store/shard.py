@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from persia.store.table import (
     check_grads,
     check_keys,
     check_positive_int,
+    check_row_dtype,
 )
 
 __all__ = ["RowHint", "Shard", "shard_of"]
@@ -73,6 +74,24 @@ def shard_of(keys: Any, num_shards: int) -> np.ndarray:
     return out
 
 
+def check_row_dtypes(row_dtype: Any) -> str | dict[int, str]:
+    """A store's ``row_dtype``: one row dtype for every dim, or ``{dim: row_dtype}``;
+    ``StoreError`` naming the field otherwise."""
+    if isinstance(row_dtype, Mapping):
+        return {
+            check_positive_int(d, "row_dtype dim"): check_row_dtype(v, f"row_dtype[{d}]")
+            for d, v in row_dtype.items()
+        }
+    return check_row_dtype(row_dtype)
+
+
+def row_dtype_for(row_dtype: str | Mapping[int, str], dim: int) -> str:
+    """The row dtype of dim ``dim`` (float32 for a dim a mapping does not name)."""
+    if isinstance(row_dtype, Mapping):
+        return row_dtype.get(dim, "float32")
+    return row_dtype
+
+
 def split_capacity(capacity: int, dims: Sequence[int]) -> dict[int, int]:
     """Rows per dim: ``capacity // k`` each, one more for the first ``capacity % k`` dims
     (ascending); at least one row each."""
@@ -97,6 +116,9 @@ class Shard:
             directory (one subdirectory ``d{dim}`` per table, validated when it exists) and
             the rows on disk, split between the dims as ``capacity`` is (each table of a shard
             without declared dims gets all of it).
+        row_dtype: how rows are stored (``float32``, ``float16`` or ``bfloat16``): one for every
+            dim, or ``{dim: row_dtype}`` (dims not named: float32).
+        rounding: how updates round half-precision rows (``nearest`` or ``stochastic``).
     """
 
     def __init__(
@@ -109,12 +131,16 @@ class Shard:
         weight_bound: float = 10.0,
         dims: Sequence[int] | None = None,
         disk_tier: DiskTierConfig | None = None,
+        row_dtype: str | Mapping[int, str] = "float32",
+        rounding: str = "nearest",
     ) -> None:
         self.capacity = check_positive_int(capacity, "capacity")
         if disk_tier is not None and not isinstance(disk_tier, DiskTierConfig):
             raise StoreError(f"disk_tier must be a DiskTierConfig, got {type(disk_tier).__name__}")
         self.disk_tier = disk_tier
         self._wipe_tier = False
+        self.row_dtype = check_row_dtypes(row_dtype)
+        self.rounding = rounding
         self.optimizer = optimizer
         self.init: Init = init if init is not None else Uniform(-0.01, 0.01)
         self.admission = admission if admission is not None else Admission()
@@ -149,8 +175,9 @@ class Shard:
 
     def _new_table(self, dim: int, capacity: int, tier: bool = True) -> EmbeddingTable:
         table = EmbeddingTable(
-            dim, capacity, self.optimizer, self.init, self.admission, self.seed, self.weight_bound
-        )
+            dim, capacity, self.optimizer, self.init, self.admission, self.seed, self.weight_bound,
+            row_dtype_for(self.row_dtype, dim), self.rounding,
+        )  # fmt: skip
         cfg = self.disk_tier
         if cfg is not None and tier:
             disk = cfg.capacity
@@ -366,7 +393,8 @@ class Shard:
 
     def export_rows(self, dim: int | None = None) -> dict[int, dict[str, np.ndarray]]:
         """Copies of the rows of one dim (or all), oldest first, keyed by dim:
-        ``{dim: {"keys": u64[n], "values": f32[n, dim], "state": f32[n, W]}}``."""
+        ``{dim: {"keys": u64[n], "values": [n, dim], "state": f32[n, W]}}``, the values in the
+        table's row dtype (f32, f16, or u16 bfloat16 bit patterns)."""
         if dim is not None:
             dim = check_positive_int(dim, "dim")
         with self._lock:  # only the sequential copies; the LRU ordering runs after
@@ -472,7 +500,7 @@ class Shard:
         """The current rows of every key changed since the last call, the keys evicted since
         then, and reset the record.
 
-        Returns ``{dim: {"keys": u64[n], "values": f32[n, dim], "state": f32[n, W],
+        Returns ``{dim: {"keys": u64[n], "values": [n, dim] (row dtype), "state": f32[n, W],
         "removed": u64[m]}}``, keys unique and ascending: ``keys`` are the changed keys still
         held (those evicted, or not admitted, are left out); ``removed`` are the keys that were
         held at the last call, or noted since, and are held no more (LRU eviction, a capacity

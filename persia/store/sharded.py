@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from persia.logger import get_default_logger
 from persia.store.config import Admission, Init, Uniform
 from persia.store.disk import DiskTierConfig
 from persia.store.shard import Shard, shard_of
-from persia.store.table import check_grads, check_keys, check_positive_int
+from persia.store.table import check_grads, check_keys, check_positive_int, row_dtype_of
 
 __all__ = ["ShardedStore"]
 
@@ -34,14 +34,19 @@ class ShardedStore:
     Args:
         num_shards: how many shards (> 0).
         capacity: rows over all shards and dims; each shard holds ``ceil(capacity / num_shards)``.
-        optimizer, init, admission, seed, weight_bound, dims: as for :class:`Shard`.
-        adopt_optimizer: :meth:`replace_rows` takes the checkpoint's optimizer instead of requiring
-            a matching one (an evaluation or serving store that trains nothing).
+        optimizer, init, admission, seed, weight_bound, dims, row_dtype, rounding: as for
+            :class:`Shard`.
+        adopt_optimizer: :meth:`replace_rows` takes the checkpoint's optimizer (and its rows'
+            dtypes) instead of requiring a matching one (an evaluation or serving store that
+            trains nothing). A training store converts rows saved in another row dtype (with a
+            warning): a float16 checkpoint loads into a float32 job exactly, and the other way
+            round rounds to nearest even.
         disk_tier: keep rows evicted from RAM on disk (``persia.store.disk``): a directory and the
             rows on disk over all shards (each shard holds ``ceil(capacity / num_shards)``). The
             store's tiers live in ``{directory}/{CURRENT}/s{shard}/d{dim}``, ``CURRENT`` naming
-            the live set: a new store validates and reuses it; :meth:`replace_rows` and
-            :meth:`clear` start a new one and delete the old (a checkpoint never points into it).
+            the live set; a new store starts it empty (discarding what an earlier process left,
+            with a warning); :meth:`replace_rows` and :meth:`clear` start a new one and delete
+            the old (a checkpoint never points into it).
     """
 
     def __init__(
@@ -56,7 +61,11 @@ class ShardedStore:
         dims: Sequence[int] | None = None,
         adopt_optimizer: bool = False,
         disk_tier: DiskTierConfig | None = None,
+        row_dtype: str | Mapping[int, str] = "float32",
+        rounding: str = "nearest",
     ) -> None:
+        self.row_dtype = row_dtype
+        self.rounding = rounding
         self.adopt_optimizer = adopt_optimizer
         if disk_tier is not None and not isinstance(disk_tier, DiskTierConfig):
             raise StoreError(f"disk_tier must be a DiskTierConfig, got {type(disk_tier).__name__}")
@@ -126,6 +135,8 @@ class ShardedStore:
                         self.weight_bound,
                         dims=self.dims,
                         disk_tier=self._tier_config(number, i, n),
+                        row_dtype=self.row_dtype,
+                        rounding=self.rounding,
                     )
                 )
         except BaseException:
@@ -280,8 +291,15 @@ class ShardedStore:
                 problems.append(f"the checkpoint holds dim {dim}, the store only {list(self.dims)}")
         if problems:
             raise CheckpointError(f"{where}: cannot load: " + "; ".join(problems))
-        old_optimizer = self.optimizer
+        old_optimizer, old_row_dtype = self.optimizer, self.row_dtype
         self.optimizer = optimizer
+        if self.adopt_optimizer:  # a store that trains nothing keeps the rows as they were saved
+            saved_dtypes = {}
+            for name, arr in arrays.items():
+                part = name.split(".")
+                if len(part) == 3 and part[2] == "values" and part[1][1:].isdigit():
+                    saved_dtypes[int(part[1][1:])] = row_dtype_of(arr)
+            self.row_dtype = saved_dtypes
         number = self._next_tier_set()
         shards: list[Shard] = []
         try:
@@ -299,12 +317,12 @@ class ShardedStore:
                         if sel.size:
                             shard.import_rows(dim, keys[sel], values[sel], state[sel])
         except StoreError as exc:
-            self.optimizer = old_optimizer
+            self.optimizer, self.row_dtype = old_optimizer, old_row_dtype
             for shard in shards:
                 shard.close(remove_tier=True)
             raise CheckpointError(f"{where}: rows cannot be loaded: {exc}") from exc
         except BaseException:
-            self.optimizer = old_optimizer
+            self.optimizer, self.row_dtype = old_optimizer, old_row_dtype
             for shard in shards:
                 shard.close(remove_tier=True)
             raise

@@ -5,7 +5,8 @@ Layout (all plain numpy arrays, so a table pickles and saves without tricks)::
     index     u64[S]         open addressing, linear probing, S a power of two; an entry is
                              tag << 32 | row (tag: 32 bits of the key's hash), all ones = empty
     row_keys  u64[R]         key of each live row (rows 0 .. nrows-1 are live)
-    values    f32[R, dim]    embeddings
+    values    f32[R, dim]    embeddings (f16[R, dim] with row_dtype float16; u16[R, dim], the
+                             bfloat16 bit patterns, with row_dtype bfloat16)
     state     f32[R, W]      optimizer state (W = optimizer.state_width(dim))
     lru_prev  i32[R]         LRU links: oldest (head) ... newest (tail)
     lru_next  i32[R]
@@ -25,6 +26,15 @@ likely match, so a fuller index costs little; at dim 16 with Adagrad that is 144
 links plus 11.4-22.9 bytes of index per row). At capacity a new key takes the
 row of the least recently used key, which is deleted from the index by backward-shift deletion.
 
+**Row dtype** (``row_dtype``): rows are stored as float32 (the default), float16 or bfloat16;
+the optimizer state stays float32. Lookups return float32 (a half value widens exactly); an
+update widens the rows it touches to float32, runs the optimizer's float32 update and rounds
+them back, to nearest even or stochastically (``rounding``; see persia.store.kernels.half). At dim
+16 with row-wise Adagrad a float16 row costs 32 + 4 bytes of values and state, 16 of key and
+links and 11.4-22.9 of index: 3.9-4.8 bytes per parameter. :meth:`export_rows` gives the values in
+the stored dtype (bit for bit); :meth:`import_rows` takes float32 (rounded to nearest even) or
+rows of another row dtype (converted: :func:`decode_rows` says how).
+
 A table is not locked: ``persia.store.shard.Shard`` holds the lock.
 
 Disk tier (:meth:`EmbeddingTable.attach_tier`, ``persia.store.disk``): rows that leave RAM at
@@ -42,15 +52,86 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from persia.embedding.spec import ROW_DTYPES, ROW_ROUNDINGS
 from persia.errors import StoreError
-from persia.logger import get_default_logger, warn_once
+from persia.logger import get_default_logger, get_logger, warn_once
 from persia.store.config import Admission, Init, Normal, Uniform
+from persia.store.kernels import half as H
 from persia.store.kernels import table as K
 
 if TYPE_CHECKING:
     from persia.store.disk import DiskTier
 
-__all__ = ["EmbeddingTable", "Optimizer", "check_keys", "check_grads"]
+__all__ = [
+    "EmbeddingTable",
+    "Optimizer",
+    "check_keys",
+    "check_grads",
+    "ROW_DTYPES",
+    "ROUNDINGS",
+    "check_row_dtype",
+    "row_dtype_of",
+    "decode_rows",
+    "encode_rows",
+]
+
+#: Row storage dtypes, the default first; how an update rounds half rows back.
+ROUNDINGS = ROW_ROUNDINGS
+#: The numpy dtype a table stores each row dtype in (numpy has no bfloat16: its bit patterns).
+_STORAGE: dict[str, np.dtype[Any]] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+            "bfloat16": np.dtype(np.uint16)}  # fmt: skip
+_NAME_OF = {dt: name for name, dt in _STORAGE.items()}
+
+
+def check_row_dtype(value: Any, field: str = "row_dtype") -> str:
+    """``value`` as one of :data:`ROW_DTYPES`, or ``StoreError`` naming ``field``."""
+    if not isinstance(value, str) or value not in ROW_DTYPES:
+        raise StoreError(f"{field} must be one of {', '.join(ROW_DTYPES)}, got {value!r}")
+    return value
+
+
+def row_dtype_of(values: np.ndarray) -> str:
+    """The row dtype an array of stored rows holds: float32, float16, or bfloat16 (uint16 bit
+    patterns, the only 16-bit integer rows); ``StoreError`` for any other dtype."""
+    name = _NAME_OF.get(values.dtype)
+    if name is None:
+        raise StoreError(
+            f"values must be float32, float16 or uint16 (bfloat16 bits), got {values.dtype}"
+        )
+    return name
+
+
+def decode_rows(values: np.ndarray) -> np.ndarray:
+    """Stored rows (float32, float16, or uint16 bfloat16 bits) as float32 (exact)."""
+    name = row_dtype_of(values)
+    if name == "float32":
+        return values
+    if name == "float16":
+        return values.astype(np.float32)
+    return (values.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def encode_rows(values: np.ndarray, row_dtype: str) -> np.ndarray:
+    """float32 rows in the storage of ``row_dtype`` (round to nearest, ties to even)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if row_dtype == "float32":
+        return values
+    out: np.ndarray = np.empty(values.shape, dtype=_STORAGE[row_dtype])
+    if values.size:
+        flat = values.reshape(values.shape[0], -1)
+        H.narrow_kernel(flat, _kernel_view(out).reshape(flat.shape))
+    return out
+
+
+def _kernel_view(values: np.ndarray) -> np.ndarray:
+    """The rows as the kernels take them: float32 as they are, float16 as int16 bit patterns,
+    bfloat16 as the uint16 ones (see persia.store.kernels.half)."""
+    if values.dtype == np.float16:
+        return values.view(np.int16)
+    return values
+
+
+_log = get_logger("persia.store.table")
 
 _MAX_LOAD = 0.7
 _MIN_ALLOC = 16
@@ -157,6 +238,8 @@ class EmbeddingTable:
         admission: which missed keys a training lookup creates.
         seed: seed of init and admission draws.
         weight_bound: passed to ``optimizer.apply`` (<= 0 or inf: no clipping).
+        row_dtype: how rows are stored: float32, float16 or bfloat16 (see the module docstring).
+        rounding: how updates round half-precision rows: nearest (even) or stochastic.
     """
 
     values: np.ndarray
@@ -179,8 +262,15 @@ class EmbeddingTable:
         admission: Admission | None = None,
         seed: int = 0,
         weight_bound: float = 10.0,
+        row_dtype: str = "float32",
+        rounding: str = "nearest",
     ) -> None:
         self.dim = check_positive_int(dim, "dim")
+        self.row_dtype = check_row_dtype(row_dtype)
+        if not isinstance(rounding, str) or rounding not in ROUNDINGS:
+            raise StoreError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+        self.rounding = rounding
+        self._updates = 0  # calls of apply_rows on half rows: the stochastic rounding's stream
         self.capacity = check_positive_int(capacity, "capacity")
         if self.capacity > _MAX_ROWS:
             raise StoreError(f"capacity must be < 2**31 rows, got {capacity}")
@@ -221,7 +311,7 @@ class EmbeddingTable:
 
     # ----------------------------------------------------------------------------- storage
     def _alloc(self, rows: int) -> None:
-        self.values = aligned_full((rows, self.dim), 0, np.float32)
+        self.values = aligned_full((rows, self.dim), 0, _STORAGE[self.row_dtype])
         self.state = aligned_full((rows, self.state_width), 0, np.float32)
         self._set_records(rows, 0)
         self.lru_prev.fill(-1)
@@ -314,12 +404,17 @@ class EmbeddingTable:
             self._spill(self.rows - capacity, np.zeros(0, dtype=np.uint64))
         if self.rows > capacity:
             K.evict_oldest_kernel(
-                self.rows - capacity, self.index, self._shift, self.row_keys, self.values,
+                self.rows - capacity, self.index, self._shift, self.row_keys, self._kv,
                 self.state, self.lru_prev, self.lru_next, self.meta,
             )  # fmt: skip
         self.capacity = capacity
         if self.values.shape[0] > capacity:
             self._resize(capacity)
+
+    @property
+    def _kv(self) -> np.ndarray:
+        """``values`` as the kernels take it (see persia.store.kernels.half)."""
+        return _kernel_view(self.values)
 
     @property
     def rows(self) -> int:
@@ -356,9 +451,7 @@ class EmbeddingTable:
         out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
         rows = np.empty(keys.shape[0], dtype=np.int32)
         missing = int(
-            K.lookup_eval_kernel(
-                self.index, self._shift, self.row_keys, self.values, keys, rows, out
-            )
+            K.lookup_eval_kernel(self.index, self._shift, self.row_keys, self._kv, keys, rows, out)
         )
         self.meta[K.M_MISSES] += missing
         if missing and self.tier is not None and self.tier.rows:
@@ -366,7 +459,7 @@ class EmbeddingTable:
             recs = self.tier.find(keys[absent])
             on = recs >= 0
             if on.any():
-                out[absent[on]] = self.tier.read(recs[on])[0]
+                out[absent[on]] = decode_rows(self.tier.read(recs[on])[0])
         return out, rows, missing
 
     def train_lookup(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -376,7 +469,7 @@ class EmbeddingTable:
             rows = self.probe(keys)  # spilling moved rows
         out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
         self.flush_lru()
-        K.train_hits_kernel(self.values, rows, out, self.lru_prev, self.lru_next, self.meta)
+        K.train_hits_kernel(self._kv, rows, out, self.lru_prev, self.lru_next, self.meta)
         self._train_misses(keys, rows, out)
         return out
 
@@ -404,7 +497,7 @@ class EmbeddingTable:
             self._stamp_lru()
             made = np.empty(n, dtype=np.int32)
             missing = K.train_probe_create_kernel(
-                self.index, self._shift, self.row_keys, self.values, self.state, keys, rows, made,
+                self.index, self._shift, self.row_keys, self._kv, self.state, keys, rows, made,
                 out, self.lru_ts, self.meta,
             )  # fmt: skip
             if missing:
@@ -414,7 +507,7 @@ class EmbeddingTable:
                 )  # fmt: skip
                 kind, a, b = self._init_args
                 K.train_init_kernel(
-                    keys, rows, made, out, self.values, self.state, self._init_state, kind, a, b,
+                    keys, rows, made, out, self._kv, self.state, self._init_state, kind, a, b,
                     np.uint64(self.seed),
                 )  # fmt: skip
                 # every key now has a row: a hit's, or the one made for it (-2: a repeat of a
@@ -424,7 +517,7 @@ class EmbeddingTable:
             return out, rows
         self.flush_lru()
         missing = K.train_probe_hits_kernel(
-            self.index, self._shift, self.row_keys, self.values, keys, rows, out, self.lru_prev,
+            self.index, self._shift, self.row_keys, self._kv, keys, rows, out, self.lru_prev,
             self.lru_next, self.meta,
         )  # fmt: skip
         if missing:
@@ -455,7 +548,7 @@ class EmbeddingTable:
                 break
             self._grow()
         K.train_init_kernel(
-            keys, rows, made, out, self.values, self.state, self._init_state, kind, a, b, seed
+            keys, rows, made, out, self._kv, self.state, self._init_state, kind, a, b, seed
         )
 
     def apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
@@ -474,10 +567,11 @@ class EmbeddingTable:
     ) -> np.ndarray:
         """``apply_gradients`` for already probed rows and checked ``grads`` (``keys``: theirs,
         for the rows absent from RAM that a disk tier may hold)."""
-        counts = np.asarray(
-            self.optimizer.apply(self.values, self.state, rows, grads, self.weight_bound),
-            dtype=np.int64,
-        )
+        if self.row_dtype == "float32":
+            counts = self.optimizer.apply(self.values, self.state, rows, grads, self.weight_bound)
+        else:
+            counts = self._apply_half(rows, grads)
+        counts = np.asarray(counts, dtype=np.int64)
         if counts[1] and keys is not None and self.tier is not None and self.tier.rows:
             counts = counts + self._apply_on_disk(keys, rows, grads)
         self.applied += int(counts[0])
@@ -485,9 +579,33 @@ class EmbeddingTable:
         self.skipped_nonfinite += int(counts[2])
         return counts
 
+    def _apply_half(self, rows: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        """The update of half rows: the distinct rows widened into a float32 block, the
+        optimizer's float32 update on it (in order: a row listed twice is updated twice), and the
+        block rounded back into the rows (persia.store.kernels.half)."""
+        n = rows.shape[0]
+        if rows.dtype != np.int32 or rows.ndim != 1:
+            raise StoreError(f"rows must be a 1-D int32 array, got {rows.dtype} {rows.shape}")
+        if n and (int(rows.max()) >= self.rows or int(rows.min()) < -1):
+            raise StoreError(f"rows must be in [-1, {self.rows}), got {rows.min()}..{rows.max()}")
+        local = np.empty(n, dtype=np.int32)
+        uniq = np.empty(n, dtype=np.int32)
+        block = np.empty((n, self.dim), dtype=np.float32)
+        sblock = np.empty((n, self.state_width), dtype=np.float32)
+        values = self._kv
+        k = int(H.gather_rows_kernel(values, self.state, rows, local, uniq, block, sblock))
+        block, sblock, uniq = block[:k], sblock[:k], uniq[:k]
+        counts = self.optimizer.apply(block, sblock, local, grads, self.weight_bound)
+        self._updates += 1
+        seed = (self.seed * 0xD6E8FEB86659FD93 + self._updates * 0x9E3779B97F4A7C15) & (2**64 - 1)
+        stochastic = self.rounding == "stochastic"
+        H.scatter_rows_kernel(block, sblock, uniq, values, self.state, stochastic, np.uint64(seed))
+        return counts
+
     def export_rows(self) -> dict[str, np.ndarray]:
-        """Copies of the live rows, oldest first: ``keys u64[n]``, ``values f32[n, dim]``,
-        ``state f32[n, W]``."""
+        """Copies of the live rows, oldest first: ``keys u64[n]``, ``values [n, dim]`` in the
+        stored dtype (``f32`` unless ``row_dtype`` says otherwise; :func:`decode_rows` widens
+        them), ``state f32[n, W]``."""
         return self.rows_from_snapshot(self.snapshot())
 
     def snapshot(self) -> dict[str, np.ndarray]:
@@ -539,12 +657,10 @@ class EmbeddingTable:
         the oldest rows are evicted. No admission, no miss counting."""
         keys = check_keys(keys)
         n = keys.shape[0]
-        values = check_grads(values, n, self.dim, field="values")
+        values = self._import_values(values, n)
         if state is None:
             state = np.broadcast_to(self._init_state, (n, self.state_width))
         state = check_grads(state, n, self.state_width, field="state")
-        if not np.isfinite(values).all():
-            raise StoreError("values must be finite, got NaN or Inf")
         if self.tier is not None:
             self._tier_import(keys, values, state)
             return
@@ -552,12 +668,39 @@ class EmbeddingTable:
         start = 0
         while True:
             start = K.import_kernel(
-                keys, values, state, start, self.index, self._shift, self.row_keys, self.values,
+                keys, values, state, start, self.index, self._shift, self.row_keys, self._kv,
                 self.state, self.lru_prev, self.lru_next, self.meta, self.capacity,
             )  # fmt: skip
             if start >= n:
                 return
             self._grow()
+
+    def _import_values(self, values: Any, n: int) -> np.ndarray:
+        """Rows to import in this table's storage: its own dtype as they are (bit for bit),
+        float32 rounded to nearest even, another half dtype widened then rounded (with a
+        warning: a checkpoint of another row dtype loads converted); all finite."""
+        if isinstance(values, np.ndarray) and values.dtype in (np.float16, np.uint16):
+            if values.ndim != 2 or values.shape != (n, self.dim):
+                raise StoreError(
+                    f"values must have shape ({n}, {self.dim}) (keys x dim), got {values.shape}"
+                )
+            given = row_dtype_of(values)
+            if given == self.row_dtype:
+                out = np.ascontiguousarray(values)
+                if not np.isfinite(decode_rows(out)).all():
+                    raise StoreError("values must be finite, got NaN or Inf")
+                return _kernel_view(out)
+            warn_once(
+                _log,
+                f"row_dtype {given}->{self.row_dtype}",
+                f"rows stored as {given} imported into a {self.row_dtype} table (dim {self.dim}):"
+                " converted (widened exactly; narrowed to nearest even)",
+            )
+            values = decode_rows(values)
+        values = check_grads(values, n, self.dim, field="values")
+        if not np.isfinite(values).all():
+            raise StoreError("values must be finite, got NaN or Inf")
+        return _kernel_view(encode_rows(values, self.row_dtype))
 
     def remove_keys(self, keys: Any) -> int:
         """Delete the rows of ``keys`` (absent keys are ignored); rows stay dense and the LRU
@@ -610,7 +753,7 @@ class EmbeddingTable:
             meta[K.M_TAIL] = order[-1]
         evictions = int(meta[K.M_EVICTIONS])
         K.evict_oldest_kernel(
-            count, self.index, self._shift, self.row_keys, self.values, self.state,
+            count, self.index, self._shift, self.row_keys, self._kv, self.state,
             self.lru_prev, self.lru_next, meta,
         )  # fmt: skip
         meta[K.M_EVICTIONS] = evictions
@@ -669,7 +812,7 @@ class EmbeddingTable:
         evictions = int(self.meta[K.M_EVICTIONS])
         if np.array_equal(victims, full[: victims.size]):  # the oldest rows: evict from the head
             K.evict_oldest_kernel(
-                victims.size, self.index, self._shift, self.row_keys, self.values, self.state,
+                victims.size, self.index, self._shift, self.row_keys, self._kv, self.state,
                 self.lru_prev, self.lru_next, self.meta,
             )  # fmt: skip
         else:  # a row this call keeps is among them
@@ -714,10 +857,11 @@ class EmbeddingTable:
     def _put_rows(self, keys: np.ndarray, values: np.ndarray, state: np.ndarray) -> None:
         """``import_rows`` of checked rows in the table's dtypes (no tier, no checks)."""
         self.flush_lru()
+        values = _kernel_view(values)
         start = 0
         while True:
             start = K.import_kernel(
-                keys, values, state, start, self.index, self._shift, self.row_keys, self.values,
+                keys, values, state, start, self.index, self._shift, self.row_keys, self._kv,
                 self.state, self.lru_prev, self.lru_next, self.meta, self.capacity,
             )  # fmt: skip
             if start >= keys.shape[0]:
@@ -745,7 +889,10 @@ class EmbeddingTable:
         if not on.any():
             return np.zeros(3, dtype=np.int64)
         uniq, inv = np.unique(recs[on], return_inverse=True)
-        values, state = self.tier.read(uniq)
+        stored, state = self.tier.read(uniq)
+        # half rows: updated in float32 and rounded back to nearest even (stochastic rounding
+        # is the RAM rows' only: rows on disk are rare and cold)
+        values = np.array(decode_rows(stored), dtype=np.float32)
         counts = np.asarray(
             self.optimizer.apply(
                 values, state, inv.astype(np.int32), np.ascontiguousarray(grads[miss[on]]),
@@ -753,7 +900,7 @@ class EmbeddingTable:
             ),
             dtype=np.int64,
         )  # fmt: skip
-        self.tier.put(self.tier.keys[uniq].copy(), values, state)
+        self.tier.put(self.tier.keys[uniq].copy(), encode_rows(values, self.row_dtype), state)
         return np.array([counts[0], -int(on.sum()), counts[2]], dtype=np.int64)
 
     def prefetch(self, keys: np.ndarray) -> int:

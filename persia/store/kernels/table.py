@@ -48,6 +48,7 @@ from numba import njit
 
 # the prefetch hint lives with the optimizer kernels (the layer below), which use it too
 from persia.embedding.kernels import prefetch, prefetch_at
+from persia.store.kernels.half import round_row, store_row, widen
 
 PROBE_SALT = np.uint64(0x9E3779B97F4A7C15)
 SHARD_SALT = np.uint64(0xD1B54A32D192ED03)
@@ -242,7 +243,7 @@ def gather_kernel(values, rows, out):
         r = rows[i]
         if r >= 0:
             for j in range(dim):
-                out[np.uint64(i), np.uint64(j)] = values[np.uint64(r), np.uint64(j)]
+                out[np.uint64(i), np.uint64(j)] = widen(values[np.uint64(r), np.uint64(j)])
         else:
             for j in range(dim):
                 out[i, j] = 0.0
@@ -283,7 +284,7 @@ def lookup_eval_kernel(index, shift, row_keys, values, keys, rows, out):
             rows[i] = r
             if r >= 0:
                 for j in range(dim):
-                    out[np.uint64(i), np.uint64(j)] = values[np.uint64(r), np.uint64(j)]
+                    out[np.uint64(i), np.uint64(j)] = widen(values[np.uint64(r), np.uint64(j)])
             else:
                 missing += 1
                 for j in range(dim):
@@ -346,7 +347,7 @@ def train_hits_kernel(values, rows, out, lru_prev, lru_next, meta):
             r = rows[i]
             if r >= 0:
                 for j in range(dim):
-                    out[np.uint64(i), np.uint64(j)] = values[np.uint64(r), np.uint64(j)]
+                    out[np.uint64(i), np.uint64(j)] = widen(values[np.uint64(r), np.uint64(j)])
                 p = lru_prev[r]
                 nx = lru_next[r]
                 if p >= 0:
@@ -405,7 +406,7 @@ def train_probe_hits_kernel(
             r = rows[i]
             if r >= 0:
                 for j in range(dim):
-                    out[np.uint64(i), np.uint64(j)] = values[np.uint64(r), np.uint64(j)]
+                    out[np.uint64(i), np.uint64(j)] = widen(values[np.uint64(r), np.uint64(j)])
                 _touch(lru_prev, lru_next, meta, r)
     return missing
 
@@ -472,7 +473,7 @@ def train_probe_create_kernel(
             r = rows[i]
             if r >= 0:
                 for j in range(dim):
-                    out[np.uint64(i), np.uint64(j)] = values[np.uint64(r), np.uint64(j)]
+                    out[np.uint64(i), np.uint64(j)] = widen(values[np.uint64(r), np.uint64(j)])
                 lru_ts[r] = meta[M_CLOCK]
                 meta[M_CLOCK] += 1
     return missing
@@ -730,9 +731,10 @@ def train_init_kernel(
                 out[i, j] = 0.0
             continue
         init_row(out, i, keys[i], seed, init_kind, init_a, init_b)
+        if m == -2:  # a repeat of a key made earlier in this call: the row as stored
+            round_row(values, out, i)
         if m >= 0:
-            for j in range(dim):
-                values[np.uint64(m), np.uint64(j)] = out[np.uint64(i), np.uint64(j)]
+            store_row(values, m, out, i)
             for j in range(width):
                 state[m, j] = init_state[j]
 
