@@ -322,7 +322,9 @@ def ratios(
                 hybrid_idle_ms_per_step=idle(f"persia-hybrid@{name}"),
             )
         )
-    for name in sorted(n.split("@", 1)[1] for n in results if n.startswith("persia-hybrid-f16")):
+    for name in sorted(
+        n.split("@", 1)[1] for n in results if n.startswith("persia-hybrid-f16wire@")
+    ):
         wire, plain = f"persia-hybrid-f16wire@{name}", f"persia-hybrid@{name}"
         mb = [results.get(n, {}).get("link_mb_per_step") for n in (wire, plain)]
         out.append(

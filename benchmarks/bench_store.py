@@ -324,9 +324,9 @@ def bench_scale_disk(b: Bench, args: argparse.Namespace, batch: int) -> None:
     from persia.store.disk import DiskTier, DiskTierConfig
 
     # the rows' storage dtype (bfloat16: its uint16 bit patterns)
-    dtype = np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[
-        args.scale_dtype
-    ])
+    dtype = np.dtype(
+        {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[args.scale_dtype]
+    )
     rows = args.scale_disk_rows
     ram = args.scale_ram_rows or max(1, rows // 10)
     directory = Path(args.scale_disk)
@@ -374,7 +374,12 @@ def bench_scale_disk(b: Bench, args: argparse.Namespace, batch: int) -> None:
         for line in f:
             if line.startswith("RssAnon:"):
                 anon = int(line.split()[1]) * 1024
-    common = {"rows": rows, "ram_rows": ram, "dtype": args.scale_dtype, "optimizer": "rowwise_adagrad"}
+    common = {
+        "rows": rows,
+        "ram_rows": ram,
+        "dtype": args.scale_dtype,
+        "optimizer": "rowwise_adagrad",
+    }
     b.emit("scale_disk_lookup_update_rows_per_s", done / dt, "rows/s", lookups=done, **common)
     b.emit("scale_disk_params", params, "parameters", disk_rows=st["disk_rows"],
            dropped=st["disk_dropped"], **common)  # fmt: skip

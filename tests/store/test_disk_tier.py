@@ -35,7 +35,7 @@ def _opt() -> Adagrad:
 
 def _tiered(tmp_path: Path, capacity: int, disk: int = 100_000, **kw) -> EmbeddingTable:
     t = EmbeddingTable(DIM, capacity, _opt(), seed=3, **kw)
-    t.attach_tier(DiskTier.open(tmp_path / "t", disk, DIM, np.float32, t.state_width))
+    t.attach_tier(DiskTier.open(tmp_path / "t", disk, DIM, t.values.dtype, t.state_width))
     return t
 
 
@@ -68,6 +68,32 @@ def test_rows_that_go_to_disk_and_back_are_bit_identical(tmp_path):
         assert np.array_equal(a[name], b[name]), name
     # the LRU order (oldest first) is the same as with RAM big enough
     assert np.array_equal(big.export_rows()["keys"], small.export_rows()["keys"])
+
+
+@pytest.mark.parametrize("row_dtype", ["float16", "bfloat16"])
+def test_half_rows_go_to_disk_and_back_bit_identical(tmp_path, row_dtype):
+    """Half-precision rows spill as they are stored: training them through a small RAM and
+    the tier (gradients of spilled rows applied on disk included) gives the rows of RAM big
+    enough, bit for bit, and an evaluation lookup of a disk row reads it widened to float32."""
+    big = EmbeddingTable(DIM, 10_000, _opt(), seed=3, row_dtype=row_dtype)
+    small = _tiered(tmp_path, 50, disk=450, row_dtype=row_dtype)
+    assert small.values.dtype == big.values.dtype != np.float32
+    _train([big, small], 150, 500)
+    assert small.tier is not None and small.tier.rows == 450
+    a, b = _sorted_rows(big.export_rows()), _sorted_rows(small.export_rows())
+    for name in ("keys", "values", "state"):
+        assert a[name].dtype == b[name].dtype
+        assert np.array_equal(a[name], b[name]), name
+    on_disk = small.tier.keys[small.tier.order()][:20].copy()
+    assert (small.probe(on_disk) < 0).all()
+    np.testing.assert_array_equal(small.lookup(on_disk, False), big.lookup(on_disk, False))
+    assert small.lookup(on_disk, False).dtype == np.float32 and small.tier.rows == 450
+    # a gradient for rows that were spilled after their lookup is applied on disk, rounded back
+    # to the row dtype as in RAM (nearest even)
+    g = np.full((on_disk.size, DIM), 0.25, np.float32)
+    small.apply_gradients(on_disk, g)
+    big.apply_gradients(on_disk, g)
+    np.testing.assert_array_equal(small.lookup(on_disk, False), big.lookup(on_disk, False))
 
 
 def test_spilled_row_keeps_values_and_state_and_comes_back(tmp_path):
