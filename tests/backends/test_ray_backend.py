@@ -93,7 +93,7 @@ def test_a_killed_parameter_server_ends_the_run_with_a_typed_error(ray_cluster, 
                 if i == 5:
                     ray_cluster.kill(ctx.runtime.store.actors[1])
                     killed_at = time.perf_counter()
-    assert killed_at is not None
+    assert killed_at is not None, f"failed before the kill (a loaded machine?): {info.value!r}"
     assert time.perf_counter() - killed_at < timeout_s + 2
     assert info.value.role == "parameter-server" and info.value.rank == 1
 
