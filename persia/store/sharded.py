@@ -140,8 +140,7 @@ class ShardedStore:
                     )
                 )
         except BaseException:
-            for shard in shards:
-                shard.close(remove_tier=tier_set is not None)
+            self._close_tiers(shards, remove=tier_set is not None)
             raise
         for i, shard in enumerate(shards):
             shard.replica = i
@@ -157,8 +156,7 @@ class ShardedStore:
 
     def _switch_tier_set(self, number: int | None, old: list[Shard]) -> None:
         """After the shards were replaced: close and delete the old set, name the new one."""
-        for shard in old:
-            shard.close(remove_tier=True)
+        self._close_tiers(old, remove=True)
         if number is None or self.disk_tier is None:
             return
         base = self.disk_tier.directory
@@ -168,11 +166,18 @@ class ShardedStore:
         shutil.rmtree(base / f"set{self._tier_set}", ignore_errors=True)
         self._tier_set = number
 
+    def _close_tiers(self, shards: Sequence[Any], remove: bool) -> None:
+        """Close the disk tiers of ``shards`` (``remove``: delete their files); nothing without a
+        disk tier (the shards of another backend, e.g. Ray's actors, have no tier to close)."""
+        if self.disk_tier is None:
+            return
+        for shard in shards:
+            shard.close(remove_tier=remove)
+
     def close(self) -> None:
-        """Close the shards' disk tiers (their files stay: a new store validates and reuses
-        them)."""
-        for shard in self.shards:
-            shard.close()
+        """Close the shards' disk tiers (their files stay until a new store starts the tier
+        empty)."""
+        self._close_tiers(self.shards, remove=False)
 
     def shard_of(self, keys: Any) -> np.ndarray:
         """The shard index (int32) of every key."""
@@ -318,13 +323,11 @@ class ShardedStore:
                             shard.import_rows(dim, keys[sel], values[sel], state[sel])
         except StoreError as exc:
             self.optimizer, self.row_dtype = old_optimizer, old_row_dtype
-            for shard in shards:
-                shard.close(remove_tier=True)
+            self._close_tiers(shards, remove=True)
             raise CheckpointError(f"{where}: rows cannot be loaded: {exc}") from exc
         except BaseException:
             self.optimizer, self.row_dtype = old_optimizer, old_row_dtype
-            for shard in shards:
-                shard.close(remove_tier=True)
+            self._close_tiers(shards, remove=True)
             raise
         old = list(self.shards)
         self._replace_shards(shards)
