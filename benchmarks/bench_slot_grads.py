@@ -2,6 +2,7 @@
 
     python benchmarks/bench_slot_grads.py                 # 26 slots, dim 16, batch 4096
     python benchmarks/bench_slot_grads.py --batch-size 2048 --repeat 31
+    python benchmarks/bench_slot_grads.py --quick                         # CI: batch 256, 3 steps
 
 One training step's forward and backward of the embedding-bound workload's model (bottom MLP
 13-16, top MLP (16 + 26 * 16)-32-1; ``bench_e2e.py --workload embedding-bound``) with the model
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=21, help="steps per way (median)")
     p.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    p.add_argument("--quick", action="store_true", help="CI: batch 256, 3 steps per way")
     args = p.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.repeat = 256, 3
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
