@@ -572,9 +572,10 @@ def main() -> None:
     """Runs one spec (a JSON object) or several in turn (a JSON list: quick mode, where peak RSS
     is then the process's, not each contender's); one JSON line per result."""
     arg = json.loads(sys.argv[1])
+    default_threads = torch.get_num_threads()
     for spec in arg if isinstance(arg, list) else [arg]:
-        if spec.get("torch_threads"):
-            torch.set_num_threads(int(spec["torch_threads"]))
+        # each contender its own setting (in quick mode several share this process)
+        torch.set_num_threads(int(spec.get("torch_threads") or default_threads))
         torch.manual_seed(spec["seed"])
         _DEV[0] = _device(spec)
         result = RUNNERS[spec["runner"]](spec)

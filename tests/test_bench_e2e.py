@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def test_workloads_are_planned_with_their_models_and_slots():
     assert quick.workloads == ["dlrm", "embedding-bound", "multi-hot"]
     labels = [r["label"] for r in bench_e2e.plan(quick, False, "multi-hot")]
     assert labels == ["dense-only", "torch-embeddingbag", "persia-sync", "persia-hybrid",
-                      "persia-hybrid-f16", "persia-hybrid-bf16", "persia-profile"]  # fmt: skip
+                      "persia-hybrid-sparecore", "persia-hybrid-f16", "persia-hybrid-bf16",
+                      "persia-profile"]  # fmt: skip
     halves = {r["label"]: r for r in bench_e2e.plan(quick, False, "multi-hot")}
     assert halves["persia-hybrid-bf16"]["row_dtype"] == "bfloat16"
     both = bench_e2e.parse_args(["--row-dtypes", "float16", "--row-roundings",
@@ -124,6 +126,16 @@ def test_the_bound_of_the_hybrid():
     assert lines["hybrid_bound_ms_per_step"]["value"] == pytest.approx(1500.0)  # 3000 / 2 cores
     assert lines["hybrid_over_bound"]["value"] == pytest.approx(1250 / 1500, abs=1e-3)
     assert all(r["workload"] == "embedding-bound" for r in lines.values())
+    assert "hybrid_sparecore_over_bound" not in lines
+    results[bench_e2e.SPARE_CORE] = {**run(bench_e2e.SPARE_CORE, 125.0, 0.8), "torch_threads": 1}
+    lines = {r["metric"]: r for r in bench_e2e.ratios(results, {}, "embedding-bound")}
+    assert lines["hybrid_sparecore_over_bound"]["value"] == pytest.approx(800 / 1500, abs=1e-3)
+    del results[bench_e2e.SPARE_CORE]
+    # planned for the workloads the embedding path paces, not for dlrm
+    args = bench_e2e.parse_args(["--no-links"])
+    spare = {r["label"]: r for r in bench_e2e.plan(args, False, "embedding-bound")}
+    assert spare[bench_e2e.SPARE_CORE]["torch_threads"] == max(1, len(os.sched_getaffinity(0)) - 1)
+    assert bench_e2e.SPARE_CORE not in {r["label"] for r in bench_e2e.plan(args, False, "dlrm")}
     results["dense-only"]["ms_per_step"] = 2000.0  # the dense step is the longer one
     lines = {r["metric"]: r for r in bench_e2e.ratios(results, {})}
     assert lines["hybrid_bound_ms_per_step"]["value"] == pytest.approx(2000.0)

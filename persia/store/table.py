@@ -322,8 +322,14 @@ class EmbeddingTable:
         """The LRU in its linked form (from the stamps the fast training lookups left, when it
         is held as stamps): what every operation but the fast training lookup works on."""
         if self.meta[K.M_STAMPED]:
-            order = np.argsort(self.lru_ts[: self.rows], kind="stable").astype(np.int32)
-            K.lru_link_kernel(order, self.lru_prev, self.lru_next, self.meta)
+            clock = int(self.meta[K.M_CLOCK])
+            if clock <= 4 * self.rows + 1024:  # a slot per stamp: less memory than a sort
+                K.lru_link_stamps_kernel(
+                    self.lru_ts, self.rows, clock, self.lru_prev, self.lru_next, self.meta
+                )
+            else:
+                order = np.argsort(self.lru_ts[: self.rows], kind="stable").astype(np.int32)
+                K.lru_link_kernel(order, self.lru_prev, self.lru_next, self.meta)
 
     def _stamp_lru(self) -> None:
         """The LRU in its stamped form (what the fast training lookup works on)."""
@@ -797,11 +803,17 @@ class EmbeddingTable:
         count = min(count, self.rows)
         if count <= 0:
             return 0
+        held = None
+        if keep.size:
+            # the rows of ``keep`` first become the newest (its lookup makes them so anyway): the
+            # oldest rows are then the victims, evicted from the head in one pass, and the other
+            # rows' order is unchanged, so the same rows go as when they are skipped
+            held = self.probe(keep)
+            K.touch_rows_kernel(held, self.lru_prev, self.lru_next, self.meta)
         full = np.empty(min(self.rows, count + keep.shape[0]), dtype=np.int32)
         full = full[: K.lru_order_kernel(self.lru_next, self.meta, full)]
         victims = full[:count]
-        if keep.size:
-            held = self.probe(keep)
+        if held is not None:
             mark = np.zeros(self.rows, dtype=bool)
             mark[held[held >= 0]] = True
             victims = full[~mark[full]][:count]

@@ -46,33 +46,34 @@ class _Features(FeatureStats):
         self.features = dict(features)
         self.size = max(features) + 1 if features else 1
         self.distinct = DistinctEstimator(prefix_bits, features)
-        self._counts = np.zeros(self.distinct.row_of.size, dtype=np.int64)
-        replica = live.replica_of(EW)
-        self._rate = {
-            name: live.g["batch_unique_indices_rate"].labels(EW, replica, name)
-            for name in set(features.values())
-        }
+        #: per group of features (a dim's; keyed by its first prefix): the last batch's unique
+        #: keys per prefix and IDs per prefix, replaced whole (a collection in another thread
+        #: reads one batch's pair); the rates are computed when the metrics are collected
+        self.last: dict[int, tuple[np.ndarray, dict[int, int]]] = {}
         with live._lock:
             live._estimators.add(self.distinct)
+            live._features.add(self)
 
     def observe(self, uniques: np.ndarray, ids_per_prefix: dict[int, int]) -> None:
-        if uniques.size == 0:
+        if uniques.size == 0 or not ids_per_prefix:
             return
-        counts = self._counts
-        counts[:] = 0
+        counts = np.zeros(self.distinct.row_of.size, dtype=np.int64)
         # one numba pass: the keys per prefix and the distinct-ID registers
         self.distinct.add(np.ascontiguousarray(uniques, dtype=np.uint64), counts)
+        self.last[next(iter(ids_per_prefix))] = (counts, ids_per_prefix)
+
+    def rates(self) -> dict[str, float]:
+        """Feature name -> unique keys / IDs of the last batch observed."""
         per_name: dict[str, list[int]] = {}
-        for prefix, ids in ids_per_prefix.items():
-            name = self.features.get(prefix)
-            if name is None or prefix >= counts.size:
-                continue
-            acc = per_name.setdefault(name, [0, 0])
-            acc[0] += int(counts[prefix])
-            acc[1] += ids
-        for name, (unique, ids) in per_name.items():
-            if ids:
-                self._rate[name].set(unique / ids)
+        for counts, ids_per_prefix in list(self.last.values()):
+            for prefix, ids in ids_per_prefix.items():
+                name = self.features.get(prefix)
+                if name is None or prefix >= counts.size:
+                    continue
+                acc = per_name.setdefault(name, [0, 0])
+                acc[0] += int(counts[prefix])
+                acc[1] += ids
+        return {name: unique / ids for name, (unique, ids) in per_name.items() if ids}
 
 
 class Live(Recorder):
@@ -96,6 +97,7 @@ class Live(Recorder):
         self._persia_counts: dict[tuple[str, str, str, str], float] = {}
         # the live embedding workers' estimators (a worker that is gone stops counting)
         self._estimators: weakref.WeakSet[DistinctEstimator] = weakref.WeakSet()
+        self._features: weakref.WeakSet[_Features] = weakref.WeakSet()
         self._model_time: float | None = None
         self.c: dict[str, Counter] = {}
         self.g: dict[str, Gauge] = {}
@@ -103,7 +105,7 @@ class Live(Recorder):
         for m in CATALOG:
             labels = LABELS + m.labels
             if (
-                m.name in ("estimated_distinct_id",)
+                m.name in ("estimated_distinct_id", "batch_unique_indices_rate")
                 or m.role == PS
                 and m.name
                 not in (
@@ -338,6 +340,19 @@ class _Collected:
         for feat, value in sorted(totals.items()):
             d.add_metric([EW, ew, feat], value)
         yield d
+        r = GaugeMetricFamily(
+            "batch_unique_indices_rate",
+            BY_NAME["batch_unique_indices_rate"].help,
+            labels=(*LABELS, "feat"),
+        )
+        with live._lock:
+            features = list(live._features)
+        rates: dict[str, float] = {}
+        for f in features:  # one embedding worker per process: the last one's rate wins
+            rates.update(f.rates())
+        for feat, value in sorted(rates.items()):
+            r.add_metric([EW, ew, feat], value)
+        yield r
         lag = GaugeMetricFamily(
             "persia_delta_lag_seconds", BY_NAME["persia_delta_lag_seconds"].help, labels=LABELS
         )

@@ -504,6 +504,34 @@ def test_lru_stamps_match_relinking_at_each_touch(linked_n, new_n, picks):
     assert (int(meta[K.M_HEAD]), int(meta[K.M_TAIL])) == want[2:]
 
 
+@pytest.mark.parametrize("nrows", [0, 1, 7, 1000])
+def test_linking_by_stamp_slots_matches_linking_by_sort(nrows):
+    """flush_lru's sort-free kernel (a slot per stamp) links the rows as the argsort does."""
+    rng = np.random.default_rng(nrows)
+    clock = 3 * nrows + 5
+    stamps = rng.choice(clock, nrows, replace=False).astype(np.int64)  # unique, with gaps
+    out = []
+    for sort in (True, False):
+        rec = np.zeros((max(nrows, 1), 2), np.uint64)
+        links = rec.view(np.int32)
+        lru_prev, lru_next, lru_ts = links[:, 2], links[:, 3], rec[:, 1].view(np.int64)
+        lru_ts[:nrows] = stamps
+        meta = np.zeros(K.META_LEN, np.int64)
+        meta[K.M_STAMPED], meta[K.M_CLOCK] = 1, clock
+        if sort:
+            order = np.argsort(lru_ts[:nrows], kind="stable").astype(np.int32)
+            K.lru_link_kernel(order, lru_prev, lru_next, meta)
+        else:
+            assert K.lru_link_stamps_kernel(lru_ts, nrows, clock, lru_prev, lru_next, meta) == nrows
+        assert meta[K.M_STAMPED] == 0
+        out.append(
+            (lru_prev[:nrows].tolist(), lru_next[:nrows].tolist(), *meta[[K.M_HEAD, K.M_TAIL]])
+        )
+    assert out[0] == out[1]
+    if nrows:
+        assert out[1][2] == int(np.argmin(stamps)) and out[1][3] == int(np.argmax(stamps))
+
+
 def test_fast_lookups_stamp_and_other_operations_link():
     from persia.store.kernels import table as K
 

@@ -239,6 +239,24 @@ def test_distinct_kernel_matches_its_numpy_twin_register_for_register() -> None:
     assert kernel.estimates() == naive.estimates()
 
 
+def test_unique_rates_are_read_per_group_when_collected(metrics_on) -> None:
+    """batch_unique_indices_rate: each group's (dim's) last batch, computed at collection."""
+    stats = metrics_on.feature_stats(8, {1: "a", 2: "b", 3: "c"})
+    p = np.uint64(56)
+    group1 = np.array([1 << 56 | 5, 1 << 56 | 6, 2 << 56 | 7], dtype=np.uint64)
+    stats.observe(group1, {1: 4, 2: 1})  # a: 2 unique of 4 IDs, b: 1 of 1
+    stats.observe(np.array([3 << 56 | 9], dtype=np.uint64), {3: 8})  # another dim: c 1 of 8
+    stats.observe(np.array([1 << 56 | 5], dtype=np.uint64), {1: 2, 2: 0})  # group 1 again
+    assert (group1 >> p).tolist() == [1, 1, 2]
+    s = _samples(telemetry.render()[0].decode())
+    rates = {
+        re.search(r'feat="(\w+)"', k).group(1): v  # type: ignore[union-attr]
+        for k, v in s.items()
+        if k.startswith("batch_unique_indices_rate")
+    }
+    assert rates == {"a": 0.5, "c": 0.125}  # b: no IDs in group 1's last batch
+
+
 def test_docs_list_every_metric_with_its_type() -> None:
     doc = (ROOT / "docs/metrics.md").read_text()
     for m in CATALOG:

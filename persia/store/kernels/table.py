@@ -326,6 +326,15 @@ def _touch(lru_prev, lru_next, meta, r):
 
 
 @njit(nogil=True, cache=True)
+def touch_rows_kernel(rows, lru_prev, lru_next, meta):
+    """Make each row of ``rows`` (>= 0; -1 skipped) the newest, in order (linked LRU)."""
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        if r >= 0:
+            _touch(lru_prev, lru_next, meta, r)
+
+
+@njit(nogil=True, cache=True)
 def train_hits_kernel(values, rows, out, lru_prev, lru_next, meta):
     """Training lookup, pass 2: gather every found row and make it the newest, in batch order.
 
@@ -508,6 +517,34 @@ def lru_link_kernel(order, lru_prev, lru_next, meta):
     meta[M_TAIL] = order[n - 1] if n else -1
     meta[M_STAMPED] = 0
     return n
+
+
+@njit(nogil=True, cache=True)
+def lru_link_stamps_kernel(lru_ts, nrows, clock, lru_prev, lru_next, meta):
+    """The linked form of the LRU from the stamps of rows ``0 .. nrows-1`` (unique, each below
+    ``clock``), without a sort: one int32 slot per stamp (``clock`` x 4 bytes where an argsort
+    takes 16 per row). Overwrites the stamps (the same bytes as the links). Returns the rows."""
+    pos = np.full(clock, -1, dtype=np.int32)
+    for r in range(nrows):
+        pos[lru_ts[r]] = r
+    prev = -1
+    head = -1
+    for t in range(clock):
+        r = pos[t]
+        if r < 0:
+            continue
+        lru_prev[r] = prev
+        if prev >= 0:
+            lru_next[prev] = r
+        else:
+            head = r
+        prev = r
+    if prev >= 0:
+        lru_next[prev] = -1
+    meta[M_HEAD] = head
+    meta[M_TAIL] = prev
+    meta[M_STAMPED] = 0
+    return nrows
 
 
 @njit(nogil=True, cache=True)
