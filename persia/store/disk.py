@@ -42,7 +42,7 @@ from persia.store.kernels import table as K
 __all__ = ["DiskTier", "DiskTierConfig"]
 
 _FORMAT = "persia-disk-tier"
-_VERSION = 1
+_VERSION = 2  # 2: the records' check over 32-bit words
 _MAX_LOAD = 0.7
 _log = get_default_logger("persia.store.disk")
 

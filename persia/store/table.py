@@ -795,49 +795,50 @@ class EmbeddingTable:
             )
         self.tier = tier
 
-    def _spill(self, count: int, keep: np.ndarray) -> int:
+    def _spill(self, count: int, keep: np.ndarray, held: np.ndarray | None = None) -> int:
         """Move the ``count`` oldest RAM rows whose keys are not in ``keep`` to the disk tier
-        (fewer when RAM holds fewer); returns how many moved. Counted as evictions."""
+        (fewer when RAM holds fewer); returns how many moved. Counted as evictions. ``held``:
+        the rows of ``keep`` when the caller just probed them."""
         assert self.tier is not None
         self.flush_lru()
         count = min(count, self.rows)
         if count <= 0:
             return 0
-        held = None
+        victims = np.empty(count, dtype=np.int32)
         if keep.size:
-            # the rows of ``keep`` first become the newest (its lookup makes them so anyway): the
-            # oldest rows are then the victims, evicted from the head in one pass, and the other
-            # rows' order is unchanged, so the same rows go as when they are skipped
-            held = self.probe(keep)
-            K.touch_rows_kernel(held, self.lru_prev, self.lru_next, self.meta)
-        full = np.empty(min(self.rows, count + keep.shape[0]), dtype=np.int32)
-        full = full[: K.lru_order_kernel(self.lru_next, self.meta, full)]
-        victims = full[:count]
-        if held is not None:
-            mark = np.zeros(self.rows, dtype=bool)
+            if held is None:
+                held = self.probe(keep)
+            mark = np.zeros(self.rows, dtype=np.bool_)
             mark[held[held >= 0]] = True
-            victims = full[~mark[full]][:count]
+            passed = np.empty(min(self.rows, keep.shape[0]), dtype=np.int32)
+            nv, npass = K.spill_victims_kernel(self.lru_next, self.meta, mark, victims, passed)
+            victims = victims[:nv]
+            if npass:
+                # the rows of ``keep`` older than the victims first become the newest (its
+                # lookup makes them so anyway): the victims are then the oldest rows, evicted
+                # from the head in one pass, and the other rows' order is unchanged
+                K.touch_rows_kernel(passed[:npass], self.lru_prev, self.lru_next, self.meta)
+        else:
+            victims = victims[: K.lru_order_kernel(self.lru_next, self.meta, victims)]
         if victims.size == 0:
             return 0
         keys = self.row_keys[victims].copy()
         self.tier.put(keys, self.values[victims], self.state[victims])
         evictions = int(self.meta[K.M_EVICTIONS])
-        if np.array_equal(victims, full[: victims.size]):  # the oldest rows: evict from the head
-            K.evict_oldest_kernel(
-                victims.size, self.index, self._shift, self.row_keys, self._kv, self.state,
-                self.lru_prev, self.lru_next, self.meta,
-            )  # fmt: skip
-        else:  # a row this call keeps is among them
-            self.remove_keys(keys)
+        K.evict_oldest_kernel(
+            victims.size, self.index, self._shift, self.row_keys, self._kv, self.state,
+            self.lru_prev, self.lru_next, self.meta,
+        )  # fmt: skip
         self.meta[K.M_EVICTIONS] = evictions + victims.size
         return int(victims.size)
 
     def _make_room(self, keys: np.ndarray) -> None:
         """Spill so that every key of ``keys`` absent from RAM fits."""
-        absent = np.unique(keys[self.probe(keys) < 0])
+        held = self.probe(keys)
+        absent = np.unique(keys[held < 0])
         excess = self.rows + absent.size - self.capacity
         if excess > 0:
-            self._spill(excess, keys)
+            self._spill(excess, keys, held)
 
     def _tier_before_train(self, keys: np.ndarray) -> bool:
         """Before a training lookup: make room, then bring the keys held on disk back into RAM
@@ -847,14 +848,15 @@ class EmbeddingTable:
         if not self.tier.rows and self.rows + keys.shape[0] <= self.capacity:
             return False
         before = self.evictions
-        absent = np.unique(keys[self.probe(keys) < 0])
+        held = self.probe(keys)
+        absent = np.unique(keys[held < 0])
         recs = self.tier.find(absent)
         on = recs >= 0
         if on.any():  # off the disk first: the rows spilled next must not push them out
             values, state = self.tier.read(recs[on])
             self.tier.remove(recs[on])
         excess = self.rows + absent.size - self.capacity
-        if excess > 0 and self._spill(excess, keys) < excess:
+        if excess > 0 and self._spill(excess, keys, held) < excess:
             warn_once(
                 get_default_logger("persia.store"),
                 "disk tier: batch above capacity",
@@ -921,7 +923,8 @@ class EmbeddingTable:
         not refreshed. Returns how many came back."""
         if self.tier is None or not self.tier.rows:
             return 0
-        absent = np.unique(keys[self.probe(keys) < 0])
+        held = self.probe(keys)
+        absent = np.unique(keys[held < 0])
         recs = self.tier.find(absent)
         on = recs >= 0
         if not on.any():
@@ -930,7 +933,7 @@ class EmbeddingTable:
         self.tier.remove(recs[on])
         excess = self.rows + int(on.sum()) - self.capacity
         if excess > 0:
-            self._spill(excess, keys)
+            self._spill(excess, keys, held)
         self._put_rows(absent[on], values, state)
         return int(on.sum())
 

@@ -244,8 +244,9 @@ class EmbeddingWorker:
         return plan
 
     def batch_keys(self, batch: PersiaBatch) -> dict[int, np.ndarray]:
-        """The distinct keys a lookup of ``batch`` asks for, per dim (what a disk tier's
-        prefetch brings into RAM ahead of the lookup)."""
+        """The keys a lookup of ``batch`` asks for, per dim, repeats included (what a disk
+        tier's prefetch brings into RAM ahead of the lookup; it looks for the keys RAM lacks
+        and de-duplicates those few)."""
         plan = self._plan(batch)
         features = batch.id_type_features
         out: dict[int, np.ndarray] = {}
@@ -258,7 +259,7 @@ class EmbeddingWorker:
                     values = hash_stack(values, spec.hash_stack_rounds, spec.hash_stack_size)
                 parts.append(pooling.add_prefix(values, spec.prefix, self.prefix_bits))
             if parts:
-                out[gp.dim] = np.unique(np.concatenate(parts))
+                out[gp.dim] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return out
 
     # ------------------------------------------------------------------ forward

@@ -87,10 +87,15 @@ def _get_u32(slab, r, off):
 
 @njit(nogil=True, cache=True)
 def record_check(slab, r, payload):
-    """The check value (u32) of record ``r``: FNV-1a over its payload bytes, seeded with the
-    key and the seq, finished with SplitMix64's finaliser."""
+    """The check value (u32) of record ``r``: FNV-1a over its payload's 32-bit little-endian
+    words (then its last bytes, when the payload is not a multiple of 4), seeded with the key and
+    the seq, finished with SplitMix64's finaliser. (Words, not bytes: a quarter of the serial
+    multiplies; format version 2.)"""
     h = mix_sm(_get_u64(slab, r, 0) ^ (_get_u64(slab, r, 8) * GOLDEN))
-    for b in range(HEAD_BYTES, HEAD_BYTES + payload):
+    words = payload // 4
+    for w in range(words):
+        h = (h ^ _get_u32(slab, r, HEAD_BYTES + 4 * w)) * _FNV
+    for b in range(HEAD_BYTES + 4 * words, HEAD_BYTES + payload):
         h = (h ^ np.uint64(slab[r, b])) * _FNV
     return mix_sm(h) & _LO32
 

@@ -326,6 +326,26 @@ def _touch(lru_prev, lru_next, meta, r):
 
 
 @njit(nogil=True, cache=True)
+def spill_victims_kernel(lru_next, meta, mark, victims, passed):
+    """From the LRU's head (linked form): the first ``len(victims)`` rows not ``mark``-ed into
+    ``victims``, the marked rows met before the last of them into ``passed`` (up to its length).
+    Returns ``(victims found, marked rows passed)``."""
+    r = meta[M_HEAD]
+    nv = 0
+    npass = 0
+    while r >= 0 and nv < victims.shape[0]:
+        if mark[r]:
+            if npass < passed.shape[0]:
+                passed[npass] = r
+                npass += 1
+        else:
+            victims[nv] = r
+            nv += 1
+        r = lru_next[r]
+    return nv, npass
+
+
+@njit(nogil=True, cache=True)
 def touch_rows_kernel(rows, lru_prev, lru_next, meta):
     """Make each row of ``rows`` (>= 0; -1 skipped) the newest, in order (linked LRU)."""
     for i in range(rows.shape[0]):
