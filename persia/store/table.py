@@ -848,13 +848,7 @@ class EmbeddingTable:
         if not self.tier.rows and self.rows + keys.shape[0] <= self.capacity:
             return False
         before = self.evictions
-        held = self.probe(keys)
-        absent = np.unique(keys[held < 0])
-        recs = self.tier.find(absent)
-        on = recs >= 0
-        if on.any():  # off the disk first: the rows spilled next must not push them out
-            values, state = self.tier.read(recs[on])
-            self.tier.remove(recs[on])
+        held, absent, on, values, state = self._off_disk(keys)
         excess = self.rows + absent.size - self.capacity
         if excess > 0 and self._spill(excess, keys, held) < excess:
             warn_once(
@@ -867,6 +861,22 @@ class EmbeddingTable:
         if on.any():
             self._put_rows(absent[on], values, state)
         return bool(on.any()) or self.evictions != before
+
+    def _off_disk(
+        self, keys: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The rows of ``keys`` in RAM (``held``), the distinct keys RAM lacks (``absent``),
+        which of those the disk tier holds (``on``), and their values and state, taken off the
+        disk (first: the rows spilled next must not push them out)."""
+        assert self.tier is not None
+        held = self.probe(keys)
+        absent = np.unique(keys[held < 0])
+        recs = self.tier.find(absent)
+        on = recs >= 0
+        values, state = self.tier.read(recs[on])
+        if on.any():
+            self.tier.remove(recs[on])
+        return held, absent, on, values, state
 
     def _put_rows(self, keys: np.ndarray, values: np.ndarray, state: np.ndarray) -> None:
         """``import_rows`` of checked rows in the table's dtypes (no tier, no checks)."""
@@ -923,14 +933,9 @@ class EmbeddingTable:
         not refreshed. Returns how many came back."""
         if self.tier is None or not self.tier.rows:
             return 0
-        held = self.probe(keys)
-        absent = np.unique(keys[held < 0])
-        recs = self.tier.find(absent)
-        on = recs >= 0
+        held, absent, on, values, state = self._off_disk(keys)
         if not on.any():
             return 0
-        values, state = self.tier.read(recs[on])
-        self.tier.remove(recs[on])
         excess = self.rows + int(on.sum()) - self.capacity
         if excess > 0:
             self._spill(excess, keys, held)
