@@ -475,6 +475,7 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
         if link_stats is not None:
             link = (link_stats.bytes_out + link_stats.bytes_in, link_stats.wait_s)
         report = loader.staleness_report()
+        nn_threads = ctx.nn_threads_chosen  # TrainCtx(nn_threads="auto")'s choice (None: none)
         disk_reads = sum(t.stats()["disk_reads"] for t in tiers) - reads0
         disk_rows = sum(t.rows for t in tiers)
         del train
@@ -487,6 +488,7 @@ def run_persia(spec: dict[str, Any]) -> dict[str, Any]:
     auc, ll = _metrics(eval_labels, logits)
     result = _result(spec, seconds, auc, ll)
     result["idle_ms_per_step"] = 1000.0 * idle / spec["steps"]
+    result["nn_threads_chosen"] = nn_threads
     result["staleness_mean"] = report.mean
     result["staleness_max"] = report.max
     if spec.get("disk_tier"):

@@ -62,6 +62,9 @@ PERSIA_CHANNEL_SECURITY = "PERSIA_CHANNEL_SECURITY"
 #: Wire compression of the rows and gradients between embedding workers and parameter servers
 #: on the cluster backend: "none" (default) or "f16" (float16 with a per-row scale; persia.rpc.wire).
 PERSIA_WIRE_COMPRESSION = "PERSIA_WIRE_COMPRESSION"
+#: torch threads of a CPU NN worker's dense step: "auto" (default: torch's count, or one fewer
+#: when measured faster during the first steps), "keep" (torch's count) or an int.
+PERSIA_NN_THREADS = "PERSIA_NN_THREADS"
 #: Ray's own variables for its token authentication. When none is set, a Ray cluster started
 #: by persia gets a fresh token in :func:`ray_temp_dir` (persia then sets RAY_AUTH_TOKEN_PATH).
 RAY_AUTH_TOKEN = "RAY_AUTH_TOKEN"
@@ -232,6 +235,12 @@ def wire_compression() -> str:
             f"environment variable {PERSIA_WIRE_COMPRESSION}: expected none or f16, got {raw!r}"
         )
     return raw
+
+
+def nn_threads() -> str:
+    """``PERSIA_NN_THREADS`` (surrounding blanks ignored, lower-cased), else ``"auto"``; checked
+    by ``persia.ctx.TrainCtx`` (``"auto"``, ``"keep"`` or an int >= 1)."""
+    return os.environ.get(PERSIA_NN_THREADS, "").strip().lower() or "auto"
 
 
 def ray_namespace() -> str | None:

@@ -4,6 +4,11 @@ from pathlib import Path
 # Compiled numba kernels are cached in the checkout (same as the Makefile), before persia imports numba.
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".numba_cache"))
 
+# TrainCtx(nn_threads="auto") picks torch's thread count by timing the first steps: two runs of
+# one job could then differ in the last bits. Tests compare runs bit for bit, so the suite keeps
+# torch's count; tests/runtime/test_nn_threads.py covers "auto" (and subprocesses inherit this).
+os.environ.setdefault("PERSIA_NN_THREADS", "keep")
+
 import pytest  # noqa: E402
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from persia.ctx._stack import (
     last_runtime,
     set_last_runtime,
 )
+from persia.ctx._threads import AUTO, KEEP, ThreadTuner, parse_nn_threads
 from persia.embedding import EmbeddingConfig, get_default_embedding_config
 from persia.embedding.data import PersiaBatch
 from persia.embedding.optim import EmbeddingOptimizer
@@ -398,6 +400,14 @@ class TrainCtx(EmbeddingCtx):
         cpu_mixed_precision: persia extension: with ``mixed_precision`` on the CPU, the same
             with ``torch.autocast("cpu", torch.bfloat16)`` and a CPU ``GradScaler`` (default
             False: the CPU computes in float32).
+        nn_threads: persia extension: torch's threads for the dense step of a CPU model,
+            ``"auto"`` (default; ``PERSIA_NN_THREADS`` when set), ``"keep"`` or an int >= 1.
+            ``"auto"`` measures the first training steps and keeps one thread fewer than torch's
+            count when that is faster: the case where the embedding path, which shares the
+            cores, sets the pace (see ``persia.ctx._threads``). The choice is logged and read
+            from :attr:`nn_threads_chosen`; torch's count is restored when the context exits.
+            torch's results can differ in the last bits between thread counts: set an int for
+            runs that must repeat bit for bit.
         distributed_option: a :class:`persia.distributed.DDPOption` (default
             :func:`persia.distributed.get_default_distributed_option`: gloo on CPU, NCCL on
             GPU); with ``WORLD_SIZE > 1`` the model is wrapped in ``DistributedDataParallel``. ``WORLD_SIZE > 1``
@@ -423,6 +433,7 @@ class TrainCtx(EmbeddingCtx):
         embedding_config: EmbeddingConfig | None = None,
         device_id: int | None = None,
         cpu_mixed_precision: bool = False,
+        nn_threads: str | int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -468,8 +479,22 @@ class TrainCtx(EmbeddingCtx):
                 "distributed_option must be a persia.distributed.DDPOption, "
                 f"got {type(distributed_option).__name__}"
             )
+        try:
+            self.nn_threads = (
+                parse_nn_threads(_settings.nn_threads(), _settings.PERSIA_NN_THREADS)
+                if nn_threads is None
+                else parse_nn_threads(nn_threads)
+            )
+        except PersiaError as exc:
+            problems.append(str(exc))
         if problems:
             raise PersiaError("TrainCtx: " + "; ".join(problems))
+        #: torch's thread count kept by ``nn_threads="auto"`` (None until chosen, or when
+        #: nothing is chosen: a CUDA model, a single thread, or an explicit setting)
+        self.nn_threads_chosen: int | None = None
+        self._tuner: ThreadTuner | None = None
+        self._saved_threads: int | None = None
+        self._step_end = 0.0
         for name, value, default in (
             ("backward_workers_size", backward_workers_size, 8),
             ("grad_update_buffer_size", grad_update_buffer_size, 60),
@@ -544,6 +569,41 @@ class TrainCtx(EmbeddingCtx):
         set_last_runtime(self._runtime)
         self._saved_training_allowed = True
         self._start_incremental_update()
+        self._start_threads()
+
+    def _start_threads(self) -> None:
+        """Applies ``nn_threads`` to a CPU model (see the class docstring)."""
+        if self.device.type != "cpu" or self.nn_threads == KEEP:
+            return
+        self._saved_threads = torch.get_num_threads()
+        if self.nn_threads == AUTO:
+            if self._saved_threads >= 2:
+                self._tuner = ThreadTuner(self._saved_threads, torch.set_num_threads)
+        else:
+            torch.set_num_threads(int(self.nn_threads))
+        self._step_end = 0.0
+
+    def _stop_threads(self) -> None:
+        if self._saved_threads is not None:
+            torch.set_num_threads(self._saved_threads)
+            self._saved_threads = None
+        self._tuner = None
+
+    def _tune_threads(self) -> None:
+        """After a training step: the tuner's measurement, and its choice once made."""
+        now = time.perf_counter()
+        tuner = self._tuner
+        if tuner is not None and self._step_end > 0.0:
+            tuner.step(now - self._step_end)
+            if tuner.decided is not None:
+                self._tuner = None
+                self.nn_threads_chosen = tuner.decided
+                _logger.info(
+                    f"TrainCtx: the dense step runs on {tuner.decided} torch thread(s) "
+                    f'(nn_threads="auto": {tuner.reason}; set nn_threads or '
+                    f"{_settings.PERSIA_NN_THREADS} to choose)"
+                )
+        self._step_end = now
 
     def wait_servers_ready(self) -> None:
         """Returns once every parameter-server shard answers (PERSIA's API). The context
@@ -577,6 +637,7 @@ class TrainCtx(EmbeddingCtx):
             self.runtime.attach_delta_writer(self._delta_writer)
 
     def _exit(self) -> None:
+        self._stop_threads()
         if self.current_batch is not None:
             self.current_batch.discard()
             self.current_batch = None
@@ -675,6 +736,8 @@ class TrainCtx(EmbeddingCtx):
             elif batch.training:
                 self._send_gradients(batch, summed_grad, raw_grads)
         self.dense_optimizer.zero_grad()
+        if self._tuner is not None:
+            self._tune_threads()
         return loss
 
     def _send_gradients(
