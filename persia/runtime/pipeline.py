@@ -200,9 +200,13 @@ class Runtime:
 
     def prefetch(self, batch: PersiaBatch) -> None:
         """Bring the disk-resident rows of a training batch waiting for its staleness permit
-        into RAM on a background thread (a hint; nothing when the store has no disk tier or a
-        prefetch is still running). Its lookup then finds them in RAM."""
+        into RAM on a background thread (a hint; nothing when the store has no disk tier, when
+        a prefetch is still running, or when the tier's recent reads were page-cache hits: then
+        the lookup reads the rows as fast, and a prefetch would only redo its probing on a core
+        the lookup needs). Its lookup then finds them in RAM."""
         if self.store.disk_tier is None or self._closed:
+            return
+        if not self.store.disk_reads_wait():
             return
         if not isinstance(self.worker, EmbeddingWorker):  # a remote worker: no disk tier here
             return

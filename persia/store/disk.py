@@ -29,6 +29,7 @@ import json
 import mmap
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,11 @@ __all__ = ["DiskTier", "DiskTierConfig"]
 _FORMAT = "persia-disk-tier"
 _VERSION = 2  # 2: the records' check over 32-bit words
 _MAX_LOAD = 0.7
+#: a read of a record slower than this (seconds, the recent average) waited for the device: the
+#: page cache does not hold the tier, and a prefetch ahead of the lookups pays off (a page-cache
+#: hit takes well under a microsecond; a random read of this disk about 120)
+SLOW_READ_S = 5e-6
+_READ_EMA = 0.2
 _log = get_default_logger("persia.store.disk")
 
 
@@ -102,6 +108,8 @@ class DiskTier:
         self._closed = True
         #: keys dropped past capacity since the last ``take_dropped`` (None: not recorded)
         self.dropped_keys: list[np.ndarray] | None = None
+        #: recent seconds per record read (an average over reads; None before the first)
+        self.read_s_per_record: float | None = None
 
     # ----------------------------------------------------------------------------- files
     def _header(self) -> dict[str, Any]:
@@ -343,10 +351,15 @@ class DiskTier:
         n = recs.shape[0]
         vals = np.zeros((n, self.dim), dtype=self.value_dtype)
         st = np.zeros((n, self.state_width), dtype=self.state_dtype)
+        t0 = time.perf_counter()
         bad = D.read_kernel(
             recs, self.slab, vals.view(np.uint8).reshape(n, self.value_bytes),
             st.view(np.uint8).reshape(n, self.state_bytes), self.meta,
         )  # fmt: skip
+        if n:
+            per = (time.perf_counter() - t0) / n
+            last = self.read_s_per_record
+            self.read_s_per_record = per if last is None else last + _READ_EMA * (per - last)
         if bad:
             raise StoreError(
                 f"disk tier {str(self.directory)!r}: {bad} record(s) fail their check "
@@ -386,6 +399,14 @@ class DiskTier:
         """Drop every record."""
         if self.rows:
             self.remove(self.order())
+
+    @property
+    def reads_wait(self) -> bool:
+        """Whether reads of this tier wait for the device (their recent average is slower than
+        ``SLOW_READ_S`` per record), or nothing was read yet: then a prefetch pays off; when the
+        page cache holds the records, the lookup reads them as fast as a prefetch would."""
+        per = self.read_s_per_record
+        return per is None or per > SLOW_READ_S
 
     def advise_willneed(self, recs: np.ndarray) -> None:
         """Ask the kernel to read the pages of ``recs`` ahead (a prefetch hint)."""

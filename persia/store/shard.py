@@ -382,6 +382,12 @@ class Shard:
                 self._before_evicting(dim, table, True)
             return table.prefetch(keys)
 
+    def disk_reads_wait(self) -> bool:
+        """Whether a table's disk tier holds rows whose reads wait for the device (see
+        :attr:`persia.store.disk.DiskTier.reads_wait`): a prefetch ahead of the lookups pays."""
+        tiers = [t.tier for t in list(self._tables.values()) if t.tier is not None]
+        return any(tier.rows and tier.reads_wait for tier in tiers)
+
     def reserve(self, rows: int, dim: int) -> None:
         """Allocate room for ``rows`` rows of dim ``dim`` now (at most its capacity share)."""
         dim = check_positive_int(dim, "dim")

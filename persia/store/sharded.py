@@ -228,6 +228,11 @@ class ShardedStore:
                 done += shard.prefetch(keys[sel], dim)
         return done
 
+    def disk_reads_wait(self) -> bool:
+        """Whether some shard's disk tier reads wait for the device (a prefetch pays off; when
+        the page cache holds the tier, the lookups read it as fast as a prefetch would)."""
+        return self.disk_tier is not None and any(s.disk_reads_wait() for s in self.shards)
+
     def shard_stats(self) -> list[dict[str, Any]]:
         """Each shard's :meth:`Shard.stats`."""
         return [s.stats() for s in self.shards]

@@ -96,3 +96,24 @@ def test_batch_keys_are_the_keys_a_training_lookup_asks_for():
         assert np.array_equal(np.unique(keys[4]), held)  # repeats included
     finally:
         runtime.close()
+
+
+def test_the_job_prefetches_only_while_disk_reads_wait(tmp_path, monkeypatch):
+    """The DataLoader asks the runtime to prefetch each batch waiting for its permit; the
+    runtime does so only while the tier's reads wait for the device (a cold page cache)."""
+    from persia.store.sharded import ShardedStore
+
+    calls = []
+    real = ShardedStore.prefetch
+
+    def counted(self, keys, dim):
+        calls.append(len(keys))
+        return real(self, keys, dim)
+
+    monkeypatch.setattr(ShardedStore, "prefetch", counted)
+    batches = _batches(30)
+    for slow in (True, False):
+        calls.clear()
+        monkeypatch.setattr(ShardedStore, "disk_reads_wait", lambda self, s=slow: s)
+        _, held, _, _ = _run(tmp_path, f"tier-{slow}", 600, True, batches)
+        assert (len(calls) > 0) == slow, (slow, len(calls))

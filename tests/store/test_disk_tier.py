@@ -372,6 +372,27 @@ def test_prefetch_brings_disk_rows_back_without_a_lookup(tmp_path):
     assert plain.prefetch(first, DIM) == 0
 
 
+def test_reads_wait_follows_the_measured_read_time(tmp_path):
+    """Before any read the tier says a prefetch pays; reads of records in the page cache take
+    well under SLOW_READ_S each; the average follows reads that waited for the device."""
+    from persia.store.disk import SLOW_READ_S
+
+    store = _store(tmp_path, 1, 8, True)
+    store.lookup(np.arange(8, dtype=np.uint64), DIM, True)
+    store.lookup(np.arange(100, 108, dtype=np.uint64), DIM, True)  # 0..7 go to disk
+    tier = next(iter(store.shards[0]._tables.values())).tier
+    assert tier.read_s_per_record is None and tier.reads_wait and store.disk_reads_wait()
+    recs = tier.find(np.arange(8, dtype=np.uint64))
+    for _ in range(20):  # the records were just written: page-cache hits
+        tier.read(np.repeat(recs, 200))
+    assert tier.read_s_per_record < SLOW_READ_S
+    assert not tier.reads_wait and not store.disk_reads_wait()
+    tier.read_s_per_record = 100 * SLOW_READ_S  # as after reads that went to the disk
+    assert store.disk_reads_wait()
+    store.close()
+    assert not ShardedStore(1, 8, _opt(), dims=[DIM]).disk_reads_wait()  # no tier
+
+
 @pytest.mark.parametrize("tracking", [False, True])
 def test_a_shard_with_a_tier_matches_one_with_ram_enough(tmp_path, tracking):
     """Both training paths of a shard (one kernel; probe, check, then look up: change
