@@ -96,6 +96,28 @@ def test_half_rows_go_to_disk_and_back_bit_identical(tmp_path, row_dtype):
     np.testing.assert_array_equal(small.lookup(on_disk, False), big.lookup(on_disk, False))
 
 
+@pytest.mark.parametrize("row_dtype", ["float32", "float16", "bfloat16"])
+def test_batches_well_under_the_ram_capacity_bring_disk_rows_back_bit_identical(
+    tmp_path, row_dtype
+):
+    """Batches of well under the RAM capacity, over many more rows than it: every lookup
+    reads what RAM big enough reads (disk rows brought back, repeated keys in a batch
+    included), and the rows end bit-identical, in every row dtype."""
+    big = EmbeddingTable(DIM, 10_000, _opt(), seed=3, row_dtype=row_dtype)
+    small = _tiered(tmp_path, 200, row_dtype=row_dtype)
+    _train([big, small], 150, 1000, batch=60)
+    assert small.tier is not None and small.rows <= 200 and small.tier.rows > 500
+    assert small.stats()["disk_reads"] > 100  # rows came back from disk
+    assert small.rows + small.tier.rows == big.rows
+    a, b = _sorted_rows(big.export_rows()), _sorted_rows(small.export_rows())
+    for name in ("keys", "values", "state"):
+        assert np.array_equal(a[name], b[name]), name
+    # a batch of repeats of disk rows: each repeat reads the row from disk
+    on_disk = small.tier.keys[small.tier.order()][:5].copy()
+    keys = np.concatenate([on_disk, on_disk[::-1], on_disk])
+    np.testing.assert_array_equal(small.lookup(keys, True), big.lookup(keys, True))
+
+
 def test_spilled_row_keeps_values_and_state_and_comes_back(tmp_path):
     t = _tiered(tmp_path, 4)
     keys = np.arange(4, dtype=np.uint64)
