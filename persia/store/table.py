@@ -493,8 +493,11 @@ class EmbeddingTable:
         Returns ``(values f32[n, dim], rows)``: ``rows`` (i32[n]) is the row of every key when
         that path ran and the keys were distinct, else None."""
         n = keys.shape[0]
+        tiered = False
         if self.tier is not None:
-            self._tier_before_train(keys)
+            tiered = not self._use_sketch and self._tier_room(n)
+            if not tiered:
+                self._tier_before_train(keys)
         out = np.empty((n, self.dim), dtype=np.float32)
         rows = np.empty(n, dtype=np.int32)
         if not self._use_sketch and self.rows + n <= self.values.shape[0]:
@@ -516,9 +519,15 @@ class EmbeddingTable:
                     keys, rows, made, out, self._kv, self.state, self._init_state, kind, a, b,
                     np.uint64(self.seed),
                 )  # fmt: skip
+                restored = self._tier_restore(keys, made, out) if tiered else None
                 # every key now has a row: a hit's, or the one made for it (-2: a repeat of a
                 # key made earlier in this call, whose row is the earlier one's)
                 if K.merge_made_rows_kernel(rows, made):
+                    if restored is not None:  # the repeats of restored keys read them too
+                        rep = np.flatnonzero(rows < 0)
+                        rep_rows = self.probe(keys[rep])
+                        back = np.isin(rep_rows, restored)
+                        out[rep[back]] = decode_rows(self.values[rep_rows[back]])
                     return out, None
             return out, rows
         self.flush_lru()
@@ -794,6 +803,9 @@ class EmbeddingTable:
                 f"disk tier layout (dim, dtype, state width, state dtype) {got} != {want}"
             )
         self.tier = tier
+        #: the stamps sampled by a spill (which rows spill, not their values: seeded for runs
+        #: that repeat)
+        self._spill_rng = np.random.default_rng(self.seed)
 
     def _spill(self, count: int, keep: np.ndarray, held: np.ndarray | None = None) -> int:
         """Move the ``count`` oldest RAM rows whose keys are not in ``keep`` to the disk tier
@@ -831,6 +843,76 @@ class EmbeddingTable:
         )  # fmt: skip
         self.meta[K.M_EVICTIONS] = evictions + victims.size
         return int(victims.size)
+
+    def _tier_room(self, n: int) -> bool:
+        """Before a training lookup of ``n`` keys with a disk tier: room for ``n`` new rows
+        without eviction (what the fast lookup needs, which then brings its missing keys back
+        from disk, :meth:`_tier_restore`): the arrays grow up to the capacity, and past it the
+        oldest rows, at least 1/16 of the capacity at a time, go to disk. A chunk at a time
+        keeps the LRU in the fast lookup's stamped form for many batches between spills (a
+        spill orders it as a list; the rows spilled early just come back from disk if used).
+        False (nothing done) when a batch needs more than half the capacity."""
+        if n > self.capacity // 2:
+            return False
+        while self.rows + n > self.values.shape[0] and self.values.shape[0] < self.capacity:
+            self._grow()
+        short = self.rows + n - self.values.shape[0]
+        if short > 0:
+            count = max(short, self.capacity // 16)
+            if self.meta[K.M_STAMPED]:
+                self._spill_stamped(short, count)
+            else:
+                self._spill(count, np.zeros(0, dtype=np.uint64))
+        return self.rows + n <= self.values.shape[0]
+
+    def _spill_stamped(self, least: int, count: int) -> None:
+        """Move the ``count`` oldest RAM rows (at least ``least``) to the disk tier with the
+        LRU in its stamped form (no walk of the list, which the stamps would need to become and
+        back): a sample of the stamps sets a threshold, one pass collects the rows below it
+        (exactly the oldest ones; a partial sort finds them when the sample set it too low), and
+        the oldest ``count`` go to disk, oldest first."""
+        assert self.tier is not None
+        rows = self.rows
+        least, count = min(least, rows), min(count, rows)
+        if least <= 0:
+            return
+        ts = self.lru_ts[:rows]
+        sample = ts[self._spill_rng.integers(0, rows, size=min(rows, 4096))]
+        threshold = int(np.quantile(sample, min(1.0, 1.25 * count / rows), method="higher"))
+        out = np.empty(min(rows, 2 * count + 1024), dtype=np.int32)
+        k = int(K.stamps_below_kernel(ts, rows, threshold + 1, out))
+        if least <= k:
+            victims = out[:k]
+        else:  # the sample missed: the exact oldest ``count``
+            victims = np.argpartition(np.asarray(ts), count - 1)[:count].astype(np.int32)
+        victims = victims[np.argsort(ts[victims], kind="stable")][:count]  # oldest first
+        self.tier.put(self.row_keys[victims].copy(), self.values[victims], self.state[victims])
+        K.evict_rows_stamped_kernel(
+            np.sort(victims)[::-1].copy(), self.index, self._shift, self.row_keys, self._kv,
+            self.state, self.lru_ts, self.meta,
+        )  # fmt: skip
+
+    def _tier_restore(self, keys: np.ndarray, made: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """After the fast training lookup made rows for its missing keys: the made rows whose
+        keys the disk tier holds get their values and state from disk (the records leave the
+        disk), and ``out`` their values; they count as hits, not misses. Returns those rows."""
+        assert self.tier is not None
+        new = np.flatnonzero(made >= 0)
+        if new.size == 0 or not self.tier.rows:
+            return np.zeros(0, dtype=np.int32)
+        recs = self.tier.find(keys[new])
+        on = recs >= 0
+        if not on.any():
+            return np.zeros(0, dtype=np.int32)
+        values, state = self.tier.read(recs[on])
+        self.tier.remove(recs[on])
+        back = made[new[on]]
+        self.values[back] = values
+        self.state[back] = state
+        out[new[on]] = decode_rows(values)
+        self.meta[K.M_MISSES] -= back.size
+        self.meta[K.M_ADMISSIONS] -= back.size
+        return back
 
     def _make_room(self, keys: np.ndarray) -> None:
         """Spill so that every key of ``keys`` absent from RAM fits."""
@@ -933,6 +1015,18 @@ class EmbeddingTable:
         not refreshed. Returns how many came back."""
         if self.tier is None or not self.tier.rows:
             return 0
+        if self.meta[K.M_STAMPED] and not self._use_sketch:
+            # the LRU as the fast lookup keeps it: a training lookup of just the keys on disk
+            # brings them back (made rows, restored from disk: no counter moves) without
+            # turning the LRU into a list and back
+            held = self.probe(keys)
+            absent = np.unique(keys[held < 0])
+            back = absent[self.tier.find(absent) >= 0]
+            if back.size and back.size <= self.capacity // 2:
+                self.train_lookup_rows(back)
+                return int(back.size)
+            if not back.size:
+                return 0
         held, absent, on, values, state = self._off_disk(keys)
         if not on.any():
             return 0

@@ -848,6 +848,45 @@ def lru_order_kernel(lru_next, meta, out):
 
 
 @njit(nogil=True, cache=True)
+def stamps_below_kernel(lru_ts, nrows, threshold, out):
+    """The rows (in row order) of a stamped LRU whose stamp is below ``threshold``: the oldest
+    ones. Returns how many were written to ``out``, or -1 when more than it holds."""
+    k = 0
+    for r in range(nrows):
+        if lru_ts[r] < threshold:
+            if k == out.shape[0]:
+                return -1
+            out[k] = r
+            k += 1
+    return k
+
+
+@njit(nogil=True, cache=True)
+def evict_rows_stamped_kernel(victims, index, shift, row_keys, values, state, lru_ts, meta):
+    """Evict rows ``victims`` (distinct, in descending order) of a table whose LRU is stamped,
+    keeping rows dense: the last row moves into each hole (its stamp with it)."""
+    mask = index.shape[0] - 1
+    dim = values.shape[1]
+    width = state.shape[1]
+    for i in range(victims.shape[0]):
+        r = np.int32(victims[i])
+        nrows = meta[M_NROWS]
+        delete_slot(index, shift, row_keys, _slot_of_row(index, mask, shift, row_keys, r))
+        last = np.int32(nrows - 1)
+        if r != last:
+            s = _slot_of_row(index, mask, shift, row_keys, last)
+            index[s] = (index[s] & _HI32) | np.uint64(r)
+            row_keys[r] = row_keys[last]
+            lru_ts[r] = lru_ts[last]
+            for j in range(dim):
+                values[r, j] = values[last, j]
+            for j in range(width):
+                state[r, j] = state[last, j]
+        meta[M_NROWS] = nrows - 1
+        meta[M_EVICTIONS] += 1
+
+
+@njit(nogil=True, cache=True)
 def evict_oldest_kernel(count, index, shift, row_keys, values, state, lru_prev, lru_next, meta):
     """Evict the ``count`` oldest rows and keep rows dense (the last row moves into each hole)."""
     mask = index.shape[0] - 1
