@@ -847,6 +847,18 @@ def lru_order_kernel(lru_next, meta, out):
     return k
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _move_row(index, mask, shift, row_keys, values, state, src, dst):
+    """Move row ``src`` (key, values, state, index entry) into the free row ``dst``."""
+    s = _slot_of_row(index, mask, shift, row_keys, src)
+    index[s] = (index[s] & _HI32) | np.uint64(dst)
+    row_keys[dst] = row_keys[src]
+    for j in range(values.shape[1]):
+        values[dst, j] = values[src, j]
+    for j in range(state.shape[1]):
+        state[dst, j] = state[src, j]
+
+
 @njit(nogil=True, cache=True)
 def stamps_below_kernel(lru_ts, nrows, threshold, out):
     """The rows (in row order) of a stamped LRU whose stamp is below ``threshold``: the oldest
@@ -866,22 +878,14 @@ def evict_rows_stamped_kernel(victims, index, shift, row_keys, values, state, lr
     """Evict rows ``victims`` (distinct, in descending order) of a table whose LRU is stamped,
     keeping rows dense: the last row moves into each hole (its stamp with it)."""
     mask = index.shape[0] - 1
-    dim = values.shape[1]
-    width = state.shape[1]
     for i in range(victims.shape[0]):
         r = np.int32(victims[i])
         nrows = meta[M_NROWS]
         delete_slot(index, shift, row_keys, _slot_of_row(index, mask, shift, row_keys, r))
         last = np.int32(nrows - 1)
         if r != last:
-            s = _slot_of_row(index, mask, shift, row_keys, last)
-            index[s] = (index[s] & _HI32) | np.uint64(r)
-            row_keys[r] = row_keys[last]
+            _move_row(index, mask, shift, row_keys, values, state, last, r)
             lru_ts[r] = lru_ts[last]
-            for j in range(dim):
-                values[r, j] = values[last, j]
-            for j in range(width):
-                state[r, j] = state[last, j]
         meta[M_NROWS] = nrows - 1
         meta[M_EVICTIONS] += 1
 
@@ -890,8 +894,6 @@ def evict_rows_stamped_kernel(victims, index, shift, row_keys, values, state, lr
 def evict_oldest_kernel(count, index, shift, row_keys, values, state, lru_prev, lru_next, meta):
     """Evict the ``count`` oldest rows and keep rows dense (the last row moves into each hole)."""
     mask = index.shape[0] - 1
-    dim = values.shape[1]
-    width = state.shape[1]
     for _ in range(count):
         nrows = meta[M_NROWS]
         if nrows == 0:
@@ -901,13 +903,7 @@ def evict_oldest_kernel(count, index, shift, row_keys, values, state, lru_prev, 
         delete_slot(index, shift, row_keys, _slot_of_row(index, mask, shift, row_keys, r))
         last = np.int32(nrows - 1)
         if r != last:
-            s = _slot_of_row(index, mask, shift, row_keys, last)
-            index[s] = (index[s] & _HI32) | np.uint64(r)
-            row_keys[r] = row_keys[last]
-            for j in range(dim):
-                values[r, j] = values[last, j]
-            for j in range(width):
-                state[r, j] = state[last, j]
+            _move_row(index, mask, shift, row_keys, values, state, last, r)
             p = lru_prev[last]
             nx = lru_next[last]
             lru_prev[r] = p
