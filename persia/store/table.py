@@ -848,10 +848,10 @@ class EmbeddingTable:
         """Before a training lookup of ``n`` keys with a disk tier: room for ``n`` new rows
         without eviction (what the fast lookup needs, which then brings its missing keys back
         from disk, :meth:`_tier_restore`): the arrays grow up to the capacity, and past it the
-        oldest rows, at least 1/16 of the capacity at a time, go to disk. A chunk at a time
-        keeps the LRU in the fast lookup's stamped form for many batches between spills (a
-        spill orders it as a list; the rows spilled early just come back from disk if used).
-        False (nothing done) when a batch needs more than half the capacity."""
+        oldest rows, at least 1/16 of the capacity at a time, go to disk (:meth:`_spill_stamped`:
+        a chunk at a time, a spill's pass over the RAM rows' stamps is paid once for many
+        batches; a row spilled early just comes back from disk if used). False (nothing done)
+        when a batch needs more than half the capacity."""
         if n > self.capacity // 2:
             return False
         while self.rows + n > self.values.shape[0] and self.values.shape[0] < self.capacity:
