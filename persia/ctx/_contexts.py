@@ -589,11 +589,10 @@ class TrainCtx(EmbeddingCtx):
             self._saved_threads = None
         self._tuner = None
 
-    def _tune_threads(self) -> None:
+    def _tune_threads(self, tuner: ThreadTuner) -> None:
         """After a training step: the tuner's measurement, and its choice once made."""
         now = time.perf_counter()
-        tuner = self._tuner
-        if tuner is not None and self._step_end > 0.0:
+        if self._step_end > 0.0:
             tuner.step(now - self._step_end)
             if tuner.decided is not None:
                 self._tuner = None
@@ -736,8 +735,8 @@ class TrainCtx(EmbeddingCtx):
             elif batch.training:
                 self._send_gradients(batch, summed_grad, raw_grads)
         self.dense_optimizer.zero_grad()
-        if self._tuner is not None:
-            self._tune_threads()
+        if self._tuner is not None:  # nn_threads="auto" still measuring
+            self._tune_threads(self._tuner)
         return loss
 
     def _send_gradients(

@@ -904,8 +904,7 @@ class EmbeddingTable:
         on = recs >= 0
         if not on.any():
             return np.zeros(0, dtype=np.int32)
-        values, state = self.tier.read(recs[on])
-        self.tier.remove(recs[on])
+        values, state = self._take_off_disk(recs[on])
         back = made[new[on]]
         self.values[back] = values
         self.state[back] = state
@@ -950,15 +949,26 @@ class EmbeddingTable:
         """The rows of ``keys`` in RAM (``held``), the distinct keys RAM lacks (``absent``),
         which of those the disk tier holds (``on``), and their values and state, taken off the
         disk (first: the rows spilled next must not push them out)."""
+        held, absent, recs = self._absent_on_disk(keys)
+        on = recs >= 0
+        values, state = self._take_off_disk(recs[on])
+        return held, absent, on, values, state
+
+    def _absent_on_disk(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows of ``keys`` in RAM (``held``), the distinct keys RAM lacks (``absent``) and
+        their disk records (-1: not on disk)."""
         assert self.tier is not None
         held = self.probe(keys)
         absent = np.unique(keys[held < 0])
-        recs = self.tier.find(absent)
-        on = recs >= 0
-        values, state = self.tier.read(recs[on])
-        if on.any():
-            self.tier.remove(recs[on])
-        return held, absent, on, values, state
+        return held, absent, self.tier.find(absent)
+
+    def _take_off_disk(self, recs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The values and state of disk records ``recs`` (all >= 0), which leave the disk."""
+        assert self.tier is not None
+        values, state = self.tier.read(recs)
+        if recs.size:
+            self.tier.remove(recs)
+        return values, state
 
     def _put_rows(self, keys: np.ndarray, values: np.ndarray, state: np.ndarray) -> None:
         """``import_rows`` of checked rows in the table's dtypes (no tier, no checks)."""
@@ -1015,26 +1025,23 @@ class EmbeddingTable:
         not refreshed. Returns how many came back."""
         if self.tier is None or not self.tier.rows:
             return 0
-        if self.meta[K.M_STAMPED] and not self._use_sketch:
+        held, absent, recs = self._absent_on_disk(keys)
+        on = recs >= 0
+        count = int(on.sum())
+        if count == 0:
+            return 0
+        if self.meta[K.M_STAMPED] and not self._use_sketch and count <= self.capacity // 2:
             # the LRU as the fast lookup keeps it: a training lookup of just the keys on disk
             # brings them back (made rows, restored from disk: no counter moves) without
             # turning the LRU into a list and back
-            held = self.probe(keys)
-            absent = np.unique(keys[held < 0])
-            back = absent[self.tier.find(absent) >= 0]
-            if back.size and back.size <= self.capacity // 2:
-                self.train_lookup_rows(back)
-                return int(back.size)
-            if not back.size:
-                return 0
-        held, absent, on, values, state = self._off_disk(keys)
-        if not on.any():
-            return 0
-        excess = self.rows + int(on.sum()) - self.capacity
+            self.train_lookup_rows(absent[on])
+            return count
+        values, state = self._take_off_disk(recs[on])
+        excess = self.rows + count - self.capacity
         if excess > 0:
             self._spill(excess, keys, held)
         self._put_rows(absent[on], values, state)
-        return int(on.sum())
+        return count
 
     def holds(self, keys: np.ndarray) -> np.ndarray:
         """Whether each key has a row, in RAM or on disk."""

@@ -305,6 +305,14 @@ _SHARD_COUNTERS = (
 )
 
 
+def _per_feature(name: str, replica: str, values: dict[str, float]) -> GaugeMetricFamily:
+    """The embedding worker's gauge ``name`` with one sample per feature (label ``feat``)."""
+    g = GaugeMetricFamily(name, BY_NAME[name].help, labels=(*LABELS, "feat"))
+    for feat, value in sorted(values.items()):
+        g.add_metric([EW, replica, feat], value)
+    return g
+
+
 class _Collected:
     """What is read when the metrics are collected: every watched shard's stats, the distinct-ID
     estimates, the delta writers' lag and the served model's age."""
@@ -325,34 +333,19 @@ class _Collected:
             for replica, s in shards:
                 c.add_metric([PS, str(replica)], float(s[field]))
             yield c
-        d = GaugeMetricFamily(
-            "estimated_distinct_id",
-            BY_NAME["estimated_distinct_id"].help,
-            labels=(*LABELS, "feat"),
-        )
         with live._lock:
             estimators = list(live._estimators)
+            features = list(live._features)
         ew = live.replica_of(EW)
         totals: dict[str, float] = {}
         for est in estimators:
             for feat, value in est.estimates().items():
                 totals[feat] = totals.get(feat, 0.0) + value
-        for feat, value in sorted(totals.items()):
-            d.add_metric([EW, ew, feat], value)
-        yield d
-        r = GaugeMetricFamily(
-            "batch_unique_indices_rate",
-            BY_NAME["batch_unique_indices_rate"].help,
-            labels=(*LABELS, "feat"),
-        )
-        with live._lock:
-            features = list(live._features)
+        yield _per_feature("estimated_distinct_id", ew, totals)
         rates: dict[str, float] = {}
         for f in features:  # one embedding worker per process: the last one's rate wins
             rates.update(f.rates())
-        for feat, value in sorted(rates.items()):
-            r.add_metric([EW, ew, feat], value)
-        yield r
+        yield _per_feature("batch_unique_indices_rate", ew, rates)
         lag = GaugeMetricFamily(
             "persia_delta_lag_seconds", BY_NAME["persia_delta_lag_seconds"].help, labels=LABELS
         )
