@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from persia.errors import ConfigError, StoreError
 from persia.store import ShardedStore
 from persia.store.config import Admission
 from persia.store.disk import DiskTier, DiskTierConfig
+from persia.store.kernels import disk as D
 from persia.store.shard import Shard
 from persia.store.table import EmbeddingTable
 
@@ -185,6 +187,39 @@ def test_disk_capacity_drops_the_oldest_rows_and_counts_them(tmp_path):
     assert t.rows == 2 and t.tier.rows == 3 and t.tier.dropped == 5
     held = t.export_rows()["keys"].tolist()
     assert held == [5, 6, 7, 8, 9]
+
+
+def test_find_agrees_with_a_dict_through_puts_removes_growth_and_reopen(tmp_path):
+    """The key filter in front of the index never hides a record: after writes, removals,
+    drops past capacity, index growth, filter rebuilds and a reopen, ``find`` answers as a
+    dict of the live keys does; and it screens out most keys never written."""
+    rng = np.random.default_rng(5)
+    d = tmp_path / "t"
+    tier = DiskTier.open(d, 60_000, DIM, np.float32, 1)
+    live: set[int] = set()
+    rebuilt = 0
+    for step in range(40):
+        keys = np.unique(rng.integers(1, 400_000, 6000).astype(np.uint64))
+        stale = int(tier.meta[D.D_STALE])
+        tier.put(keys, np.zeros((keys.size, DIM), np.float32), np.zeros((keys.size, 1), np.float32))
+        rebuilt += int(tier.meta[D.D_STALE]) < stale
+        live = set(tier.keys[tier.order()].tolist())  # drops past capacity included
+        gone = rng.choice(np.array(sorted(live), np.uint64), 2500, replace=False)
+        assert tier.remove_keys(gone) == 2500
+        live -= set(gone.tolist())
+        probe = rng.integers(1, 800_000, 20_000).astype(np.uint64)
+        got = tier.find(probe) >= 0
+        assert np.array_equal(got, np.isin(probe, np.array(sorted(live), np.uint64))), step
+    assert tier.rows == len(live) and tier.dropped > 0 and rebuilt > 0
+    never = np.arange(10**9, 10**9 + 50_000, dtype=np.uint64)
+    assert not (tier.find(never) >= 0).any()
+    assert tier.might_hold(never).mean() < 0.15  # ~5% expected; none of them is looked up
+    assert tier.might_hold(np.array(sorted(live), np.uint64)).all()
+    tier.close()
+    again = DiskTier.open(d, 60_000, DIM, np.float32, 1)
+    probe = np.array(sorted(live) + list(range(800_000, 810_000)), np.uint64)
+    assert np.array_equal(again.find(probe) >= 0, np.isin(probe, np.array(sorted(live), np.uint64)))
+    again.close()
 
 
 def test_tier_is_validated_on_open(tmp_path, caplog):
@@ -490,3 +525,35 @@ def test_a_batch_larger_than_ram_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         t.lookup(np.arange(10, dtype=np.uint64), True)
     assert "more distinct keys" in caplog.text
+
+
+def _slab_rss(slab: Path) -> int:
+    """Resident bytes of this process's mapping of ``slab`` (/proc/self/smaps)."""
+    rss, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isdigit() or line[:1] in "abcdef":  # a mapping's first line
+            inside = line.endswith(str(slab))
+        elif inside and line.startswith("Rss:"):
+            rss += int(line.split()[1]) * 1024
+    return rss
+
+
+def test_slab_pages_are_faulted_in_ahead_of_the_writes(tmp_path):
+    from persia.store import disk as disk_mod
+
+    if not disk_mod._PREFAULT.enabled:
+        pytest.skip("madvise(MADV_POPULATE_WRITE) is refused here")
+    tier = DiskTier.open(tmp_path / "t", 200_000, DIM, np.float32, 1)
+    slab = (tmp_path / "t" / "tier.slab").resolve()
+    keys = np.arange(1, 11, dtype=np.uint64)
+    tier.put(keys, np.ones((10, DIM), np.float32), np.ones((10, 1), np.float32))
+    want = disk_mod.PREFAULT_BYTES // 2
+    for _ in range(500):
+        if _slab_rss(slab) >= want:
+            break
+        time.sleep(0.01)
+    assert _slab_rss(slab) >= want  # ten records written, megabytes mapped ahead of them
+    assert tier.disk_bytes == 10 * tier.record_size  # what counts as used is unchanged
+    k, v, _ = tier.export()
+    assert np.array_equal(k, keys) and np.array_equal(v, np.ones((10, DIM), np.float32))
+    tier.close()

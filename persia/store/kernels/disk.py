@@ -13,9 +13,14 @@ State (plain arrays):
   same entries, same probe hash), here over record numbers.
 * ``prev / nxt i32[C]``: the LRU list of live records, oldest (``meta[M_HEAD]``) to newest; a
   free record's ``nxt`` links the free list (``meta[D_FREE]``).
+* ``filt u64[W]``: a blocked Bloom filter of the live records' keys (two bits of one 64-bit
+  word per key, from the probe hash), so that the lookup of a key never spilled, the common case,
+  is answered without touching the (large) index. A key's bits are set when its record is
+  written; freeing a record leaves them (``meta[D_STALE]`` counts those), and
+  :func:`filter_build_kernel` rebuilds the filter from the index.
 * ``meta i64[D_META_LEN]``: live count, head, tail (the table's ``M_*`` slots, so the table's
   list helpers work on it), records dropped past capacity, the free list, the high-water mark,
-  the last seq.
+  the last seq, writes, reads, records freed since the filter was built.
 """
 
 import numpy as np
@@ -45,7 +50,8 @@ D_HWM = 5  # records ever used (the slab's used prefix)
 D_SEQ = 6  # last seq written
 D_WRITES = 7
 D_READS = 8
-D_META_LEN = 9
+D_STALE = 9  # records freed since the filter was built (their bits stay set)
+D_META_LEN = 10
 
 #: header bytes of a record: key, seq, check
 HEAD_BYTES = 20
@@ -55,6 +61,10 @@ _U8 = np.uint64(8)
 _U32 = np.uint64(32)
 _B = np.uint64(0xFF)
 _LO32 = np.uint64(0xFFFFFFFF)
+_U6 = np.uint64(6)
+_U12 = np.uint64(12)
+_B63 = np.uint64(63)
+_ONE = np.uint64(1)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -107,6 +117,40 @@ def _find(index, mask, shift, keys, key):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _filter_bits(h):
+    return (_ONE << (h & _B63)) | (_ONE << ((h >> _U6) & _B63))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _filter_add(filt, key):
+    h = fmix64(key ^ PROBE_SALT)
+    w = np.int64((h >> _U12) & np.uint64(filt.shape[0] - 1))
+    filt[w] |= _filter_bits(h)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _filter_has(filt, h):
+    bits = _filter_bits(h)
+    return filt[np.int64((h >> _U12) & np.uint64(filt.shape[0] - 1))] & bits == bits
+
+
+@njit(nogil=True, cache=True)
+def filter_test_kernel(in_keys, filt, out):
+    """``out[i]``: whether the filter passes ``in_keys[i]`` (False: surely not on disk)."""
+    for i in range(in_keys.shape[0]):
+        out[i] = _filter_has(filt, fmix64(in_keys[i] ^ PROBE_SALT))
+
+
+@njit(nogil=True, cache=True)
+def filter_build_kernel(filt, index, keys):
+    """Fill an all-zero ``filt`` with the keys of the records ``index`` holds."""
+    for s in range(index.shape[0]):
+        r = entry_row(index[s])
+        if r >= 0:
+            _filter_add(filt, keys[r])
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _index_insert(index, mask, shift, key, r):
     h = fmix64(key ^ PROBE_SALT)
     s = np.int64(h >> shift)
@@ -126,10 +170,13 @@ def _free_record(slab, index, shift, keys, prev, nxt, meta, r):
     prev[r] = -1
     meta[D_FREE] = r
     meta[M_NROWS] -= 1
+    meta[D_STALE] += 1
 
 
 @njit(nogil=True, cache=True)
-def put_kernel(in_keys, in_vals, in_state, slab, index, shift, keys, prev, nxt, meta, capacity):
+def put_kernel(
+    in_keys, in_vals, in_state, slab, index, shift, keys, prev, nxt, meta, capacity, filt
+):
     """Write rows (``in_vals u8[n, vb]``, ``in_state u8[n, sb]``: their raw bytes) in order, each
     the newest record; a key already held is overwritten in place. Past ``capacity`` live
     records the oldest is dropped (counted in ``meta[D_DROPPED]``)."""
@@ -154,6 +201,7 @@ def put_kernel(in_keys, in_vals, in_state, slab, index, shift, keys, prev, nxt, 
                 meta[D_HWM] += 1
             keys[r] = key
             _index_insert(index, mask, shift, key, r)
+            _filter_add(filt, key)
             meta[M_NROWS] += 1
         _put_u64(slab, r, 8, np.uint64(0))  # free while torn: a kill now leaves no bad record
         for b in range(vb):
@@ -169,12 +217,18 @@ def put_kernel(in_keys, in_vals, in_state, slab, index, shift, keys, prev, nxt, 
 
 
 @njit(nogil=True, cache=True)
-def find_kernel(in_keys, index, shift, keys, out):
-    """``out[i]`` = record of ``in_keys[i]`` or -1; returns how many were found."""
+def find_kernel(in_keys, index, shift, keys, out, filt):
+    """``out[i]`` = record of ``in_keys[i]`` or -1; returns how many were found. A key the
+    filter rules out is not looked for in the index."""
     mask = index.shape[0] - 1
     found = 0
     for i in range(in_keys.shape[0]):
-        r = _find(index, mask, shift, keys, in_keys[i])
+        key = in_keys[i]
+        h = fmix64(key ^ PROBE_SALT)
+        if not _filter_has(filt, h):
+            out[i] = -1
+            continue
+        r = entry_row(index[find_slot(index, mask, np.int64(h >> shift), h << _U32, keys, key)])
         out[i] = r
         if r >= 0:
             found += 1
