@@ -466,15 +466,50 @@ class DiskTier:
             st.view(np.uint8).reshape(n, self.state_bytes), self.meta,
         )  # fmt: skip
         if n:
-            per = (time.perf_counter() - t0) / n
-            last = self.read_s_per_record
-            self.read_s_per_record = per if last is None else last + _READ_EMA * (per - last)
+            self._note_read_time((time.perf_counter() - t0) / n)
         if bad:
             raise StoreError(
                 f"disk tier {str(self.directory)!r}: {bad} record(s) fail their check "
                 "(the file was changed under the running table)"
             )
         return vals, st
+
+    def take_into(
+        self, keys: np.ndarray, dst: np.ndarray, values: np.ndarray, state: np.ndarray
+    ) -> np.ndarray:
+        """Move the rows of ``keys`` held on disk into RAM arrays: for every ``i`` with
+        ``dst[i] >= 0`` whose key is on disk, ``values[dst[i]]`` and ``state[dst[i]]`` (2-D, C
+        order, in the header's dtypes) get its row, and the record leaves the disk. Returns
+        those ``i`` (ascending). One pass: find, read and free together."""
+        self._check_open()
+        n = keys.shape[0]
+        if n == 0 or not self.rows:
+            return np.zeros(0, dtype=np.int64)
+        if values.dtype != self.value_dtype or state.dtype != self.state_dtype:
+            raise StoreError(
+                f"take_into: arrays of {values.dtype}/{state.dtype}, the tier holds "
+                f"{self.value_dtype}/{self.state_dtype}"
+            )
+        taken = np.empty(n, dtype=np.int64)
+        t0 = time.perf_counter()
+        k, bad = D.take_kernel(
+            keys, dst, values.view(np.uint8).reshape(values.shape[0], self.value_bytes),
+            state.view(np.uint8).reshape(state.shape[0], self.state_bytes), self.slab,
+            self.index, self._shift, self.keys, self.prev, self.nxt, self.meta, self.filter,
+            taken,
+        )  # fmt: skip
+        if k:
+            self._note_read_time((time.perf_counter() - t0) / k)
+        if bad:
+            raise StoreError(
+                f"disk tier {str(self.directory)!r}: {bad} record(s) fail their check "
+                "(the file was changed under the running table)"
+            )
+        return taken[:k]
+
+    def _note_read_time(self, per: float) -> None:
+        last = self.read_s_per_record
+        self.read_s_per_record = per if last is None else last + _READ_EMA * (per - last)
 
     def remove(self, recs: np.ndarray) -> int:
         """Free records ``recs`` (-1 and repeats ignored); returns how many."""

@@ -897,18 +897,11 @@ class EmbeddingTable:
         keys the disk tier holds get their values and state from disk (the records leave the
         disk), and ``out`` their values; they count as hits, not misses. Returns those rows."""
         assert self.tier is not None
-        new = np.flatnonzero(made >= 0)
-        if new.size == 0 or not self.tier.rows:
+        taken = self.tier.take_into(keys, made, self.values, self.state)
+        if taken.size == 0:
             return np.zeros(0, dtype=np.int32)
-        recs = self.tier.find(keys[new])
-        on = recs >= 0
-        if not on.any():
-            return np.zeros(0, dtype=np.int32)
-        values, state = self._take_off_disk(recs[on])
-        back = made[new[on]]
-        self.values[back] = values
-        self.state[back] = state
-        out[new[on]] = decode_rows(values)
+        back = made[taken]
+        out[taken] = decode_rows(self.values[back])
         self.meta[K.M_MISSES] -= back.size
         self.meta[K.M_ADMISSIONS] -= back.size
         return back

@@ -258,6 +258,44 @@ def read_kernel(recs, slab, out_vals, out_state, meta):
 
 
 @njit(nogil=True, cache=True)
+def take_kernel(
+    in_keys, dst, out_vals, out_state, slab, index, shift, keys, prev, nxt, meta, filt, taken
+):
+    """For every ``i`` with ``dst[i] >= 0`` whose key is on disk: copy its record's payload into
+    row ``dst[i]`` of ``out_vals u8[R, vb]`` / ``out_state u8[R, sb]`` (raw bytes), free the
+    record and note ``i`` in ``taken``. Returns ``(taken, bad)``: how many, and how many records
+    failed their check (left on disk, their rows unwritten)."""
+    mask = index.shape[0] - 1
+    vb = out_vals.shape[1]
+    sb = out_state.shape[1]
+    k = 0
+    bad = 0
+    for i in range(in_keys.shape[0]):
+        d = dst[i]
+        if d < 0:
+            continue
+        key = in_keys[i]
+        h = fmix64(key ^ PROBE_SALT)
+        if not _filter_has(filt, h):
+            continue
+        r = entry_row(index[find_slot(index, mask, np.int64(h >> shift), h << _U32, keys, key)])
+        if r < 0:
+            continue
+        if record_check(slab, r, vb + sb) != _get_u32(slab, r, 16):
+            bad += 1
+            continue
+        for b in range(vb):
+            out_vals[d, b] = slab[r, HEAD_BYTES + b]
+        for b in range(sb):
+            out_state[d, b] = slab[r, HEAD_BYTES + vb + b]
+        meta[D_READS] += 1
+        _free_record(slab, index, shift, keys, prev, nxt, meta, r)
+        taken[k] = i
+        k += 1
+    return k, bad
+
+
+@njit(nogil=True, cache=True)
 def remove_kernel(recs, slab, index, shift, keys, prev, nxt, meta):
     """Free the live records ``recs[i] >= 0`` (repeats are ignored); returns how many."""
     done = 0
