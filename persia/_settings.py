@@ -23,6 +23,8 @@ PERSIA_GLOBAL_CONFIG = "PERSIA_GLOBAL_CONFIG"
 NUMBA_CACHE_DIR = "NUMBA_CACHE_DIR"
 #: Set to "0" to skip the deep (per-value) batch checks; cheap checks always run.
 PERSIA_DEEP_CHECKS = "PERSIA_DEEP_CHECKS"
+#: Set to "0" to stop the disk tier faulting its slab's pages in ahead of its writes.
+PERSIA_DISK_PREFAULT = "PERSIA_DISK_PREFAULT"
 #: PERSIA-compatible rank / world size / local rank (torch.distributed's names also work).
 RANK = "RANK"
 WORLD_SIZE = "WORLD_SIZE"
@@ -132,6 +134,11 @@ def passive_openmp_threads() -> bool:
 def deep_checks_enabled() -> bool:
     """Whether per-value batch checks (finite dense features, ...) run. Default: on."""
     return os.environ.get(PERSIA_DEEP_CHECKS, "1") != "0"
+
+
+def disk_prefault_enabled() -> bool:
+    """Whether the disk tier faults slab pages in ahead of its writes. Default: on."""
+    return os.environ.get(PERSIA_DISK_PREFAULT, "1") != "0"
 
 
 def env_int(name: str, default: int) -> int:

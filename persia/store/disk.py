@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from persia._settings import disk_prefault_enabled
 from persia.errors import StoreError
 from persia.logger import get_default_logger
 from persia.store.kernels import disk as D
@@ -50,9 +51,9 @@ __all__ = ["DiskTier", "DiskTierConfig"]
 _FORMAT = "persia-disk-tier"
 _VERSION = 2  # 2: the records' check over 32-bit words
 _MAX_LOAD = 0.7
-#: filter bits per index slot (>= 11 per record at the index's load of at most 0.7: about 5% of
-#: the keys not on disk pass it, for 1 to 2 bytes of RAM per record)
-_FILTER_BITS_PER_SLOT = 8
+#: filter bits per index slot (>= 5.7 per record at the index's load of at most 0.7: 3-10% of the
+#: keys not on disk pass it, for 0.6 to 1.2 bytes of RAM per record; 0.5 GiB at 6e8 disk rows)
+_FILTER_BITS_PER_SLOT = 4
 #: a read of a record slower than this (seconds, the recent average) waited for the device: the
 #: page cache does not hold the tier, and a prefetch ahead of the lookups pays off (a page-cache
 #: hit takes well under a microsecond; a random read of this disk about 120)
@@ -76,7 +77,7 @@ class _Prefaulter:
         self._queue: queue.SimpleQueue[tuple[DiskTier, int, int]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self.enabled = os.environ.get("PERSIA_DISK_PREFAULT", "1") != "0"
+        self.enabled = disk_prefault_enabled()
         self._madvise: Any = None
         if self.enabled:
             try:
