@@ -116,8 +116,15 @@ class _Prefaulter:
                     "disk tier: prefaulting slab pages is off (madvise: %s)", os.strerror(err)
                 )
 
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's thread is not there (a new one starts on demand)."""
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._start_lock = threading.Lock()
+
 
 _PREFAULT = _Prefaulter()
+os.register_at_fork(after_in_child=_PREFAULT._after_fork)
 
 
 class DiskTierConfig:

@@ -557,3 +557,37 @@ def test_slab_pages_are_faulted_in_ahead_of_the_writes(tmp_path):
     k, v, _ = tier.export()
     assert np.array_equal(k, keys) and np.array_equal(v, np.ones((10, DIM), np.float32))
     tier.close()
+
+
+def test_a_forked_child_prefaults_with_its_own_thread(tmp_path):
+    from persia.store import disk as disk_mod
+
+    if not disk_mod._PREFAULT.enabled:
+        pytest.skip("madvise(MADV_POPULATE_WRITE) is refused here")
+    parent = DiskTier.open(tmp_path / "p", 1000, DIM, np.float32, 1)
+    parent.put(
+        np.arange(1, 3, dtype=np.uint64), np.ones((2, DIM), np.float32), np.ones((2, 1), np.float32)
+    )
+    assert disk_mod._PREFAULT._thread is not None  # started in this process
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's thread is not here; its first request starts one
+        code = 1
+        try:
+            if disk_mod._PREFAULT._thread is None:
+                tier = DiskTier.open(tmp_path / "c", 200_000, DIM, np.float32, 1)
+                tier.put(
+                    np.arange(1, 3, dtype=np.uint64),
+                    np.ones((2, DIM), np.float32),
+                    np.ones((2, 1), np.float32),
+                )
+                slab = (tmp_path / "c" / "tier.slab").resolve()
+                for _ in range(500):
+                    if _slab_rss(slab) >= disk_mod.PREFAULT_BYTES // 2:
+                        code = 0
+                        break
+                    time.sleep(0.01)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    parent.close()
+    assert os.waitstatus_to_exitcode(status) == 0
