@@ -47,7 +47,9 @@ keys are on disk when it is looked up (measured: ``disk_key_fraction``, rows rea
 per key looked up): ``persia-hybrid+disk`` with the page cache warm, ``persia-hybrid+disk-cold``
 with the tier's pages evicted (``posix_fadvise(DONTNEED)``) before every step; ``persia-hybrid+evict``: the same RAM capacity without the tier (rows past it are
 dropped). Lines ``disk_vs_ram`` and ``disk_cold_vs_ram`` (target >= 0.8 warm, with about 1% of
-keys on disk), ``auc_gap_evict_vs_disk`` (what dropping rows costs) and ``auc_gap_disk_vs_ram``.
+keys on disk), ``disk_vs_evict`` (the tier's own cost: the same RAM capacity, rows dropped
+instead of spilled), ``auc_gap_evict_vs_disk`` (what dropping rows costs) and
+``auc_gap_disk_vs_ram``.
 
 With ``--links`` (default on) persia-sync and persia-hybrid also run with a simulated network link
 between the embedding worker and the parameter servers (:mod:`persia.rpc.simlink`): 10 Gbit/s
@@ -310,6 +312,8 @@ def ratios(
     if "persia-hybrid+disk" in results:
         out.append(ratio("disk_vs_ram", "persia-hybrid+disk", "persia-hybrid"))
         out.append(ratio("disk_cold_vs_ram", "persia-hybrid+disk-cold", "persia-hybrid"))
+        # the tier's own cost: against the same RAM capacity dropping its rows instead
+        out.append(ratio("disk_vs_evict", "persia-hybrid+disk", "persia-hybrid+evict"))
         out.append(gap("auc_gap_evict_vs_disk", "persia-hybrid+evict", "persia-hybrid+disk"))
         out.append(gap("auc_gap_disk_vs_ram", "persia-hybrid+disk", "persia-hybrid"))
     for row_dtype in ROW_DTYPE_TAGS:  # half-precision rows against float32 rows

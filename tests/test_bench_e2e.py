@@ -196,3 +196,22 @@ def test_device_is_planned_and_cuda_refused_without_a_gpu(capsys):
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--quick", "--device", "cuda"])
     assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_disk_tier_runs_are_planned_and_compared():
+    args = bench_e2e.parse_args(["--quick", "--disk-tier", "--no-links"])
+    specs = {r["label"]: r for r in bench_e2e.plan(args, False)}
+    assert specs["persia-hybrid+disk"]["disk_tier"] == {"ram_fraction": 0.5}
+    assert specs["persia-hybrid+disk-cold"].get("cold") is True
+    assert specs["persia-hybrid+evict"]["disk_tier"].get("no_tier") is True
+    results = {
+        "persia-hybrid": run("persia-hybrid", 40.0, 0.80),
+        "persia-hybrid+disk": run("persia-hybrid+disk", 28.0, 0.80),
+        "persia-hybrid+disk-cold": run("persia-hybrid+disk-cold", 4.0, 0.80),
+        "persia-hybrid+evict": run("persia-hybrid+evict", 35.0, 0.7995),
+    }
+    lines = {r["metric"]: r for r in bench_e2e.ratios(results, {})}
+    assert lines["disk_vs_ram"]["value"] == pytest.approx(0.7)
+    assert lines["disk_cold_vs_ram"]["value"] == pytest.approx(0.1)
+    assert lines["disk_vs_evict"]["value"] == pytest.approx(0.8)
+    assert lines["auc_gap_evict_vs_disk"]["value"] == pytest.approx(0.0005)
