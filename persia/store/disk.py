@@ -475,11 +475,7 @@ class DiskTier:
         )  # fmt: skip
         if n:
             self._note_read_time((time.perf_counter() - t0) / n)
-        if bad:
-            raise StoreError(
-                f"disk tier {str(self.directory)!r}: {bad} record(s) fail their check "
-                "(the file was changed under the running table)"
-            )
+        self._check_bad(bad)
         return vals, st
 
     def take_into(
@@ -508,12 +504,15 @@ class DiskTier:
         )  # fmt: skip
         if k:
             self._note_read_time((time.perf_counter() - t0) / k)
+        self._check_bad(bad)
+        return taken[:k]
+
+    def _check_bad(self, bad: int) -> None:
         if bad:
             raise StoreError(
                 f"disk tier {str(self.directory)!r}: {bad} record(s) fail their check "
                 "(the file was changed under the running table)"
             )
-        return taken[:k]
 
     def _note_read_time(self, per: float) -> None:
         last = self.read_s_per_record

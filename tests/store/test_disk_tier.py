@@ -591,3 +591,21 @@ def test_a_forked_child_prefaults_with_its_own_thread(tmp_path):
     _, status = os.waitpid(pid, 0)
     parent.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_disk_record_changed_under_the_table_is_an_error_not_a_row(tmp_path):
+    t = _tiered(tmp_path, 20)
+    for k in range(40):  # keys 0..19 go to disk
+        t.lookup(np.array([k], np.uint64), True)
+    assert t.tier.rows == 20
+    rec = int(t.tier.find(np.array([3], np.uint64))[0])
+    t.tier.slab[rec, 30] ^= 0xFF  # the file changed under the running table
+    with pytest.raises(StoreError, match="fail their check"):
+        t.lookup(np.array([3], np.uint64), True)  # the fast lookup's one-pass restore
+    with pytest.raises(StoreError, match="fail their check"):
+        t.tier.read(np.array([rec], np.int32))
+    assert t.tier.find(np.array([3], np.uint64))[0] == rec  # left on disk, not freed
+    rec4 = t.tier.find(np.array([4], np.uint64))
+    want = t.tier.read(rec4)[0]
+    got = t.lookup(np.array([4], np.uint64), True)  # the other records still come back
+    assert np.array_equal(got, want) and t.tier.find(np.array([4], np.uint64))[0] == -1

@@ -134,6 +134,15 @@ def _filter_has(filt, h):
     return filt[np.int64((h >> _U12) & np.uint64(filt.shape[0] - 1))] & bits == bits
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _find_filtered(index, mask, shift, keys, filt, key):
+    """The record of ``key`` or -1; a key the filter rules out is not looked for in the index."""
+    h = fmix64(key ^ PROBE_SALT)
+    if not _filter_has(filt, h):
+        return np.int32(-1)
+    return entry_row(index[find_slot(index, mask, np.int64(h >> shift), h << _U32, keys, key)])
+
+
 @njit(nogil=True, cache=True)
 def filter_test_kernel(in_keys, filt, out):
     """``out[i]``: whether the filter passes ``in_keys[i]`` (False: surely not on disk)."""
@@ -223,37 +232,38 @@ def find_kernel(in_keys, index, shift, keys, out, filt):
     mask = index.shape[0] - 1
     found = 0
     for i in range(in_keys.shape[0]):
-        key = in_keys[i]
-        h = fmix64(key ^ PROBE_SALT)
-        if not _filter_has(filt, h):
-            out[i] = -1
-            continue
-        r = entry_row(index[find_slot(index, mask, np.int64(h >> shift), h << _U32, keys, key)])
+        r = _find_filtered(index, mask, shift, keys, filt, in_keys[i])
         out[i] = r
         if r >= 0:
             found += 1
     return found
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _copy_out(slab, r, out_vals, out_state, d, meta):
+    """Copy record ``r``'s payload into row ``d`` of ``out_vals`` / ``out_state`` if it passes
+    its check; returns whether it did."""
+    vb = out_vals.shape[1]
+    sb = out_state.shape[1]
+    if record_check(slab, r, vb + sb) != _get_u32(slab, r, 16):
+        return False
+    for b in range(vb):
+        out_vals[d, b] = slab[r, HEAD_BYTES + b]
+    for b in range(sb):
+        out_state[d, b] = slab[r, HEAD_BYTES + vb + b]
+    meta[D_READS] += 1
+    return True
+
+
 @njit(nogil=True, cache=True)
 def read_kernel(recs, slab, out_vals, out_state, meta):
     """Copy the payload of records ``recs[i] >= 0`` into ``out_vals[i]`` / ``out_state[i]`` (raw
     bytes). Returns how many records failed their check (their rows are left unwritten)."""
-    vb = out_vals.shape[1]
-    sb = out_state.shape[1]
     bad = 0
     for i in range(recs.shape[0]):
         r = recs[i]
-        if r < 0:
-            continue
-        if record_check(slab, r, vb + sb) != _get_u32(slab, r, 16):
+        if r >= 0 and not _copy_out(slab, r, out_vals, out_state, i, meta):
             bad += 1
-            continue
-        for b in range(vb):
-            out_vals[i, b] = slab[r, HEAD_BYTES + b]
-        for b in range(sb):
-            out_state[i, b] = slab[r, HEAD_BYTES + vb + b]
-        meta[D_READS] += 1
     return bad
 
 
@@ -266,29 +276,18 @@ def take_kernel(
     record and note ``i`` in ``taken``. Returns ``(taken, bad)``: how many, and how many records
     failed their check (left on disk, their rows unwritten)."""
     mask = index.shape[0] - 1
-    vb = out_vals.shape[1]
-    sb = out_state.shape[1]
     k = 0
     bad = 0
     for i in range(in_keys.shape[0]):
         d = dst[i]
         if d < 0:
             continue
-        key = in_keys[i]
-        h = fmix64(key ^ PROBE_SALT)
-        if not _filter_has(filt, h):
-            continue
-        r = entry_row(index[find_slot(index, mask, np.int64(h >> shift), h << _U32, keys, key)])
+        r = _find_filtered(index, mask, shift, keys, filt, in_keys[i])
         if r < 0:
             continue
-        if record_check(slab, r, vb + sb) != _get_u32(slab, r, 16):
+        if not _copy_out(slab, r, out_vals, out_state, d, meta):
             bad += 1
             continue
-        for b in range(vb):
-            out_vals[d, b] = slab[r, HEAD_BYTES + b]
-        for b in range(sb):
-            out_state[d, b] = slab[r, HEAD_BYTES + vb + b]
-        meta[D_READS] += 1
         _free_record(slab, index, shift, keys, prev, nxt, meta, r)
         taken[k] = i
         k += 1
