@@ -378,7 +378,7 @@ class DiskTier:
 
     @property
     def ram_bytes(self) -> int:
-        """Bytes of the in-RAM index, keys and links."""
+        """Bytes of the in-RAM index, key filter, keys and links."""
         return (
             self.index.nbytes + self.filter.nbytes + self.keys.nbytes + self.prev.nbytes
             + self.nxt.nbytes
