@@ -559,17 +559,6 @@ class DiskTier:
         per = self.read_s_per_record
         return per is None or per > SLOW_READ_S
 
-    def advise_willneed(self, recs: np.ndarray) -> None:
-        """Ask the kernel to read the pages of ``recs`` ahead (a prefetch hint)."""
-        if recs.size == 0 or self._closed:
-            return
-        page = mmap.PAGESIZE
-        for r in np.unique(recs[recs >= 0]).tolist():
-            off = r * self.record_size
-            start = off - off % page
-            end = off + self.record_size
-            self._mmap.madvise(mmap.MADV_WILLNEED, start, end - start)
-
     def drop_cache(self) -> None:
         """Evict the slab's pages from the page cache (for cold-cache measurements)."""
         self._mmap.flush()  # dirty pages are not dropped

@@ -385,7 +385,7 @@ class Shard:
     def disk_reads_wait(self) -> bool:
         """Whether a table's disk tier holds rows whose reads wait for the device (see
         :attr:`persia.store.disk.DiskTier.reads_wait`): a prefetch ahead of the lookups pays."""
-        tiers = [t.tier for t in list(self._tables.values()) if t.tier is not None]
+        tiers = (t.tier for t in list(self._tables.values()) if t.tier is not None)
         return any(tier.rows and tier.reads_wait for tier in tiers)
 
     def reserve(self, rows: int, dim: int) -> None:

@@ -807,11 +807,17 @@ class EmbeddingTable:
         #: that repeat)
         self._spill_rng = np.random.default_rng(self.seed)
 
+    def _disk(self) -> DiskTier:
+        """The disk tier, for the methods that only run with one."""
+        if self.tier is None:
+            raise StoreError("this table has no disk tier (attach_tier)")
+        return self.tier
+
     def _spill(self, count: int, keep: np.ndarray, held: np.ndarray | None = None) -> int:
         """Move the ``count`` oldest RAM rows whose keys are not in ``keep`` to the disk tier
         (fewer when RAM holds fewer); returns how many moved. Counted as evictions. ``held``:
         the rows of ``keep`` when the caller just probed them."""
-        assert self.tier is not None
+        tier = self._disk()
         self.flush_lru()
         count = min(count, self.rows)
         if count <= 0:
@@ -835,7 +841,7 @@ class EmbeddingTable:
         if victims.size == 0:
             return 0
         keys = self.row_keys[victims].copy()
-        self.tier.put(keys, self.values[victims], self.state[victims])
+        tier.put(keys, self.values[victims], self.state[victims])
         evictions = int(self.meta[K.M_EVICTIONS])
         K.evict_oldest_kernel(
             victims.size, self.index, self._shift, self.row_keys, self._kv, self.state,
@@ -871,7 +877,7 @@ class EmbeddingTable:
         back): a sample of the stamps sets a threshold, one pass collects the rows below it
         (exactly the oldest ones; a partial sort finds them when the sample set it too low), and
         the oldest ``count`` go to disk, oldest first."""
-        assert self.tier is not None
+        tier = self._disk()
         rows = self.rows
         least, count = min(least, rows), min(count, rows)
         if least <= 0:
@@ -886,7 +892,7 @@ class EmbeddingTable:
         else:  # the sample missed: the exact oldest ``count``
             victims = np.argpartition(np.asarray(ts), count - 1)[:count].astype(np.int32)
         victims = victims[np.argsort(ts[victims], kind="stable")][:count]  # oldest first
-        self.tier.put(self.row_keys[victims].copy(), self.values[victims], self.state[victims])
+        tier.put(self.row_keys[victims].copy(), self.values[victims], self.state[victims])
         K.evict_rows_stamped_kernel(
             np.sort(victims)[::-1].copy(), self.index, self._shift, self.row_keys, self._kv,
             self.state, self.lru_ts, self.meta,
@@ -896,8 +902,8 @@ class EmbeddingTable:
         """After the fast training lookup made rows for its missing keys: the made rows whose
         keys the disk tier holds get their values and state from disk (the records leave the
         disk), and ``out`` their values; they count as hits, not misses. Returns those rows."""
-        assert self.tier is not None
-        taken = self.tier.take_into(keys, made, self.values, self.state)
+        tier = self._disk()
+        taken = tier.take_into(keys, made, self.values, self.state)
         if taken.size == 0:
             return np.zeros(0, dtype=np.int32)
         back = made[taken]
@@ -918,11 +924,14 @@ class EmbeddingTable:
         """Before a training lookup: make room, then bring the keys held on disk back into RAM
         (as the newest rows; the lookup then orders them as hits). Returns whether any key's row
         changed (a row spilled, moved or brought back)."""
-        assert self.tier is not None
-        if not self.tier.rows and self.rows + keys.shape[0] <= self.capacity:
+        tier = self._disk()
+        if not tier.rows and self.rows + keys.shape[0] <= self.capacity:
             return False
         before = self.evictions
-        held, absent, on, values, state = self._off_disk(keys)
+        # the disk rows are taken off first: the rows spilled next must not push them out
+        held, absent, recs = self._absent_on_disk(keys)
+        on = recs >= 0
+        values, state = self._take_off_disk(recs[on])
         excess = self.rows + absent.size - self.capacity
         if excess > 0 and self._spill(excess, keys, held) < excess:
             warn_once(
@@ -936,31 +945,20 @@ class EmbeddingTable:
             self._put_rows(absent[on], values, state)
         return bool(on.any()) or self.evictions != before
 
-    def _off_disk(
-        self, keys: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The rows of ``keys`` in RAM (``held``), the distinct keys RAM lacks (``absent``),
-        which of those the disk tier holds (``on``), and their values and state, taken off the
-        disk (first: the rows spilled next must not push them out)."""
-        held, absent, recs = self._absent_on_disk(keys)
-        on = recs >= 0
-        values, state = self._take_off_disk(recs[on])
-        return held, absent, on, values, state
-
     def _absent_on_disk(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The rows of ``keys`` in RAM (``held``), the distinct keys RAM lacks (``absent``) and
         their disk records (-1: not on disk)."""
-        assert self.tier is not None
+        tier = self._disk()
         held = self.probe(keys)
         absent = np.unique(keys[held < 0])
-        return held, absent, self.tier.find(absent)
+        return held, absent, tier.find(absent)
 
     def _take_off_disk(self, recs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The values and state of disk records ``recs`` (all >= 0), which leave the disk."""
-        assert self.tier is not None
-        values, state = self.tier.read(recs)
+        tier = self._disk()
+        values, state = tier.read(recs)
         if recs.size:
-            self.tier.remove(recs)
+            tier.remove(recs)
         return values, state
 
     def _put_rows(self, keys: np.ndarray, values: np.ndarray, state: np.ndarray) -> None:
@@ -980,8 +978,8 @@ class EmbeddingTable:
     def _tier_import(self, keys: np.ndarray, values: np.ndarray, state: np.ndarray) -> None:
         """``import_rows`` with a disk tier: the imported rows replace their disk copies; past
         capacity the oldest rows go to disk (in chunks of half the capacity)."""
-        assert self.tier is not None
-        self.tier.remove_keys(keys)
+        tier = self._disk()
+        tier.remove_keys(keys)
         step = max(1, self.capacity // 2)
         for i in range(0, keys.shape[0], step):
             part = keys[i : i + step]
@@ -991,14 +989,14 @@ class EmbeddingTable:
     def _apply_on_disk(self, keys: np.ndarray, rows: np.ndarray, grads: np.ndarray) -> np.ndarray:
         """Apply the gradients of keys absent from RAM to their disk rows (read, update, write
         back); returns the change of ``[applied, skipped_absent, skipped_nonfinite]``."""
-        assert self.tier is not None
+        tier = self._disk()
         miss = np.flatnonzero(rows < 0)
-        recs = self.tier.find(keys[miss])
+        recs = tier.find(keys[miss])
         on = recs >= 0
         if not on.any():
             return np.zeros(3, dtype=np.int64)
         uniq, inv = np.unique(recs[on], return_inverse=True)
-        stored, state = self.tier.read(uniq)
+        stored, state = tier.read(uniq)
         # half rows: updated in float32 and rounded back to nearest even (stochastic rounding
         # is the RAM rows' only: rows on disk are rare and cold)
         values = np.array(decode_rows(stored), dtype=np.float32)
@@ -1009,7 +1007,7 @@ class EmbeddingTable:
             ),
             dtype=np.int64,
         )  # fmt: skip
-        self.tier.put(self.tier.keys[uniq].copy(), encode_rows(values, self.row_dtype), state)
+        tier.put(tier.keys[uniq].copy(), encode_rows(values, self.row_dtype), state)
         return np.array([counts[0], -int(on.sum()), counts[2]], dtype=np.int64)
 
     def prefetch(self, keys: np.ndarray) -> int:

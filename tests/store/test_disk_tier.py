@@ -538,6 +538,17 @@ def _slab_rss(slab: Path) -> int:
     return rss
 
 
+def _slab_rss_reaches(slab: Path, want: int, timeout_s: float = 5.0) -> bool:
+    """Whether the resident bytes of ``slab``'s mapping reach ``want`` within ``timeout_s`` (the
+    prefault thread works in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while _slab_rss(slab) < want:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_slab_pages_are_faulted_in_ahead_of_the_writes(tmp_path):
     from persia.store import disk as disk_mod
 
@@ -547,12 +558,8 @@ def test_slab_pages_are_faulted_in_ahead_of_the_writes(tmp_path):
     slab = (tmp_path / "t" / "tier.slab").resolve()
     keys = np.arange(1, 11, dtype=np.uint64)
     tier.put(keys, np.ones((10, DIM), np.float32), np.ones((10, 1), np.float32))
-    want = disk_mod.PREFAULT_BYTES // 2
-    for _ in range(500):
-        if _slab_rss(slab) >= want:
-            break
-        time.sleep(0.01)
-    assert _slab_rss(slab) >= want  # ten records written, megabytes mapped ahead of them
+    # ten records written, megabytes mapped ahead of them
+    assert _slab_rss_reaches(slab, disk_mod.PREFAULT_BYTES // 2)
     assert tier.disk_bytes == 10 * tier.record_size  # what counts as used is unchanged
     k, v, _ = tier.export()
     assert np.array_equal(k, keys) and np.array_equal(v, np.ones((10, DIM), np.float32))
@@ -581,11 +588,7 @@ def test_a_forked_child_prefaults_with_its_own_thread(tmp_path):
                     np.ones((2, 1), np.float32),
                 )
                 slab = (tmp_path / "c" / "tier.slab").resolve()
-                for _ in range(500):
-                    if _slab_rss(slab) >= disk_mod.PREFAULT_BYTES // 2:
-                        code = 0
-                        break
-                    time.sleep(0.01)
+                code = 0 if _slab_rss_reaches(slab, disk_mod.PREFAULT_BYTES // 2) else 1
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)

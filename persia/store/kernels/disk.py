@@ -27,19 +27,20 @@ import numpy as np
 from numba import njit
 
 from persia.store.kernels.table import (
-    EMPTY,
     GOLDEN,
     M_HEAD,
     M_NROWS,
     PROBE_SALT,
+    _insert_hashed,
+    _insert_slot,
     _push_tail,
     _slot_of_row,
     _unlink,
     delete_slot,
     entry_row,
+    find_row,
     find_slot,
     fmix64,
-    make_entry,
     mix_sm,
 )
 
@@ -111,19 +112,13 @@ def record_check(slab, r, payload):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _find(index, mask, shift, keys, key):
-    h = fmix64(key ^ PROBE_SALT)
-    return entry_row(index[find_slot(index, mask, np.int64(h >> shift), h << _U32, keys, key)])
-
-
-@njit(nogil=True, cache=True, inline="always")
 def _filter_bits(h):
     return (_ONE << (h & _B63)) | (_ONE << ((h >> _U6) & _B63))
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _filter_add(filt, key):
-    h = fmix64(key ^ PROBE_SALT)
+def _filter_add(filt, h):
+    """Set the bits of the key whose probe hash is ``h``."""
     w = np.int64((h >> _U12) & np.uint64(filt.shape[0] - 1))
     filt[w] |= _filter_bits(h)
 
@@ -156,16 +151,7 @@ def filter_build_kernel(filt, index, keys):
     for s in range(index.shape[0]):
         r = entry_row(index[s])
         if r >= 0:
-            _filter_add(filt, keys[r])
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _index_insert(index, mask, shift, key, r):
-    h = fmix64(key ^ PROBE_SALT)
-    s = np.int64(h >> shift)
-    while index[s] != EMPTY:
-        s = (s + 1) & mask
-    index[s] = make_entry(h, r)
+            _filter_add(filt, fmix64(keys[r] ^ PROBE_SALT))
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -195,7 +181,8 @@ def put_kernel(
     payload = vb + sb
     for i in range(in_keys.shape[0]):
         key = in_keys[i]
-        r = _find(index, mask, shift, keys, key)
+        h = fmix64(key ^ PROBE_SALT)  # once for the index, the insert and the filter
+        r = entry_row(index[find_slot(index, mask, np.int64(h >> shift), h << _U32, keys, key)])
         if r >= 0:
             _unlink(prev, nxt, meta, r)
         else:
@@ -209,8 +196,8 @@ def put_kernel(
                 r = np.int32(meta[D_HWM])
                 meta[D_HWM] += 1
             keys[r] = key
-            _index_insert(index, mask, shift, key, r)
-            _filter_add(filt, key)
+            _insert_hashed(index, mask, shift, h, r)
+            _filter_add(filt, h)
             meta[M_NROWS] += 1
         _put_u64(slab, r, 8, np.uint64(0))  # free while torn: a kill now leaves no bad record
         for b in range(vb):
@@ -334,12 +321,12 @@ def rebuild_kernel(order, slab, index, shift, keys, prev, nxt, meta):
     for j in range(order.shape[0]):
         r = np.int32(order[j])
         key = _get_u64(slab, r, 0)
-        old = _find(index, mask, shift, keys, key)
+        old = find_row(index, mask, shift, keys, key)
         if old >= 0:
             _free_record(slab, index, shift, keys, prev, nxt, meta, old)
             dup += 1
         keys[r] = key
-        _index_insert(index, mask, shift, key, r)
+        _insert_slot(index, mask, shift, key, r)
         _push_tail(prev, nxt, meta, r)
         meta[M_NROWS] += 1
     return dup
@@ -367,4 +354,4 @@ def index_records_kernel(index, shift, keys, recs):
     mask = index.shape[0] - 1
     for j in range(recs.shape[0]):
         r = recs[j]
-        _index_insert(index, mask, shift, keys[r], np.int32(r))
+        _insert_slot(index, mask, shift, keys[r], np.int32(r))

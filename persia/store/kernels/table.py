@@ -632,7 +632,12 @@ def _slot_of_row(index, mask, shift, row_keys, r):
 
 @njit(nogil=True, cache=True, inline="always")
 def _insert_slot(index, mask, shift, key, r):
-    h = fmix64(key ^ PROBE_SALT)
+    _insert_hashed(index, mask, shift, fmix64(key ^ PROBE_SALT), r)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _insert_hashed(index, mask, shift, h, r):
+    """Index row ``r`` of the key whose probe hash is ``h`` (not yet indexed)."""
     s = np.int64(h >> shift)
     while index[s] != EMPTY:
         s = (s + 1) & mask
