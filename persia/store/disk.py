@@ -389,11 +389,10 @@ class DiskTier:
         if need > _MAX_LOAD * self.index.shape[0] and self.index.shape[0] < _index_size(
             self._slots
         ):
+            old = self.index
             self._set_index(_index_size(min(self._slots, max(need, 2 * self.rows))))
-            live = np.empty(self.rows, dtype=np.int32)
-            k = K.lru_order_kernel(self.nxt, self.meta, live)
-            D.index_records_kernel(self.index, self._shift, self.keys, live[:k])
-            self._build_filter()
+            D.reindex_kernel(old, self.index, self._shift, self.keys, self.filter)
+            self.meta[D.D_STALE] = 0
         elif self.meta[D.D_STALE] > max(self.rows, 1 << 16):
             # more freed records' bits than live ones': the filter passes too many keys
             self._build_filter()

@@ -195,7 +195,8 @@ def test_find_agrees_with_a_dict_through_puts_removes_growth_and_reopen(tmp_path
     dict of the live keys does; and it screens out most keys never written."""
     rng = np.random.default_rng(5)
     d = tmp_path / "t"
-    tier = DiskTier.open(d, 60_000, DIM, np.float32, 1)
+    tier = DiskTier.open(d, 100_000, DIM, np.float32, 1)
+    slots = tier.index.shape[0]
     live: set[int] = set()
     rebuilt = 0
     for step in range(40):
@@ -211,12 +212,13 @@ def test_find_agrees_with_a_dict_through_puts_removes_growth_and_reopen(tmp_path
         got = tier.find(probe) >= 0
         assert np.array_equal(got, np.isin(probe, np.array(sorted(live), np.uint64))), step
     assert tier.rows == len(live) and tier.dropped > 0 and rebuilt > 0
+    assert tier.index.shape[0] > slots  # the index grew (reindexed with its filter)
     never = np.arange(10**9, 10**9 + 50_000, dtype=np.uint64)
     assert not (tier.find(never) >= 0).any()
     assert tier.might_hold(never).mean() < 0.15  # ~5% expected; none of them is looked up
     assert tier.might_hold(np.array(sorted(live), np.uint64)).all()
     tier.close()
-    again = DiskTier.open(d, 60_000, DIM, np.float32, 1)
+    again = DiskTier.open(d, 100_000, DIM, np.float32, 1)
     probe = np.array(sorted(live) + list(range(800_000, 810_000)), np.uint64)
     assert np.array_equal(again.find(probe) >= 0, np.isin(probe, np.array(sorted(live), np.uint64)))
     again.close()

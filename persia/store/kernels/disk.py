@@ -26,8 +26,10 @@ State (plain arrays):
 import numpy as np
 from numba import njit
 
+from persia.embedding.kernels import prefetch, prefetch_at
 from persia.store.kernels.table import (
     GOLDEN,
+    GROUP,
     M_HEAD,
     M_NROWS,
     PROBE_SALT,
@@ -42,6 +44,7 @@ from persia.store.kernels.table import (
     find_slot,
     fmix64,
     mix_sm,
+    scan_tag,
 )
 
 #: meta layout (the first three as the table's)
@@ -66,6 +69,8 @@ _U6 = np.uint64(6)
 _U12 = np.uint64(12)
 _B63 = np.uint64(63)
 _ONE = np.uint64(1)
+#: how many keys ahead ``put_kernel`` prefetches
+_AHEAD = 16
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -154,6 +159,21 @@ def filter_build_kernel(filt, index, keys):
             _filter_add(filt, fmix64(keys[r] ^ PROBE_SALT))
 
 
+@njit(nogil=True, cache=True)
+def reindex_kernel(old, index, shift, keys, filt):
+    """Index (in the empty ``index``) and filter (the all-zero ``filt``) the records ``old``
+    indexes. One pass over ``old`` in slot order: its entries come in the order of their keys'
+    probe hashes, so the new index fills nearly in order too (no walk of the LRU list, whose
+    links are one dependent cache miss per record)."""
+    mask = index.shape[0] - 1
+    for s in range(old.shape[0]):
+        r = entry_row(old[s])
+        if r >= 0:
+            h = fmix64(keys[r] ^ PROBE_SALT)
+            _insert_hashed(index, mask, shift, h, r)
+            _filter_add(filt, h)
+
+
 @njit(nogil=True, cache=True, inline="always")
 def _free_record(slab, index, shift, keys, prev, nxt, meta, r):
     """Unindex, unlink and free live record ``r`` (its seq on disk becomes 0)."""
@@ -179,7 +199,13 @@ def put_kernel(
     vb = in_vals.shape[1]
     sb = in_state.shape[1]
     payload = vb + sb
-    for i in range(in_keys.shape[0]):
+    n = in_keys.shape[0]
+    fmask = np.uint64(filt.shape[0] - 1)
+    for i in range(n):
+        if i + _AHEAD < n:  # the index slot and filter word of a key further on (a hint)
+            ha = fmix64(in_keys[i + _AHEAD] ^ PROBE_SALT)
+            prefetch(index, np.int64(ha >> shift))
+            prefetch(filt, np.int64((ha >> _U12) & fmask))
         key = in_keys[i]
         h = fmix64(key ^ PROBE_SALT)  # once for the index, the insert and the filter
         r = entry_row(index[find_slot(index, mask, np.int64(h >> shift), h << _U32, keys, key)])
@@ -261,23 +287,55 @@ def take_kernel(
     """For every ``i`` with ``dst[i] >= 0`` whose key is on disk: copy its record's payload into
     row ``dst[i]`` of ``out_vals u8[R, vb]`` / ``out_state u8[R, sb]`` (raw bytes), free the
     record and note ``i`` in ``taken``. Returns ``(taken, bad)``: how many, and how many records
-    failed their check (left on disk, their rows unwritten)."""
+    failed their check (left on disk, their rows unwritten).
+
+    By groups of the keys the filter passes, so that their cache misses overlap: prefetch the
+    home slots; scan them for the tags and prefetch the candidate records' keys; confirm the keys
+    and prefetch the records and their links; then copy and free."""
     mask = index.shape[0] - 1
+    n = in_keys.shape[0]
+    rec = slab.shape[1]
+    cand = np.empty(GROUP, dtype=np.int64)
+    slots = np.empty(GROUP, dtype=np.int64)
+    tags = np.empty(GROUP, dtype=np.uint64)
+    recs = np.empty(GROUP, dtype=np.int32)
     k = 0
     bad = 0
-    for i in range(in_keys.shape[0]):
-        d = dst[i]
-        if d < 0:
-            continue
-        r = _find_filtered(index, mask, shift, keys, filt, in_keys[i])
-        if r < 0:
-            continue
-        if not _copy_out(slab, r, out_vals, out_state, d, meta):
-            bad += 1
-            continue
-        _free_record(slab, index, shift, keys, prev, nxt, meta, r)
-        taken[k] = i
-        k += 1
+    i = 0
+    while i < n:
+        c = 0
+        while i < n and c < GROUP:
+            if dst[i] >= 0:
+                h = fmix64(in_keys[i] ^ PROBE_SALT)
+                if _filter_has(filt, h):
+                    s = np.int64(h >> shift)
+                    cand[c] = i
+                    slots[c] = s
+                    tags[c] = h << _U32
+                    prefetch(index, s)
+                    c += 1
+            i += 1
+        for j in range(c):
+            prefetch(keys, max(entry_row(index[scan_tag(index, mask, slots[j], tags[j])]), 0))
+        for j in range(c):
+            s = find_slot(index, mask, slots[j], tags[j], keys, in_keys[cand[j]])
+            r = entry_row(index[s])
+            recs[j] = r
+            if r >= 0:
+                for b in range(0, rec, 64):
+                    prefetch_at(slab, r, b)
+                prefetch(prev, r)
+                prefetch(nxt, r)
+        for j in range(c):
+            r = recs[j]
+            if r < 0 or _get_u64(slab, r, 8) == np.uint64(0):  # (a repeat freed it already)
+                continue
+            if not _copy_out(slab, r, out_vals, out_state, dst[cand[j]], meta):
+                bad += 1
+                continue
+            _free_record(slab, index, shift, keys, prev, nxt, meta, r)
+            taken[k] = cand[j]
+            k += 1
     return k, bad
 
 
@@ -346,12 +404,3 @@ def mark_free_kernel(recs, slab):
     """Set the seq of records ``recs`` to 0 (bad records found on open)."""
     for i in range(recs.shape[0]):
         _put_u64(slab, recs[i], 8, np.uint64(0))
-
-
-@njit(nogil=True, cache=True)
-def index_records_kernel(index, shift, keys, recs):
-    """Fill an all-empty ``index`` with the records ``recs`` (after it grew)."""
-    mask = index.shape[0] - 1
-    for j in range(recs.shape[0]):
-        r = recs[j]
-        _insert_slot(index, mask, shift, keys[r], np.int32(r))

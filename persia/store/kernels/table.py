@@ -447,7 +447,7 @@ def train_probe_create_kernel(
     """``train_probe_hits_kernel`` that also creates the missing keys' rows and index entries
     while their probe chains are in the cache (the table must have room for every key without
     growth or eviction, and admit every key). Created rows are not linked: ``rows[i] = -1`` and
-    ``made[i]`` = the new row (or -2: created earlier in this batch) for
+    ``made[i]`` = the new row (or -2: created earlier in this batch; -1 for a hit) for
     ``train_link_new_kernel`` and ``train_init_kernel``, which give the same result as
     ``train_misses_kernel`` would have. Returns the number of keys absent before the batch.
 
@@ -495,6 +495,7 @@ def train_probe_create_kernel(
                 missing += 1
             else:
                 rows[i] = r
+                made[i] = -1
                 prefetch(values, r)
                 for c in range(0, state.shape[1], 16):
                     prefetch_at(state, r, c)
@@ -878,14 +879,30 @@ def stamps_below_kernel(lru_ts, nrows, threshold, out):
     return k
 
 
+#: how many victims ahead ``evict_rows_stamped_kernel`` prefetches
+_EVICT_AHEAD = 8
+
+
 @njit(nogil=True, cache=True)
 def evict_rows_stamped_kernel(victims, index, shift, row_keys, values, state, lru_ts, meta):
     """Evict rows ``victims`` (distinct, in descending order) of a table whose LRU is stamped,
     keeping rows dense: the last row moves into each hole (its stamp with it)."""
     mask = index.shape[0] - 1
-    for i in range(victims.shape[0]):
-        r = np.int32(victims[i])
+    n = victims.shape[0]
+    for i in range(n):
         nrows = meta[M_NROWS]
+        # hints for the victims further on: the key two steps ahead, then its index slot and
+        # row (and the index slot of the row that will move into it)
+        if i + 2 * _EVICT_AHEAD < n:
+            prefetch(row_keys, victims[i + 2 * _EVICT_AHEAD])
+        if i + _EVICT_AHEAD < n:
+            v = victims[i + _EVICT_AHEAD]
+            prefetch(index, home_slot(row_keys[v], shift))
+            prefetch(values, v)
+            prefetch(state, v)
+            if nrows > _EVICT_AHEAD:
+                prefetch(index, home_slot(row_keys[nrows - 1 - _EVICT_AHEAD], shift))
+        r = np.int32(victims[i])
         delete_slot(index, shift, row_keys, _slot_of_row(index, mask, shift, row_keys, r))
         last = np.int32(nrows - 1)
         if r != last:
