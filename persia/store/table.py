@@ -891,7 +891,9 @@ class EmbeddingTable:
             victims = out[:k]
         else:  # the sample missed: the exact oldest ``count``
             victims = np.argpartition(np.asarray(ts), count - 1)[:count].astype(np.int32)
-        victims = victims[np.argsort(ts[victims], kind="stable")][:count]  # oldest first
+        # oldest first (rows of one stamp in any order: numpy's default sort, 4x the stable
+        # one's speed on these int64 stamps)
+        victims = victims[np.argsort(ts[victims])][:count]
         tier.put(self.row_keys[victims].copy(), self.values[victims], self.state[victims])
         K.evict_rows_stamped_kernel(
             np.sort(victims)[::-1].copy(), self.index, self._shift, self.row_keys, self._kv,
