@@ -384,15 +384,26 @@ class DiskTier:
             + self.nxt.nbytes
         )  # fmt: skip
 
+    def reserve(self, records: int) -> None:
+        """Size the index (and key filter) for ``min(records, capacity)`` records now, so that
+        writes up to that many do not rebuild it."""
+        self._check_open()
+        size = _index_size(min(self._slots, max(1, int(records))))
+        if size > self.index.shape[0]:
+            self._reindex(size)
+
+    def _reindex(self, size: int) -> None:
+        old = self.index
+        self._set_index(size)
+        D.reindex_kernel(old, self.index, self._shift, self.keys, self.filter)
+        self.meta[D.D_STALE] = 0
+
     def _grow_index(self, more: int) -> None:
         need = self.rows + more
         if need > _MAX_LOAD * self.index.shape[0] and self.index.shape[0] < _index_size(
             self._slots
         ):
-            old = self.index
-            self._set_index(_index_size(min(self._slots, max(need, 2 * self.rows))))
-            D.reindex_kernel(old, self.index, self._shift, self.keys, self.filter)
-            self.meta[D.D_STALE] = 0
+            self._reindex(_index_size(min(self._slots, max(need, 2 * self.rows))))
         elif self.meta[D.D_STALE] > max(self.rows, 1 << 16):
             # more freed records' bits than live ones': the filter passes too many keys
             self._build_filter()

@@ -395,8 +395,12 @@ class EmbeddingTable:
         self._resize(min(self.capacity, max(alloc + 1, (alloc * 3 + 1) // 2)))
 
     def reserve(self, rows: int) -> None:
-        """Allocate room for ``min(rows, capacity)`` rows now (no growth until then)."""
-        rows = min(check_positive_int(rows, "rows"), self.capacity)
+        """Allocate room for ``min(rows, capacity)`` rows now (no growth until then); with a
+        disk tier, the rows past the capacity are reserved on disk (its index)."""
+        rows = check_positive_int(rows, "rows")
+        if self.tier is not None and rows > self.capacity:
+            self.tier.reserve(rows - self.capacity)
+        rows = min(rows, self.capacity)
         if rows > self.values.shape[0]:
             self._resize(rows)
 

@@ -224,6 +224,24 @@ def test_find_agrees_with_a_dict_through_puts_removes_growth_and_reopen(tmp_path
     again.close()
 
 
+def test_reserve_sizes_the_tier_index_for_the_rows_past_ram(tmp_path):
+    """A table's ``reserve`` past its RAM capacity sizes its tier's index for the rest, so that
+    spilling that many rows never rebuilds the index; every spilled row is found after."""
+    t = _tiered(tmp_path, 1_000, disk=200_000)
+    slots = t.tier.index.shape[0]
+    t.reserve(121_000)
+    reserved = t.tier.index.shape[0]
+    assert reserved > slots and 0.7 * reserved >= 120_000
+    keys = np.arange(1, 121_001, dtype=np.uint64)
+    for i in range(0, keys.size, 500):
+        t.lookup(keys[i : i + 500], True)
+    assert t.tier.index.shape[0] == reserved and t.tier.rows >= 119_000
+    back = t.tier.find(keys)
+    assert (back >= 0).sum() == t.tier.rows and np.isin(t.row_keys[: t.rows], keys[back < 0]).all()
+    t.tier.reserve(10)  # never shrinks
+    assert t.tier.index.shape[0] == reserved
+
+
 def test_tier_is_validated_on_open(tmp_path, caplog):
     d = tmp_path / "t"
     tier = DiskTier.open(d, 100, DIM, np.float32, 1)
