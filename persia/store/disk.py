@@ -64,6 +64,8 @@ _log = get_default_logger("persia.store.disk")
 #: last write when larger), on a background thread: the first write to a page of the file
 #: costs the writer 1-20 us of kernel time on this machine, about 10 us on average
 PREFAULT_BYTES = 4 << 20
+#: the most slab bytes ``DiskTier.reserve`` faults in (per tier)
+RESERVE_FAULT_BYTES = 1 << 30
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
@@ -100,21 +102,22 @@ class _Prefaulter:
 
     def _loop(self) -> None:
         while True:
-            tier, start, length = self._queue.get()
-            with tier._map_lock:  # the mapping stays while this runs
-                if tier._closed or not self.enabled:
-                    continue
-                page = mmap.PAGESIZE
-                lo = start - start % page
-                rc = self._madvise(
-                    tier.slab.ctypes.data + lo, start + length - lo, _MADV_POPULATE_WRITE
-                )
-            if rc != 0:
-                err = ctypes.get_errno()
-                self.enabled = False
-                _log.info(
-                    "disk tier: prefaulting slab pages is off (madvise: %s)", os.strerror(err)
-                )
+            self.populate(*self._queue.get())
+
+    def populate(self, tier: DiskTier, start: int, length: int) -> None:
+        """Fault in bytes ``[start, start + length)`` of ``tier``'s slab now, in this thread."""
+        with tier._map_lock:  # the mapping stays while this runs
+            if tier._closed or not self.enabled:
+                return
+            page = mmap.PAGESIZE
+            lo = start - start % page
+            rc = self._madvise(
+                tier.slab.ctypes.data + lo, start + length - lo, _MADV_POPULATE_WRITE
+            )
+        if rc != 0:
+            err = ctypes.get_errno()
+            self.enabled = False
+            _log.info("disk tier: prefaulting slab pages is off (madvise: %s)", os.strerror(err))
 
     def _after_fork(self) -> None:
         """In a forked child: the parent's thread is not there (a new one starts on demand)."""
@@ -386,11 +389,22 @@ class DiskTier:
 
     def reserve(self, records: int) -> None:
         """Size the index (and key filter) for ``min(records, capacity)`` records now, so that
-        writes up to that many do not rebuild it."""
+        writes up to that many do not rebuild it; and fault in the slab pages of the first of
+        those records past the used ones (at most ``RESERVE_FAULT_BYTES``), as a table's reserve
+        touches its rows' pages, so that the writes that follow find them mapped."""
         self._check_open()
-        size = _index_size(min(self._slots, max(1, int(records))))
+        records = min(self._slots, max(1, int(records)))
+        size = _index_size(records)
         if size > self.index.shape[0]:
             self._reindex(size)
+        if _PREFAULT.enabled:
+            used = int(self.meta[D.D_HWM]) * self.record_size
+            ahead = min(records * self.record_size, RESERVE_FAULT_BYTES)
+            end = min(used + ahead, self.slab.shape[0] * self.record_size)
+            if end > self._faulted:
+                start = max(self._faulted, used)
+                self._faulted = end
+                _PREFAULT.populate(self, start, end - start)
 
     def _reindex(self, size: int) -> None:
         old = self.index

@@ -614,6 +614,21 @@ def test_slab_pages_are_faulted_in_ahead_of_the_writes(tmp_path):
     tier.close()
 
 
+def test_reserve_faults_in_the_slab_pages_of_the_reserved_records(tmp_path):
+    from persia.store import disk as disk_mod
+
+    if not disk_mod._PREFAULT.enabled:
+        pytest.skip("madvise(MADV_POPULATE_WRITE) is refused here")
+    tier = DiskTier.open(tmp_path / "t", 400_000, DIM, np.float32, 1)
+    slab = (tmp_path / "t" / "tier.slab").resolve()
+    want = 300_000 * tier.record_size
+    assert want > 2 * disk_mod.PREFAULT_BYTES and _slab_rss(slab) < want // 2
+    tier.reserve(300_000)
+    assert _slab_rss(slab) >= want  # now, in the caller (no background thread to wait for)
+    assert tier.disk_bytes == 0
+    tier.close()
+
+
 def test_a_forked_child_prefaults_with_its_own_thread(tmp_path):
     from persia.store import disk as disk_mod
 
