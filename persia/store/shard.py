@@ -46,8 +46,9 @@ __all__ = ["RowHint", "Shard", "shard_of"]
 class RowHint:
     """Where a training lookup found (or made) its keys: a table, its eviction count then, and
     the row of every key. :meth:`Shard.apply_gradients_hinted` uses the rows while the table is
-    the same and has evicted nothing since (rows move only by eviction), else finds them again.
-    Opaque to callers; valid only in the process of the shard that gave it."""
+    the same and has evicted nothing since (rows move only by eviction); after evictions, it
+    keeps the rows that still hold their keys and finds the others again. Opaque to callers;
+    valid only in the process of the shard that gave it."""
 
     __slots__ = ("table", "evictions", "rows")
 
@@ -311,7 +312,8 @@ class Shard:
     def apply_gradients_hinted(self, keys: Any, grads: Any, hint: RowHint | None) -> np.ndarray:
         """:meth:`apply_gradients` of the keys a :meth:`lookup_hinted` gave ``hint`` for (in
         the same order): the same result, without finding the rows again while the hint holds
-        (same table, no eviction since)."""
+        (same table, no eviction since); after evictions, only the rows that no longer hold
+        their keys are found again (evictions move rows)."""
         if not isinstance(hint, RowHint):
             return self.apply_gradients(keys, grads)
         keys = check_keys(keys)
@@ -322,11 +324,14 @@ class Shard:
         grads = check_grads(grads, n, dim)
         with self._lock:
             table = self._tables.get(dim)
-            if table is not hint.table or table.evictions != hint.evictions:
+            if table is not hint.table or len(self._tables) != 1:
                 return self._apply_locked(keys, grads, dim)
+            rows = hint.rows
+            if table.evictions != hint.evictions:
+                rows = table.recheck(keys, rows)
             if self._changed is not None:
                 self._note_changed(dim, keys)
-            return table.apply_rows(hint.rows, grads, keys)
+            return table.apply_rows(rows, grads, keys)
 
     def apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
         """Apply ``grads[i]`` (``f32[n, dim]``) to the row of ``keys[i]`` in dim ``dim``.

@@ -448,6 +448,14 @@ class EmbeddingTable:
         K.probe_kernel(self.index, self._shift, self.row_keys, keys, rows)
         return rows
 
+    def recheck(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Rows of checked ``keys`` (i32, -1 = absent from RAM) given where they were
+        (``rows``, e.g. a lookup's before evictions moved some): a row that still holds its key
+        is kept, the others are probed again."""
+        out = np.empty(keys.shape[0], dtype=np.int32)
+        K.recheck_rows_kernel(self.index, self._shift, self.row_keys, self.rows, keys, rows, out)
+        return out
+
     def lookup(self, keys: Any, training: bool) -> np.ndarray:
         """Rows of ``keys`` as ``f32[n, dim]``.
 

@@ -549,3 +549,20 @@ def test_fast_lookups_stamp_and_other_operations_link():
     keys = u64(range(100, 130))
     np.testing.assert_array_equal(t.lookup(keys, True), n.lookup(keys, True))
     same_export(t, n)
+
+
+def test_recheck_keeps_rows_that_hold_their_keys_and_finds_moved_ones():
+    """After evictions move rows, ``recheck`` answers what a fresh probe answers: a row that
+    still holds its key is kept as given, a moved key's row is found again, an evicted key is
+    -1; and a row number past the live rows is not trusted."""
+    t = EmbeddingTable(4, 50, SGD(lr=0.1), seed=1)
+    keys = np.arange(100, 150, dtype=np.uint64)
+    t.lookup(keys, True)
+    before = t.probe(keys)
+    t.set_capacity(40)  # evicts the 10 oldest (keys 100-109); the last rows fill their places
+    assert t.evictions == 10
+    got = t.recheck(keys, before)
+    np.testing.assert_array_equal(got, t.probe(keys))
+    assert (got[:10] == -1).all() and (got[10:] >= 0).all()
+    assert ((got != before) & (got >= 0)).sum() == 10  # the rows that moved into those places
+    np.testing.assert_array_equal(t.recheck(keys[10:], np.full(40, 10**6, np.int32)), got[10:])

@@ -205,6 +205,23 @@ def _probe_on(index, mask, s, tag, row_keys, key):
 
 
 @njit(nogil=True, cache=True)
+def recheck_rows_kernel(index, shift, row_keys, nrows, keys, rows, out):
+    """``out[i]`` = the row of ``keys[i]`` (or -1), given ``rows[i]``, where it was: kept
+    where that row still holds the key (one compare), probed again where not (it moved or left).
+    Returns how many were probed again."""
+    mask = index.shape[0] - 1
+    again = 0
+    for i in range(keys.shape[0]):
+        r = rows[i]
+        if 0 <= r < nrows and row_keys[r] == keys[i]:
+            out[i] = r
+        else:
+            out[i] = find_row(index, mask, shift, row_keys, keys[i])
+            again += 1
+    return again
+
+
+@njit(nogil=True, cache=True)
 def probe_kernel(index, shift, row_keys, keys, rows):
     """``rows[i] = row of keys[i]`` or -1; returns the number of absent keys.
 
