@@ -429,18 +429,39 @@ class DiskTier:
         n = keys.shape[0]
         if n == 0:
             return
-        vals = np.ascontiguousarray(values, dtype=self.value_dtype).view(np.uint8)
-        st = np.ascontiguousarray(state, dtype=self.state_dtype).view(np.uint8)
+        vals = np.ascontiguousarray(values, dtype=self.value_dtype).reshape(n, self.dim)
+        st = np.ascontiguousarray(state, dtype=self.state_dtype).reshape(n, self.state_width)
+        self._put(keys, np.arange(n, dtype=np.int64), vals, st)
+
+    def put_rows(
+        self, keys: np.ndarray, rows: np.ndarray, values: np.ndarray, state: np.ndarray
+    ) -> None:
+        """:meth:`put` of rows ``rows`` (distinct, in that order) of a table's arrays: ``keys``
+        (u64), ``values`` and ``state`` (2-D, C order, in the tier's dtypes), without copies."""
+        self._check_open()
+        if values.dtype != self.value_dtype or state.dtype != self.state_dtype:
+            raise StoreError(
+                f"put_rows: arrays of {values.dtype}/{state.dtype}, the tier holds "
+                f"{self.value_dtype}/{self.state_dtype}"
+            )
+        if rows.shape[0]:
+            self._put(keys, rows, values, state)
+
+    def _put(
+        self, keys: np.ndarray, src: np.ndarray, values: np.ndarray, state: np.ndarray
+    ) -> None:
+        n = src.shape[0]
         self._grow_index(n)
         if self.dropped_keys is not None:  # the oldest records this write will drop
-            new = int((self.find(np.unique(keys)) < 0).sum())
+            new = int((self.find(np.unique(keys[src])) < 0).sum())
             drop = min(self.rows, self.rows + new - self.capacity)
             if drop > 0:  # (a superset: a key of this write may be dropped and written again)
                 out = np.empty(drop, dtype=np.int32)
                 out = out[: K.lru_order_kernel(self.nxt, self.meta, out)]
                 self.dropped_keys.append(self.keys[out].copy())
         D.put_kernel(
-            keys, vals.reshape(n, self.value_bytes), st.reshape(n, self.state_bytes), self.slab,
+            keys, src, values.view(np.uint8).reshape(values.shape[0], self.value_bytes),
+            state.view(np.uint8).reshape(state.shape[0], self.state_bytes), self.slab,
             self.index, self._shift, self.keys, self.prev, self.nxt, self.meta, self.capacity,
             self.filter,
         )  # fmt: skip

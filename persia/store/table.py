@@ -946,7 +946,7 @@ class EmbeddingTable:
     def _spill_rows(self, victims: np.ndarray) -> None:
         """Move RAM rows ``victims`` (distinct; written to disk in this order) to the disk tier,
         with the LRU in its stamped form."""
-        self._disk().put(self.row_keys[victims].copy(), self.values[victims], self.state[victims])
+        self._disk().put_rows(self.row_keys, victims, self.values, self.state)
         K.evict_rows_stamped_kernel(
             np.sort(victims)[::-1].copy(), self.index, self._shift, self.row_keys, self._kv,
             self.state, self.lru_ts, self.meta,

@@ -270,6 +270,24 @@ def test_reserve_sizes_the_tier_index_for_the_rows_past_ram(tmp_path):
     assert t.tier.index.shape[0] == reserved
 
 
+def test_put_rows_writes_what_put_of_the_gathered_rows_writes(tmp_path):
+    rng = np.random.default_rng(2)
+    keys = rng.permutation(10_000)[:300].astype(np.uint64) + 1
+    values = rng.standard_normal((300, DIM)).astype(np.float32)
+    state = rng.random((300, 1)).astype(np.float32)
+    rows = rng.permutation(300)[:120].astype(np.int32)
+    a = DiskTier.open(tmp_path / "a", 1000, DIM, np.float32, 1)
+    b = DiskTier.open(tmp_path / "b", 1000, DIM, np.float32, 1)
+    a.put(keys[rows], values[rows], state[rows])
+    b.put_rows(keys, rows, values, state)
+    for x, y in zip(a.export(), b.export(), strict=True):
+        assert np.array_equal(x, y)
+    with pytest.raises(StoreError, match="put_rows"):
+        b.put_rows(keys, rows, values.astype(np.float16), state)
+    a.close()
+    b.close()
+
+
 def test_tier_is_validated_on_open(tmp_path, caplog):
     d = tmp_path / "t"
     tier = DiskTier.open(d, 100, DIM, np.float32, 1)

@@ -69,7 +69,7 @@ _U6 = np.uint64(6)
 _U12 = np.uint64(12)
 _B63 = np.uint64(63)
 _ONE = np.uint64(1)
-#: how many keys ahead ``put_kernel`` prefetches
+#: how many rows ahead ``put_kernel`` prefetches
 _AHEAD = 16
 
 
@@ -190,23 +190,31 @@ def _free_record(slab, index, shift, keys, prev, nxt, meta, r):
 
 @njit(nogil=True, cache=True)
 def put_kernel(
-    in_keys, in_vals, in_state, slab, index, shift, keys, prev, nxt, meta, capacity, filt
+    in_keys, src, in_vals, in_state, slab, index, shift, keys, prev, nxt, meta, capacity, filt
 ):
-    """Write rows (``in_vals u8[n, vb]``, ``in_state u8[n, sb]``: their raw bytes) in order, each
-    the newest record; a key already held is overwritten in place. Past ``capacity`` live
-    records the oldest is dropped (counted in ``meta[D_DROPPED]``)."""
+    """Write rows ``src[i]`` of ``in_keys`` / ``in_vals u8[R, vb]`` / ``in_state u8[R, sb]``
+    (their raw bytes) in the order of ``src``, each the newest record; a key already held is
+    overwritten in place. Past ``capacity`` live records the oldest is dropped (counted in
+    ``meta[D_DROPPED]``). (``src`` lets a table spill its rows straight from its arrays.)"""
     mask = index.shape[0] - 1
     vb = in_vals.shape[1]
     sb = in_state.shape[1]
     payload = vb + sb
-    n = in_keys.shape[0]
+    n = src.shape[0]
     fmask = np.uint64(filt.shape[0] - 1)
     for i in range(n):
-        if i + _AHEAD < n:  # the index slot and filter word of a key further on (a hint)
-            ha = fmix64(in_keys[i + _AHEAD] ^ PROBE_SALT)
+        # hints: the key of a row further on, then its index slot, filter word and payload
+        if i + 2 * _AHEAD < n:
+            prefetch(in_keys, src[i + 2 * _AHEAD])
+        if i + _AHEAD < n:
+            a = src[i + _AHEAD]
+            ha = fmix64(in_keys[a] ^ PROBE_SALT)
             prefetch(index, np.int64(ha >> shift))
             prefetch(filt, np.int64((ha >> _U12) & fmask))
-        key = in_keys[i]
+            prefetch(in_vals, a)
+            prefetch(in_state, a)
+        j = src[i]
+        key = in_keys[j]
         h = fmix64(key ^ PROBE_SALT)  # once for the index, the insert and the filter
         r = entry_row(index[find_slot(index, mask, np.int64(h >> shift), h << _U32, keys, key)])
         if r >= 0:
@@ -227,9 +235,9 @@ def put_kernel(
             meta[M_NROWS] += 1
         _put_u64(slab, r, 8, np.uint64(0))  # free while torn: a kill now leaves no bad record
         for b in range(vb):
-            slab[r, HEAD_BYTES + b] = in_vals[i, b]
+            slab[r, HEAD_BYTES + b] = in_vals[j, b]
         for b in range(sb):
-            slab[r, HEAD_BYTES + vb + b] = in_state[i, b]
+            slab[r, HEAD_BYTES + vb + b] = in_state[j, b]
         _put_u64(slab, r, 0, key)
         meta[D_SEQ] += 1
         _put_u64(slab, r, 8, np.uint64(meta[D_SEQ]))
