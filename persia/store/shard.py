@@ -329,8 +329,8 @@ class Shard:
             rows = hint.rows
             if table.evictions != hint.evictions:
                 rows = table.recheck(keys, rows)
-            if self._changed is not None:
-                self._note_changed(dim, keys)
+            if self._changed is not None:  # as _apply_locked notes them
+                self._note_changed(dim, keys[rows >= 0] if table.tier is None else keys)
             return table.apply_rows(rows, grads, keys)
 
     def apply_gradients(self, keys: Any, grads: Any) -> np.ndarray:
