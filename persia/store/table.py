@@ -511,7 +511,15 @@ class EmbeddingTable:
         n = keys.shape[0]
         tiered = False
         if self.tier is not None:
-            tiered = not self._use_sketch and self._tier_room(n)
+            # the fast path makes room for every key of the batch, hits included, before it
+            # knows which keys are on disk: with the disk nearly full, that would drop its
+            # oldest rows for room the batch's own disk rows are about to free, so the exact
+            # path takes them first
+            tiered = (
+                not self._use_sketch
+                and self.tier.rows + n <= self.tier.capacity
+                and self._tier_room(n)
+            )
             if not tiered:
                 self._tier_before_train(keys)
         out = np.empty((n, self.dim), dtype=np.float32)

@@ -148,6 +148,32 @@ def test_spills_take_the_oldest_rows_from_a_queue_chosen_ahead(tmp_path):
     assert t.rows == 1600 and t.rows + t.tier.rows == 1700
 
 
+@pytest.mark.parametrize("row_dtype", ["float32", "float16"])
+def test_a_full_disk_drops_nothing_for_the_rows_a_lookup_brings_back(tmp_path, row_dtype):
+    """RAM and disk both full: a training lookup of rows on disk frees their records, so the
+    rows its room sends to disk fit where they were: nothing is dropped, every row is kept
+    bit-identical to a table with RAM enough, in RAM or on disk."""
+    big = EmbeddingTable(DIM, 10_000, _opt(), seed=3, row_dtype=row_dtype)
+    small = _tiered(tmp_path, 400, disk=600, row_dtype=row_dtype)
+    keys = np.arange(1, 1001, dtype=np.uint64)
+    for t in (big, small):
+        for i in range(0, 1000, 50):
+            t.lookup(keys[i : i + 50], True)
+    assert small.rows == 400 and small.tier.rows == 600 and small.tier.dropped == 0
+    rng = np.random.default_rng(4)
+    for _ in range(30):  # batches mostly of disk rows
+        batch = rng.choice(small.tier.keys[small.tier.order()], 40, replace=False)
+        batch = np.concatenate([batch, rng.choice(keys, 10, replace=False)])
+        grads = rng.standard_normal((batch.size, DIM)).astype(np.float32)
+        for t in (big, small):
+            t.lookup(batch, True)
+            t.apply_gradients(batch, grads)
+    assert small.tier.dropped == 0 and small.rows + small.tier.rows == 1000
+    a, b = _sorted_rows(big.export_rows()), _sorted_rows(small.export_rows())
+    for name in ("keys", "values", "state"):
+        assert np.array_equal(a[name], b[name]), name
+
+
 def test_spilled_row_keeps_values_and_state_and_comes_back(tmp_path):
     t = _tiered(tmp_path, 4)
     keys = np.arange(4, dtype=np.uint64)
