@@ -882,10 +882,9 @@ class EmbeddingTable:
         """Before a training lookup of ``n`` keys with a disk tier: room for ``n`` new rows
         without eviction (what the fast lookup needs, which then brings its missing keys back
         from disk, :meth:`_tier_restore`): the arrays grow up to the capacity, and past it the
-        oldest rows go to disk (:meth:`_spill_stamped`: chosen 1/4 of the capacity at a time,
+        oldest rows go to disk (:meth:`_spill_stamped`: chosen 1/16 of the capacity at a time,
         so that a pass over the RAM rows' stamps is paid once for many batches, and spilled as
-        the batches need room, in exact LRU order: every row not chosen is younger than every
-        row chosen; a row spilled early just comes back from disk if used). False
+        the batches need room; a row spilled early just comes back from disk if used). False
         (nothing done) when a batch needs more than half the capacity."""
         if n > self.capacity // 2:
             return False
@@ -893,7 +892,7 @@ class EmbeddingTable:
             self._grow()
         short = self.rows + n - self.values.shape[0]
         if short > 0:
-            count = max(short, self.capacity // 4)
+            count = max(short, self.capacity // 16)
             if self.meta[K.M_STAMPED]:
                 self._spill_stamped(short, count)
             else:

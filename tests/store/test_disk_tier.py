@@ -121,11 +121,11 @@ def test_batches_well_under_the_ram_capacity_bring_disk_rows_back_bit_identical(
 
 
 def test_spills_take_the_oldest_rows_from_a_queue_chosen_ahead(tmp_path):
-    """At capacity, a training lookup spills just the room it needs, from the 1/4 of the RAM
+    """At capacity, a training lookup spills just the room it needs, from the 1/16 of the RAM
     rows chosen oldest ahead of it; a queued row touched since stays in RAM, and the rows go to
     disk oldest first. A new choice starts when the queue is used up."""
-    t = _tiered(tmp_path, 400)  # chosen 100 at a time
-    for i in range(0, 400, 100):
+    t = _tiered(tmp_path, 1600)  # chosen 100 at a time
+    for i in range(0, 1600, 100):
         t.lookup(np.arange(i, i + 100, dtype=np.uint64), True)
 
     def lookup(lo: int, hi: int) -> None:
@@ -134,18 +134,18 @@ def test_spills_take_the_oldest_rows_from_a_queue_chosen_ahead(tmp_path):
     def on_disk() -> list[int]:
         return t.tier.keys[t.tier.order()].tolist()
 
-    lookup(400, 410)  # choose keys 0-99, spill 0-9
+    lookup(1600, 1610)  # choose keys 0-99, spill 0-9
     assert on_disk() == list(range(10))
     lookup(50, 60)  # room for 10 more: 10-19 go; then 50-59 (queued) are touched
     assert on_disk() == list(range(20))
-    lookup(410, 450)
+    lookup(1610, 1650)
     assert on_disk() == list(range(50))
-    lookup(450, 490)  # 50-59 were touched since the choice: 60-99 go instead
+    lookup(1650, 1690)  # 50-59 were touched since the choice: 60-99 go instead
     assert on_disk() == list(range(50)) + list(range(60, 100))
     assert (t.probe(np.arange(50, 60, dtype=np.uint64)) >= 0).all()
-    lookup(490, 500)  # the queue is used up: a new choice, 100-199 the oldest now
+    lookup(1690, 1700)  # the queue is used up: a new choice, 100-199 the oldest now
     assert on_disk() == list(range(50)) + list(range(60, 110))
-    assert t.rows == 400 and t.rows + t.tier.rows == 500
+    assert t.rows == 1600 and t.rows + t.tier.rows == 1700
 
 
 @pytest.mark.parametrize("row_dtype", ["float32", "float16"])
