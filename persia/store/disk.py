@@ -397,14 +397,23 @@ class DiskTier:
         size = _index_size(records)
         if size > self.index.shape[0]:
             self._reindex(size)
-        if _PREFAULT.enabled:
-            used = int(self.meta[D.D_HWM]) * self.record_size
-            ahead = min(records * self.record_size, RESERVE_FAULT_BYTES)
-            end = min(used + ahead, self.slab.shape[0] * self.record_size)
-            if end > self._faulted:
-                start = max(self._faulted, used)
-                self._faulted = end
-                _PREFAULT.populate(self, start, end - start)
+        span = self._fault_span(min(records * self.record_size, RESERVE_FAULT_BYTES))
+        if span is not None:
+            _PREFAULT.populate(self, *span)
+
+    def _fault_span(self, ahead: int, slack: int = 0) -> tuple[int, int] | None:
+        """The slab bytes ``(start, length)`` to fault in so that the ``ahead`` bytes past the
+        used records are (marked as asked for), or None: prefaulting off, or at least
+        ``ahead - slack`` of them asked for already."""
+        if not _PREFAULT.enabled:
+            return None
+        used = int(self.meta[D.D_HWM]) * self.record_size
+        end = min(used + ahead, self.slab.shape[0] * self.record_size)
+        if self._faulted - used >= ahead - slack or end <= self._faulted:
+            return None
+        start = max(self._faulted, used)
+        self._faulted = end
+        return start, end - start
 
     def _reindex(self, size: int) -> None:
         old = self.index
@@ -439,11 +448,7 @@ class DiskTier:
         """:meth:`put` of rows ``rows`` (distinct, in that order) of a table's arrays: ``keys``
         (u64), ``values`` and ``state`` (2-D, C order, in the tier's dtypes), without copies."""
         self._check_open()
-        if values.dtype != self.value_dtype or state.dtype != self.state_dtype:
-            raise StoreError(
-                f"put_rows: arrays of {values.dtype}/{state.dtype}, the tier holds "
-                f"{self.value_dtype}/{self.state_dtype}"
-            )
+        self._check_dtypes("put_rows", values, state)
         if rows.shape[0]:
             self._put(keys, rows, values, state)
 
@@ -469,17 +474,11 @@ class DiskTier:
 
     def _prefault(self, n: int) -> None:
         """After a write of ``n`` records: have the pages past the used records faulted in ahead
-        of the next writes, on the prefault thread."""
-        if not _PREFAULT.enabled:
-            return
-        used = int(self.meta[D.D_HWM]) * self.record_size
+        of the next writes, on the prefault thread (asked again once half of them are used)."""
         ahead = max(PREFAULT_BYTES, 2 * n * self.record_size)
-        end = min(used + ahead, self.slab.shape[0] * self.record_size)
-        if self._faulted - used >= ahead // 2 or end <= self._faulted:
-            return
-        start = max(self._faulted, used)
-        self._faulted = end
-        _PREFAULT.request(self, start, end - start)
+        span = self._fault_span(ahead, slack=ahead - ahead // 2)
+        if span is not None:
+            _PREFAULT.request(self, *span)
 
     def take_dropped(self) -> np.ndarray:
         """The keys dropped past capacity since the last call (possibly some written again
@@ -534,11 +533,7 @@ class DiskTier:
         n = keys.shape[0]
         if n == 0 or not self.rows:
             return np.zeros(0, dtype=np.int64)
-        if values.dtype != self.value_dtype or state.dtype != self.state_dtype:
-            raise StoreError(
-                f"take_into: arrays of {values.dtype}/{state.dtype}, the tier holds "
-                f"{self.value_dtype}/{self.state_dtype}"
-            )
+        self._check_dtypes("take_into", values, state)
         taken = np.empty(n, dtype=np.int64)
         t0 = time.perf_counter()
         k, bad = D.take_kernel(
@@ -551,6 +546,13 @@ class DiskTier:
             self._note_read_time((time.perf_counter() - t0) / k)
         self._check_bad(bad)
         return taken[:k]
+
+    def _check_dtypes(self, what: str, values: np.ndarray, state: np.ndarray) -> None:
+        if values.dtype != self.value_dtype or state.dtype != self.state_dtype:
+            raise StoreError(
+                f"{what}: arrays of {values.dtype}/{state.dtype}, the tier holds "
+                f"{self.value_dtype}/{self.state_dtype}"
+            )
 
     def _check_bad(self, bad: int) -> None:
         if bad:

@@ -99,7 +99,8 @@ class ShardedStore:
     def _current_tier_set(self) -> int:
         """The live tier set named by ``{directory}/CURRENT`` (0 if none); other sets left by
         an earlier process are deleted."""
-        assert self.disk_tier is not None
+        if self.disk_tier is None:
+            raise StoreError("this store has no disk tier")
         base = self.disk_tier.directory
         try:
             base.mkdir(parents=True, exist_ok=True)

@@ -322,8 +322,6 @@ class EmbeddingTable:
         """The LRU in its linked form (from the stamps the fast training lookups left, when it
         is held as stamps): what every operation but the fast training lookup works on."""
         if self.meta[K.M_STAMPED]:
-            if self.tier is not None:
-                self._drop_spill_queue()
             clock = int(self.meta[K.M_CLOCK])
             if clock <= 4 * self.rows + 1024:  # a slot per stamp: less memory than a sort
                 K.lru_link_stamps_kernel(
@@ -336,7 +334,7 @@ class EmbeddingTable:
     def _stamp_lru(self) -> None:
         """The LRU in its stamped form (what the fast training lookup works on)."""
         if not self.meta[K.M_STAMPED]:
-            if self.tier is not None:
+            if self.tier is not None:  # the only way back to stamps: renumbered from here
                 self._drop_spill_queue()
             K.lru_stamp_kernel(self.lru_next, self.lru_ts, self.meta)
 
@@ -511,15 +509,7 @@ class EmbeddingTable:
         n = keys.shape[0]
         tiered = False
         if self.tier is not None:
-            # the fast path makes room for every key of the batch, hits included, before it
-            # knows which keys are on disk: with the disk nearly full, that would drop its
-            # oldest rows for room the batch's own disk rows are about to free, so the exact
-            # path takes them first
-            tiered = (
-                not self._use_sketch
-                and self.tier.rows + n <= self.tier.capacity
-                and self._tier_room(n)
-            )
+            tiered = not self._use_sketch and self._tier_room(n)
             if not tiered:
                 self._tier_before_train(keys)
         out = np.empty((n, self.dim), dtype=np.float32)
@@ -868,8 +858,7 @@ class EmbeddingTable:
             victims = victims[: K.lru_order_kernel(self.lru_next, self.meta, victims)]
         if victims.size == 0:
             return 0
-        keys = self.row_keys[victims].copy()
-        tier.put(keys, self.values[victims], self.state[victims])
+        tier.put_rows(self.row_keys, victims, self.values, self.state)
         evictions = int(self.meta[K.M_EVICTIONS])
         K.evict_oldest_kernel(
             victims.size, self.index, self._shift, self.row_keys, self._kv, self.state,
@@ -885,8 +874,13 @@ class EmbeddingTable:
         oldest rows go to disk (:meth:`_spill_stamped`: chosen 1/16 of the capacity at a time,
         so that a pass over the RAM rows' stamps is paid once for many batches, and spilled as
         the batches need room; a row spilled early just comes back from disk if used). False
-        (nothing done) when a batch needs more than half the capacity."""
-        if n > self.capacity // 2:
+        (nothing done) when a batch needs more than half the capacity, or when the disk has no
+        room for ``n`` more records: this room is for every key of the batch, hits included,
+        made before the lookup knows which keys are on disk, so with the disk (nearly) full it
+        would drop the oldest disk rows for room the batch's own disk rows are about to free
+        (the exact path, :meth:`_tier_before_train`, takes them off first)."""
+        tier = self._disk()
+        if n > self.capacity // 2 or tier.rows + n > tier.capacity:
             return False
         while self.rows + n > self.values.shape[0] and self.values.shape[0] < self.capacity:
             self._grow()
