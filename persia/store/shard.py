@@ -44,17 +44,21 @@ __all__ = ["RowHint", "Shard", "shard_of"]
 
 
 class RowHint:
-    """Where a training lookup found (or made) its keys: a table, its eviction count then, and
-    the row of every key. :meth:`Shard.apply_gradients_hinted` uses the rows while the table is
-    the same and has evicted nothing since (rows move only by eviction); after evictions, it
-    keeps the rows that still hold their keys and finds the others again. Opaque to callers;
-    valid only in the process of the shard that gave it."""
+    """Where a training lookup found (or made) its keys: a table, its eviction count and layout
+    then, the first stamp the lookup gave, and the row of every key.
+    :meth:`Shard.apply_gradients_hinted` uses the rows while the table is the same and has
+    moved no row since (rows move by eviction and by removal); after that, it keeps the rows
+    the table knows unmoved (:meth:`EmbeddingTable.rows_kept_below`) and those that still hold
+    their keys, and finds the others again. Opaque to callers; valid only in the process of
+    the shard that gave it."""
 
-    __slots__ = ("table", "evictions", "rows")
+    __slots__ = ("table", "evictions", "layout", "clock", "rows")
 
-    def __init__(self, table: EmbeddingTable, rows: np.ndarray) -> None:
+    def __init__(self, table: EmbeddingTable, rows: np.ndarray, clock: int = -1) -> None:
         self.table = table
         self.evictions = table.evictions
+        self.layout = table.layout
+        self.clock = clock
         self.rows = rows
 
 
@@ -305,8 +309,12 @@ class Shard:
         with self._lock:
             table = self._tables.get(dim)
             if table is not None and len(self._tables) == 1 and self._changed is None:
+                clock, layout = table.clock, table.layout
                 out, rows = table.train_lookup_rows(keys)
-                return out, None if rows is None else RowHint(table, rows)
+                if rows is None:
+                    return out, None
+                # the lookup's stamps start at ``clock`` unless it renumbered them
+                return out, RowHint(table, rows, clock if table.layout == layout else -1)
         return self.lookup(keys, dim, True), None
 
     def apply_gradients_hinted(self, keys: Any, grads: Any, hint: RowHint | None) -> np.ndarray:
@@ -327,8 +335,9 @@ class Shard:
             if table is not hint.table or len(self._tables) != 1:
                 return self._apply_locked(keys, grads, dim)
             rows = hint.rows
-            if table.evictions != hint.evictions:
-                rows = table.recheck(keys, rows)
+            if table.evictions != hint.evictions or table.layout != hint.layout:
+                low = table.rows_kept_below(hint.evictions, hint.layout, hint.clock)
+                rows = table.recheck(keys, rows, low)
             if self._changed is not None:  # as _apply_locked notes them
                 self._note_changed(dim, keys[rows >= 0] if table.tier is None else keys)
             return table.apply_rows(rows, grads, keys)

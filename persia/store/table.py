@@ -48,6 +48,7 @@ disk; a snapshot (checkpoint) holds the disk rows as the oldest.
 
 from __future__ import annotations
 
+import collections
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -135,6 +136,8 @@ _log = get_logger("persia.store.table")
 
 _MAX_LOAD = 0.7
 _MIN_ALLOC = 16
+#: how many stamped spills ``rows_kept_below`` can look back on
+_SPILL_LOG = 64
 _MAX_ROWS = 2**31 - 1
 
 
@@ -307,6 +310,14 @@ class EmbeddingTable:
         self.skipped_absent = 0
         self.skipped_nonfinite = 0
         self.applied = 0
+        #: changes when rows move in a way the eviction count and the spill log do not tell
+        #: (a removal) or the stamps are renumbered (see ``rows_kept_below``)
+        self.layout = 0
+        #: the latest stamped spills: ``(evictions before, evictions after, rows left, newest
+        #: stamp spilled)`` each
+        self._spill_log: collections.deque[tuple[int, int, int, int]] = collections.deque(
+            maxlen=_SPILL_LOG
+        )
         self._alloc(min(self.capacity, _MIN_ALLOC))
 
     # ----------------------------------------------------------------------------- storage
@@ -336,6 +347,7 @@ class EmbeddingTable:
         if not self.meta[K.M_STAMPED]:
             if self.tier is not None:  # the only way back to stamps: renumbered from here
                 self._drop_spill_queue()
+            self.layout += 1  # the stamps spills log are no longer comparable
             K.lru_stamp_kernel(self.lru_next, self.lru_ts, self.meta)
 
     def _set_records(self, rows: int, keep: int) -> None:
@@ -446,13 +458,43 @@ class EmbeddingTable:
         K.probe_kernel(self.index, self._shift, self.row_keys, keys, rows)
         return rows
 
-    def recheck(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def recheck(self, keys: np.ndarray, rows: np.ndarray, low: int = 0) -> np.ndarray:
         """Rows of checked ``keys`` (i32, -1 = absent from RAM) given where they were
         (``rows``, e.g. a lookup's before evictions moved some): a row that still holds its key
-        is kept, the others are probed again."""
+        is kept, the others are probed again. Rows below ``low`` are known to hold theirs
+        (:meth:`rows_kept_below`) and are kept unread."""
         out = np.empty(keys.shape[0], dtype=np.int32)
-        K.recheck_rows_kernel(self.index, self._shift, self.row_keys, self.rows, keys, rows, out)
+        K.recheck_rows_kernel(
+            self.index, self._shift, self.row_keys, self.rows, keys, rows, out, low
+        )  # fmt: skip
         return out
+
+    @property
+    def clock(self) -> int:
+        """The stamp the next touched row gets (stamped LRU)."""
+        return int(self.meta[K.M_CLOCK])
+
+    def rows_kept_below(self, evictions: int, layout: int, clock: int) -> int:
+        """A row bound for a training lookup's rows: every row below it still holds the key it
+        held when the lookup left the table at ``evictions`` and ``layout``, given that the
+        lookup stamped its rows ``clock`` or later (0: nothing known). Known when every eviction
+        since was a stamped spill (:meth:`_spill_rows`, logged) of rows stamped before
+        ``clock`` (so none of the lookup's rows left): a spill moves only rows from the top,
+        at or above the rows it leaves."""
+        now = self.evictions
+        if layout != self.layout or now < evictions:
+            return 0
+        if now == evictions:
+            return self.rows
+        low = self.rows
+        for before, after, left, newest in reversed(self._spill_log):
+            if after != now or newest >= clock:
+                return 0
+            low = min(low, left)
+            now = before
+            if now <= evictions:
+                return low if now == evictions else 0
+        return low if now == evictions else 0
 
     def lookup(self, keys: Any, training: bool) -> np.ndarray:
         """Rows of ``keys`` as ``f32[n, dim]``.
@@ -786,6 +828,7 @@ class EmbeddingTable:
             self.lru_prev, self.lru_next, meta,
         )  # fmt: skip
         meta[K.M_EVICTIONS] = evictions
+        self.layout += 1  # rows moved, and no eviction counted
         return count
 
     def stats(self) -> dict[str, int]:
@@ -947,12 +990,14 @@ class EmbeddingTable:
 
     def _spill_rows(self, victims: np.ndarray) -> None:
         """Move RAM rows ``victims`` (distinct; written to disk in this order) to the disk tier,
-        with the LRU in its stamped form."""
+        with the LRU in its stamped form (logged for :meth:`rows_kept_below`)."""
         self._disk().put_rows(self.row_keys, victims, self.values, self.state)
-        K.evict_rows_stamped_kernel(
+        before = self.evictions
+        newest = K.evict_rows_stamped_kernel(
             np.sort(victims)[::-1].copy(), self.index, self._shift, self.row_keys, self._kv,
             self.state, self.lru_ts, self.meta,
         )  # fmt: skip
+        self._spill_log.append((before, self.evictions, self.rows, int(newest)))
 
     def _drop_spill_queue(self) -> None:
         """Forget the queued victims (their stamps are about to be renumbered)."""

@@ -148,6 +148,51 @@ def test_spills_take_the_oldest_rows_from_a_queue_chosen_ahead(tmp_path):
     assert t.rows == 1600 and t.rows + t.tier.rows == 1700
 
 
+def test_rows_below_the_stamped_spills_since_a_lookup_are_known_unmoved(tmp_path):
+    """After a training lookup, stamped spills of older rows move only rows from the top: the
+    rows below what they left hold the lookup's keys unread (``rows_kept_below``), and a recheck
+    from there answers what a probe answers. Nothing is known once a spill took one of the
+    lookup's own rows, once rows were removed, or past the spill log."""
+    t = _tiered(tmp_path, 1600)
+    for i in range(0, 1600, 100):
+        t.lookup(np.arange(i, i + 100, dtype=np.uint64), True)
+
+    def hinted(keys):
+        mark = (t.clock, t.layout)
+        rows = t.train_lookup_rows(keys)[1]
+        assert rows is not None and t.layout == mark[1]
+        return rows, (t.evictions, t.layout, mark[0])
+
+    keys = np.arange(700, 760, dtype=np.uint64)
+    rows, mark = hinted(keys)
+    assert t.rows_kept_below(*mark) == t.rows  # nothing moved yet
+    for i in range(2000, 2600, 60):  # spills of keys 0-599 (older than the lookup's)
+        t.lookup(np.arange(i, i + 60, dtype=np.uint64), True)
+    assert t.evictions > mark[0]
+    low = t.rows_kept_below(*mark)
+    below = rows < low
+    assert 0 < low < t.rows and below.sum() > 0
+    np.testing.assert_array_equal(t.row_keys[rows[below]], keys[below])
+    np.testing.assert_array_equal(t.recheck(keys, rows, low), t.probe(keys))
+
+    t.lookup(np.arange(3000, 3100, dtype=np.uint64), True)  # spills keys 600-699 too
+    later, mark2 = hinted(keys)
+    for i in range(4000, 5600, 100):  # now the lookup's own rows go to disk
+        t.lookup(np.arange(i, i + 100, dtype=np.uint64), True)
+    assert t.rows_kept_below(*mark) == 0 and t.rows_kept_below(*mark2) == 0
+    np.testing.assert_array_equal(t.recheck(keys, later, 0), t.probe(keys))
+    assert (t.probe(keys) == -1).all()
+
+    rows, mark = hinted(np.arange(5500, 5510, dtype=np.uint64))
+    t.remove_keys(np.array([5505], np.uint64))  # moves the last row, counts no eviction
+    assert t.evictions == mark[0] and t.rows_kept_below(*mark) == 0
+    t.lookup(np.arange(5500, 5505, dtype=np.uint64), True)  # the stamps again (renumbered)
+    rows, mark = hinted(np.arange(5500, 5505, dtype=np.uint64))
+    for i in range(6000, 6000 + 70 * 5, 5):  # more spills than the log holds
+        t.lookup(np.arange(i, i + 5, dtype=np.uint64), True)
+    assert t.evictions > mark[0] and t.rows_kept_below(*mark) == 0
+
+
 @pytest.mark.parametrize("row_dtype", ["float32", "float16"])
 def test_a_full_disk_drops_nothing_for_the_rows_a_lookup_brings_back(tmp_path, row_dtype):
     """RAM and disk both full: a training lookup of rows on disk frees their records, so the

@@ -196,6 +196,24 @@ def test_row_hints_give_what_plain_calls_give(capacity, reserve):
         assert given >= 1 and stale >= 1
 
 
+def test_a_removal_between_a_hinted_lookup_and_its_gradients_is_noticed():
+    """Removing rows moves others (the last row fills each hole) without counting an
+    eviction: the hint must not send a moved key's gradient to the row it left."""
+    hinted, plain = _hinted_pair(100, 100)
+    keys = np.arange(10, dtype=np.uint64)
+    _, hint = hinted.lookup_hinted(keys, 4)
+    plain.lookup(keys, 4, True)
+    assert hint is not None
+    for shard in (hinted, plain):
+        assert shard.remove_rows(4, np.array([2], np.uint64)) == 1  # key 9 moves into row 2
+    assert hinted.stats()["evictions"] == hint.evictions
+    grads = np.arange(40, dtype=np.float32).reshape(10, 4)
+    np.testing.assert_array_equal(
+        hinted.apply_gradients_hinted(keys, grads, hint), plain.apply_gradients(keys, grads)
+    )
+    _same_rows(hinted, plain)
+
+
 def test_row_hint_of_a_replaced_table_is_not_used():
     a, b = _hinted_pair(100, 100)
     keys = np.arange(10, dtype=np.uint64)

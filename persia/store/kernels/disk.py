@@ -44,6 +44,7 @@ from persia.store.kernels.table import (
     find_slot,
     fmix64,
     mix_sm,
+    prefetch_followers,
     scan_tag,
 )
 
@@ -225,7 +226,12 @@ def put_kernel(
                 meta[D_DROPPED] += 1
             if meta[D_FREE] >= 0:
                 r = np.int32(meta[D_FREE])
-                meta[D_FREE] = nxt[r]
+                f = nxt[r]
+                meta[D_FREE] = f
+                if f >= 0:  # the record the next new key takes (freed anywhere)
+                    for b in range(0, slab.shape[1], 64):
+                        prefetch_at(slab, f, b)
+                    prefetch(nxt, f)
             else:
                 r = np.int32(meta[D_HWM])
                 meta[D_HWM] += 1
@@ -334,6 +340,12 @@ def take_kernel(
                     prefetch_at(slab, r, b)
                 prefetch(prev, r)
                 prefetch(nxt, r)
+                prefetch_followers(index, mask, keys, s)
+        for j in range(c):  # what freeing the records reads: their neighbours' links
+            r = recs[j]
+            if r >= 0:
+                prefetch(nxt, max(prev[r], 0))
+                prefetch(prev, max(nxt[r], 0))
         for j in range(c):
             r = recs[j]
             if r < 0 or _get_u64(slab, r, 8) == np.uint64(0):  # (a repeat freed it already)

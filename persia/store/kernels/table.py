@@ -205,15 +205,15 @@ def _probe_on(index, mask, s, tag, row_keys, key):
 
 
 @njit(nogil=True, cache=True)
-def recheck_rows_kernel(index, shift, row_keys, nrows, keys, rows, out):
+def recheck_rows_kernel(index, shift, row_keys, nrows, keys, rows, out, low):
     """``out[i]`` = the row of ``keys[i]`` (or -1), given ``rows[i]``, where it was: kept
-    where that row still holds the key (one compare), probed again where not (it moved or left).
-    Returns how many were probed again."""
+    where that row still holds the key (one compare; none below ``low``, rows known to hold
+    theirs), probed again where not (it moved or left). Returns how many were probed again."""
     mask = index.shape[0] - 1
     again = 0
     for i in range(keys.shape[0]):
         r = rows[i]
-        if 0 <= r < nrows and row_keys[r] == keys[i]:
+        if 0 <= r < low or (0 <= r < nrows and row_keys[r] == keys[i]):
             out[i] = r
         else:
             out[i] = find_row(index, mask, shift, row_keys, keys[i])
@@ -641,6 +641,19 @@ def delete_slot(index, shift, row_keys, slot):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def prefetch_followers(index, mask, row_keys, s):
+    """Prefetch the keys of the (up to two) entries after slot ``s``: what a deletion of
+    ``s`` reads (each one's home slot), otherwise one dependent cache miss after the other."""
+    k = (s + 1) & mask
+    e = index[k]
+    if e != EMPTY:
+        prefetch(row_keys, entry_row(e))
+        e = index[(k + 1) & mask]
+        if e != EMPTY:
+            prefetch(row_keys, entry_row(e))
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _slot_of_row(index, mask, shift, row_keys, r):
     s = home_slot(row_keys[r], shift)
     while entry_row(index[s]) != r:
@@ -903,9 +916,12 @@ _EVICT_AHEAD = 8
 @njit(nogil=True, cache=True)
 def evict_rows_stamped_kernel(victims, index, shift, row_keys, values, state, lru_ts, meta):
     """Evict rows ``victims`` (distinct, in descending order) of a table whose LRU is stamped,
-    keeping rows dense: the last row moves into each hole (its stamp with it)."""
+    keeping rows dense: the last row moves into each hole (its stamp with it). Returns the
+    newest stamp a victim had (-1: none): with the row count left, what tells which rows may
+    have changed (``EmbeddingTable.rows_kept_below``)."""
     mask = index.shape[0] - 1
     n = victims.shape[0]
+    newest = np.int64(-1)
     for i in range(n):
         nrows = meta[M_NROWS]
         # hints for the victims further on: the key two steps ahead, then its index slot and
@@ -919,7 +935,11 @@ def evict_rows_stamped_kernel(victims, index, shift, row_keys, values, state, lr
             prefetch(state, v)
             if nrows > _EVICT_AHEAD:
                 prefetch(index, home_slot(row_keys[nrows - 1 - _EVICT_AHEAD], shift))
+        if i + _EVICT_AHEAD // 2 < n:  # (its key and slot are in by now)
+            v = victims[i + _EVICT_AHEAD // 2]
+            prefetch_followers(index, mask, row_keys, _slot_of_row(index, mask, shift, row_keys, v))
         r = np.int32(victims[i])
+        newest = max(newest, lru_ts[r])
         delete_slot(index, shift, row_keys, _slot_of_row(index, mask, shift, row_keys, r))
         last = np.int32(nrows - 1)
         if r != last:
@@ -927,6 +947,7 @@ def evict_rows_stamped_kernel(victims, index, shift, row_keys, values, state, lr
             lru_ts[r] = lru_ts[last]
         meta[M_NROWS] = nrows - 1
         meta[M_EVICTIONS] += 1
+    return newest
 
 
 @njit(nogil=True, cache=True)
