@@ -318,6 +318,9 @@ class EmbeddingTable:
         self._spill_log: collections.deque[tuple[int, int, int, int]] = collections.deque(
             maxlen=_SPILL_LOG
         )
+        #: rows a stamped spill left empty, for the lookup that spilled to make its rows in
+        #: (``[:meta[M_HOLES]]``; none outside that lookup)
+        self._holes = np.zeros(0, dtype=np.int32)
         self._alloc(min(self.capacity, _MIN_ALLOC))
 
     # ----------------------------------------------------------------------------- storage
@@ -443,6 +446,12 @@ class EmbeddingTable:
     @property
     def rows(self) -> int:
         """Live rows."""
+        return int(self.meta[K.M_NROWS] - self.meta[K.M_HOLES])
+
+    @property
+    def _top(self) -> int:
+        """Rows in use, holes included (a bound on row numbers): :attr:`rows` but during a
+        training lookup that spilled (see :meth:`_spill_rows`)."""
         return int(self.meta[K.M_NROWS])
 
     @property
@@ -485,8 +494,8 @@ class EmbeddingTable:
         if layout != self.layout or now < evictions:
             return 0
         if now == evictions:
-            return self.rows
-        low = self.rows
+            return self._top
+        low = self._top
         for before, after, left, newest in reversed(self._spill_log):
             if after != now or newest >= clock:
                 return 0
@@ -548,12 +557,31 @@ class EmbeddingTable:
 
         Returns ``(values f32[n, dim], rows)``: ``rows`` (i32[n]) is the row of every key when
         that path ran and the keys were distinct, else None."""
-        n = keys.shape[0]
         tiered = False
         if self.tier is not None:
-            tiered = not self._use_sketch and self._tier_room(n)
+            tiered = not self._use_sketch and self._tier_room(keys.shape[0])
             if not tiered:
                 self._tier_before_train(keys)
+        if not self.meta[K.M_HOLES]:
+            return self._train_lookup_rows(keys, tiered)
+        # the spill left holes: the new rows fill them, and the rows after the holes left
+        # fill the rest (rows are dense again before anything else runs)
+        try:
+            out, rows = self._train_lookup_rows(keys, tiered)
+        finally:
+            self._fill_holes()
+        if rows is not None:
+            moved = np.flatnonzero(rows >= self._top)
+            if moved.size:
+                rows[moved] = self.probe(keys[moved])
+        return out, rows
+
+    def _train_lookup_rows(
+        self, keys: np.ndarray, tiered: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`train_lookup_rows` after the tier made room (``tiered``: made with the
+        fast path in mind; the made rows' keys held on disk come back from it)."""
+        n = keys.shape[0]
         out = np.empty((n, self.dim), dtype=np.float32)
         rows = np.empty(n, dtype=np.int32)
         if not self._use_sketch and self.rows + n <= self.values.shape[0]:
@@ -563,7 +591,7 @@ class EmbeddingTable:
             made = np.empty(n, dtype=np.int32)
             missing = K.train_probe_create_kernel(
                 self.index, self._shift, self.row_keys, self._kv, self.state, keys, rows, made,
-                out, self.lru_ts, self.meta,
+                out, self.lru_ts, self.meta, self._holes,
             )  # fmt: skip
             if missing:
                 K.train_link_new_kernel(
@@ -934,7 +962,11 @@ class EmbeddingTable:
                 self._spill_stamped(short, count)
             else:
                 self._spill(count, np.zeros(0, dtype=np.uint64))
-        return self.rows + n <= self.values.shape[0]
+        if self.rows + n <= self.values.shape[0]:
+            return True
+        if self.meta[K.M_HOLES]:  # the fast lookup will not fill them
+            self._fill_holes()
+        return False
 
     def _spill_stamped(self, least: int, count: int) -> None:
         """Move at least ``least`` of the oldest RAM rows to the disk tier, oldest first, with
@@ -955,7 +987,7 @@ class EmbeddingTable:
                     return
                 continue
             window = queue[self._spill_pos : self._spill_pos + 2 * need + 64]
-            ok = window < self.rows
+            ok = window < self._top  # (a hole's stamp is past any cut)
             ok[ok] = self.lru_ts[window[ok]] <= self._spill_cut
             idx = np.flatnonzero(ok)[:need]
             self._spill_pos += int(idx[-1]) + 1 if idx.size == need else window.size
@@ -967,8 +999,8 @@ class EmbeddingTable:
         """Queue the ``count`` oldest RAM rows, oldest first, for :meth:`_spill_stamped`: a
         sample of the stamps sets a threshold, one pass collects the rows below it (exactly the
         oldest ones; a partial sort finds them when the sample set it too low)."""
-        rows = self.rows
-        count = min(count, rows)
+        rows = self._top  # holes included: their stamps are past any threshold
+        count = min(count, self.rows)
         self._spill_pos = 0
         if count <= 0:
             self._spill_queue = np.zeros(0, dtype=np.int32)
@@ -990,14 +1022,31 @@ class EmbeddingTable:
 
     def _spill_rows(self, victims: np.ndarray) -> None:
         """Move RAM rows ``victims`` (distinct; written to disk in this order) to the disk tier,
-        with the LRU in its stamped form (logged for :meth:`rows_kept_below`)."""
+        with the LRU in its stamped form, leaving holes where they were (no row moves: the
+        lookup that spilled makes its new rows there, then :meth:`_fill_holes`). Logged for
+        :meth:`rows_kept_below`."""
         self._disk().put_rows(self.row_keys, victims, self.values, self.state)
+        held = int(self.meta[K.M_HOLES])
+        if self._holes.size < held + victims.size:
+            holes = np.empty(max(held + victims.size, 2 * self._holes.size), dtype=np.int32)
+            holes[:held] = self._holes[:held]
+            self._holes = holes
         before = self.evictions
-        newest = K.evict_rows_stamped_kernel(
-            np.sort(victims)[::-1].copy(), self.index, self._shift, self.row_keys, self._kv,
-            self.state, self.lru_ts, self.meta,
+        newest = K.evict_rows_hole_kernel(
+            victims, self.index, self._shift, self.row_keys, self.lru_ts, self.meta, self._holes
         )  # fmt: skip
-        self._spill_log.append((before, self.evictions, self.rows, int(newest)))
+        self._spill_log.append((before, self.evictions, self._top, int(newest)))
+
+    def _fill_holes(self) -> None:
+        """Rows dense again after :meth:`_spill_rows`: the last rows move into the holes the
+        new rows left (logged for :meth:`rows_kept_below`)."""
+        evictions = self.evictions
+        moved = K.fill_holes_kernel(
+            self._holes, self.index, self._shift, self.row_keys, self._kv, self.state,
+            self.lru_ts, self.meta,
+        )  # fmt: skip
+        if moved:
+            self._spill_log.append((evictions, evictions, self._top, -1))
 
     def _drop_spill_queue(self) -> None:
         """Forget the queued victims (their stamps are about to be renumbered)."""

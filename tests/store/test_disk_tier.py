@@ -149,12 +149,13 @@ def test_spills_take_the_oldest_rows_from_a_queue_chosen_ahead(tmp_path):
 
 
 def test_rows_below_the_stamped_spills_since_a_lookup_are_known_unmoved(tmp_path):
-    """After a training lookup, stamped spills of older rows move only rows from the top: the
-    rows below what they left hold the lookup's keys unread (``rows_kept_below``), and a recheck
-    from there answers what a probe answers. Nothing is known once a spill took one of the
-    lookup's own rows, once rows were removed, or past the spill log."""
+    """A stamped spill leaves holes, the lookup that spilled makes its new rows there, and the
+    last rows fill the holes left: after a training lookup, the rows below the rows such
+    spills left hold the lookup's keys unread (``rows_kept_below``), and a recheck from there
+    answers what a probe answers. Nothing is known once a spill took one of the lookup's own
+    rows, once rows were removed, or past the spill log."""
     t = _tiered(tmp_path, 1600)
-    for i in range(0, 1600, 100):
+    for i in range(0, 1500, 100):
         t.lookup(np.arange(i, i + 100, dtype=np.uint64), True)
 
     def hinted(keys):
@@ -163,25 +164,33 @@ def test_rows_below_the_stamped_spills_since_a_lookup_are_known_unmoved(tmp_path
         assert rows is not None and t.layout == mark[1]
         return rows, (t.evictions, t.layout, mark[0])
 
-    keys = np.arange(700, 760, dtype=np.uint64)
-    rows, mark = hinted(keys)
-    assert t.rows_kept_below(*mark) == t.rows  # nothing moved yet
-    for i in range(2000, 2600, 60):  # spills of keys 0-599 (older than the lookup's)
-        t.lookup(np.arange(i, i + 60, dtype=np.uint64), True)
-    assert t.evictions > mark[0]
-    low = t.rows_kept_below(*mark)
-    below = rows < low
-    assert 0 < low < t.rows and below.sum() > 0
-    np.testing.assert_array_equal(t.row_keys[rows[below]], keys[below])
-    np.testing.assert_array_equal(t.recheck(keys, rows, low), t.probe(keys))
+    low_keys = np.arange(700, 760, dtype=np.uint64)
+    top_keys = np.arange(1400, 1500, dtype=np.uint64)
+    low_rows, low_mark = hinted(low_keys)
+    top_rows, top_mark = hinted(top_keys)  # the last rows
+    assert t.evictions == 0 and t.rows_kept_below(*top_mark) == t.rows  # nothing moved yet
+    assert top_rows.min() == 1400
+    # 250 hits and 50 new keys: room for 300 more is 200 short, so the 200 oldest rows (keys
+    # 0-199) spill, the new keys take 50 of their places and the last 150 rows (the second
+    # lookup's among them) fill the others
+    t.lookup(np.array(list(range(1100, 1350)) + list(range(5000, 5050)), np.uint64), True)
+    assert t.rows == 1350 and t.evictions == 200 and t._top == 1350
+    assert t.tier.rows == 200
+    for rows, keys, mark in ((low_rows, low_keys, low_mark), (top_rows, top_keys, top_mark)):
+        low = t.rows_kept_below(*mark)
+        assert low == t.rows
+        kept = rows < low
+        np.testing.assert_array_equal(t.row_keys[rows[kept]], keys[kept])
+        np.testing.assert_array_equal(t.recheck(keys, rows, low), t.probe(keys))
+    assert (low_rows < 1350).all() and (top_rows >= 1350).all()  # the top ones moved
+    assert (t.probe(top_keys) >= 0).all()
 
-    t.lookup(np.arange(3000, 3100, dtype=np.uint64), True)  # spills keys 600-699 too
-    later, mark2 = hinted(keys)
+    later, mark = hinted(low_keys)
     for i in range(4000, 5600, 100):  # now the lookup's own rows go to disk
         t.lookup(np.arange(i, i + 100, dtype=np.uint64), True)
-    assert t.rows_kept_below(*mark) == 0 and t.rows_kept_below(*mark2) == 0
-    np.testing.assert_array_equal(t.recheck(keys, later, 0), t.probe(keys))
-    assert (t.probe(keys) == -1).all()
+    assert t.rows_kept_below(*mark) == 0
+    np.testing.assert_array_equal(t.recheck(low_keys, later, 0), t.probe(low_keys))
+    assert (t.probe(low_keys) == -1).all()
 
     rows, mark = hinted(np.arange(5500, 5510, dtype=np.uint64))
     t.remove_keys(np.array([5505], np.uint64))  # moves the last row, counts no eviction

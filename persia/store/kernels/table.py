@@ -81,7 +81,15 @@ M_REJECTIONS = 6
 M_SCRATCH = 7  # sink of prefetch loads (keeps them from being optimised away)
 M_STAMPED = 8  # 1: the LRU is held as stamps (lru_ts), 0: as the linked list
 M_CLOCK = 9  # the next stamp
-META_LEN = 10
+M_HOLES = (
+    10  # rows evicted without a row moving into their place yet (see ``evict_rows_hole_kernel``)
+)
+META_LEN = 11
+
+#: the stamp of a hole: newer than any row (never chosen to spill)
+HOLE_TS = np.int64(2**63 - 1)
+#: the stamp of a row made by the running ``train_probe_create_kernel`` (until it is linked)
+MADE_TS = np.int64(-1)
 
 #: init kinds
 INIT_UNIFORM = 0
@@ -459,7 +467,7 @@ def train_probe_hits_kernel(
 
 @njit(nogil=True, cache=True)
 def train_probe_create_kernel(
-    index, shift, row_keys, values, state, keys, rows, made, out, lru_ts, meta
+    index, shift, row_keys, values, state, keys, rows, made, out, lru_ts, meta, holes
 ):  # fmt: skip
     """``train_probe_hits_kernel`` that also creates the missing keys' rows and index entries
     while their probe chains are in the cache (the table must have room for every key without
@@ -470,7 +478,9 @@ def train_probe_create_kernel(
 
     The LRU must be in its stamped form: each hit gets the next stamp (``lru_ts``), in batch
     order, where the linked form would relink it. A hit's optimizer state is prefetched too:
-    the gradients of the batch update it soon (a hint only).
+    the gradients of the batch update it soon (a hint only). New rows fill the holes first
+    (``holes[:meta[M_HOLES]]``, the last first), then go after the last row; a new row's stamp
+    is ``MADE_TS`` until it is linked (how a repeat of its key knows it).
 
     Its prefetch, hit and gather-and-relink loops repeat ``train_probe_hits_kernel``'s on
     purpose: the same loops as shared ``inline="always"`` helpers measured 8-9% slower in both
@@ -478,7 +488,6 @@ def train_probe_create_kernel(
     mask = index.shape[0] - 1
     dim = values.shape[1]
     n = keys.shape[0]
-    first_new = meta[M_NROWS]
     missing = 0
     slots = np.empty(GROUP, dtype=np.int64)
     tags = np.empty(GROUP, dtype=np.uint64)
@@ -497,16 +506,22 @@ def train_probe_create_kernel(
             s = find_slot(index, mask, slots[i - g0], tag, row_keys, key)
             r = entry_row(index[s])
             if r < 0:
-                r = np.int32(meta[M_NROWS])
-                meta[M_NROWS] = r + 1
+                nh = meta[M_HOLES]
+                if nh > 0:
+                    meta[M_HOLES] = nh - 1
+                    r = holes[nh - 1]
+                else:
+                    r = np.int32(meta[M_NROWS])
+                    meta[M_NROWS] = r + 1
                 row_keys[r] = key
+                lru_ts[r] = MADE_TS
                 index[s] = tag | np.uint64(r)
                 meta[M_MISSES] += 1
                 meta[M_ADMISSIONS] += 1
                 rows[i] = -1
                 made[i] = r
                 missing += 1
-            elif r >= first_new:
+            elif lru_ts[r] == MADE_TS:
                 rows[i] = -1
                 made[i] = -2
                 missing += 1
@@ -909,45 +924,64 @@ def stamps_below_kernel(lru_ts, nrows, threshold, out):
     return k
 
 
-#: how many victims ahead ``evict_rows_stamped_kernel`` prefetches
+#: how many victims ahead ``evict_rows_hole_kernel`` prefetches
 _EVICT_AHEAD = 8
 
 
 @njit(nogil=True, cache=True)
-def evict_rows_stamped_kernel(victims, index, shift, row_keys, values, state, lru_ts, meta):
-    """Evict rows ``victims`` (distinct, in descending order) of a table whose LRU is stamped,
-    keeping rows dense: the last row moves into each hole (its stamp with it). Returns the
-    newest stamp a victim had (-1: none): with the row count left, what tells which rows may
-    have changed (``EmbeddingTable.rows_kept_below``)."""
+def evict_rows_hole_kernel(victims, index, shift, row_keys, lru_ts, meta, holes):
+    """Evict rows ``victims`` (distinct, not holes) of a table whose LRU is stamped, leaving
+    holes: their index entries go, their stamps become ``HOLE_TS`` and their numbers are
+    appended to ``holes`` (room for them; ``meta[M_HOLES]`` counts). No row moves: the next
+    ``train_probe_create_kernel`` makes its rows in the holes, and ``fill_holes_kernel``
+    closes the holes left. Returns the newest stamp a victim had (-1: none): what tells which
+    rows may have changed (``EmbeddingTable.rows_kept_below``)."""
     mask = index.shape[0] - 1
     n = victims.shape[0]
     newest = np.int64(-1)
     for i in range(n):
-        nrows = meta[M_NROWS]
-        # hints for the victims further on: the key two steps ahead, then its index slot and
-        # row (and the index slot of the row that will move into it)
+        # hints for the victims further on: the key two steps ahead, then its index slot, then
+        # the keys a deletion of that slot reads
         if i + 2 * _EVICT_AHEAD < n:
             prefetch(row_keys, victims[i + 2 * _EVICT_AHEAD])
         if i + _EVICT_AHEAD < n:
-            v = victims[i + _EVICT_AHEAD]
-            prefetch(index, home_slot(row_keys[v], shift))
-            prefetch(values, v)
-            prefetch(state, v)
-            if nrows > _EVICT_AHEAD:
-                prefetch(index, home_slot(row_keys[nrows - 1 - _EVICT_AHEAD], shift))
+            prefetch(index, home_slot(row_keys[victims[i + _EVICT_AHEAD]], shift))
         if i + _EVICT_AHEAD // 2 < n:  # (its key and slot are in by now)
             v = victims[i + _EVICT_AHEAD // 2]
             prefetch_followers(index, mask, row_keys, _slot_of_row(index, mask, shift, row_keys, v))
         r = np.int32(victims[i])
         newest = max(newest, lru_ts[r])
         delete_slot(index, shift, row_keys, _slot_of_row(index, mask, shift, row_keys, r))
-        last = np.int32(nrows - 1)
-        if r != last:
-            _move_row(index, mask, shift, row_keys, values, state, last, r)
-            lru_ts[r] = lru_ts[last]
-        meta[M_NROWS] = nrows - 1
+        lru_ts[r] = HOLE_TS
+        holes[meta[M_HOLES]] = r
+        meta[M_HOLES] += 1
         meta[M_EVICTIONS] += 1
     return newest
+
+
+@njit(nogil=True, cache=True)
+def fill_holes_kernel(holes, index, shift, row_keys, values, state, lru_ts, meta):
+    """Close the holes ``holes[:meta[M_HOLES]]`` (sorted in place): the last rows move into
+    the lowest holes (their stamps with them) until rows are dense again. Returns how many
+    moved."""
+    mask = index.shape[0] - 1
+    h = holes[: meta[M_HOLES]]
+    h.sort()
+    i = 0
+    j = h.shape[0] - 1
+    moved = 0
+    while i <= j:
+        last = np.int32(meta[M_NROWS] - 1)
+        if last == h[j]:  # the last row is a hole (the highest one left)
+            j -= 1
+        else:
+            _move_row(index, mask, shift, row_keys, values, state, last, h[i])
+            lru_ts[h[i]] = lru_ts[last]
+            i += 1
+            moved += 1
+        meta[M_NROWS] = last
+    meta[M_HOLES] = 0
+    return moved
 
 
 @njit(nogil=True, cache=True)
