@@ -598,12 +598,14 @@ class EmbeddingTable:
                     keys, rows, made, self.index, self._shift, self.row_keys, self.lru_ts,
                     self.meta,
                 )  # fmt: skip
+                # the made rows whose keys are on disk get their rows from it (and count as
+                # hits: the init below skips them)
+                restored = self._tier_restore(keys, made, rows, out) if tiered else None
                 kind, a, b = self._init_args
                 K.train_init_kernel(
                     keys, rows, made, out, self._kv, self.state, self._init_state, kind, a, b,
                     np.uint64(self.seed),
                 )  # fmt: skip
-                restored = self._tier_restore(keys, made, out) if tiered else None
                 # every key now has a row: a hit's, or the one made for it (-2: a repeat of a
                 # key made earlier in this call, whose row is the earlier one's)
                 if K.merge_made_rows_kernel(rows, made):
@@ -986,14 +988,13 @@ class EmbeddingTable:
                 if self._spill_queue.size == 0:
                     return
                 continue
-            window = queue[self._spill_pos : self._spill_pos + 2 * need + 64]
-            ok = window < self._top  # (a hole's stamp is past any cut)
-            ok[ok] = self.lru_ts[window[ok]] <= self._spill_cut
-            idx = np.flatnonzero(ok)[:need]
-            self._spill_pos += int(idx[-1]) + 1 if idx.size == need else window.size
-            if idx.size:
-                self._spill_rows(window[idx])
-                need -= idx.size
+            victims = np.empty(need, dtype=np.int32)  # (a hole's stamp is past any cut)
+            k, self._spill_pos = K.spill_queue_kernel(
+                queue, self._spill_pos, need, self._top, self.lru_ts, self._spill_cut, victims
+            )
+            if k:
+                self._spill_rows(victims[:k])
+                need -= k
 
     def _choose_victims(self, count: int) -> None:
         """Queue the ``count`` oldest RAM rows, oldest first, for :meth:`_spill_stamped`: a
@@ -1009,16 +1010,18 @@ class EmbeddingTable:
         sample = ts[self._spill_rng.integers(0, rows, size=min(rows, 4096))]
         threshold = int(np.quantile(sample, min(1.0, 1.25 * count / rows), method="higher"))
         out = np.empty(min(rows, 2 * count + 1024), dtype=np.int32)
-        k = int(K.stamps_below_kernel(ts, rows, threshold + 1, out))
+        out_ts = np.empty(out.shape[0], dtype=np.int64)
+        k = int(K.stamps_below_kernel(ts, rows, threshold + 1, out, out_ts))
         if count <= k:
-            victims = out[:k]
+            victims, stamps = out[:k], out_ts[:k]
         else:  # the sample missed: the exact oldest ``count``
             victims = np.argpartition(np.asarray(ts), count - 1)[:count].astype(np.int32)
+            stamps = ts[victims]
         # oldest first (rows of one stamp in any order: numpy's default sort, 4x the stable
         # one's speed on these int64 stamps)
-        victims = victims[np.argsort(ts[victims])][:count]
-        self._spill_queue = victims
-        self._spill_cut = int(ts[victims[-1]])
+        order = np.argsort(stamps)[:count]
+        self._spill_queue = victims[order]
+        self._spill_cut = int(stamps[order[-1]])
 
     def _spill_rows(self, victims: np.ndarray) -> None:
         """Move RAM rows ``victims`` (distinct; written to disk in this order) to the disk tier,
@@ -1053,15 +1056,19 @@ class EmbeddingTable:
         self._spill_queue = np.zeros(0, dtype=np.int32)
         self._spill_pos = 0
 
-    def _tier_restore(self, keys: np.ndarray, made: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def _tier_restore(
+        self, keys: np.ndarray, made: np.ndarray, rows: np.ndarray, out: np.ndarray
+    ) -> np.ndarray:
         """After the fast training lookup made rows for its missing keys: the made rows whose
         keys the disk tier holds get their values and state from disk (the records leave the
-        disk), and ``out`` their values; they count as hits, not misses. Returns those rows."""
+        disk), ``rows`` their rows and ``out`` their values; they count as hits, not misses.
+        Returns those rows."""
         tier = self._disk()
         taken = tier.take_into(keys, made, self.values, self.state)
         if taken.size == 0:
             return np.zeros(0, dtype=np.int32)
         back = made[taken]
+        rows[taken] = back
         out[taken] = decode_rows(self.values[back])
         self.meta[K.M_MISSES] -= back.size
         self.meta[K.M_ADMISSIONS] -= back.size

@@ -911,17 +911,38 @@ def _move_row(index, mask, shift, row_keys, values, state, src, dst):
 
 
 @njit(nogil=True, cache=True)
-def stamps_below_kernel(lru_ts, nrows, threshold, out):
+def stamps_below_kernel(lru_ts, nrows, threshold, out, out_ts):
     """The rows (in row order) of a stamped LRU whose stamp is below ``threshold``: the oldest
-    ones. Returns how many were written to ``out``, or -1 when more than it holds."""
+    ones, into ``out`` and their stamps into ``out_ts``. Returns how many, or -1 when more than
+    ``out`` holds."""
     k = 0
     for r in range(nrows):
-        if lru_ts[r] < threshold:
+        t = lru_ts[r]
+        if t < threshold:
             if k == out.shape[0]:
                 return -1
             out[k] = r
+            out_ts[k] = t
             k += 1
     return k
+
+
+@njit(nogil=True, cache=True)
+def spill_queue_kernel(queue, pos, need, top, lru_ts, cut, out):
+    """From ``queue[pos]`` on: the first ``need`` rows still to spill (below ``top``, stamp at
+    most ``cut``: not touched since they were queued) into ``out``. Returns how many, and the
+    position after the last one looked at."""
+    k = 0
+    n = queue.shape[0]
+    while pos < n and k < need:
+        if pos + 16 < n:
+            prefetch(lru_ts, max(queue[pos + 16], 0))
+        r = queue[pos]
+        pos += 1
+        if r < top and lru_ts[r] <= cut:
+            out[k] = r
+            k += 1
+    return k, pos
 
 
 #: how many victims ahead ``evict_rows_hole_kernel`` prefetches
