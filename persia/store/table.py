@@ -896,7 +896,8 @@ class EmbeddingTable:
         #: rows chosen to spill next, oldest first, from ``_spill_pos`` on; valid while their
         #: stamp is at most ``_spill_cut`` (see ``_spill_stamped``)
         self._spill_cut = -1
-        self._drop_spill_queue()
+        self._spill_queue: np.ndarray = np.zeros(0, dtype=np.int32)
+        self._spill_pos: int = 0
 
     def _disk(self) -> DiskTier:
         """The disk tier, for the methods that only run with one."""
@@ -989,9 +990,10 @@ class EmbeddingTable:
                     return
                 continue
             victims = np.empty(need, dtype=np.int32)  # (a hole's stamp is past any cut)
-            k, self._spill_pos = K.spill_queue_kernel(
+            k, pos = K.spill_queue_kernel(
                 queue, self._spill_pos, need, self._top, self.lru_ts, self._spill_cut, victims
             )
+            self._spill_pos = int(pos)
             if k:
                 self._spill_rows(victims[:k])
                 need -= k
