@@ -510,6 +510,12 @@ def train_probe_create_kernel(
                 if nh > 0:
                     meta[M_HOLES] = nh - 1
                     r = holes[nh - 1]
+                    if nh > 2:  # the hole a later new key takes (anywhere; written soon)
+                        f = holes[nh - 3]
+                        prefetch(row_keys, f)
+                        prefetch(values, f)
+                        for c in range(0, state.shape[1], 16):
+                            prefetch_at(state, f, c)
                 else:
                     r = np.int32(meta[M_NROWS])
                     meta[M_NROWS] = r + 1
