@@ -201,7 +201,7 @@ def test_device_is_planned_and_cuda_refused_without_a_gpu(capsys):
 def test_disk_tier_runs_are_planned_and_compared():
     args = bench_e2e.parse_args(["--quick", "--disk-tier", "--no-links"])
     specs = {r["label"]: r for r in bench_e2e.plan(args, False)}
-    assert specs["persia-hybrid+disk"]["disk_tier"] == {"ram_fraction": 0.5}
+    assert specs["persia-hybrid+disk"]["disk_tier"] == {"ram_fraction": 0.35}
     assert specs["persia-hybrid+disk-cold"].get("cold") is True
     assert specs["persia-hybrid+evict"]["disk_tier"].get("no_tier") is True
     results = {
