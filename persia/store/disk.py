@@ -519,7 +519,7 @@ class DiskTier:
         )  # fmt: skip
         if n:
             self._note_read_time((time.perf_counter() - t0) / n)
-        self._check_bad(bad)
+        self.check_bad(bad)
         return vals, st
 
     def take_into(
@@ -528,11 +528,22 @@ class DiskTier:
         """Move the rows of ``keys`` held on disk into RAM arrays: for every ``i`` with
         ``dst[i] >= 0`` whose key is on disk, ``values[dst[i]]`` and ``state[dst[i]]`` (2-D, C
         order, in the header's dtypes) get its row, and the record leaves the disk. Returns
-        those ``i`` (ascending). One pass: find, read and free together."""
+        those ``i`` (ascending). One pass: find, read and free together. Records that fail
+        their check are left on disk, and raise a ``StoreError`` once the others are taken."""
+        taken, bad = self.take_into_unchecked(keys, dst, values, state)
+        self.check_bad(bad)
+        return taken
+
+    def take_into_unchecked(
+        self, keys: np.ndarray, dst: np.ndarray, values: np.ndarray, state: np.ndarray
+    ) -> tuple[np.ndarray, int]:
+        """:meth:`take_into` that returns how many records failed their check (left on disk,
+        their rows unwritten) instead of raising: ``(taken, bad)``, for a caller with work to
+        finish first (then :meth:`check_bad`)."""
         self._check_open()
         n = keys.shape[0]
         if n == 0 or not self.rows:
-            return np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype=np.int64), 0
         self._check_dtypes("take_into", values, state)
         taken = np.empty(n, dtype=np.int64)
         t0 = time.perf_counter()
@@ -544,8 +555,7 @@ class DiskTier:
         )  # fmt: skip
         if k:
             self._note_read_time((time.perf_counter() - t0) / k)
-        self._check_bad(bad)
-        return taken[:k]
+        return taken[:k], int(bad)
 
     def _check_dtypes(self, what: str, values: np.ndarray, state: np.ndarray) -> None:
         if values.dtype != self.value_dtype or state.dtype != self.state_dtype:
@@ -554,7 +564,8 @@ class DiskTier:
                 f"{self.value_dtype}/{self.state_dtype}"
             )
 
-    def _check_bad(self, bad: int) -> None:
+    def check_bad(self, bad: int) -> None:
+        """Raise the ``StoreError`` of ``bad`` records that failed their check (none: nothing)."""
         if bad:
             raise StoreError(
                 f"disk tier {str(self.directory)!r}: {bad} record(s) fail their check "

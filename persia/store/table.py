@@ -350,7 +350,7 @@ class EmbeddingTable:
         if not self.meta[K.M_STAMPED]:
             if self.tier is not None:  # the only way back to stamps: renumbered from here
                 self._drop_spill_queue()
-            self.layout += 1  # the stamps spills log are no longer comparable
+            self.layout += 1  # the spill log's stamps are no longer comparable
             K.lru_stamp_kernel(self.lru_next, self.lru_ts, self.meta)
 
     def _set_records(self, rows: int, keep: int) -> None:
@@ -488,8 +488,9 @@ class EmbeddingTable:
         held when the lookup left the table at ``evictions`` and ``layout``, given that the
         lookup stamped its rows ``clock`` or later (0: nothing known). Known when every eviction
         since was a stamped spill (:meth:`_spill_rows`, logged) of rows stamped before
-        ``clock`` (so none of the lookup's rows left): a spill moves only rows from the top,
-        at or above the rows it leaves."""
+        ``clock`` (so none of the lookup's rows left): a spill moves no row, and the filling of
+        the holes it leaves (:meth:`_fill_holes`, logged) only rows from the top, at or above
+        the rows it leaves."""
         now = self.evictions
         if layout != self.layout or now < evictions:
             return 0
@@ -557,20 +558,21 @@ class EmbeddingTable:
 
         Returns ``(values f32[n, dim], rows)``: ``rows`` (i32[n]) is the row of every key when
         that path ran and the keys were distinct, else None."""
-        tiered = False
-        if self.tier is not None:
+        if self.tier is None:
+            return self._train_lookup_rows(keys, False)
+        # a spill may leave holes: the new rows fill them, and the last rows the holes left
+        # (rows are dense again before anything else runs, whatever happens)
+        holes = False
+        try:
             tiered = not self._use_sketch and self._tier_room(keys.shape[0])
             if not tiered:
                 self._tier_before_train(keys)
-        if not self.meta[K.M_HOLES]:
-            return self._train_lookup_rows(keys, tiered)
-        # the spill left holes: the new rows fill them, and the rows after the holes left
-        # fill the rest (rows are dense again before anything else runs)
-        try:
+            holes = bool(self.meta[K.M_HOLES])
             out, rows = self._train_lookup_rows(keys, tiered)
         finally:
-            self._fill_holes()
-        if rows is not None:
+            if self.meta[K.M_HOLES]:
+                self._fill_holes()
+        if holes and rows is not None:
             moved = np.flatnonzero(rows >= self._top)
             if moved.size:
                 rows[moved] = self.probe(keys[moved])
@@ -600,12 +602,14 @@ class EmbeddingTable:
                 )  # fmt: skip
                 # the made rows whose keys are on disk get their rows from it (and count as
                 # hits: the init below skips them)
-                restored = self._tier_restore(keys, made, rows, out) if tiered else None
+                restored, bad = self._tier_restore(keys, made, rows, out) if tiered else (None, 0)
                 kind, a, b = self._init_args
                 K.train_init_kernel(
                     keys, rows, made, out, self._kv, self.state, self._init_state, kind, a, b,
                     np.uint64(self.seed),
                 )  # fmt: skip
+                if bad:  # (their rows initialised, like every made row: the table stays whole)
+                    self._disk().check_bad(bad)
                 # every key now has a row: a hit's, or the one made for it (-2: a repeat of a
                 # key made earlier in this call, whose row is the earlier one's)
                 if K.merge_made_rows_kernel(rows, made):
@@ -1060,21 +1064,21 @@ class EmbeddingTable:
 
     def _tier_restore(
         self, keys: np.ndarray, made: np.ndarray, rows: np.ndarray, out: np.ndarray
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, int]:
         """After the fast training lookup made rows for its missing keys: the made rows whose
         keys the disk tier holds get their values and state from disk (the records leave the
         disk), ``rows`` their rows and ``out`` their values; they count as hits, not misses.
-        Returns those rows."""
+        Returns those rows, and how many records failed their check (left on disk)."""
         tier = self._disk()
-        taken = tier.take_into(keys, made, self.values, self.state)
+        taken, bad = tier.take_into_unchecked(keys, made, self.values, self.state)
         if taken.size == 0:
-            return np.zeros(0, dtype=np.int32)
+            return np.zeros(0, dtype=np.int32), bad
         back = made[taken]
         rows[taken] = back
         out[taken] = decode_rows(self.values[back])
         self.meta[K.M_MISSES] -= back.size
         self.meta[K.M_ADMISSIONS] -= back.size
-        return back
+        return back, bad
 
     def _make_room(self, keys: np.ndarray) -> None:
         """Spill so that every key of ``keys`` absent from RAM fits."""

@@ -25,6 +25,7 @@ from persia.store import ShardedStore
 from persia.store.config import Admission
 from persia.store.disk import DiskTier, DiskTierConfig
 from persia.store.kernels import disk as D
+from persia.store.kernels import table as K
 from persia.store.shard import Shard
 from persia.store.table import EmbeddingTable
 
@@ -764,8 +765,14 @@ def test_a_disk_record_changed_under_the_table_is_an_error_not_a_row(tmp_path):
     assert t.tier.rows == 20
     rec = int(t.tier.find(np.array([3], np.uint64))[0])
     t.tier.slab[rec, 30] ^= 0xFF  # the file changed under the running table
-    with pytest.raises(StoreError, match="fail their check"):
-        t.lookup(np.array([3], np.uint64), True)  # the fast lookup's one-pass restore
+    with pytest.raises(StoreError, match="fail their check"):  # the fast lookup's restore
+        t.lookup(np.array([3, 35, 36, 37, 38, 39], np.uint64), True)  # (room for 6: 6 spill)
+    # the table is whole: no hole left (5 of the 6), no row half made, key 3's row initialised
+    assert t.meta[K.M_HOLES] == 0 and t.rows == 15 and t.tier.rows == 26
+    np.testing.assert_array_equal(t.probe(t.row_keys[: t.rows]), np.arange(t.rows))
+    assert (t.lru_ts[: t.rows] >= 0).all()
+    fresh = EmbeddingTable(DIM, 20, _opt(), seed=3).lookup(np.array([3], np.uint64), True)
+    np.testing.assert_array_equal(t.values[t.probe(np.array([3], np.uint64))], fresh)
     with pytest.raises(StoreError, match="fail their check"):
         t.tier.read(np.array([rec], np.int32))
     assert t.tier.find(np.array([3], np.uint64))[0] == rec  # left on disk, not freed

@@ -81,9 +81,8 @@ M_REJECTIONS = 6
 M_SCRATCH = 7  # sink of prefetch loads (keeps them from being optimised away)
 M_STAMPED = 8  # 1: the LRU is held as stamps (lru_ts), 0: as the linked list
 M_CLOCK = 9  # the next stamp
-M_HOLES = (
-    10  # rows evicted without a row moving into their place yet (see ``evict_rows_hole_kernel``)
-)
+#: rows evicted without a row moving into their place yet (``evict_rows_hole_kernel``)
+M_HOLES = 10
 META_LEN = 11
 
 #: the stamp of a hole: newer than any row (never chosen to spill)
