@@ -524,22 +524,14 @@ class DiskTier:
 
     def take_into(
         self, keys: np.ndarray, dst: np.ndarray, values: np.ndarray, state: np.ndarray
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, int]:
         """Move the rows of ``keys`` held on disk into RAM arrays: for every ``i`` with
         ``dst[i] >= 0`` whose key is on disk, ``values[dst[i]]`` and ``state[dst[i]]`` (2-D, C
         order, in the header's dtypes) get its row, and the record leaves the disk. Returns
-        those ``i`` (ascending). One pass: find, read and free together. Records that fail
-        their check are left on disk, and raise a ``StoreError`` once the others are taken."""
-        taken, bad = self.take_into_unchecked(keys, dst, values, state)
-        self.check_bad(bad)
-        return taken
-
-    def take_into_unchecked(
-        self, keys: np.ndarray, dst: np.ndarray, values: np.ndarray, state: np.ndarray
-    ) -> tuple[np.ndarray, int]:
-        """:meth:`take_into` that returns how many records failed their check (left on disk,
-        their rows unwritten) instead of raising: ``(taken, bad)``, for a caller with work to
-        finish first (then :meth:`check_bad`)."""
+        those ``i`` (ascending), and how many records failed their check: ``(taken, bad)``.
+        One pass: find, read and free together. A record that fails its check is left on disk
+        and its row unwritten; the caller raises (:meth:`check_bad`) once its own work on the
+        rows is done."""
         self._check_open()
         n = keys.shape[0]
         if n == 0 or not self.rows:

@@ -255,6 +255,10 @@ class EmbeddingTable:
     index: np.ndarray
     #: rows evicted from RAM go here (``attach_tier``); None: they are dropped
     tier: DiskTier | None = None
+    #: with a tier: the rows chosen to spill next and where the spills are in them
+    #: (``_spill_stamped``)
+    _spill_queue: np.ndarray
+    _spill_pos: int
 
     def __init__(
         self,
@@ -504,7 +508,7 @@ class EmbeddingTable:
             now = before
             if now <= evictions:
                 return low if now == evictions else 0
-        return low if now == evictions else 0
+        return 0  # the log does not reach back to the lookup
 
     def lookup(self, keys: Any, training: bool) -> np.ndarray:
         """Rows of ``keys`` as ``f32[n, dim]``.
@@ -900,8 +904,7 @@ class EmbeddingTable:
         #: rows chosen to spill next, oldest first, from ``_spill_pos`` on; valid while their
         #: stamp is at most ``_spill_cut`` (see ``_spill_stamped``)
         self._spill_cut = -1
-        self._spill_queue: np.ndarray = np.zeros(0, dtype=np.int32)
-        self._spill_pos: int = 0
+        self._drop_spill_queue()
 
     def _disk(self) -> DiskTier:
         """The disk tier, for the methods that only run with one."""
@@ -1070,7 +1073,7 @@ class EmbeddingTable:
         disk), ``rows`` their rows and ``out`` their values; they count as hits, not misses.
         Returns those rows, and how many records failed their check (left on disk)."""
         tier = self._disk()
-        taken, bad = tier.take_into_unchecked(keys, made, self.values, self.state)
+        taken, bad = tier.take_into(keys, made, self.values, self.state)
         if taken.size == 0:
             return np.zeros(0, dtype=np.int32), bad
         back = made[taken]

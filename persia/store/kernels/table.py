@@ -3,7 +3,8 @@
 State is plain arrays (see ``persia.store.table.EmbeddingTable``):
 
 * ``values f32[R, dim]``, ``state f32[R, W]``, ``row_keys u64[R]``: the rows, dense, rows
-  ``0 .. nrows-1`` live.
+  ``0 .. nrows-1`` live (but ``meta[M_HOLES]`` holes a stamped spill leaves, from then until
+  the training lookup that spilled ends: ``evict_rows_hole_kernel``).
 * ``lru_prev / lru_next i32[R]``: a doubly linked list of live rows, oldest (``head``) to newest
   (``tail``); -1 ends it.
 * ``index u64[S]``: open addressing with linear probing, ``S`` a power of two, ``EMPTY`` (all ones)
